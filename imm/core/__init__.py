@@ -1,0 +1,13 @@
+"""The IMM method as pure PyTorch: no Hydra, MLflow or file I/O, nothing else from the project.
+
+Modules (each function's docstring gives its formula and the spec section):
+- schedules: interpolants (fm, cosine), log-SNR, eta and inverses, DDIM;
+- parameterization: the one-step map f_{s,t} (euler_fm, simple_edm, identity) around a network;
+- mapping: r(s, t);
+- objective: kernels, kernel weightings, time weight w(s,t), group MMD, IMM and FM objectives;
+- sampling: time grids, pushforward and restart samplers, classifier-free guidance.
+"""
+
+from . import mapping, objective, parameterization, sampling, schedules
+
+__all__ = ["mapping", "objective", "parameterization", "sampling", "schedules"]

@@ -1,0 +1,301 @@
+"""The IMM objective (spec section 1.4, 1.6; paper Eq. 12, 13, 67; App. C.8, C.9) and the
+flow-matching baseline on the same interpolant and network interface.
+
+Shapes: a batch of B = G * M samples is G contiguous groups of M particles; each group shares one
+(s, r, t). Kernel inputs y are shaped [G, M, ...] and D = the number of elements of one sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from . import parameterization as parameterization_mod
+from . import schedules
+from .mapping import Mapping
+from .util import bcast, f64
+
+Tensor = torch.Tensor
+
+KERNELS = ("laplace", "rbf")
+WEIGHTINGS = ("paper", "seed", "unit")
+DIST_FLOOR = 1e-8  # max(||x - y||, 1e-8): App. C.8, keeps gradients finite at zero distance
+C_OUT_FLOOR = 1e-8  # 1/|c_out| at s = t would be inf and its gradient NaN (spec section 6)
+T_GUARD = 1e-9  # w(s,t) is 0 * inf at t = 0 and t = 1; evaluate just inside (its limits are finite)
+
+
+# --------------------------------------------------------------------------------------------
+# weights and kernels
+# --------------------------------------------------------------------------------------------
+def kernel_weight(variant: str, param, s, t) -> Tensor:
+    """The kernel weight w~(s, t) (float64), one per group.
+
+    - "paper": 1 / |c_out(s, t)| with the f-level c_out (Sec. 4.2, App. C.8; spec section 5.1);
+      Euler-FM: 1 / ((t - s) sigma_d); Simple-EDM: sqrt(a_t^2 + s_t^2) / (sigma_d |a_s s_t - s_s a_t|).
+    - "seed": 1 / (t - s), what the unofficial seed code computes (no 1/sigma_d).
+    - "unit": 1.
+    Denominators are floored at 1e-8 so s = t gives a huge but finite weight.
+    """
+    s, t = f64(s), f64(t)
+    if variant == "paper":
+        return 1.0 / param.c_out(s, t).abs().clamp(min=C_OUT_FLOOR)
+    if variant == "seed":
+        return 1.0 / (t - s).clamp(min=C_OUT_FLOOR)
+    if variant == "unit":
+        return torch.ones_like(t - s)
+    raise ValueError(f"unknown kernel weighting {variant!r}; choose one of {list(WEIGHTINGS)}")
+
+
+def time_weight(schedule, t, a: float, b: float) -> Tensor:
+    """w(s,t) = 1/2 sigmoid(b - lambda_t) (-dlambda_t/dt) alpha_t^a / (alpha_t^2 + sigma_t^2) (Eq. 13).
+
+    Depends on t only. Evaluated in float64 with t clamped into [1e-9, 1 - 1e-9]: at t = 0 the
+    formula is 0 * inf = NaN although its limit is 0 (spec section 6).
+    """
+    sch = schedules.get(schedule)
+    t = f64(t).clamp(T_GUARD, 1.0 - T_GUARD)
+    alpha, sigma = sch.alpha(t), sch.sigma(t)
+    elbo = 0.5 * torch.sigmoid(b - sch.logsnr(t)) * sch.neg_dlogsnr_dt(t)
+    return elbo * alpha**a / (alpha**2 + sigma**2)
+
+
+def _distances(x: Tensor, y: Tensor) -> Tensor:
+    """Pairwise L2 distances [G, M, M] in float32, floored at 1e-8.
+
+    cdist's exact (non-matmul) path: the matmul form loses precision exactly where IMM needs it,
+    when y_{s,t} and y_{s,r} are close (small t - r).
+    """
+    x = x.flatten(2).float()
+    y = y.flatten(2).float()
+    d = torch.cdist(x, y, compute_mode="donot_use_mm_for_euclid_dist")
+    return d.clamp(min=DIST_FLOOR)
+
+
+def kernel_matrix(x: Tensor, y: Tensor, w_tilde: Tensor, kernel: str = "laplace") -> Tensor:
+    """k(x_j, y_k) for every pair within each group: [G, M, M].
+
+    Laplace (default): exp(-w~ max(||x - y||, 1e-8) / D); RBF: exp(-1/2 w~ ||x - y||^2 / D).
+    The norm is over all D elements of a sample and divided by D, not sqrt(D) (App. C.8).
+    """
+    D = math.prod(x.shape[2:])
+    d = _distances(x, y)
+    w = w_tilde.to(device=d.device, dtype=d.dtype).reshape(-1, 1, 1)
+    if kernel == "laplace":
+        return torch.exp(-w * d / D)
+    if kernel == "rbf":
+        return torch.exp(-0.5 * w * d.square() / D)
+    raise ValueError(f"unknown kernel {kernel!r}; choose one of {list(KERNELS)}")
+
+
+def mmd_terms(y_st: Tensor, y_sr: Tensor, w_tilde: Tensor, kernel: str = "laplace"):
+    """Per-group V-statistic MMD^2 [G] (Eq. 67) and the mean of each kernel matrix [G] x 3.
+
+    MMD^2_i = 1/M^2 sum_{j,k} [k(y_st^j, y_st^k) + k(y_sr^j, y_sr^k) - 2 k(y_st^j, y_sr^k)], the
+    diagonals included.
+    """
+    K_tt = kernel_matrix(y_st, y_st, w_tilde, kernel).mean((1, 2))
+    K_rr = kernel_matrix(y_sr, y_sr, w_tilde, kernel).mean((1, 2))
+    K_tr = kernel_matrix(y_st, y_sr, w_tilde, kernel).mean((1, 2))
+    return K_tt + K_rr - 2.0 * K_tr, (K_tt, K_rr, K_tr)
+
+
+def group_mmd(y_st: Tensor, y_sr: Tensor, w_tilde: Tensor, kernel: str = "laplace") -> Tensor:
+    """Per-group MMD^2 [G] between particles y_st, y_sr shaped [G, M, ...] with kernel weights [G]."""
+    return mmd_terms(y_st, y_sr, w_tilde, kernel)[0]
+
+
+def imm_loss_from_outputs(y_st: Tensor, y_sr: Tensor, s, t, *, schedule="fm", param="euler_fm",
+                          kernel: str = "laplace", weighting: str = "paper", a: float = 1.0,
+                          b: float = 5.0, sigma_data: float = 0.5) -> Tensor:
+    """L = mean_i w(s_i, t_i) MMD^2_i for outputs already computed (y [G, M, ...], s and t [G])."""
+    sch = schedules.get(schedule)
+    par = parameterization_mod.get(param, schedule=sch, sigma_data=sigma_data)
+    w_tilde = kernel_weight(weighting, par, s, t)
+    w = time_weight(sch, t, a, b).to(device=y_st.device, dtype=torch.float32)
+    return (w * group_mmd(y_st, y_sr, w_tilde, kernel)).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# the objectives
+# --------------------------------------------------------------------------------------------
+class _Objective:
+    """Random draws shared by both objectives.
+
+    Every draw is made for the GLOBAL batch (world_size ranks x local batch) from `generator` and
+    this rank keeps its contiguous slice, so a DDP run and a single-process run with the same
+    global batch and seed see identical noise, times and label drops.
+    """
+
+    def __init__(self, param, *, eps: float, T: float, label_dropout: float = 0.0,
+                 num_classes: int = 0, rank: int = 0, world_size: int = 1):
+        if not 0.0 <= eps < T <= 1.0:
+            raise ValueError(f"the time range needs 0 <= eps < T <= 1, got eps={eps}, T={T}")
+        if not 0.0 <= label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+        if label_dropout > 0 and num_classes == 0:
+            raise ValueError("label_dropout > 0 needs class-conditional data (num_classes > 0)")
+        if param.name == "identity" and eps <= 0.0:
+            raise ValueError("the identity parameterization divides by sigma_t, so it needs eps > 0")
+        self.param, self.schedule, self.sigma_data = param, param.schedule, param.sigma_data
+        self.eps, self.T = float(eps), float(T)
+        self.label_dropout, self.num_classes = float(label_dropout), int(num_classes)
+        self.rank, self.world_size = rank, world_size
+
+    def _local(self, draw: Tensor) -> Tensor:
+        n = draw.shape[0] // self.world_size
+        return draw[self.rank * n:(self.rank + 1) * n]
+
+    def _rand(self, n_local: int, generator, device) -> Tensor:
+        u = torch.rand(n_local * self.world_size, generator=generator, device=device, dtype=torch.float64)
+        return self._local(u)
+
+    def _noise(self, x: Tensor, generator) -> Tensor:
+        """eps ~ N(0, sigma_d^2 I): the prior is NOT unit variance (Sec. 4.1)."""
+        shape = (x.shape[0] * self.world_size, *x.shape[1:])
+        n = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+        return self._local(n) * self.sigma_data
+
+    def _drop_labels(self, labels, generator):
+        """Labels with a fraction label_dropout replaced by the null index num_classes (CFG training)."""
+        if labels is None or self.label_dropout == 0.0:
+            return labels
+        drop = self._rand(labels.shape[0], generator, labels.device) < self.label_dropout
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def _interpolate(self, x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """x_t = alpha_t x + sigma_t eps (the same eps gives x_r = DDIM(x_t, x, r, t), App. C.2)."""
+        return bcast(self.schedule.alpha(t), x) * x + bcast(self.schedule.sigma(t), x) * noise
+
+
+class IMMObjective(_Objective):
+    """One IMM training loss (Algorithm 3 with the paper's practical choices, spec section 1.6).
+
+    Per group i: t_i ~ U(eps, T), s_i ~ U(eps, t_i), r_i = r(s_i, t_i), shared by its M particles;
+    x_t = alpha_t x + sigma_t eps and x_r = alpha_r x + sigma_r eps with the same eps;
+    y_st = f_{s,t}(x_t) with gradient; y_sr = f_{s,r}(x_r) under no_grad through `target` (the
+    online network by default: theta^- = the current weights, Sec. 4.1);
+    loss = mean_i w(s_i, t_i) MMD^2_i with kernel weight w~(s_i, t_i).
+
+    Options the paper leaves open (spec section 7), with the spec's recommended defaults:
+    `target_fp32` runs the target pass outside autocast; `share_dropout` replays the student's
+    RNG state so both passes use the same dropout masks; `drop_target_labels` feeds the target the
+    same dropped labels as the student (default: the undropped labels, as in OS-code).
+    """
+
+    def __init__(self, param, mapping: Mapping, *, M: int = 4, a: float = 1.0, b: float = 5.0,
+                 kernel: str = "laplace", weighting: str = "paper", label_dropout: float = 0.0,
+                 num_classes: int = 0, drop_target_labels: bool = False, target_fp32: bool = True,
+                 share_dropout: bool = True, rank: int = 0, world_size: int = 1):
+        super().__init__(param, eps=mapping.eps, T=mapping.T, label_dropout=label_dropout,
+                         num_classes=num_classes, rank=rank, world_size=world_size)
+        if mapping.schedule.name != param.schedule.name:
+            raise ValueError("the mapping and the parameterization must use the same schedule")
+        if M < 1:
+            raise ValueError(f"M (particles per group) must be >= 1, got {M}")
+        if kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {kernel!r}; choose one of {list(KERNELS)}")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown kernel weighting {weighting!r}; choose one of {list(WEIGHTINGS)}")
+        self.mapping, self.M, self.a, self.b = mapping, int(M), float(a), float(b)
+        self.kernel, self.weighting = kernel, weighting
+        self.drop_target_labels, self.target_fp32 = drop_target_labels, target_fp32
+        self.share_dropout = share_dropout
+
+    def sample_times(self, n_groups: int, generator=None, device=None):
+        """(t, s, r) per group, float64 [n_groups]: t ~ U(eps, T), s ~ U(eps, t), r = r(s, t)."""
+        t = self.eps + (self.T - self.eps) * self._rand(n_groups, generator, device)
+        s = self.eps + (t - self.eps) * self._rand(n_groups, generator, device)
+        return t, s, self.mapping(s, t)
+
+    def __call__(self, net, x: Tensor, labels: Tensor | None = None, *, target=None, generator=None,
+                 times=None):
+        """(loss, diagnostics) for a local batch x [B, ...] with B divisible by M.
+
+        `times` = (t, s, r), each [B / M], evaluates the loss at chosen times instead of drawing them.
+        """
+        B, M = x.shape[0], self.M
+        if B % M:
+            raise ValueError(f"the batch ({B}) must be divisible by M ({M})")
+        G = B // M
+        t, s, r = (f64(v).to(x.device) for v in times) if times is not None else self.sample_times(
+            G, generator, x.device)
+        noise = self._noise(x, generator)
+        labels_student = self._drop_labels(labels, generator)
+        labels_target = labels_student if self.drop_target_labels else labels
+        t_b, s_b, r_b = (v.repeat_interleave(M) for v in (t, s, r))  # every particle of a group shares them
+        x_t = self._interpolate(x, noise, t_b)
+        x_r = self._interpolate(x, noise, r_b)
+
+        # Target first: its activations are freed before the student's are stored (lower peak memory).
+        rng = _rng_state(x.device) if self.share_dropout else None
+        with torch.no_grad(), _replay_rng(rng, x.device), _fp32(x.device, self.target_fp32):
+            y_sr = self.param.f(target if target is not None else net, x_r, s_b, r_b, labels_target)
+        y_st = self.param.f(net, x_t, s_b, t_b, labels_student)
+
+        w_tilde = kernel_weight(self.weighting, self.param, s, t)
+        w = time_weight(self.schedule, t, self.a, self.b).to(device=x.device, dtype=torch.float32)
+        shape = (G, M, *x.shape[1:])
+        mmd, (K_tt, K_rr, K_tr) = mmd_terms(y_st.reshape(shape), y_sr.detach().reshape(shape), w_tilde,
+                                            self.kernel)
+        loss = (w * mmd).mean()
+        diagnostics = {"t": t.mean(), "t_minus_s": (t - s).mean(), "t_minus_r": (t - r).mean(),
+                       "r_equals_s": (r == s).double().mean(), "w": w.mean(), "log_w_tilde": w_tilde.log().mean(),
+                       "mmd": mmd.mean(), "K_tt": K_tt.mean(), "K_rr": K_rr.mean(), "K_tr": K_tr.mean()}
+        return loss, {k: v.detach() for k, v in diagnostics.items()}
+
+
+class FMObjective(_Objective):
+    """The flow-matching baseline: regress the raw output G onto its conditional target.
+
+    With g = g_c_skip(t) x_t + g_c_out(t) G and the optimal g = E[x | x_t], the target is
+    G* = (x - g_c_skip(t) x_t) / g_c_out(t) (independent of s). For euler_fm this is the FM
+    velocity: sigma_d G* = eps - x, so loss = mean ||sigma_d G - (eps - x)||^2 and the pushforward
+    sampler with euler_fm is exactly Euler integration of the FM ODE. s ~ U(eps, t) is still fed as
+    the second time input so the same network and sampler serve both objectives.
+    """
+
+    def __init__(self, param, *, eps: float = 0.0, T: float = 0.994, **kw):
+        super().__init__(param, eps=eps, T=T, **kw)
+
+    def __call__(self, net, x: Tensor, labels: Tensor | None = None, *, target=None, generator=None):
+        B = x.shape[0]
+        t = self.eps + (self.T - self.eps) * self._rand(B, generator, x.device)
+        s = self.eps + (t - self.eps) * self._rand(B, generator, x.device)
+        noise = self._noise(x, generator)
+        labels = self._drop_labels(labels, generator)
+        x_t = self._interpolate(x, noise, t)
+        G = self.param.net_output(net, x_t, s, t, labels)
+        # G* = A x + B eps with float64 coefficients (t floored: euler_fm's g_c_out(0) = 0).
+        t_safe = t.clamp(min=C_OUT_FLOOR)
+        c_skip, c_out = self.param.g_c_skip(t_safe), self.param.g_c_out(t_safe)
+        A = (1.0 - c_skip * self.schedule.alpha(t_safe)) / c_out
+        Bn = -c_skip * self.schedule.sigma(t_safe) / c_out
+        G_target = bcast(A, x) * x + bcast(Bn, x) * noise
+        loss = self.sigma_data**2 * (G.float() - G_target.float()).square().mean()
+        return loss, {"t": t.mean().detach(), "t_minus_s": (t - s).mean().detach()}
+
+
+# --------------------------------------------------------------------------------------------
+def _rng_state(device: torch.device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def _replay_rng(state, device: torch.device):
+    """Run the block with the RNG set to `state`, then restore the RNG as it was before the block."""
+    if state is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
+
+
+def _fp32(device: torch.device, enabled: bool):
+    """Disable autocast for the block (the target pass in full precision)."""
+    return torch.autocast(device.type, enabled=False) if enabled else contextlib.nullcontext()

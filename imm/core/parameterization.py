@@ -1,0 +1,189 @@
+"""The one-step map f_{s,t}(x_t) = c_skip(s,t) x_t + c_out(s,t) G(c_in(t) x_t, c_noise(t), c_noise_2).
+
+Spec section 1.3 (paper Sec. 4.2, App. C.5). The network G is raw; this module owns every scaling
+around it, so networks never see schedule details. The f-level coefficients are DDIM (Eq. 11)
+applied to the g-level x-prediction g = c_skip(t) x_t + c_out(t) G, which the tests check.
+
+| name       | g-level c_skip(t), c_out(t)          | f-level c_skip(s,t)                  | f-level c_out(s,t)                        |
+|------------|--------------------------------------|--------------------------------------|-------------------------------------------|
+| identity   | 0, 1                                 | sigma_s/sigma_t                      | alpha_s - (sigma_s/sigma_t) alpha_t       |
+| simple_edm | a/(a^2+s^2), -sd sigma_t/sqrt(a^2+s^2) | (a_s a_t + s_s s_t)/(a_t^2+s_t^2)  | -sd (a_s s_t - s_s a_t)/sqrt(a_t^2+s_t^2) |
+| euler_fm   | 1, -t sd   (OT-FM only)             | 1                                    | -(t - s) sd                               |
+
+c_in(t) = 1 / (sigma_d sqrt(alpha_t^2 + sigma_t^2)); noise conditioning c_noise(t) = time_scale * t
+(time_scale = 1000, Table 5); the second time input is time_scale * s ("s") or time_scale * (t - s)
+("stride", App. I.1 / I.6; for the target pass f_{s,r} this is r - s).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from . import schedules
+from .util import bcast, f64
+
+Tensor = torch.Tensor
+Net = Callable[..., Tensor]
+
+SECOND_TIME_INPUTS = ("s", "stride")
+
+
+class Parameterization:
+    """Coefficients of f_{s,t} and g_t for one schedule, plus the network call around them."""
+
+    name: str = ""
+
+    def __init__(self, schedule="fm", sigma_data: float = 0.5, time_scale: float = 1000.0,
+                 second_time: str = "s"):
+        if second_time not in SECOND_TIME_INPUTS:
+            raise ValueError(f"second_time must be one of {SECOND_TIME_INPUTS}, got {second_time!r}")
+        self.schedule = schedules.get(schedule)
+        self.sigma_data = float(sigma_data)
+        self.time_scale = float(time_scale)
+        self.second_time = second_time
+
+    # -- coefficients (float64) ---------------------------------------------------------------
+    def c_skip(self, s, t) -> Tensor:
+        raise NotImplementedError
+
+    def c_out(self, s, t) -> Tensor:
+        raise NotImplementedError
+
+    def g_c_skip(self, t) -> Tensor:
+        raise NotImplementedError
+
+    def g_c_out(self, t) -> Tensor:
+        raise NotImplementedError
+
+    def c_in(self, t) -> Tensor:
+        """c_in(t) = 1 / (sigma_d sqrt(alpha_t^2 + sigma_t^2)) (App. C.5)."""
+        sch = self.schedule
+        return 1.0 / (self.sigma_data * torch.sqrt(sch.alpha(t) ** 2 + sch.sigma(t) ** 2))
+
+    def noise_inputs(self, s, t) -> tuple[Tensor, Tensor]:
+        """(c_noise(t), second input) = (time_scale t, time_scale s) or (time_scale t, time_scale (t - s))."""
+        s, t = f64(s), f64(t)
+        second = s if self.second_time == "s" else t - s
+        return self.time_scale * t, self.time_scale * second
+
+    # -- the network call -----------------------------------------------------------------------
+    def net_output(self, net: Net, x_t: Tensor, s, t, labels=None, *, guidance: float = 1.0,
+                   null_label: int | None = None, net_dtype: torch.dtype | None = None) -> Tensor:
+        """The raw network output G(c_in(t) x_t, c_noise(t), c_noise_2, labels), in x_t's dtype.
+
+        With guidance w != 1 (Eq. 14): G^w = w G(c) + (1 - w) G(null), computed in ONE network call
+        on a doubled batch. `net_dtype` is what the network sees (float32 when x_t is float64, as in
+        the sampler: spec section 4, "x and t in float64, the network in float32").
+        """
+        B = x_t.shape[0]
+        s, t = (f64(v).to(x_t.device).expand(B) for v in (s, t))  # scalars or [B]
+        net_dtype = net_dtype or (torch.float32 if x_t.dtype == torch.float64 else x_t.dtype)
+        x_in = (bcast(self.c_in(t), x_t) * x_t).to(net_dtype)
+        noise_t, noise_2 = (v.to(torch.float32) for v in self.noise_inputs(s, t))
+        if guidance != 1.0:
+            if labels is None or null_label is None:
+                raise ValueError("classifier-free guidance needs class labels and the null label index")
+            null = torch.full_like(labels, null_label)
+            G_c, G_u = net(torch.cat([x_in, x_in]), torch.cat([noise_t, noise_t]),
+                           torch.cat([noise_2, noise_2]), torch.cat([labels, null])).chunk(2)
+            G = G_u + guidance * (G_c - G_u)
+        else:
+            G = net(x_in, noise_t, noise_2, labels)
+        return G.to(x_t.dtype)
+
+    def f(self, net: Net, x_t: Tensor, s, t, labels=None, **kw) -> Tensor:
+        """f_{s,t}(x_t) = c_skip(s,t) x_t + c_out(s,t) G (Sec. 4.2); f_{s,s}(x) = x."""
+        G = self.net_output(net, x_t, s, t, labels, **kw)
+        return self.apply(G, x_t, s, t)
+
+    def apply(self, G: Tensor, x_t: Tensor, s, t) -> Tensor:
+        """c_skip(s,t) x_t + c_out(s,t) G for a network output G already computed."""
+        return bcast(self.c_skip(s, t), x_t) * x_t + bcast(self.c_out(s, t), x_t) * G
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(schedule={self.schedule.name!r}, sigma_data={self.sigma_data},"
+                f" time_scale={self.time_scale}, second_time={self.second_time!r})")
+
+
+class Identity(Parameterization):
+    """g = G (x-prediction): f = DDIM(x_t, G, s, t). Boundary condition holds only for s > 0."""
+
+    name = "identity"
+
+    def c_skip(self, s, t) -> Tensor:
+        return self.schedule.sigma(s) / self.schedule.sigma(t)
+
+    def c_out(self, s, t) -> Tensor:
+        sch = self.schedule
+        return sch.alpha(s) - sch.sigma(s) / sch.sigma(t) * sch.alpha(t)
+
+    def g_c_skip(self, t) -> Tensor:
+        return torch.zeros_like(f64(t))
+
+    def g_c_out(self, t) -> Tensor:
+        return torch.ones_like(f64(t))
+
+
+class SimpleEDM(Parameterization):
+    """Simple-EDM (Lu & Song 2024); on cosine sigma_d G is v-prediction. Allows s = 0."""
+
+    name = "simple_edm"
+
+    def _norm2(self, t) -> Tensor:
+        return self.schedule.alpha(t) ** 2 + self.schedule.sigma(t) ** 2
+
+    def c_skip(self, s, t) -> Tensor:
+        sch = self.schedule
+        return (sch.alpha(s) * sch.alpha(t) + sch.sigma(s) * sch.sigma(t)) / self._norm2(t)
+
+    def c_out(self, s, t) -> Tensor:
+        sch = self.schedule
+        cross = sch.alpha(s) * sch.sigma(t) - sch.sigma(s) * sch.alpha(t)
+        return -self.sigma_data * cross / torch.sqrt(self._norm2(t))
+
+    def g_c_skip(self, t) -> Tensor:
+        return self.schedule.alpha(t) / self._norm2(t)
+
+    def g_c_out(self, t) -> Tensor:
+        return -self.sigma_data * self.schedule.sigma(t) / torch.sqrt(self._norm2(t))
+
+
+class EulerFM(Parameterization):
+    """Euler-FM: f = x_t - (t - s) sigma_d G, an Euler step of the FM ODE (OT-FM only)."""
+
+    name = "euler_fm"
+
+    def __init__(self, schedule="fm", **kw):
+        super().__init__(schedule, **kw)
+        if self.schedule.name != "fm":
+            raise ValueError(
+                f"the euler_fm parameterization needs the OT-FM schedule (fm), got {self.schedule.name!r};"
+                " use simple_edm or identity with this schedule")
+
+    def c_skip(self, s, t) -> Tensor:
+        return torch.ones_like(f64(t) - f64(s))
+
+    def c_out(self, s, t) -> Tensor:
+        return -(f64(t) - f64(s)) * self.sigma_data
+
+    def g_c_skip(self, t) -> Tensor:
+        return torch.ones_like(f64(t))
+
+    def g_c_out(self, t) -> Tensor:
+        return -f64(t) * self.sigma_data
+
+
+PARAMETERIZATIONS = {"identity": Identity, "simple_edm": SimpleEDM, "euler_fm": EulerFM}
+
+
+def get(name: str | Parameterization, schedule="fm", sigma_data: float = 0.5,
+        time_scale: float = 1000.0, second_time: str = "s") -> Parameterization:
+    """The parameterization called `name` on `schedule`; an instance is returned unchanged."""
+    if isinstance(name, Parameterization):
+        return name
+    if name not in PARAMETERIZATIONS:
+        raise ValueError(f"unknown parameterization {name!r}; choose one of {sorted(PARAMETERIZATIONS)}")
+    return PARAMETERIZATIONS[name](schedule, sigma_data=sigma_data, time_scale=time_scale,
+                                   second_time=second_time)

@@ -1,0 +1,111 @@
+"""Few-step samplers and their time grids (spec section 4; paper Alg. 2, 4, 5; App. I.2).
+
+A grid is a float64 tensor [N + 1] running from T (prior) down to eps (data): grid[0] = T,
+grid[N] = eps. The sampler state x is float64; the network sees float32 (the official code).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import schedules
+from .util import f64
+
+Tensor = torch.Tensor
+
+GRIDS = ("uniform", "edm", "eta")
+SAMPLERS = ("pushforward", "restart")
+TWO_STEP_ETA = (1.4,)  # App. I.2: eta(t_1) = 1.4 "for all 2-step methods"; t_1 = 1.4/2.4 for OT-FM
+
+
+def uniform_grid(N: int, T: float, eps: float) -> Tensor:
+    """t_i = T + (i / N)(eps - T), i = 0..N (the spec's index runs the other way)."""
+    _check_steps(N)
+    return torch.linspace(T, eps, N + 1, dtype=torch.float64)
+
+
+def edm_grid(N: int, schedule, T: float, eps: float, rho: float = 7.0) -> Tensor:
+    """EDM's rho-schedule in eta space: eta_i = (eta_max^(1/rho) + (i/N)(eta_min^(1/rho) - eta_max^(1/rho)))^rho.
+
+    eta_max = eta(T), eta_min = eta(eps) (eta_min = 0 allowed); endpoints are exactly T and eps.
+    """
+    _check_steps(N)
+    sch = schedules.get(schedule)
+    hi, lo = float(sch.eta(T)) ** (1 / rho), float(sch.eta(eps)) ** (1 / rho)
+    frac = torch.arange(N + 1, dtype=torch.float64) / N
+    grid = sch.t_from_eta((hi + frac * (lo - hi)) ** rho)
+    grid[0], grid[-1] = T, eps
+    return grid
+
+
+def eta_grid(etas, schedule, T: float, eps: float) -> Tensor:
+    """[T, t(eta_1), ..., eps] for explicit intermediate eta points (e.g. (1.4,) for 2 steps)."""
+    sch = schedules.get(schedule)
+    mids = sch.t_from_eta(torch.tensor(list(etas), dtype=torch.float64))
+    grid = torch.cat([f64([T]), mids, f64([eps])])
+    if not bool((grid[1:] < grid[:-1]).all()):
+        raise ValueError(f"eta points {list(etas)} must be decreasing and lie strictly between"
+                         f" eta(eps)={float(sch.eta(eps)):.4g} and eta(T)={float(sch.eta(T)):.4g}")
+    return grid
+
+
+def time_grid(kind: str, N: int, *, schedule="fm", T: float = 0.994, eps: float = 0.0,
+              etas=None, rho: float = 7.0) -> Tensor:
+    """The grid called `kind`: "uniform", "edm" (rho in eta space) or "eta" (explicit points).
+
+    For "eta", `etas` gives the N - 1 intermediate points; when None and N = 2 the paper's
+    eta = 1.4 is used.
+    """
+    if kind == "uniform":
+        return uniform_grid(N, T, eps)
+    if kind == "edm":
+        return edm_grid(N, schedule, T, eps, rho)
+    if kind == "eta":
+        if etas is None:
+            if N != 2:
+                raise ValueError(f"the eta grid needs explicit eta points for N={N} steps (only N=2 has"
+                                 " a default, eta=1.4)")
+            etas = TWO_STEP_ETA
+        if len(etas) != N - 1:
+            raise ValueError(f"{N} steps need {N - 1} intermediate eta points, got {list(etas)}")
+        return eta_grid(etas, schedule, T, eps)
+    raise ValueError(f"unknown time grid {kind!r}; choose one of {list(GRIDS)}")
+
+
+def _check_steps(N: int) -> None:
+    if int(N) != N or N < 1:
+        raise ValueError(f"the number of sampling steps must be a positive integer, got {N}")
+
+
+@torch.no_grad()
+def sample(net, param, noise: Tensor, grid: Tensor, *, sampler: str = "pushforward", labels=None,
+           guidance: float = 1.0, null_label: int | None = None, generator=None) -> Tensor:
+    """Generate from prior noise x_T ~ N(0, sigma_d^2 I) along `grid` (float64 result).
+
+    - pushforward (Alg. 2/4): x <- f_{t_{i+1}, t_i}(x), i.e. the net is called with t = t_i and
+      s = t_{i+1}: one DDIM step per grid interval using g as its x-prediction.
+    - restart (Alg. 5): x~ = f_{eps, t_i}(x) jumps to the end; unless last, re-noise to t_{i+1}
+      with FRESH noise: x = alpha x~ + sigma eps~, eps~ ~ N(0, sigma_d^2 I).
+    Classifier-free guidance (Eq. 14) mixes the raw outputs: one network call on a doubled batch.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
+    grid = f64(grid)
+    x = noise.to(torch.float64)
+    sch = param.schedule
+
+    def f(x, s, t):
+        return param.f(net, x, s, t, labels, guidance=guidance, null_label=null_label)
+
+    N = grid.shape[0] - 1
+    for i in range(N):
+        t, s_next = grid[i], grid[i + 1]
+        if sampler == "pushforward":
+            x = f(x, s_next, t)
+            continue
+        x0 = f(x, grid[-1], t)
+        if i == N - 1:
+            return x0
+        fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float64)
+        x = sch.alpha(s_next) * x0 + sch.sigma(s_next) * param.sigma_data * fresh
+    return x
