@@ -1,0 +1,125 @@
+"""Time and label embeddings shared by the networks.
+
+Every network takes two scalar time inputs per sample (the caller has already scaled them, e.g.
+1000*t and 1000*s; spec §1.3) and an optional class label. Each time input gets sinusoidal
+features followed by its own 2-layer MLP; the results are summed (IMM paper App. I.1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sinusoidal_embedding(
+    x: torch.Tensor, dim: int, max_period: float = 10000.0, endpoint: bool = False
+) -> torch.Tensor:
+    """Sin/cos features of a batch of scalars: [B] -> [B, dim], laid out as [cos | sin].
+
+    Frequencies run geometrically from 1 down to 1/max_period. With endpoint=False (DDPM/DiT
+    style) the last frequency stops one step short of 1/max_period; endpoint=True (EDM's
+    PositionalEmbedding, used by DDPM++) reaches it exactly.
+    """
+    if dim % 2:
+        raise ValueError(f"The sinusoidal embedding size must be even, got {dim}.")
+    half = dim // 2
+    # float32 regardless of the input: the sampler may hand us float64 times, and under autocast
+    # the sines of ~1000-valued arguments must not be taken in bf16/fp16.
+    steps = torch.arange(half, dtype=torch.float32, device=x.device)
+    steps = steps / max(half - (1 if endpoint else 0), 1)
+    freqs = torch.exp(-math.log(max_period) * steps)
+    args = x.to(torch.float32)[:, None] * freqs[None, :]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+class TimeEmbedder(nn.Module):
+    """Scalar -> sinusoidal features -> Linear -> SiLU -> Linear (no activation at the end).
+
+    The missing final activation is deliberate: the t and s embeddings are *added* after their
+    MLPs, and the owning network applies its nonlinearity to the sum.
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        freq_dim: int = 256,
+        max_period: float = 10000.0,
+        endpoint: bool = False,
+    ):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.max_period = max_period
+        self.endpoint = endpoint
+        self.mlp = nn.Sequential(
+            nn.Linear(freq_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim)
+        )
+
+    def forward(self, noise: torch.Tensor) -> torch.Tensor:
+        feats = sinusoidal_embedding(noise, self.freq_dim, self.max_period, self.endpoint)
+        # Match the weights so that .double()/.half() models work without autocast.
+        return self.mlp(feats.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> vector, with one extra row (index num_classes) for the null label.
+
+    The null row is what classifier-free guidance evaluates for the unconditional branch; the
+    training objective trains it by passing index num_classes for dropped labels.
+    """
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"LabelEmbedder needs num_classes >= 1, got {num_classes}.")
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        return self.table(labels)
+
+
+def resolve_labels(
+    labels: torch.Tensor | None, num_classes: int, batch_size: int, device: torch.device
+) -> torch.Tensor | None:
+    """Apply the label contract shared by all networks.
+
+    Unconditional nets (num_classes == 0) accept only labels=None. Conditional nets treat
+    labels=None as "null label for the whole batch", which is the unconditional branch of CFG.
+    """
+    if num_classes == 0:
+        if labels is not None:
+            raise ValueError(
+                "This network is unconditional (num_classes=0) and cannot take labels; "
+                "pass labels=None or build it with num_classes > 0."
+            )
+        return None
+    if labels is None:
+        return torch.full((batch_size,), num_classes, dtype=torch.long, device=device)
+    if labels.shape != (batch_size,):
+        raise ValueError(
+            f"labels must have shape [{batch_size}] (one class index per sample), "
+            f"got {tuple(labels.shape)}."
+        )
+    return labels.long()
+
+
+def check_time_inputs(noise_t: torch.Tensor, noise_s: torch.Tensor, batch_size: int) -> None:
+    """Fail with a readable message when the time inputs are not one scalar per sample."""
+    for name, value in (("noise_t", noise_t), ("noise_s", noise_s)):
+        if value.shape != (batch_size,):
+            raise ValueError(
+                f"{name} must have shape [{batch_size}] (one value per sample), "
+                f"got {tuple(value.shape)}."
+            )
+
+
+def silu_sum(*parts: torch.Tensor | None) -> torch.Tensor:
+    """SiLU of the sum of the non-None embeddings (the conditioning vector of every net)."""
+    total = None
+    for part in parts:
+        if part is not None:
+            total = part if total is None else total + part
+    return F.silu(total)
