@@ -1,0 +1,177 @@
+"""Datasets for IMM training and the resumable batch iterator.
+
+Everything a training run needs from its data comes out of :func:`build_dataset`
+as a :class:`DataBundle`.  Conventions shared by every dataset:
+
+* ``SIGMA_DATA = 0.5``: point data are standardised per dimension to std 0.5
+  (statistics from the train split), images are scaled to [-1, 1].
+* ``bundle.train[i]`` returns ``(x, label)`` with ``label`` a plain ``int``;
+  **-1 means "no label"** (unconditional data).  -1 rather than 0 so that an
+  unconditional sample can never be mistaken for class 0.  The batch iterator
+  :class:`~imm.data.loader.ResumableBatches` turns this into ``labels=None``
+  for unconditional datasets and a LongTensor ``[b]`` otherwise.
+* ``bundle.unscale(x)`` maps model-space samples back to data space: the
+  original coordinates for points, pixel values in [0, 255] for images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+SIGMA_DATA = 0.5
+
+
+class DataError(ValueError):
+    """A problem with the data the user asked for (bad path, bad file, bad setting)."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """Files or directories the user pointed at do not exist.
+
+    Also a FileNotFoundError so callers can catch it as such.
+    """
+
+
+# Submodules import DataError from here, so they are imported only after it exists.
+from imm.data import images, points, toy  # noqa: E402
+from imm.data.loader import InMemoryDataset, ResumableBatches  # noqa: E402
+from imm.data.points import Standardizer, load_points  # noqa: E402
+
+IMAGE_NAMES = ["digits", "mnist", "cifar10", "folder"]
+DATASET_NAMES = [*toy.NAMES, "points", *IMAGE_NAMES]
+DEFAULT_TOY_TRAIN = 100_000
+
+
+@dataclass
+class DataBundle:
+    """Everything a run needs to know about its dataset.
+
+    Attributes:
+        name: dataset name as given to :func:`build_dataset`.
+        kind: ``"points"`` or ``"images"``.
+        train: torch Dataset of ``(x, label)``; label -1 when unconditional.
+        heldout: point data only: scaled held-out points ``[n, D]``; ``None`` for images.
+        shape: shape of one sample, e.g. ``(2,)`` or ``(3, 32, 32)``.
+        num_classes: 0 for unconditional data.
+        standardizer: point data only, else ``None``; save ``standardizer.state_dict()``
+            in checkpoints to undo the scaling later.
+    """
+
+    name: str
+    kind: str
+    train: torch.utils.data.Dataset
+    heldout: torch.Tensor | None
+    shape: tuple[int, ...]
+    num_classes: int
+    standardizer: Standardizer | None = None
+
+    def unscale(self, x: torch.Tensor) -> torch.Tensor:
+        """Map model-space samples to data space (points: original units; images: [0, 255] floats)."""
+        if self.kind == "points":
+            return self.standardizer.unscale(x)
+        return ((x + 1.0) * 127.5).clamp(0.0, 255.0)
+
+
+def build_dataset(
+    name: str,
+    *,
+    root: str | None = None,
+    path: str | None = None,
+    n_train: int | None = None,
+    n_heldout: int = 5000,
+    heldout_fraction: float = 0.1,
+    seed: int = 0,
+    resolution: int | None = None,
+    download: bool = False,
+    hflip: bool = False,
+    class_subfolders: bool | None = None,
+) -> DataBundle:
+    """Build the dataset called ``name`` (one of :data:`DATASET_NAMES`).
+
+    Args:
+        name: a toy set (``checkerboard``, ``eight_gaussians``, ``moons``, ``rings``),
+            ``points`` (a ``.npy`` file at ``path``), ``digits``, ``mnist``, ``cifar10``
+            or ``folder`` (a directory of images at ``root``).
+        root: directory for ``mnist``/``cifar10`` files or the ``folder`` images.
+        path: the ``.npy`` file for ``points``.
+        n_train: toy sets only: number of training points (default 100_000).
+            Other datasets use all their training data.
+        n_heldout: toy sets only: number of held-out points, drawn with a different seed.
+        heldout_fraction: ``points`` only: fraction of rows held out (deterministic given seed).
+        seed: seed for toy sampling and the ``points`` train/held-out split.
+        resolution: image side length; required for ``folder``; optional elsewhere
+            (``digits`` 16, ``mnist`` 28, ``cifar10`` 32 by default; other sizes are resized
+            bilinearly once at load time).
+        download: let torchvision fetch ``mnist``/``cifar10`` when the files are missing.
+        hflip: random horizontal flips for image data (deterministic inside ResumableBatches).
+        class_subfolders: ``folder`` only: ``None`` = use subfolders as classes when every
+            image sits in one; ``False`` = always unconditional (e.g. FFHQ's numbered
+            shard folders); ``True`` = require class subfolders.
+    """
+    key = str(name).lower().replace("-", "_")
+    if key in toy.NAMES:
+        if n_train is None:
+            n_train = DEFAULT_TOY_TRAIN
+        train = toy.make(key, n_train, seed)
+        heldout = toy.make(key, n_heldout, _derived_seed(seed, 1))
+        return _points_bundle(key, train, heldout)
+    if key in ("points", "npy"):
+        train, heldout = points.split_points(load_points(path), heldout_fraction, seed)
+        return _points_bundle("points", train, heldout)
+    if key in IMAGE_NAMES:
+        builders: dict[str, Callable[..., Any]] = {
+            "digits": lambda: images.digits(resolution=resolution, hflip=hflip),
+            "mnist": lambda: images.mnist(root, download=download, resolution=resolution, hflip=hflip),
+            "cifar10": lambda: images.cifar10(root, download=download, resolution=resolution, hflip=hflip),
+            "folder": lambda: images.ImageFolder(
+                root, resolution, hflip=hflip, class_subfolders=class_subfolders
+            ),
+        }
+        dataset = builders[key]()
+        return DataBundle(
+            name=key,
+            kind="images",
+            train=dataset,
+            heldout=None,
+            shape=tuple(dataset.shape),
+            num_classes=dataset.num_classes,
+        )
+    raise DataError(f"Unknown dataset {name!r}; set data.name to one of {DATASET_NAMES}.")
+
+
+def _points_bundle(name: str, train: torch.Tensor, heldout: torch.Tensor) -> DataBundle:
+    # Statistics come from the train split only, so held-out points are scaled
+    # exactly as unseen data would be.
+    standardizer = Standardizer.fit(train, target_std=SIGMA_DATA)
+    return DataBundle(
+        name=name,
+        kind="points",
+        train=InMemoryDataset(standardizer.scale(train)),
+        heldout=standardizer.scale(heldout),
+        shape=(train.shape[1],),
+        num_classes=0,
+        standardizer=standardizer,
+    )
+
+
+def _derived_seed(seed: int, stream: int) -> int:
+    """An independent seed for a second random stream (e.g. held-out data) from one user seed."""
+    return int(np.random.SeedSequence([seed % 2**64, stream]).generate_state(1)[0])
+
+
+__all__ = [
+    "SIGMA_DATA",
+    "DATASET_NAMES",
+    "DataError",
+    "DataNotFoundError",
+    "DataBundle",
+    "build_dataset",
+    "InMemoryDataset",
+    "ResumableBatches",
+    "Standardizer",
+    "load_points",
+]
