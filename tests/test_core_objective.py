@@ -180,9 +180,9 @@ def test_global_draws_make_sharded_ranks_match_one_process():
     torch.manual_seed(0)
     net = TinyNet()
     x = torch.randn(32, 2)
-    single = make_objective()(net, x, generator=torch.Generator().manual_seed(7))[0]
+    single = make_objective()(net, x, generator=torch.Generator().manual_seed(7))[0].detach()
     halves = [make_objective(rank=r, world_size=2)(net, x[16 * r:16 * (r + 1)],
-                                                    generator=torch.Generator().manual_seed(7))[0] for r in (0, 1)]
+                                                    generator=torch.Generator().manual_seed(7))[0].detach() for r in (0, 1)]
     assert float(single) == pytest.approx(float(sum(halves) / 2), rel=1e-6)
 
 

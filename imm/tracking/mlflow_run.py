@@ -1,0 +1,170 @@
+"""One MLflow run per training run, through the explicit MlflowClient (no global active-run state).
+
+The run ends FINISHED, KILLED (signal) or FAILED (exception), never left RUNNING. A resumed
+training run reopens its own MLflow run. Params are logged once, at creation; values that may
+change when a run is resumed go to tags.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+PARAM_LIMIT = 6000  # MLflow's max param value length
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message says which URI and what to do."""
+
+
+def default_uri(launch_dir) -> str:
+    """sqlite:///<launch dir>/mlflow.db, absolute, so every process of a run agrees on it."""
+    return f"sqlite:///{Path(launch_dir).resolve() / 'mlflow.db'}"
+
+
+def artifact_root(uri: str) -> str | None:
+    """For a SQLite store, artifacts go beside the database (not ./mlruns of whatever the cwd is)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return None
+
+
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, before training, when an HTTP tracking server is down (MLflow itself retries for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
+    except (urllib.error.URLError, OSError) as e:
+        raise TrackingError(f"the MLflow tracking server at {uri} is not reachable ({e}); start it, fix"
+                            " tracking.uri, or set tracking.fallback_local=true to log to a local SQLite"
+                            " store") from None
+
+
+def flatten(cfg) -> dict[str, str]:
+    """The resolved config as {dotted.key: str(value)}."""
+    out: dict[str, str] = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = str(node)[:PARAM_LIMIT]
+
+    walk(OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg, "")
+    return out
+
+
+def git_tags() -> dict[str, str]:
+    """Commit and dirty flag of the source tree the package runs from (empty outside git)."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
+
+
+class Tracker:
+    """Logs one training run. `Tracker.disabled()` does nothing (other ranks, tracking.enabled=false)."""
+
+    def __init__(self, client=None, run_id: str | None = None):
+        self.client, self.run_id = client, run_id
+
+    @classmethod
+    def disabled(cls) -> "Tracker":
+        return cls()
+
+    @classmethod
+    def open(cls, uri: str, experiment: str, *, run_name: str, params: dict[str, str], tags: dict[str, str],
+             run_id: str | None = None) -> "Tracker":
+        """Create a run (logging params once) or, with run_id, reopen that run as RUNNING."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        if run_id is not None:
+            client.update_run(run_id, status="RUNNING")
+            tracker = cls(client, run_id)
+            tracker.set_tags(tags)
+            return tracker
+        exp = client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else _create_experiment(client, experiment, uri)
+        run = client.create_run(exp_id, run_name=run_name, tags=tags)
+        tracker = cls(client, run.info.run_id)
+        tracker.log_params(params)
+        return tracker
+
+    @property
+    def enabled(self) -> bool:
+        return self.client is not None
+
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100) if self.enabled else ():  # MLflow's batch limit
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled or not metrics:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        for i in range(0, len(batch), 1000):
+            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            for k, v in tags.items():
+                self.client.set_tag(self.run_id, k, str(v))
+
+    def log_artifact(self, path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.enabled:
+            self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        """A matplotlib figure or a PIL/numpy image, as a PNG artifact."""
+        if not self.enabled:
+            return
+        if hasattr(figure, "savefig"):
+            self.client.log_figure(self.run_id, figure, artifact_file)
+        else:
+            self.client.log_image(self.run_id, figure, artifact_file)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.enabled:
+            self.client.set_terminated(self.run_id, status=status)
+
+
+def _create_experiment(client, name: str, uri: str) -> str:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        root = artifact_root(uri)
+        return client.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+    except MlflowException:  # created meanwhile by a parallel job
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def ensure_store(uri: str) -> None:
+    """Create or migrate the store once (sweeps call this before any job starts)."""
+    check_reachable(uri)
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+

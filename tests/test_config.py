@@ -1,0 +1,136 @@
+"""Every config group option composes, validates and instantiates; bad configs fail with one sentence."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from conftest import CONF, compose_cfg
+from imm import factory
+from imm.config import ConfigError, validate
+
+GROUPS = ["arch", "schedule", "kernel", "loss", "target", "data", "optim", "train", "tracking", "experiment"]
+IMAGE_DATA = {"digits", "mnist", "cifar10", "folder"}
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def fitting_overrides(group, option):
+    """Overrides that make `group=option` a runnable combination (an image arch needs image data, ...)."""
+    extra = []
+    if group == "arch" and option != "mlp":
+        extra = ["data=digits"] if option != "ddpmpp" else ["data=digits", "data.resolution=16"]
+    if group == "data" and option in IMAGE_DATA:
+        extra = ["arch=dit_s_4"]
+    if group == "data" and option == "points":
+        extra = ["data.path=/nonexistent.npy"]
+    if group == "data" and option == "folder":
+        extra += ["data.root=/nonexistent"]
+    return extra
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_validates_and_instantiates(group, option):
+    cfg = compose_cfg(f"{group}={option}", *fitting_overrides(group, option))
+    validate(cfg)
+    par = factory.parameterization(cfg)
+    obj = factory.objective(cfg, num_classes=10 if cfg.data.name in IMAGE_DATA else 0)
+    assert obj.param.name == par.name
+    shape = (1, 16, 16) if cfg.data.name in IMAGE_DATA else (2,)
+    with torch.device("meta"):  # full-size nets without the memory
+        net = factory.net(cfg, shape, 10 if cfg.data.name in IMAGE_DATA else 0)
+    assert sum(p.numel() for p in net.parameters()) > 0
+    factory.optimizer(cfg, [torch.nn.Parameter(torch.zeros(2))], torch.device("cpu"))
+
+
+def test_group_choices_land_where_expected():
+    cfg = compose_cfg("schedule=cosine", "kernel=seed", "loss=cifar10", "target=ema", "optim=radam", "arch=ddpmpp",
+                      "data=digits")
+    assert (cfg.schedule.name, cfg.schedule.param) == ("cosine", "simple_edm")
+    assert cfg.kernel.weighting == "seed" and cfg.loss.k == 15 and cfg.loss.b == 5 and cfg.loss.eps == 0.006
+    assert cfg.target.kind == "ema" and cfg.optim.name == "radam" and cfg.arch.model_channels == 128
+    fp16 = compose_cfg("loss=fp16")
+    assert fp16.loss.a == 2 and fp16.loss.min_gap == 1e-4 and fp16.schedule.second_time == "stride"
+    # the command line wins over the experiment's choices
+    assert compose_cfg("loss=cifar10").loss.k == 15 and compose_cfg("arch=dit_s_4", "data=digits").arch.name == "dit_s_4"
+
+
+def test_loss_T_defaults_per_schedule():
+    from imm.config import loss_T
+
+    assert loss_T(compose_cfg()) == 0.994
+    assert loss_T(compose_cfg("schedule=cosine")) == 0.996
+    assert loss_T(compose_cfg("schedule=cosine", "loss.T=0.99")) == 0.99
+
+
+COMPOSE_ERRORS = {  # Hydra rejects these while composing
+    "unknown group option": (["kernel=nope"], "kernel/nope"),
+    "unknown key": (["loss.kk=3"], "kk"),
+    "wrong type": (["loss.M=four"], "M"),
+    "unknown arch key": (["arch.widht=3"], "widht"),
+}
+
+
+@pytest.mark.parametrize("case", COMPOSE_ERRORS)
+def test_composition_errors(case):
+    overrides, needle = COMPOSE_ERRORS[case]
+    with pytest.raises((ConfigCompositionException, ConfigKeyError, ValidationError)) as e:
+        compose_cfg(*overrides)
+    assert needle in str(e.value) + str(e.value.__cause__)
+
+
+BAD = {
+    "zero lr": (["optim.lr=0"], "optim.lr=0"),
+    "negative lr": (["optim.lr=-1e-3"], "optim.lr"),
+    "zero batch": (["train.batch_size=0"], "train.batch_size"),
+    "zero steps": (["train.steps=0"], "train.steps"),
+    "zero M": (["loss.M=0"], "loss.M"),
+    "M does not divide batch": (["train.batch_size=510"], "divisible by loss.M"),
+    "k out of range": (["loss.k=40"], "loss.k=40"),
+    "a not 1 or 2": (["loss.a=3"], "loss.a=3"),
+    "eps >= T": (["loss.eps=0.995"], "loss.eps=0.995"),
+    "T >= 1 with eta mapping": (["loss.T=1.0"], "loss.T=1.0"),
+    "euler_fm on cosine": (["schedule=cosine", "schedule.param=euler_fm"], "euler_fm needs schedule.name=fm"),
+    "bad weighting": (["kernel.weighting=fancy"], "kernel.weighting='fancy'"),
+    "missing data.path": (["data=points"], "data.path is missing"),
+    "guidance on unconditional": (["eval.guidance=1.5"], "eval.guidance=1.5"),
+    "image arch on 2-D data": (["arch=dit_s_4"], "does not fit 2-D/point data"),
+    "mlp on image data": (["data=digits"], "does not fit image data"),
+    "lambda mapping needs eps": (["loss.mapping=lambda_decrement"], "loss.eps=0.0 must be > 0"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_configs_fail_with_one_sentence(case):
+    overrides, needle = BAD[case]
+    with pytest.raises(ConfigError) as e:
+        validate(compose_cfg(*overrides))
+    msg = str(e.value)
+    assert needle in msg
+    assert "\n" not in msg and msg.endswith(".")
+
+
+def test_batch_must_divide_by_world_size_times_M():
+    validate(compose_cfg("train.batch_size=8", "loss.M=4"), world_size=2)
+    with pytest.raises(ConfigError, match="4 x 3 = 12"):
+        validate(compose_cfg("train.batch_size=16", "loss.M=4"), world_size=3)
+
+
+def test_label_dropout_defaults():
+    cfg = compose_cfg()
+    assert factory.label_dropout(cfg, 10) == 0.1 and factory.label_dropout(cfg, 0) == 0.0
+    with pytest.raises(ConfigError, match="label_dropout"):
+        factory.label_dropout(compose_cfg("loss.label_dropout=0.2"), 0)
+
+
+def test_lr_schedule():
+    cfg = compose_cfg("optim.warmup_steps=10", "train.steps=100", "optim.lr=1.0")
+    assert factory.lr_at(cfg, 0) == pytest.approx(0.1)
+    assert factory.lr_at(cfg, 9) == pytest.approx(1.0 * 0.5 * (1 + torch.cos(torch.tensor(0.09 * torch.pi)).item()))
+    assert factory.lr_at(cfg, 100) == pytest.approx(0.0, abs=1e-12)
+    const = compose_cfg("optim.lr_schedule=constant", "optim.warmup_steps=0", "optim.lr=0.5")
+    assert factory.lr_at(const, 57) == 0.5
