@@ -1,0 +1,1 @@
+"""Real-browser (headless Chromium + Selenium) helpers for testing the MLflow UI."""
