@@ -77,6 +77,8 @@ class DataConfig:
     download: bool = False
     resolution: Optional[int] = None
     hflip: bool = False
+    use_labels: bool = True  # false: train unconditionally on a labelled set (the paper's CIFAR-10)
+    class_subfolders: Optional[bool] = None  # folder: null = subfolders are classes when all images sit in one
     n_train: int = 100_000  # toy sets
     n_heldout: int = 5000
     heldout_fraction: float = 0.1  # points files

@@ -53,9 +53,12 @@ def objective(cfg, num_classes: int = 0, rank: int = 0, world_size: int = 1):
 
 def dataset(cfg) -> DataBundle:
     d = cfg.data
-    return build_dataset(d.name, root=d.root, path=d.path, n_train=d.n_train, n_heldout=d.n_heldout,
-                         heldout_fraction=d.heldout_fraction, seed=d.seed, resolution=d.resolution,
-                         download=d.download, hflip=d.hflip)
+    bundle = build_dataset(d.name, root=d.root, path=d.path, n_train=d.n_train, n_heldout=d.n_heldout,
+                           heldout_fraction=d.heldout_fraction, seed=d.seed, resolution=d.resolution,
+                           download=d.download, hflip=d.hflip, class_subfolders=d.class_subfolders)
+    if not d.use_labels:  # the batches then carry no labels and the net is built unconditional
+        bundle.num_classes = bundle.train.num_classes = 0
+    return bundle
 
 
 def net(cfg, shape, num_classes: int) -> torch.nn.Module:

@@ -39,7 +39,7 @@ class Evaluator:
         nc = bundle.num_classes
         self.labels = torch.arange(n_samples) % nc if nc else None
         self.batch_size = batch_size
-        self.floor = None
+        self.floor, self.floor_reported = None, False
         if bundle.kind == "points":
             reference = bundle.train.data[torch.randperm(len(bundle.train), generator=g)[:len(bundle.heldout)]]
             self.floor = metrics.noise_floor(reference, bundle.heldout)
@@ -74,8 +74,9 @@ class Evaluator:
                     results[f"eval/{k}_{N}step"] = v
                 results[f"eval/energy_ratio_{N}step"] = m["energy"] / max(self.floor["energy"], 1e-12)
                 panel_text[N] = {"ED/floor": results[f"eval/energy_ratio_{N}step"], "recall": m["recall"]}
-        if self.floor is not None:
+        if self.floor is not None and not self.floor_reported:  # the noise floor is logged once
             results.update({f"eval/{k}_floor": v for k, v in self.floor.items()})
+            self.floor_reported = True
         return results, self.figures(by_steps, panel_text), by_steps
 
     def figures(self, by_steps, panel_text=None) -> dict:

@@ -141,7 +141,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
             fig.savefig(fig_path, dpi=110)
             tracker.log_artifact(fig_path, "figures")
         log.info("eval @ %d: %s", step, ", ".join(f"{k[5:]}={v:.4g}" for k, v in results.items()
-                                                  if "energy_ratio" in k or k.endswith("floor") and "energy" in k))
+                                                  if "energy_ratio" in k or "recall" in k))
         return results
 
     # -- the loop -----------------------------------------------------------------------------------
