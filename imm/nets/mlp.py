@@ -20,11 +20,16 @@ from imm.nets.embeddings import (
 
 
 class ResidualBlock(nn.Module):
-    """h + Linear(dropout(SiLU(Linear(SiLU(LayerNorm(h))) + proj(emb))))."""
+    """h + Linear(dropout(SiLU(Linear(SiLU(h)) + proj(emb)))).
+
+    No normalisation layer: for low-dimensional points, LayerNorm of the residual stream throws
+    away the magnitude of x (LN(W x) = LN(W 2x) up to the bias), and the targets of IMM and FM
+    scale linearly with x_t. Measured on the checkerboard: 1-step energy distance 9x the noise
+    floor with LayerNorm, see README for the figure without.
+    """
 
     def __init__(self, width: int, emb_dim: int, dropout: float):
         super().__init__()
-        self.norm = nn.LayerNorm(width)
         self.fc1 = nn.Linear(width, width)
         # Each block gets its own view of the conditioning, as the U-Net's per-block affine does.
         self.emb_proj = nn.Linear(emb_dim, width)
@@ -32,7 +37,7 @@ class ResidualBlock(nn.Module):
         self.fc2 = nn.Linear(width, width)
 
     def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        y = self.fc1(F.silu(self.norm(h))) + self.emb_proj(emb)
+        y = self.fc1(F.silu(h)) + self.emb_proj(emb)
         return h + self.fc2(self.dropout(F.silu(y)))
 
 
@@ -67,7 +72,6 @@ class MLP(nn.Module):
         self.label_embedder = LabelEmbedder(num_classes, emb_dim) if num_classes > 0 else None
         self.inp = nn.Linear(dim, width)
         self.blocks = nn.ModuleList(ResidualBlock(width, emb_dim, dropout) for _ in range(depth))
-        self.out_norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, dim)
 
     def forward(
@@ -86,4 +90,4 @@ class MLP(nn.Module):
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, emb)
-        return self.out(F.silu(self.out_norm(h)))
+        return self.out(F.silu(h))
