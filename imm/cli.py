@@ -1,7 +1,10 @@
 """What launch.py runs inside Hydra: resolve run directory, tracking URI and run name, then train.
 
 Errors a user can fix (config, data, checkpoint, tracking) are printed as one sentence and the
-process exits with status 2, before any data is loaded or any MLflow run is created.
+process exits with status 2, before any data is loaded or any MLflow run is created. A run stopped
+by non-finite values (train.max_nonfinite in a row) prints one line and exits with 1 (MLflow run
+FAILED); one stopped by SIGINT/SIGTERM prints one line and exits with 128 + the signal number (130,
+143; MLflow run KILLED), after saving a checkpoint at the step it stopped.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from .config import ConfigError
 from .data import DataError
 from .tracking.mlflow_run import TrackingError, check_reachable, default_uri
 from .training.checkpoint import CheckpointError
+from .training.signals import Interrupted
 
 log = logging.getLogger("imm")
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrackingError)
@@ -33,10 +37,24 @@ def tracking_uri(cfg, launch_dir) -> str:
     if cfg.tracking.fallback_local and uri != default_uri(launch_dir):
         try:
             check_reachable(uri)
-        except TrackingError as e:
-            log.warning("%s; falling back to %s (tracking.fallback_local=true)", e, default_uri(launch_dir))
+        except TrackingError:
+            log.warning("the MLflow tracking server at %s is not reachable; falling back to the local store %s"
+                        " (tracking.fallback_local=true)", uri, default_uri(launch_dir))
             uri = default_uri(launch_dir)
     return uri
+
+
+def sweep_tags(hc, info: dict) -> dict[str, str]:
+    """A sweep job's child-run tags: its parent run (opened by the launching process) and job number."""
+    tags = {"hydra.job.num": str(hc.job.num), "sweep.role": "child", "sweep.dir": str(hc.sweep.dir)}
+    if info.get("parent_run_id"):
+        tags.update({"mlflow.parentRunId": info["parent_run_id"], "sweep.id": info["parent_run_id"]})
+    return tags
+
+
+def swept_run_name(overrides, keys) -> str:
+    """`kernel=seed,loss.k=15`: a sweep job's values of the swept keys only."""
+    return ",".join(o.lstrip("+~") for o in overrides if o.lstrip("+~").partition("=")[0] in keys)
 
 
 def run(cfg):
@@ -44,10 +62,29 @@ def run(cfg):
 
     hc = HydraConfig.get()
     try:
+        if hc.job.config_name in ("sample", "evaluate"):  # launch.py --config-name sample|evaluate ckpt=...
+            from importlib import import_module
+            return import_module(f"imm.tasks.{hc.job.config_name}").run(cfg)
         uri = tracking_uri(cfg, hc.runtime.cwd)
         name = cfg.tracking.run_name or run_name_from_overrides(hc.overrides.task, hc.runtime.choices.get("experiment"))
-        tags = {"hydra.job.num": str(hc.job.num)} if hc.mode.name == "MULTIRUN" else {}
+        tags = {}
+        if hc.mode.name == "MULTIRUN":
+            from .tracking.sweep import sweep_info
+
+            info = sweep_info(hc.sweep.dir)
+            tags = sweep_tags(hc, info)
+            keys = info.get("keys") or list(hc.sweeper.get("params") or {})
+            name = cfg.tracking.run_name or swept_run_name(hc.overrides.task, keys) or name
         return train(cfg, hc.runtime.output_dir, tracking_uri=uri, run_name=name, extra_tags=tags)
     except USER_ERRORS as e:
         log.error("%s", e)
         sys.exit(2)
+    except FloatingPointError as e:  # train.max_nonfinite steps in a row; the MLflow run is FAILED
+        log.error("%s", e)
+        sys.exit(1)
+    except Interrupted as e:  # SIGINT/SIGTERM: checkpoint saved, the MLflow run is KILLED
+        from .training.checkpoint import resolve
+
+        latest = resolve(None, hc.runtime.output_dir)
+        log.error("training %s; checkpoint %s; run the same command again to resume.", e, latest)
+        sys.exit(128 + e.signum)  # the shell's convention for a process ended by that signal

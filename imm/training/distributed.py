@@ -49,6 +49,18 @@ def init(env: DistEnv, device: torch.device) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=env.rank, world_size=env.world_size)
 
 
+def agree(env: DistEnv, ok: torch.Tensor, stop_signum: int | None) -> tuple[bool, int | None]:
+    """Combine every rank's step verdict and stop request: the step is skipped if any rank saw a
+    non-finite value, and all ranks stop at the same step if any was signalled. One tiny
+    all-reduce per step with several processes; a plain read otherwise."""
+    if not env.enabled:
+        return bool(ok), stop_signum
+    flags = torch.stack([(~ok).float(), torch.tensor(float(stop_signum or 0), device=ok.device)])
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad, signum = flags.tolist()
+    return bad == 0, (int(signum) or None)
+
+
 def barrier(env: DistEnv) -> None:
     if env.enabled and dist.is_initialized():
         dist.barrier()

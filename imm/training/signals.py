@@ -24,13 +24,23 @@ def preempt_signal() -> int:
     return getattr(signal, name if name.startswith("SIG") else f"SIG{name}")
 
 
+def in_submitit_job() -> bool:
+    return "SUBMITIT_EXECUTOR" in os.environ
+
+
 class StopFlag:
-    """Installs handlers that only record the signal; `restore()` puts the previous handlers back."""
+    """Installs handlers that only record the signal; `restore()` puts the previous handlers back.
+
+    Inside a submitit job SIGTERM is left to submitit, which ignores it: SLURM sends it before the
+    preemption signal, and stopping on it would end the job instead of requeueing it.
+    """
 
     def __init__(self):
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
-        for sig in (signal.SIGINT, signal.SIGTERM, preempt_signal()):
+        signals = (signal.SIGINT, preempt_signal()) if in_submitit_job() else (
+            signal.SIGINT, signal.SIGTERM, preempt_signal())
+        for sig in signals:
             try:
                 self._previous[sig] = signal.signal(sig, self._record)
             except ValueError:  # not the main thread (e.g. inside some launchers): no handlers
@@ -38,6 +48,10 @@ class StopFlag:
 
     def _record(self, signum, frame):
         self.signum = signum
+
+    def request(self, signum: int) -> None:
+        """Record a stop another process of the job received (distributed consensus)."""
+        self.signum = self.signum or signum
 
     @property
     def requested(self) -> bool:
