@@ -11,8 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+import os
+
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+
+# `${imm.pid:}` in conf/config.yaml's run and sweep directories: the launching process's id, so two
+# runs started in the same microsecond never share a directory. Cached like Hydra's `${now:}`: the
+# value resolved by the launching process travels with the config to every job of a sweep (also to a
+# requeued one), so they all agree on the sweep directory. Registered at import: a submitit job
+# process imports this module when it unpickles the schema, before it resolves its directory.
+OmegaConf.register_new_resolver("imm.pid", os.getpid, use_cache=True, replace=True)
 
 
 class ConfigError(ValueError):
@@ -187,11 +196,16 @@ class DDPMppArch:
 
 
 def register() -> None:
+    from omegaconf import OmegaConf
+
+    # ${imm.max:1,${.gpus_per_node}}: one task per GPU, at least one (launcher presets)
+    OmegaConf.register_new_resolver("imm.max", lambda *values: max(values), replace=True)
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     cs.store(group="arch", name="_mlp", node=MLPArch)
     cs.store(group="arch", name="_dit", node=DiTArch)
     cs.store(group="arch", name="_ddpmpp", node=DDPMppArch)
+    __import__("imm.tasks", fromlist=["register_schemas"]).register_schemas(cs)  # conf/sample.yaml, evaluate.yaml
 
 
 # -- validation ---------------------------------------------------------------------------------

@@ -61,6 +61,15 @@ def agree(env: DistEnv, ok: torch.Tensor, stop_signum: int | None) -> tuple[bool
     return bad == 0, (int(signum) or None)
 
 
+def mean(env: DistEnv, value: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar over ranks (for logging the global loss)."""
+    if not env.enabled:
+        return value
+    value = value.clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value / env.world_size
+
+
 def barrier(env: DistEnv) -> None:
     if env.enabled and dist.is_initialized():
         dist.barrier()
