@@ -47,7 +47,7 @@ class KernelConfig:
 class LossConfig:
     objective: str = "imm"  # imm | fm (the flow-matching baseline)
     M: int = 4  # particles per group
-    k: float = 12  # r(s,t) step = range / 2^k
+    k: int = 12  # r(s,t) step = range / 2^k
     a: float = 1.0  # time weight exponent
     b: float = 4.0  # time weight shift
     mapping: str = "eta_decrement"  # eta_decrement | t_decrement | lambda_decrement | inv_eta_increment

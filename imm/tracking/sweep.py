@@ -31,11 +31,12 @@ def sweep_info(sweep_dir) -> dict:
 
 def swept_keys(config: DictConfig) -> list[str]:
     """The keys a multirun varies: sweeper params plus comma-separated command-line overrides."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
     keys = list((config.hydra.sweeper.get("params") or {}).keys())
-    for o in config.hydra.overrides.task:
-        key, _, value = o.partition("=")
-        if "," in value and key.lstrip("+~") not in keys:
-            keys.append(key.lstrip("+~"))
+    for o in OverridesParser.create().parse_overrides(list(config.hydra.overrides.task)):
+        if o.is_sweep_override() and o.get_key_element().lstrip("+~") not in keys:  # a=1,2 but not a=[1,2]
+            keys.append(o.get_key_element().lstrip("+~"))
     return keys
 
 

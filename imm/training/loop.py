@@ -29,6 +29,8 @@ from .signals import Interrupted, StopFlag
 
 log = logging.getLogger("imm.train")
 
+RUN_ID_FILE = "mlflow_run_id"
+
 # Keys that may differ when a run is resumed (longer training, other logging, another machine).
 RESUMABLE_KEYS = ("resume", "train.steps", "train.log_every", "train.ckpt_every", "train.keep_last", "train.device",
                   "train.threads", "train.compile", "eval.", "tracking.", "data.num_workers", "data.root",
@@ -39,6 +41,8 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     """Train according to `cfg`, writing checkpoints and figures under run_dir; returns final metrics."""
     run_dir = Path(run_dir)
     env = distributed.detect()
+    if not env.is_main:  # one process owns the logs, files and MLflow
+        logging.getLogger("imm").setLevel(logging.WARNING)
     validate(cfg, env.world_size)
     device = _device(cfg.train.device, env)
     _configure_precision(cfg.train.precision, device)
@@ -50,8 +54,10 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     # -- data, network, objective, optimizer (all before any run is created) -------------------
     bundle = factory.dataset(cfg)
     if cfg.eval.guidance != 1.0 and bundle.num_classes == 0:
-        raise ConfigError(f"eval.guidance={cfg.eval.guidance} needs class-conditional data, but data.name="
-                          f"{cfg.data.name!r} is unconditional; use eval.guidance=1.")
+        why = (f"data.use_labels=false trains data.name={cfg.data.name!r} unconditionally" if not cfg.data.use_labels
+               else f"data.name={cfg.data.name!r} has no labels")
+        raise ConfigError(f"eval.guidance={cfg.eval.guidance} needs class-conditional data, but {why}; use"
+                          f" eval.guidance=1{' or data.use_labels=true' if not cfg.data.use_labels else ''}.")
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     net = factory.net(cfg, bundle.shape, bundle.num_classes).to(device)
     objective = factory.objective(cfg, bundle.num_classes, env.rank, env.world_size)
@@ -75,11 +81,11 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     target = target_ema.ema_model if target_ema else (torch.compile(net) if cfg.train.compile else net)
 
     # -- restore ----------------------------------------------------------------------------------
-    step, run_id, state = 0, None, None
+    step, run_id, state, resumed_tags = 0, None, None, {}
     ckpt_path = checkpoint.resolve(cfg.resume, run_dir)
     if ckpt_path is not None:
         state = checkpoint.load(ckpt_path)
-        _check_same_run(cfg, state["config"], ckpt_path)
+        resumed_tags = _check_same_run(cfg, state["config"], ckpt_path)
         net.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         if target_ema is not None:
@@ -88,20 +94,25 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
         scaler.load_state_dict(state["scaler"])
         batches.load_state_dict(state["data"])
         step, run_id = state["step"], state.get("mlflow_run_id")
+        log.info("resumed from %s at step %d", ckpt_path, step)
+    run_id = _read_run_id(run_dir) or run_id  # a job requeued before its first checkpoint reopens its run too
     torch.manual_seed(cfg.train.seed + 1000 * env.rank)  # dropout streams differ per rank
     if state is not None:
         torch.set_rng_state(state["rng"]["cpu"])
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], device)
 
+    stop = StopFlag()  # before the MLflow run exists: a signal from here on ends it KILLED, never RUNNING
     tracker = Tracker.disabled()
     if env.is_main and cfg.tracking.enabled:
         tags = {"run_dir": str(run_dir.resolve()), "device": str(device), "world_size": str(env.world_size),
-                **git_tags(), **(extra_tags or {})}
+                **git_tags(), **(extra_tags or {}), **resumed_tags}
         if ckpt_path is not None:
             tags[f"resumed_from_step_{step}"] = str(ckpt_path)
         tracker = Tracker.open(tracking_uri, cfg.tracking.experiment, run_name=run_name, run_id=run_id,
-                               params=_params(cfg), tags=tags)
+                               params=flatten(cfg), tags=tags)
+        (run_dir / RUN_ID_FILE).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / RUN_ID_FILE).write_text(tracker.run_id + "\n")
         if run_id is None:
             tracker.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
             tracker.log_text(str(checkpoint.ckpt_dir(run_dir).resolve()) + "\n", "checkpoints.txt")
@@ -145,7 +156,6 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
         return results
 
     # -- the loop -----------------------------------------------------------------------------------
-    stop = StopFlag()
     status, summary, best = "FAILED", {}, {}
     bar = _progress(step, cfg.train.steps, env)
     generator = torch.Generator(device)
@@ -167,7 +177,9 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip or math.inf)
-            if torch.isfinite(loss) and (torch.isfinite(grad_norm) or scaler.is_enabled()):
+            finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | scaler.is_enabled())
+            ok, stop_signum = distributed.agree(env, finite, stop.signum)  # the same verdict on every rank
+            if ok:
                 scaler.step(optimizer)  # with fp16, inf gradients make the scaler skip and back off
                 scaler.update()
                 ema.update()
@@ -180,13 +192,17 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
                 nonfinite_run, skipped = nonfinite_run + 1, skipped + 1
                 bad = "loss" if not torch.isfinite(loss) else "gradient norm"
                 log.warning("step %d: non-finite %s, step skipped (%d in a row)", step, bad, nonfinite_run)
+                tracker.log_metrics({"train/skipped_steps": skipped}, step + 1)
                 if nonfinite_run >= cfg.train.max_nonfinite:
-                    terms = [k for k, v in diag.items() if not torch.isfinite(v)]
+                    terms = [k for k, v in diag.items() if not torch.isfinite(v)] or [
+                        f"the gradient of {n}" for n, p in net.named_parameters()
+                        if p.grad is not None and not torch.isfinite(p.grad).all()][:1]
                     raise FloatingPointError(
                         f"step {step}: the {bad} went non-finite {nonfinite_run} steps in a row"
                         f" (train.max_nonfinite={cfg.train.max_nonfinite}); non-finite terms:"
-                        f" {', '.join(terms) or 'none of the loss terms (the gradients)'}; the last good"
-                        f" checkpoint is {checkpoint.resolve(None, run_dir)}; lower optim.lr or check the data")
+                        f" {', '.join(terms) or 'none on this process'}; the last good"
+                        f" checkpoint is {checkpoint.resolve(None, run_dir) or 'none yet'}; lower optim.lr or check the"
+                        " data.")
             step += 1
             samples_since += cfg.train.batch_size
             if bar:
@@ -194,7 +210,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
 
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 now = time.perf_counter()
-                metrics = {"train/loss": (loss_sum / max(n_logged, 1)).item(), "train/grad_norm": grad_norm.item(),
+                metrics = {"train/loss": distributed.mean(env, loss_sum / max(n_logged, 1)).item(), "train/grad_norm": grad_norm.item(),
                            "train/lr": optimizer.param_groups[0]["lr"], "train/skipped_steps": skipped,
                            "train/samples_per_s": samples_since / (now - t_last)}
                 metrics.update({f"diag/{k}": v.item() for k, v in diag.items()})
@@ -207,7 +223,8 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
                 _track_best(best, evaluate())
             if step % cfg.train.ckpt_every == 0 and step < cfg.train.steps:
                 save()
-            if stop.requested:
+            if stop_signum is not None:
+                stop.request(stop_signum)
                 save()
                 stop.hand_over()  # submitit requeues on preemption; otherwise raises Interrupted
         save()
@@ -218,7 +235,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
         tracker.log_metrics(summary, step)
         status = "FINISHED"
         return summary
-    except (Interrupted, KeyboardInterrupt):
+    except (Interrupted, KeyboardInterrupt, SystemExit):  # SystemExit: submitit exits after requeueing
         status = "KILLED"
         raise
     finally:
@@ -252,24 +269,27 @@ def _configure_precision(precision: str, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = tf32
 
 
+def _read_run_id(run_dir: Path) -> str | None:
+    p = run_dir / RUN_ID_FILE
+    return p.read_text().strip() or None if p.is_file() else None
+
+
 def _step_seed(seed: int, step: int) -> int:
     digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def _params(cfg) -> dict[str, str]:
-    return {k: v for k, v in flatten(cfg).items() if not k.startswith(RESUMABLE_KEYS)}
-
-
-def _check_same_run(cfg, saved_yaml: str, path) -> None:
-    """Resuming must continue the same experiment: only RESUMABLE_KEYS may differ."""
+def _check_same_run(cfg, saved_yaml: str, path) -> dict[str, str]:
+    """Resuming must continue the same experiment: only RESUMABLE_KEYS may differ. Returns those that
+    did, as tags (MLflow params are logged once, when the run is created, and cannot change)."""
     saved = flatten(OmegaConf.create(saved_yaml))
     now = flatten(cfg)
-    diff = [k for k in sorted(set(saved) | set(now)) if not k.startswith(RESUMABLE_KEYS) and saved.get(k) != now.get(k)]
-    if diff:
-        k = diff[0]
-        raise ConfigError(f"{path} belongs to a run with a different config ({k} was {saved.get(k)!r}, now"
-                          f" {now.get(k)!r}); start a new run directory instead of resuming this one.")
+    changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    for k in changed:
+        if not k.startswith(RESUMABLE_KEYS):
+            raise ConfigError(f"{path} belongs to a run with a different config ({k} was {saved.get(k)!r}, now"
+                              f" {now.get(k)!r}); start a new run directory instead of resuming this one.")
+    return {f"resumed.{k}": str(now.get(k)) for k in changed}
 
 
 def _track_best(best: dict, results: dict) -> None:

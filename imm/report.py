@@ -1,0 +1,111 @@
+"""A sweep's child runs as a table, sorted by a metric, and a metric-against-step plot; through the
+MLflow client API.
+
+    python -m imm.report <sweep id | sweep dir> [--metric final/energy_1step] [--plot train/loss]
+                         [--tracking-uri sqlite:///mlflow.db] [--out report.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from .tracking.mlflow_run import default_uri
+from .tracking.sweep import sweep_info
+
+
+def find_sweep(client, sweep: str):
+    """(parent run, child runs) for a parent run id or a sweep directory holding sweep.json."""
+    parent_id = sweep_info(sweep).get("parent_run_id") if Path(sweep).is_dir() else sweep
+    if not parent_id:
+        raise SystemExit(f"{sweep} has no {Path(sweep) / 'sweep.json'}; give the sweep's parent run id instead")
+    parent = client.get_run(parent_id)
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`sweep.id` = '{parent_id}'"
+                                   " and tags.`sweep.role` = 'child'", max_results=5000)
+    return parent, children
+
+
+def table(parent, children, metric: str, columns: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: run name, swept values, status, then the final metrics; sorted by `metric`."""
+    swept = swept_params(parent, children)
+    finals = columns or sorted({m for r in children for m in r.data.metrics
+                                if m.startswith("final/") and not m.endswith("_floor")})
+    if metric not in finals:
+        finals.insert(0, metric)
+    header = ["run", *swept, "status", *finals]
+    ordered = sorted(children, key=lambda r: (r.data.metrics.get(metric, math.inf), r.info.run_name))
+    rows = [[r.info.run_name, *(r.data.params.get(k, "") for k in swept), r.info.status,
+             *(_fmt(r.data.metrics.get(m)) for m in finals)] for r in ordered]
+    return header, rows
+
+
+def swept_params(parent, children) -> list[str]:
+    """The params a sweep varies: each swept key itself, or for a config group (`kernel`) the params
+    under it whose values differ between the runs (`kernel.weighting`)."""
+    out = []
+    for key in filter(None, parent.data.tags.get("sweep.keys", "").split(",")):
+        candidates = [key] if any(key in r.data.params for r in children) else sorted(
+            {p for r in children for p in r.data.params if p.startswith(key + ".")})
+        out += [p for p in candidates if p not in out and len({r.data.params.get(p) for r in children}) > 1
+                or p == key]
+    return out
+
+
+def plot(client, children, metric: str, path) -> Path:
+    """One line per child run: `metric` against training step, saved as a PNG."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
+    for r in sorted(children, key=lambda r: r.info.run_name):
+        history = client.get_metric_history(r.info.run_id, metric)
+        if history:
+            ax.plot([m.step for m in history], [m.value for m in history], label=r.info.run_name, marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:.4g}"
+
+
+def render(header, rows) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line("-" * w for w in widths), *(line(r) for r in rows)])
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m imm.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("sweep", help="the sweep's parent run id, or its sweep directory (with sweep.json)")
+    p.add_argument("--tracking-uri", default=None, help="default: sqlite:///<cwd>/mlflow.db")
+    p.add_argument("--metric", default="final/energy_1step", help="sort the table by this metric (ascending)")
+    p.add_argument("--plot", default="train/loss", help="the metric to plot against step")
+    p.add_argument("--out", default=None, help="PNG path for the plot (default: <sweep>-<metric>.png here)")
+    args = p.parse_args(argv)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=args.tracking_uri or default_uri(Path.cwd()))
+    parent, children = find_sweep(client, args.sweep)
+    if not children:
+        print(f"sweep {parent.info.run_name} ({parent.info.run_id}) has no child runs yet", file=sys.stderr)
+        return 1
+    header, rows = table(parent, children, args.metric)
+    print(f"sweep {parent.info.run_name} ({parent.info.run_id}), {len(children)} runs, sorted by {args.metric}")
+    print(render(header, rows))
+    out = args.out or f"{parent.info.run_id[:8]}-{args.plot.replace('/', '_')}.png"
+    print(f"plot of {args.plot} against step: {plot(client, children, args.plot, out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

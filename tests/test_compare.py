@@ -1,0 +1,98 @@
+"""Comparing runs: what a sweep's runs carry, the report command, and the MLflow UI in a real browser."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from browser import ui  # noqa: E402
+
+KERNELS = ("paper", "seed", "unit")
+NAMES = [f"kernel={k}" for k in KERNELS]
+PARAM = "kernel.weighting"
+
+
+@pytest.mark.slow
+def test_sweep_runs_carry_names_params_tags_metrics_and_figures(toy_sweep):
+    client, parent, children = toy_sweep["client"], toy_sweep["parent"], toy_sweep["children"]
+    assert sorted(children) == NAMES and parent.info.status == "FINISHED"
+    for name, run in children.items():
+        assert run.data.params[PARAM] == name.split("=")[1]
+        assert run.data.params["loss.k"] == "12" and run.data.params["train.steps"] == "60"
+        tags = run.data.tags
+        assert tags["sweep.id"] == parent.info.run_id == tags["mlflow.parentRunId"]
+        assert tags["hydra.job.num"] in {"0", "1", "2"} and tags["device"] == "cpu" and tags["world_size"] == "1"
+        assert len(tags["git.commit"]) == 40
+        for key in ("train/loss", "train/grad_norm", "train/lr", "train/samples_per_s", "eval/energy_1step",
+                    "eval/energy_2step", "eval/recall_2step", "final/energy_1step", "best/energy_2step"):
+            assert key in run.data.metrics, key
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/energy_1step")] == [30, 60]
+        figures = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
+        assert len(figures) == 2 and all(f.endswith(".png") for f in figures)
+        assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+@pytest.mark.slow
+def test_report_command_tables_and_plots_a_sweep(toy_sweep, tmp_path):
+    out = tmp_path / "loss.png"
+    proc = subprocess.run([sys.executable, "-m", "imm.report", str(toy_sweep["sweep_dir"]), "--tracking-uri",
+                           toy_sweep["uri"], "--metric", "final/energy_1step", "--plot", "train/loss", "--out",
+                           str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    header = lines[1].split()
+    assert header[:3] == ["run", PARAM, "status"] and "final/energy_1step" in header
+    rows = [ln.split() for ln in lines[3:6]]
+    col = header.index("final/energy_1step")
+    energies = [float(r[col]) for r in rows]
+    assert energies == sorted(energies) and sorted(r[0] for r in rows) == NAMES
+    assert out.is_file() and out.stat().st_size > 10_000
+    by_id = subprocess.run([sys.executable, "-m", "imm.report", toy_sweep["parent"].info.run_id, "--tracking-uri",
+                            toy_sweep["uri"], "--out", str(tmp_path / "b.png")], capture_output=True, text=True)
+    assert by_id.returncode == 0 and by_id.stdout.splitlines()[3:6] == lines[3:6]
+
+
+def _nontrivial_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, path
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_mlflow_ui_shows_the_sweep_in_a_real_browser(toy_sweep, tmp_path, monkeypatch):
+    reason = ui.browser_missing_reason()
+    if reason:
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+    shots = Path(os.environ.get("IMM_UI_SCREENSHOTS") or tmp_path / "screenshots")
+    children = toy_sweep["children"]
+    exp_id = toy_sweep["experiment_id"]
+    run_ids = [children[n].info.run_id for n in NAMES]
+    figure = [a.path for a in toy_sweep["client"].list_artifacts(run_ids[0], "figures")][-1]
+    with ui.mlflow_server(toy_sweep["uri"], toy_sweep["root"] / "mlartifacts") as base:
+        with ui.chromium_driver(shots) as driver:
+            paths = [ui.open_experiment(driver, base, exp_id, expected_runs=4)]
+            visible = ui.run_names_visible(driver)
+            assert set(NAMES) <= set(visible) and toy_sweep["parent"].info.run_name in visible, visible
+            paths.append(ui.show_param_column(driver, PARAM, KERNELS))
+            assert {k: v for k, v in ui.param_values_visible(driver, PARAM).items() if k in NAMES} == {
+                n: n.split("=")[1] for n in NAMES}
+            paths.append(ui.open_compare(driver, base, run_ids, exp_id, expected_names=NAMES, param_key=PARAM))
+            table = ui.compare_table(driver)
+            assert table["Run Name:"] == NAMES and table[PARAM] == list(KERNELS), table
+            compare_shot = paths[-1]
+            paths.append(ui.open_artifact(driver, base, exp_id, run_ids[0], figure))
+            (img,) = [i for i in ui.rendered_images(driver) if i["alt"] == figure]
+            assert img["natural"][0] > 200, img
+    for p in paths:
+        _nontrivial_png(p)
+    print("screenshots:", *map(str, paths), sep="\n  ")
+    if os.environ.get("IMM_UPDATE_DOCS"):  # regenerate the README's screenshot from this test
+        shutil.copy(compare_shot, ROOT / "docs" / "figures" / "mlflow_compare.png")
