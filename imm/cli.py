@@ -18,7 +18,7 @@ from .config import ConfigError
 from .data import DataError
 from .tracking.mlflow_run import TrackingError, check_reachable, default_uri
 from .training.checkpoint import CheckpointError
-from .training.signals import Interrupted
+from .training.signals import Interrupted, in_submitit_job
 
 log = logging.getLogger("imm")
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrackingError)
@@ -81,10 +81,14 @@ def run(cfg):
         sys.exit(2)
     except FloatingPointError as e:  # train.max_nonfinite steps in a row; the MLflow run is FAILED
         log.error("%s", e)
+        if in_submitit_job():
+            raise  # submitit pickles the error for the launching process (a SystemExit would leave no result)
         sys.exit(1)
     except Interrupted as e:  # SIGINT/SIGTERM: checkpoint saved, the MLflow run is KILLED
         from .training.checkpoint import resolve
 
         latest = resolve(None, hc.runtime.output_dir)
         log.error("training %s; checkpoint %s; run the same command again to resume.", e, latest)
+        if in_submitit_job():
+            raise
         sys.exit(128 + e.signum)  # the shell's convention for a process ended by that signal

@@ -134,8 +134,10 @@ class EvalConfig:
     grid: str = "uniform"  # uniform | edm | eta
     two_step_eta: Optional[float] = 1.4  # the paper's 2-step eta point; null: use `grid` for 2 steps
     guidance: float = 1.0
-    fid: bool = False
-    inception_weights: Optional[str] = None
+    fid: bool = False  # image runs: FID at every evaluation (eval.fid_n_samples generated images)
+    fid_n_samples: int = 5000
+    fid_cache: Optional[str] = None  # reference statistics cache; null: ~/.cache/imm/fid
+    inception_weights: Optional[str] = None  # a local Inception weights file (offline machines)
     seed: int = 1234
 
 

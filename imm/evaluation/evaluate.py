@@ -1,66 +1,288 @@
 """Few-step evaluation of a network: samples at several step counts from FIXED noise and labels,
-the metrics of each against held-out data, and the step-comparison figure.
+the metrics of each (point data: against held-out data; images: FID against the training set), and
+the step-comparison figure.
 
-The trainer's periodic evaluation and the evaluation command share this code.
+The trainer's periodic evaluation, `--config-name evaluate` and `--config-name sample` all sample
+through this one class, so a number logged during training and one computed later from the
+checkpoint with the same settings are the same number.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
+from pathlib import Path
+
 import torch
+from torch import nn
 
 from ..core import sampling
 from . import figures, metrics
 
+FEATURE_NETS = ("inception", "tiny_random")
+LABEL_MODES = ("cycle", "uncond")
+
 
 def time_grid(N: int, *, schedule, T: float, eps: float, grid: str = "uniform",
-              two_step_eta: float | None = 1.4) -> torch.Tensor:
-    """The sampling grid for N steps: the paper's eta(t_1) = 1.4 for N = 2 (App. I.2) unless
-    two_step_eta is None, else the named grid."""
+              two_step_eta: float | None = 1.4, etas=None) -> torch.Tensor:
+    """The sampling grid for N steps, from T down to eps:
+
+    - `etas` when it holds N - 1 intermediate eta points (an explicit eta grid);
+    - else for N = 2 the paper's eta(t_1) = 1.4 (App. I.2) unless two_step_eta is None;
+    - else the named grid ("uniform", "edm", or "eta", which needs `etas` beyond 2 steps).
+    One step is [T, eps] on every grid.
+    """
+    if etas is not None and len(etas) == N - 1:
+        return sampling.time_grid("eta", N, schedule=schedule, T=T, eps=eps, etas=[float(e) for e in etas])
     if N == 2 and two_step_eta is not None:
         return sampling.time_grid("eta", 2, schedule=schedule, T=T, eps=eps, etas=[two_step_eta])
+    if N == 1 and grid == "eta":
+        return sampling.time_grid("eta", 1, schedule=schedule, T=T, eps=eps, etas=[])
     return sampling.time_grid(grid, N, schedule=schedule, T=T, eps=eps)
 
 
+def count_tag(n: int) -> str:
+    """50000 -> "50k" (as in FID-50k), 64 -> "64"."""
+    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
+
+
+def guidance_tag(w: float) -> str:
+    """"" for w = 1 (no guidance), else "_w1.5"."""
+    return "" if float(w) == 1.0 else f"_w{float(w):g}"
+
+
+def fid_metric(n: int, steps: int, guidance: float = 1.0, prefix: str = "eval") -> str:
+    """eval/fid50k_2step, eval/fid50k_2step_w1.5, ..."""
+    return f"{prefix}/fid{count_tag(n)}_{steps}step{guidance_tag(guidance)}"
+
+
+def default_fid_cache() -> Path:
+    """$XDG_CACHE_HOME/imm/fid, i.e. ~/.cache/imm/fid by default."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "imm" / "fid"
+
+
+def fid_dataset_key(bundle, root: str | None = None) -> str:
+    """What identifies the FID reference set: dataset, image shape, size (and the folder for data=folder)."""
+    key = f"{bundle.name}|{'x'.join(map(str, bundle.shape))}|n={len(bundle.train)}"
+    return f"{key}|root={Path(root).expanduser().resolve()}" if bundle.name == "folder" and root else key
+
+
+def fid_cache_file(cache_dir, dataset_key: str, feature_net: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9.=-]+", "-", dataset_key.split("|root=")[0]).strip("-")
+    digest = hashlib.sha1(dataset_key.encode()).hexdigest()[:8]
+    return Path(cache_dir).expanduser() / f"{slug}-{digest}-{feature_net}.pt"
+
+
+class TinyRandomFeatures(nn.Module):
+    """FOR TESTS ONLY: a two-layer conv net with fixed random weights (seed 0) that stands in for
+    Inception-v3 so the FID code path runs offline in seconds. Its "FID" is not comparable with FID.
+
+    Input uint8 [N, 3, H, W] (any H, W), output 32 features.
+    """
+
+    num_features = 32
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.body = nn.Sequential(
+                nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
+                nn.Conv2d(16, self.num_features, 3, stride=2, padding=1), nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x):
+        return self.body(x.float() / 127.5 - 1)
+
+
+FLOOR_DRAWS = 8
+
+
+def noise_floor(bundle, n: int, g: torch.Generator) -> dict:
+    """Each metric between the held-out set and an independent n-point training sample, averaged over
+    FLOOR_DRAWS samples: a single draw of the energy distance's floor (about 2 E|X - X'| / n) varies
+    by a factor of 2-3 between draws, which would make every model/floor ratio as noisy."""
+    train = bundle.train.data
+    draws = [metrics.noise_floor(train[torch.randperm(len(train), generator=g)[:n]], bundle.heldout)
+             for _ in range(FLOOR_DRAWS)]
+    return {k: sum(d[k] for d in draws) / FLOOR_DRAWS for k in draws[0]}
+
+
 class Evaluator:
-    """Evaluates networks at `steps` sampling steps on fixed noise (and fixed labels)."""
+    """Evaluates networks at `steps` sampling steps on fixed noise (and fixed labels).
+
+    Images: `n_samples` is capped at `max_images` (64: the figure; None: no cap) and, with fid=True,
+    FID is computed on `fid_n_samples` images streamed in batches (noise drawn from `seed`, so
+    every step count and guidance scale decodes the same noise) for each step count and each scale
+    in `fid_guidances` (default: [guidance]), against the training set's statistics, cached in
+    the directory `fid_cache`. `feature_net`: "inception" (the FID network) or "tiny_random"
+    (tests only). The Inception weights are resolved at construction: a missing file fails here,
+    before anything is sampled.
+
+    `labels`: "cycle" (classes 0..C-1 in turn), "uncond" (the null label) or a list of class ids
+    (cycled); ignored for unconditional data. `etas`: explicit intermediate eta points, used for
+    the step count N = len(etas) + 1.
+    """
 
     def __init__(self, bundle, param, *, T: float, eps: float, steps=(1, 2, 4, 8), n_samples: int = 5000,
                  batch_size: int = 1000, sampler: str = "pushforward", grid: str = "uniform",
-                 two_step_eta: float | None = 1.4, guidance: float = 1.0, seed: int = 1234, device="cpu"):
+                 two_step_eta: float | None = 1.4, guidance: float = 1.0, seed: int = 1234, device="cpu",
+                 etas=None, labels="cycle", max_images: int | None = 64, fid: bool = False,
+                 fid_n_samples: int = 5000, fid_guidances=None, inception_weights=None, fid_cache=None,
+                 feature_net: str = "inception", allow_download: bool = True, dataset_key: str | None = None):
         self.bundle, self.param, self.device = bundle, param, torch.device(device)
-        self.steps, self.sampler, self.guidance = [int(n) for n in steps], sampler, guidance
-        self.grids = {N: time_grid(N, schedule=param.schedule, T=T, eps=eps, grid=grid, two_step_eta=two_step_eta)
-                      for N in self.steps}
-        if bundle.kind == "images":
-            n_samples = min(n_samples, 64)  # a picture, not a metric; FID has its own count
+        self.steps, self.sampler, self.guidance = [int(n) for n in steps], sampler, float(guidance)
+        self.T, self.eps, self.grid, self.two_step_eta = T, eps, grid, two_step_eta
+        self.etas = None if etas is None else [float(e) for e in etas]
+        self.grids = {N: self.grid_for(N) for N in self.steps}
+        if bundle.kind == "images" and max_images is not None:
+            n_samples = min(n_samples, max_images)  # a picture, not a metric; FID has its own count
+        self.seed, self.batch_size, self.label_spec = seed, batch_size, labels
         g = torch.Generator().manual_seed(seed)
         self.noise = param.sigma_data * torch.randn(n_samples, *bundle.shape, generator=g)
         self.restart_seed = seed + 1
-        nc = bundle.num_classes
-        self.labels = torch.arange(n_samples) % nc if nc else None
-        self.batch_size = batch_size
+        self.labels = self.labels_for(0, n_samples)
         self.floor, self.floor_reported = None, False
-        if bundle.kind == "points":
-            reference = bundle.train.data[torch.randperm(len(bundle.train), generator=g)[:len(bundle.heldout)]]
-            self.floor = metrics.noise_floor(reference, bundle.heldout)
+        if bundle.kind == "points":  # the floor at the samples' size: reference draws of the training data
+            self.floor = noise_floor(bundle, min(max(n_samples, 16), len(bundle.train)), g)  # k-NN needs > k = 5
+
+        self.fid_evaluator = None
+        if fid:
+            if bundle.kind != "images":
+                raise ValueError(f"FID is defined for images, not for {bundle.kind} data ({bundle.name})")
+            if feature_net not in FEATURE_NETS:
+                raise ValueError(f"unknown FID feature net {feature_net!r}; choose one of {', '.join(FEATURE_NETS)}")
+            from .fid import FIDEvaluator
+
+            self.fid_n_samples = int(fid_n_samples)
+            self.fid_guidances = [float(w) for w in (fid_guidances if fid_guidances is not None else [guidance])]
+            self.fid_key = dataset_key or fid_dataset_key(bundle)
+            cache = None if fid_cache is None else fid_cache_file(fid_cache, self.fid_key, feature_net)
+            self.fid_evaluator = FIDEvaluator(
+                feature_net=TinyRandomFeatures() if feature_net == "tiny_random" else None,
+                inception_weights=inception_weights, reference_cache=cache, device=self.device,
+                batch_size=batch_size, allow_download=allow_download)
+
+    @classmethod
+    def from_config(cls, cfg, bundle, param, *, device="cpu", **overrides) -> "Evaluator":
+        """The evaluator a training config asks for (its `eval` node), FID included for image data when
+        eval.fid is true (eval.fid_n_samples images, default 5000; eval.fid_cache, default ~/.cache/imm/fid;
+        eval.inception_weights). A missing Inception weights file raises ConfigError with fid.py's message."""
+        from ..config import loss_T
+
+        ev = cfg.eval
+        fid = bool(ev.get("fid", False)) and bundle.kind == "images"
+        kwargs = dict(T=loss_T(cfg), eps=cfg.loss.eps, steps=ev.steps, n_samples=ev.n_samples,
+                      batch_size=ev.batch_size, sampler=ev.sampler, grid=ev.grid, two_step_eta=ev.two_step_eta,
+                      guidance=ev.guidance, seed=ev.seed, device=device, fid=fid)
+        if fid:
+            kwargs.update(fid_n_samples=ev.get("fid_n_samples", None) or 5000,
+                          inception_weights=ev.get("inception_weights", None),
+                          fid_cache=ev.get("fid_cache", None) or default_fid_cache(),
+                          feature_net=ev.get("feature_net", None) or "inception",
+                          dataset_key=fid_dataset_key(bundle, cfg.data.get("root", None)))
+        kwargs.update(overrides)
+        from ..config import ConfigError
+        from .fid import MissingInceptionWeights
+
+        try:
+            return cls(bundle, param, **kwargs)
+        except MissingInceptionWeights as e:  # a config the user can fix (eval.inception_weights): one message
+            raise ConfigError(str(e)) from None
+
+    # -- sampling -------------------------------------------------------------------------------
+    def grid_for(self, N: int) -> torch.Tensor:
+        return time_grid(N, schedule=self.param.schedule, T=self.T, eps=self.eps, grid=self.grid,
+                         two_step_eta=self.two_step_eta, etas=self.etas)
+
+    def labels_for(self, start: int, count: int) -> torch.Tensor | None:
+        """Labels of samples start..start+count-1 (None for unconditional data)."""
+        nc = self.bundle.num_classes
+        if not nc:
+            return None
+        index = torch.arange(start, start + count)
+        spec = self.label_spec
+        if spec is None or spec == "cycle":
+            return index % nc
+        if spec == "uncond":
+            return torch.full((count,), nc, dtype=torch.long)
+        if isinstance(spec, str):
+            raise ValueError(f"labels={spec!r} is not one of {', '.join(LABEL_MODES)} or a list of class ids")
+        ids = torch.as_tensor([int(c) for c in spec], dtype=torch.long)
+        if len(ids) == 0 or ids.min() < 0 or ids.max() >= nc:
+            raise ValueError(f"labels={list(spec)} must be class ids in 0..{nc - 1}")
+        return ids[index % len(ids)]
 
     @torch.no_grad()
-    def samples(self, net, N: int) -> torch.Tensor:
-        """n_samples generated with N steps, in model space, float64 on the CPU."""
-        out = []
+    def _decode(self, net, N: int, batches, guidance: float):
+        """Yields the samples (float64, on self.device) of each (noise, labels) batch, with N steps."""
+        grid = self.grids[N] if N in self.grids else self.grid_for(N)
         g = torch.Generator(self.device).manual_seed(self.restart_seed)
         was_training = net.training
         net.eval()
         try:
-            for i in range(0, len(self.noise), self.batch_size):
-                noise = self.noise[i:i + self.batch_size].to(self.device)
-                labels = None if self.labels is None else self.labels[i:i + self.batch_size].to(self.device)
-                out.append(sampling.sample(net, self.param, noise, self.grids[N], sampler=self.sampler, labels=labels,
-                                           guidance=self.guidance, null_label=self.bundle.num_classes,
-                                           generator=g).cpu())
+            for noise, labels in batches:
+                yield sampling.sample(net, self.param, noise.to(self.device), grid, sampler=self.sampler,
+                                      labels=None if labels is None else labels.to(self.device),
+                                      guidance=guidance, null_label=self.bundle.num_classes, generator=g)
         finally:
             net.train(was_training)
-        return torch.cat(out)
+
+    def _fixed_batches(self, n: int):
+        for i in range(0, n, self.batch_size):
+            yield (self.noise[i:min(i + self.batch_size, n)],
+                   None if self.labels is None else self.labels[i:min(i + self.batch_size, n)])
+
+    def _fresh_batches(self, n: int):
+        """n noise draws from `seed` in batches, generated as needed (FID-50k never holds them all)."""
+        g = torch.Generator().manual_seed(self.seed)
+        for i in range(0, n, self.batch_size):
+            b = min(self.batch_size, n - i)
+            yield self.param.sigma_data * torch.randn(b, *self.bundle.shape, generator=g), self.labels_for(i, b)
+
+    def samples(self, net, N: int, n: int | None = None, guidance: float | None = None) -> torch.Tensor:
+        """The first n (default all n_samples) fixed-noise samples with N steps, model space, float64 CPU."""
+        n = len(self.noise) if n is None else min(n, len(self.noise))
+        w = self.guidance if guidance is None else guidance
+        return torch.cat([x.cpu() for x in self._decode(net, N, self._fixed_batches(n), w)])
+
+    # -- metrics ----------------------------------------------------------------------------------
+    def point_results(self, x: torch.Tensor, N: int) -> tuple[dict, dict]:
+        """Point data: ({eval/<metric>_<N>step: value}, the figure panel's text)."""
+        m = metrics.point_metrics(x.float(), self.bundle.heldout)
+        results = {f"eval/{k}_{N}step": v for k, v in m.items()}
+        results[f"eval/energy_ratio_{N}step"] = m["energy"] / max(self.floor["energy"], 1e-12)
+        return results, {"ED/floor": results[f"eval/energy_ratio_{N}step"], "recall": m["recall"]}
+
+    def fid_results(self, net, steps=None, guidances=None) -> dict:
+        """{eval/fid<n>_<N>step[_w<g>]: FID} over fid_n_samples images per step count and scale."""
+        fe = self.fid_evaluator
+        if fe is None:
+            raise RuntimeError("this Evaluator was built without fid=True")
+        if fe.reference_source is None:
+            fe.prepare_reference(self._reference_batches(), self.fid_key)
+        results = {}
+        for w in (self.fid_guidances if guidances is None else guidances):
+            for N in (self.steps if steps is None else steps):
+                stream = self._decode(net, N, self._fresh_batches(self.fid_n_samples), float(w))
+                try:
+                    value = fe.fid(x.float() for x in stream)
+                finally:
+                    stream.close()
+                results[fid_metric(self.fid_n_samples, N, w)] = value  # NaN (with a warning) for non-finite samples
+        return results
+
+    def _reference_batches(self):
+        """The training images (unflipped) in batches, read only when the cache has no statistics."""
+        ds = self.bundle.train
+        data = getattr(ds, "data", None)
+        if isinstance(data, torch.Tensor):  # in-memory sets: float [-1, 1] or uint8
+            yield from data.split(self.batch_size)
+            return
+        for i in range(0, len(ds), self.batch_size):
+            items = range(i, min(i + self.batch_size, len(ds)))
+            yield torch.stack([ds.get(j, False)[0] if hasattr(ds, "get") else ds[j][0] for j in items])
 
     def __call__(self, net):
         """(metrics {name: float}, figures {artifact file: Figure}, samples {N: tensor})."""
@@ -69,14 +291,13 @@ class Evaluator:
             x = self.samples(net, N)
             by_steps[N] = x
             if self.bundle.kind == "points":
-                m = metrics.point_metrics(x.float(), self.bundle.heldout)
-                for k, v in m.items():
-                    results[f"eval/{k}_{N}step"] = v
-                results[f"eval/energy_ratio_{N}step"] = m["energy"] / max(self.floor["energy"], 1e-12)
-                panel_text[N] = {"ED/floor": results[f"eval/energy_ratio_{N}step"], "recall": m["recall"]}
+                r, panel_text[N] = self.point_results(x, N)
+                results.update(r)
         if self.floor is not None and not self.floor_reported:  # the noise floor is logged once
             results.update({f"eval/{k}_floor": v for k, v in self.floor.items()})
             self.floor_reported = True
+        if self.fid_evaluator is not None:
+            results.update(self.fid_results(net))
         return results, self.figures(by_steps, panel_text), by_steps
 
     def figures(self, by_steps, panel_text=None) -> dict:
@@ -86,4 +307,5 @@ class Evaluator:
             fig = figures.step_comparison_points({N: unscale(x[:n].float()) for N, x in by_steps.items()},
                                                  unscale(self.bundle.heldout[:n]), panel_text)
             return {"figures/steps.png": fig}
-        return {"figures/steps.png": figures.step_comparison_images({N: x.float() for N, x in by_steps.items()})}
+        return {"figures/steps.png": figures.step_comparison_images({N: x.float() for N, x in by_steps.items()},
+                                                                    max_images=10)}  # classes 0-9 for labelled sets

@@ -116,10 +116,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
         if run_id is None:
             tracker.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
             tracker.log_text(str(checkpoint.ckpt_dir(run_dir).resolve()) + "\n", "checkpoints.txt")
-    evaluator = Evaluator(bundle, objective.param, T=loss_T(cfg), eps=cfg.loss.eps, steps=cfg.eval.steps,
-                          n_samples=cfg.eval.n_samples, batch_size=cfg.eval.batch_size, sampler=cfg.eval.sampler,
-                          grid=cfg.eval.grid, two_step_eta=cfg.eval.two_step_eta, guidance=cfg.eval.guidance,
-                          seed=cfg.eval.seed, device=device) if env.is_main else None
+    evaluator = Evaluator.from_config(cfg, bundle, objective.param, device=device) if env.is_main else None
     if env.is_main:
         log.info("run directory: %s", run_dir.resolve())
         log.info("network: %s, %.2fM parameters", cfg.arch.name, sum(p.numel() for p in net.parameters()) / 1e6)

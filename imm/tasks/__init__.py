@@ -1,0 +1,92 @@
+"""Commands that work on a training checkpoint: `--config-name sample` and `--config-name evaluate`.
+
+This module holds only their typed schemas (registered through `imm.config.register`, so a typo in
+`conf/sample.yaml`, `conf/evaluate.yaml` or on the command line fails while Hydra composes); the
+commands themselves are `imm.tasks.sample.run` and `imm.tasks.evaluate.run`, which `imm.cli.run`
+picks by the config name. Nothing heavy is imported here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class TaskTrackingConfig:
+    """Where the results go in MLflow: the checkpoint's own run unless it has none or new_run=true."""
+
+    enabled: bool = True
+    uri: Optional[str] = None  # null: sqlite:///<launch dir>/mlflow.db, as in training
+    new_run: bool = False  # log into a new run even when the checkpoint names its training run
+    experiment: Optional[str] = None  # new runs only; null: the training run's tracking.experiment
+    run_name: Optional[str] = None  # new runs only; null: "<command> <checkpoint>"
+
+
+@dataclass
+class DataOverrideConfig:
+    """Where the training data lives now, when it moved since training (null: as in the checkpoint)."""
+
+    root: Optional[str] = None  # image datasets (mnist, cifar10, folder)
+    path: Optional[str] = None  # data=points: the .npy file
+
+
+@dataclass
+class SampleConfig:
+    ckpt: str = MISSING  # a checkpoint file, or a run directory (its newest checkpoint)
+    weights: str = "ema"  # ema | online
+    steps: int = 1  # sampling steps N
+    sampler: str = "pushforward"  # pushforward | restart
+    grid: str = "uniform"  # uniform | edm | eta (eta: give `etas`, except for 2 steps)
+    etas: Optional[List[float]] = None  # explicit intermediate eta points (steps - 1 of them), e.g. [1.4]
+    two_step_eta: Optional[float] = 1.4  # 2 steps use eta(t_1) = 1.4 (App. I.2); null: 2 steps follow `grid`
+    guidance: Optional[float] = None  # classifier-free guidance w; null: the training run's eval.guidance
+    labels: Any = "cycle"  # cycle (all classes in turn) | uncond (the null label) | a list of class ids
+    n: Optional[int] = None  # number of samples; null: 64 images, 5000 points
+    batch_size: int = 256
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out: Optional[str] = None  # output directory; null: the Hydra run directory (runs/samples/<date>/<time>)
+    compare_steps: List[int] = field(default_factory=lambda: [1, 2, 4, 8])  # [] skips the figure
+    data: DataOverrideConfig = field(default_factory=DataOverrideConfig)
+    tracking: TaskTrackingConfig = field(default_factory=TaskTrackingConfig)
+
+
+@dataclass
+class EvaluateOptions:
+    """The same key names as the training config's `eval` node where they mean the same thing."""
+
+    steps: List[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    guidance: Any = None  # a scale or a list of scales; null: [the training run's eval.guidance]
+    n_samples: Optional[int] = None  # null: 50000 for images (FID-50k, the paper), the held-out size for points
+    batch_size: int = 500
+    sampler: str = "pushforward"
+    grid: str = "uniform"
+    two_step_eta: Optional[float] = 1.4
+    seed: int = 1234  # the training evaluation's default: evaluating the last checkpoint repeats its numbers
+    inception_weights: Optional[str] = None  # a local Inception-v3 weights file (offline machines)
+    allow_download: bool = True  # false: never download the Inception weights
+    fid_cache: Optional[str] = None  # reference statistics directory; null: $XDG_CACHE_HOME/imm/fid
+    feature_net: str = "inception"  # inception | tiny_random (a small fixed-seed conv net: FOR TESTS ONLY)
+
+
+@dataclass
+class EvaluateConfig:
+    ckpt: str = MISSING
+    weights: str = "ema"  # ema | online (online metrics are logged as eval_online/...)
+    device: str = "auto"
+    out: Optional[str] = None  # null: the Hydra run directory (runs/evaluations/<date>/<time>)
+    eval: EvaluateOptions = field(default_factory=EvaluateOptions)
+    data: DataOverrideConfig = field(default_factory=DataOverrideConfig)
+    tracking: TaskTrackingConfig = field(default_factory=TaskTrackingConfig)
+
+
+def register_schemas(cs=None) -> None:
+    """Store the schemas `conf/sample.yaml` and `conf/evaluate.yaml` build on."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = cs or ConfigStore.instance()
+    cs.store(name="sample_schema", node=SampleConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)

@@ -1,0 +1,174 @@
+"""`python launch.py --config-name evaluate ckpt=PATH`: the metrics of a training checkpoint.
+
+- Images: FID against the training set for every step count in eval.steps and guidance scale in
+  eval.guidance, on eval.n_samples generated images (50000 by default, as in the paper), named
+  eval/fid50k_2step (eval/fid50k_2step_w1.5 with guidance). The training set's Inception statistics
+  are cached in eval.fid_cache. Offline, point eval.inception_weights at a local weights file.
+- Points: energy distance, sliced W2 and k-NN precision/recall (k = 5) against the held-out data
+  for every step count, and the same metrics between two data samples (the noise floor).
+
+Sampling and metrics are the trainer's Evaluator's, so with the same settings the numbers repeat
+those logged during training. The metrics are logged to the checkpoint's MLflow run at the
+checkpoint's step (online weights as eval_online/...), printed as a table and written to `out`
+(results.json, results.txt, steps.png).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+
+from omegaconf import OmegaConf
+
+from ..config import ConfigError
+from ..evaluation import figures
+from ..evaluation.evaluate import FEATURE_NETS, Evaluator, default_fid_cache, fid_dataset_key
+from .sample import GRIDS, SAMPLERS, WEIGHTS, Target, check_grid, resolve_ckpt, resolve_guidance, restore, \
+    task_dirs, task_params
+
+log = logging.getLogger("imm.evaluate")
+FID_N_DEFAULT = 50_000  # FID-50k, as every reported number in the paper
+_NAME = re.compile(r"^(?P<prefix>[^/]+)/(?P<metric>.+?)_(?P<steps>\d+)step(?P<w>_w[0-9.e+-]+)?$")
+
+
+def _validate(cfg) -> None:
+    if OmegaConf.is_missing(cfg, "ckpt"):
+        resolve_ckpt(None)
+    ev = cfg.eval
+    for key, value, allowed in (("weights", cfg.weights, WEIGHTS), ("eval.sampler", ev.sampler, SAMPLERS),
+                                ("eval.grid", ev.grid, GRIDS), ("eval.feature_net", ev.feature_net, FEATURE_NETS)):
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}.")
+    if not ev.steps or any(n < 1 for n in ev.steps):
+        raise ConfigError(f"eval.steps={list(ev.steps)} must be a non-empty list of positive integers.")
+    if ev.batch_size < 1:
+        raise ConfigError(f"eval.batch_size={ev.batch_size} must be a positive integer.")
+    if ev.n_samples is not None and ev.n_samples < 2:
+        raise ConfigError(f"eval.n_samples={ev.n_samples} must be at least 2.")
+
+
+def _guidances(cfg, restored) -> list[float]:
+    value = cfg.eval.guidance
+    values = list(value) if OmegaConf.is_list(value) or isinstance(value, (list, tuple)) else [value]
+    try:
+        values = [None if v is None else float(v) for v in values]
+    except (TypeError, ValueError):
+        raise ConfigError(f"eval.guidance={value!r} must be a number or a list of numbers, e.g."
+                          " eval.guidance=[1.0,1.5].") from None
+    return list(dict.fromkeys(resolve_guidance(v, restored, "eval.guidance") for v in values))
+
+
+def table(results: dict, floor_prefix: str = "eval") -> str:
+    """The results as rows (metric, guidance) by columns (step counts, then the noise floor)."""
+    rows, columns, cells = [], set(), {}
+    floors = {}
+    for name, value in results.items():
+        m = _NAME.match(name)
+        if m is None:
+            if name.endswith("_floor"):
+                floors[name.split("/", 1)[1][:-len("_floor")]] = value
+            continue
+        row = m["metric"] + (m["w"] or "").replace("_w", " w=")
+        if row not in rows:
+            rows.append(row)
+        columns.add(int(m["steps"]))
+        cells[row, int(m["steps"])] = value
+    columns = sorted(columns)
+    header = ["metric"] + [f"{n} step" + "s" * (n > 1) for n in columns] + (["floor"] if floors else [])
+    lines = [header]
+    for row in rows:
+        lines.append([row] + [_fmt(cells.get((row, n))) for n in columns]
+                     + ([_fmt(floors.get(row))] if floors else []))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                     for line in lines)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    return "nan" if isinstance(v, float) and math.isnan(v) else f"{v:.5g}"
+
+
+def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
+    """Evaluate according to `cfg` (conf/evaluate.yaml); returns {metric name: value}."""
+    _validate(cfg)
+    launch_dir, out = task_dirs(cfg, launch_dir, out_dir)
+    ev_cfg = cfg.eval
+    r = restore(cfg.ckpt, weights=cfg.weights, device=cfg.device, data=cfg.data)
+    guidances = _guidances(cfg, r)
+    for N in ev_cfg.steps:
+        check_grid("eval.steps", int(N), r, ev_cfg.grid, ev_cfg.two_step_eta)
+    images = r.kind == "images"
+    if images and ev_cfg.feature_net == "inception":  # a missing weights file fails before any work
+        from ..evaluation.fid import MissingInceptionWeights, resolve_inception_weights
+
+        try:
+            resolve_inception_weights(ev_cfg.inception_weights, ev_cfg.allow_download)
+        except MissingInceptionWeights as e:
+            raise ConfigError(str(e)) from None
+    if not images and guidances != [1.0]:
+        raise ConfigError(f"eval.guidance={guidances} is for class-conditional image models; use eval.guidance=1.")
+    target = Target(cfg, r, launch_dir, "evaluate")
+    bundle = r.bundle(need_data=True)
+    n = ev_cfg.n_samples or (FID_N_DEFAULT if images else len(bundle.heldout))
+    common = dict(T=r.T, eps=r.eps, steps=[int(s) for s in ev_cfg.steps], batch_size=ev_cfg.batch_size,
+                  sampler=ev_cfg.sampler, grid=ev_cfg.grid, two_step_eta=ev_cfg.two_step_eta, seed=ev_cfg.seed,
+                  device=r.device, guidance=guidances[0])
+    if images:
+        evaluator = Evaluator(bundle, r.param, n_samples=64, fid=True, fid_n_samples=n, fid_guidances=guidances,
+                              inception_weights=ev_cfg.inception_weights, allow_download=ev_cfg.allow_download,
+                              fid_cache=ev_cfg.fid_cache or default_fid_cache(), feature_net=ev_cfg.feature_net,
+                              dataset_key=fid_dataset_key(bundle, r.cfg.data.get("root", None)), **common)
+    else:
+        evaluator = Evaluator(bundle, r.param, n_samples=n, **common)
+    what = (f"FID of {n} images (guidance {', '.join(f'{w:g}' for w in guidances)}, {ev_cfg.feature_net} features)"
+            if images else f"{n} samples against {len(bundle.heldout)} held-out points")
+    log.info("evaluating %s (step %d, %s weights): %s at %s steps", r.path, r.step, r.weights, what,
+             list(ev_cfg.steps))
+    t0 = time.perf_counter()
+    results, figs, _ = evaluator(r.net)
+    seconds = time.perf_counter() - t0
+    if images:
+        log.info("FID reference statistics: %s (%s)", evaluator.fid_evaluator.reference_source,
+                 evaluator.fid_evaluator.reference_cache)
+    if r.weights == "online":
+        results = {k.replace("eval/", "eval_online/", 1): v for k, v in results.items()}
+
+    out.mkdir(parents=True, exist_ok=True)
+    text = table(results)
+    header = f"{r.path} (step {r.step}, {r.weights} weights): {what}, {ev_cfg.sampler} sampler, {ev_cfg.grid} grid"
+    if 2 in ev_cfg.steps and ev_cfg.two_step_eta is not None:
+        header += f" (2 steps: eta {ev_cfg.two_step_eta:g})"
+    (out / "results.txt").write_text(header + "\n" + text + "\n")
+    label = f"step{r.step:08d}-{r.weights}"
+    record = {"ckpt": str(r.path.resolve()), "step": r.step, "weights": r.weights, "n_samples": n,
+              "guidance": guidances, "steps": list(ev_cfg.steps), "sampler": ev_cfg.sampler, "grid": ev_cfg.grid,
+              "two_step_eta": ev_cfg.two_step_eta, "seed": ev_cfg.seed, "seconds": round(seconds, 2),
+              "feature_net": ev_cfg.feature_net if images else None, "results": results}
+    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    files = ["results.txt", "results.json"]
+    for name, fig in figs.items():
+        figures.save_png(fig, out / "steps.png")
+        files.append("steps.png")
+
+    tracker = target.open(task_params(cfg, r))
+    try:
+        tracker.log_metrics(results, r.step)
+        for f in files:
+            tracker.log_artifact(out / f, f"evaluations/{label}")
+        tracker.set_tags({f"evaluate.{label}": json.dumps({k: record[k] for k in (
+            "n_samples", "guidance", "steps", "sampler", "grid", "two_step_eta", "seed", "feature_net")})})
+    except BaseException:
+        target.close("FAILED")
+        raise
+    target.close("FINISHED")
+    print(header)
+    print(text, flush=True)
+    log.info("evaluated in %.1f s; wrote %s to %s", seconds, ", ".join(files), out.resolve())
+    if target.enabled:
+        log.info("metrics logged at step %d to %s", r.step, target.describe())
+    return results
