@@ -1,12 +1,16 @@
 """One MLflow run per training run, through the explicit MlflowClient (no global active-run state).
 
-The run ends FINISHED, KILLED (signal) or FAILED (exception), never left RUNNING. A resumed
-training run reopens its own MLflow run. Params are logged once, at creation; values that may
+The run ends FINISHED, KILLED (signal) or FAILED (exception), never left RUNNING: the training
+loop ends it, and a process that exits without ending it (an exception before the loop's own
+try/finally) ends it FAILED at exit. Only SIGKILL leaves it RUNNING, until a relaunch resumes it.
+A resumed training run reopens its own MLflow run. Params are logged once, at creation; values that may
 change when a run is resumed go to tags.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import subprocess
 import time
 import urllib.error
@@ -34,6 +38,34 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """One process at a time creates or migrates a SQLite store: MLflow's schema migration is not safe
+    against a second process doing the same (two runs started together on a fresh store: one dies with
+    `sqlite3.OperationalError: duplicate column name: step`). A lock file beside the database."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.parent / f".{db.name}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def client_for(uri: str):
+    """An MlflowClient for uri; creating it creates (or migrates) the store, under _store_lock."""
+    from mlflow.tracking import MlflowClient
+
+    with _store_lock(uri):
+        return MlflowClient(tracking_uri=uri)
+
+
 def check_reachable(uri: str, timeout: float = 5.0) -> None:
     """Fail fast, before training, when an HTTP tracking server is down (MLflow itself retries for minutes)."""
     if not uri.startswith(("http://", "https://")):
@@ -43,7 +75,7 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     except (urllib.error.URLError, OSError) as e:
         raise TrackingError(f"the MLflow tracking server at {uri} is not reachable ({e}); start it, fix"
                             " tracking.uri, or set tracking.fallback_local=true to log to a local SQLite"
-                            " store") from None
+                            " store.") from None
 
 
 def flatten(cfg) -> dict[str, str]:
@@ -79,6 +111,8 @@ class Tracker:
 
     def __init__(self, client=None, run_id: str | None = None):
         self.client, self.run_id = client, run_id
+        if client is not None:  # never RUNNING after this process exits, whatever way it exits
+            atexit.register(self._end_at_exit)
 
     @classmethod
     def disabled(cls) -> "Tracker":
@@ -88,9 +122,7 @@ class Tracker:
     def open(cls, uri: str, experiment: str, *, run_name: str, params: dict[str, str], tags: dict[str, str],
              run_id: str | None = None) -> "Tracker":
         """Create a run (logging params once) or, with run_id, reopen that run as RUNNING."""
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=uri)
+        client = client_for(uri)
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
             tracker = cls(client, run_id)
@@ -148,7 +180,15 @@ class Tracker:
 
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled:
+            atexit.unregister(self._end_at_exit)
             self.client.set_terminated(self.run_id, status=status)
+
+    def _end_at_exit(self) -> None:
+        try:  # only a run still RUNNING (a sweep's parent run is ended by its callback, not by end())
+            if self.client.get_run(self.run_id).info.status == "RUNNING":
+                self.client.set_terminated(self.run_id, status="FAILED")
+        except Exception:  # noqa: BLE001  the store may be gone at exit; nothing left to do
+            pass
 
 
 def _create_experiment(client, name: str, uri: str) -> str:
@@ -164,7 +204,5 @@ def _create_experiment(client, name: str, uri: str) -> str:
 def ensure_store(uri: str) -> None:
     """Create or migrate the store once (sweeps call this before any job starts)."""
     check_reachable(uri)
-    from mlflow.tracking import MlflowClient
-
-    MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+    client_for(uri).search_experiments(max_results=1)
 

@@ -5,7 +5,8 @@ and plain Python values (the resolved config as YAML text), so it loads with
 `torch.load(weights_only=True)`: a file that would run code when unpickled is refused.
 Writes go to a temporary file in the same directory, are fsynced, then renamed over the final name:
 a kill at any moment leaves either the previous checkpoint set or the new file, never a partial
-file under a checkpoint name. The newest K + 1 files are kept.
+file under a checkpoint name (a killed write leaves a `.tmp-*.part` file, which nothing loads and the
+next save removes). The newest K + 1 files are kept.
 """
 
 from __future__ import annotations
@@ -14,12 +15,18 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
 CKPT_DIR = "checkpoints"
 PATTERN = re.compile(r"^step-(\d{8,})\.pt$")
+PARTIAL_PREFIX, PARTIAL_SUFFIX = ".tmp-", ".part"  # a write in progress, or one a kill interrupted
+# What every training checkpoint holds (the loop reads all of them when it resumes).
+REQUIRED_KEYS = ("step", "model", "ema", "optimizer", "scaler", "data", "rng", "config")
+_UMASK = os.umask(0o022)  # read the process umask (there is no getter) and put it back
+os.umask(_UMASK)
 
 
 class CheckpointError(RuntimeError):
@@ -44,8 +51,10 @@ def save(state: dict, run_dir, step: int, keep_last: int = 3) -> Path:
     d = ckpt_dir(run_dir)
     d.mkdir(parents=True, exist_ok=True)
     final = d / f"step-{step:08d}.pt"
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".part", dir=d)
+    remove_partial(run_dir)  # left by a write that a kill interrupted (only the main process saves)
+    fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=PARTIAL_SUFFIX, dir=d)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; a checkpoint is as readable as any file
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
             f.flush()
@@ -60,6 +69,15 @@ def save(state: dict, run_dir, step: int, keep_last: int = 3) -> Path:
     return final
 
 
+def remove_partial(run_dir) -> list[Path]:
+    """Delete temporary files of checkpoint writes that never finished; returns what was removed."""
+    d = ckpt_dir(run_dir)
+    found = [p for p in d.glob(f"{PARTIAL_PREFIX}*{PARTIAL_SUFFIX}") if p.is_file()] if d.is_dir() else []
+    for p in found:
+        p.unlink(missing_ok=True)
+    return found
+
+
 def _fsync_dir(d: Path) -> None:
     try:
         fd = os.open(d, os.O_RDONLY)
@@ -71,17 +89,32 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def load(path, map_location="cpu") -> dict:
-    """Load a checkpoint with weights_only=True; one clear error for unsafe or broken files."""
+def load(path, map_location="cpu", required=REQUIRED_KEYS) -> dict:
+    """Load a checkpoint with weights_only=True; one clear error (CheckpointError, one sentence) for
+    a file that would run code, a corrupt or truncated file, or one that is not a training checkpoint."""
     path = Path(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning would only add noise to the error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's message is a paragraph; keep the line that names what the file wanted to run
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        what = next((ln for ln in lines if "GLOBAL" in ln or ln.startswith("Unsupported")), "refused").rstrip(".")
         raise CheckpointError(
-            f"refusing to load {path}: it is not a plain-tensor checkpoint and loading it would need"
-            f" to run code (weights_only=True rejected it: {str(e).splitlines()[0]})") from None
-    except (EOFError, RuntimeError, OSError) as e:
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+            f"refusing to load {path}: it is not a plain-tensor checkpoint and unpickling it could run code"
+            f" (torch.load with weights_only=True: {what}); only resume from checkpoints this project wrote.") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}.") from None
+    except Exception as e:  # noqa: BLE001  truncated zip (RuntimeError), empty (EOFError), garbage (KeyError, ...)
+        detail = str(e).split(". ")[0].strip() or "the file is empty or truncated"
+        raise CheckpointError(f"cannot read checkpoint {path}, it is corrupt or not a checkpoint"
+                              f" ({type(e).__name__}: {detail.rstrip('.')}).") from None
+    missing = [k for k in required if k not in state] if isinstance(state, dict) else list(required)
+    if missing:
+        raise CheckpointError(f"{path} is not a training checkpoint of this project (it lacks"
+                              f" {', '.join(missing)}); give a step-XXXXXXXX.pt file from a run's checkpoints/.")
+    return state
 
 
 def resolve(resume, run_dir) -> Path | None:
@@ -93,8 +126,8 @@ def resolve(resume, run_dir) -> Path | None:
         if p.is_dir():
             found = list_checkpoints(p)
             if not found:
-                raise CheckpointError(f"resume={resume} is a directory without checkpoints in {ckpt_dir(p)}")
+                raise CheckpointError(f"resume={resume} is a directory without checkpoints in {ckpt_dir(p)}.")
             return found[-1]
-        raise CheckpointError(f"resume={resume} does not exist; give a checkpoint file or a run directory")
+        raise CheckpointError(f"resume={resume} does not exist; give a checkpoint file or a run directory.")
     found = list_checkpoints(run_dir)
     return found[-1] if found else None

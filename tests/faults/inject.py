@@ -1,0 +1,150 @@
+#!/usr/bin/env python
+"""Run launch.py with one fault injected for real, as tests/test_reliability.py needs it.
+
+    IMM_FAULT=<fault>[;<fault>...] python tests/faults/inject.py [launch.py overrides ...]
+
+Faults (steps count the training steps of this process, 0-based; these tests use fresh runs):
+
+  kill_in_save:N        the N-th checkpoint write of this process stops halfway: torch.save inside
+                        imm.training.checkpoint writes part of the file, fsyncs it, then the process
+                        sends itself SIGKILL (a node dying mid-write)
+  nan_loss:A-B          the objective's loss and its `mmd` term are NaN at steps A..B (`A-`: from A on)
+  nan_grad:A-B          the gradient of the network's output-layer weight is inf at steps A..B; the loss
+                        stays finite
+  signal_after_open:SIG the process sends itself SIG (e.g. SIGTERM) right after the MLflow run is
+                        created, before the first training step
+  raise_after_open      an exception right after the MLflow run is created, before the first step
+
+Everything else is launch.py unchanged: Hydra parses the same command line and runs the same task.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import runpy
+import signal
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _steps(spec: str):
+    a, _, b = spec.partition("-")
+    first = int(a)
+    if "-" not in spec:
+        return lambda step: step == first
+    last = int(b) if b else None
+    return lambda step: step >= first and (last is None or step <= last)
+
+
+def kill_in_save(n: str) -> None:
+    import torch
+
+    from imm.training import checkpoint
+
+    real_save, calls = torch.save, itertools.count(1)
+
+    def save(obj, f, *args, **kwargs):
+        if next(calls) < int(n):
+            return real_save(obj, f, *args, **kwargs)
+        buf = io.BytesIO()
+        real_save(obj, buf, *args, **kwargs)
+        data = buf.getvalue()
+        f.write(data[: len(data) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    class TorchWithFaultySave:  # torch as imm.training.checkpoint sees it, with save replaced
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+    TorchWithFaultySave.save = staticmethod(save)
+    checkpoint.torch = TorchWithFaultySave()
+
+
+_calls = itertools.count()
+_nan_loss, _nan_grad = [], []
+
+
+def _patch_objective() -> None:
+    import torch
+
+    from imm.core.objective import IMMObjective
+
+    if getattr(IMMObjective, "_fault_patched", False):
+        return
+    real_call = IMMObjective.__call__
+    hooked = {"net": None, "on": False}
+
+    def grad_hook(g):
+        return torch.full_like(g, float("inf")) if hooked["on"] else g
+
+    def call(self, net, x, labels=None, **kwargs):
+        step = next(_calls)
+        if hooked["net"] is None:
+            hooked["net"] = net
+            net.out.weight.register_hook(grad_hook)  # the MLP's output layer
+        hooked["on"] = any(f(step) for f in _nan_grad)
+        loss, diag = real_call(self, net, x, labels, **kwargs)
+        if any(f(step) for f in _nan_loss):
+            loss = loss * float("nan")
+            diag = {**diag, "mmd": torch.full_like(diag["mmd"], float("nan"))}
+        return loss, diag
+
+    IMMObjective.__call__ = call
+    IMMObjective._fault_patched = True
+
+
+def nan_loss(spec: str) -> None:
+    _nan_loss.append(_steps(spec))
+    _patch_objective()
+
+
+def nan_grad(spec: str) -> None:
+    _nan_grad.append(_steps(spec))
+    _patch_objective()
+
+
+def _after_open(action) -> None:
+    from imm.tracking.mlflow_run import Tracker
+
+    real_open = Tracker.open.__func__
+
+    def open_(cls, *args, **kwargs):
+        tracker = real_open(cls, *args, **kwargs)
+        action()
+        return tracker
+
+    Tracker.open = classmethod(open_)
+
+
+def signal_after_open(name: str) -> None:
+    _after_open(lambda: os.kill(os.getpid(), getattr(signal, name)))
+
+
+def raise_after_open(_: str = "") -> None:
+    def fail():
+        raise RuntimeError("injected fault right after the MLflow run was created")
+
+    _after_open(fail)
+
+
+FAULTS = {f.__name__: f for f in (kill_in_save, nan_loss, nan_grad, signal_after_open, raise_after_open)}
+
+
+def main() -> None:
+    sys.path.insert(0, str(ROOT))  # the imm beside this file, as `python launch.py` would import it
+    for fault in filter(None, os.environ.get("IMM_FAULT", "").split(";")):
+        name, _, arg = fault.partition(":")
+        FAULTS[name](arg)
+    # launch.py as __main__, exactly as `python launch.py ...` runs it (Hydra finds conf/ beside it)
+    sys.argv = [str(ROOT / "launch.py"), *sys.argv[1:]]
+    runpy.run_path(str(ROOT / "launch.py"), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
