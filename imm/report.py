@@ -18,10 +18,15 @@ from .tracking.sweep import sweep_info
 
 def find_sweep(client, sweep: str):
     """(parent run, child runs) for a parent run id or a sweep directory holding sweep.json."""
+    from mlflow.exceptions import MlflowException
+
     parent_id = sweep_info(sweep).get("parent_run_id") if Path(sweep).is_dir() else sweep
     if not parent_id:
         raise SystemExit(f"{sweep} has no {Path(sweep) / 'sweep.json'}; give the sweep's parent run id instead")
-    parent = client.get_run(parent_id)
+    try:
+        parent = client.get_run(parent_id)
+    except MlflowException:
+        raise SystemExit(f"{sweep} is neither a sweep directory nor a run id in {client.tracking_uri}") from None
     children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`sweep.id` = '{parent_id}'"
                                    " and tags.`sweep.role` = 'child'", max_results=5000)
     return parent, children
@@ -94,7 +99,10 @@ def main(argv=None) -> int:
 
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=args.tracking_uri or default_uri(Path.cwd()))
+    uri = args.tracking_uri or default_uri(Path.cwd())
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise SystemExit(f"no MLflow store at {uri}; run from the directory you launched from or pass --tracking-uri")
+    client = MlflowClient(tracking_uri=uri)
     parent, children = find_sweep(client, args.sweep)
     if not children:
         print(f"sweep {parent.info.run_name} ({parent.info.run_id}) has no child runs yet", file=sys.stderr)
