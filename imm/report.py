@@ -35,8 +35,9 @@ def find_sweep(client, sweep: str):
 def table(parent, children, metric: str, columns: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
     """Header and rows: run name, swept values, status, then the final metrics; sorted by `metric`."""
     swept = swept_params(parent, children)
-    finals = columns or sorted({m for r in children for m in r.data.metrics
-                                if m.startswith("final/") and not m.endswith("_floor")})
+    finals = sorted({m for r in children for m in r.data.metrics if m.startswith("final/") and not m.endswith("_floor")})
+    compact = [m for m in finals if m.startswith(("final/energy_ratio", "final/recall", "final/fid")) or m == "final/loss"]
+    finals = list(columns) if columns else (compact or finals)
     if metric not in finals:
         finals.insert(0, metric)
     header = ["run", *swept, "status", *finals]
@@ -93,6 +94,8 @@ def main(argv=None) -> int:
     p.add_argument("sweep", help="the sweep's parent run id, or its sweep directory (with sweep.json)")
     p.add_argument("--tracking-uri", default=None, help="default: sqlite:///<cwd>/mlflow.db")
     p.add_argument("--metric", default="final/energy_1step", help="sort the table by this metric (ascending)")
+    p.add_argument("--columns", default=None, help="comma-separated metrics to show (default: final/loss and the"
+                   " final energy ratios, recalls or FIDs)")
     p.add_argument("--plot", default="train/loss", help="the metric to plot against step")
     p.add_argument("--out", default=None, help="PNG path for the plot (default: <sweep>-<metric>.png here)")
     args = p.parse_args(argv)
@@ -107,7 +110,7 @@ def main(argv=None) -> int:
     if not children:
         print(f"sweep {parent.info.run_name} ({parent.info.run_id}) has no child runs yet", file=sys.stderr)
         return 1
-    header, rows = table(parent, children, args.metric)
+    header, rows = table(parent, children, args.metric, args.columns.split(",") if args.columns else None)
     print(f"sweep {parent.info.run_name} ({parent.info.run_id}), {len(children)} runs, sorted by {args.metric}")
     print(render(header, rows))
     out = args.out or f"{parent.info.run_id[:8]}-{args.plot.replace('/', '_')}.png"
