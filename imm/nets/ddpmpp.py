@@ -170,7 +170,16 @@ class DDPMpp(nn.Module):
 
     Defaults are the IMM CIFAR-10 configuration; every field is a keyword so tests and small
     datasets can build reduced versions.
+
+    On the CPU the activations run in channels_last (the input is converted on entry, the output
+    returned contiguous): oneDNN's convolutions and GroupNorm are faster in that layout. Measured
+    with bench/step_cost.py --compare-channels-last (IMM training step, CPU time, README
+    "Performance"): x0.93 for a 32-channel DDPM++ and x0.97 for the CIFAR-10 configuration. CUDA
+    inputs keep their layout until it is measured there. Set `channels_last_on_cpu = False` on an
+    instance (or the class) for the contiguous layout.
     """
+
+    channels_last_on_cpu: bool = True
 
     def __init__(
         self,
@@ -276,6 +285,10 @@ class DDPMpp(nn.Module):
         check_time_inputs(noise_t, noise_s, x.shape[0])
         labels = resolve_labels(labels, self.num_classes, x.shape[0], x.device)
 
+        channels_last = self.channels_last_on_cpu and x.device.type == "cpu"
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+
         emb_t = self._time_features(noise_t)
         if labels is not None:
             emb_t = emb_t + self.map_label(labels).to(emb_t.dtype)
@@ -292,4 +305,5 @@ class DDPMpp(nn.Module):
             if x.shape[1] != block.in_channels:
                 x = torch.cat([x, skips.pop()], dim=1)
             x = block(x, emb)
-        return self.out_conv(F.silu(self.out_norm(x)))
+        out = self.out_conv(F.silu(self.out_norm(x)))
+        return out.contiguous() if channels_last else out
