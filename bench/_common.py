@@ -73,6 +73,8 @@ def add_common_args(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: stable CPU-time measurements on a shared machine;"
                         " 0 keeps torch's default)")
+    p.add_argument("--iters", type=int, default=0,
+                   help="calls per timed sample, back to back (default: 1 on the CPU, 10 on CUDA)")
     p.add_argument("--out", type=Path, default=None if name == "step_cost" else RESULTS_DIR / f"{name}.json",
                    help="JSON file for the results (default: bench/results/"
                         + ("step_cost_<arch>_<size>_b<batch>.json)" if name == "step_cost" else f"{name}.json)"))
@@ -146,7 +148,8 @@ def timed(fn, device: torch.device):
 def interleaved(cases: dict, device: torch.device, *, repeats: int, warmup: int = 1, iters: int = 1,
                 log=None) -> dict:
     """Time every case alternately: `warmup` untimed rounds, then `repeats` rounds, each running each
-    case `iters` times in turn. Returns {name: {"wall": [...], "cpu": [...]}} per call (seconds)."""
+    case `iters` times back to back between two synchronizations (so on a GPU the host runs ahead
+    of the device as in training). Returns {name: {"wall": [...], "cpu": [...]}}, seconds per call."""
     names = list(cases)
     for _ in range(warmup):
         for n in names:
@@ -154,13 +157,18 @@ def interleaved(cases: dict, device: torch.device, *, repeats: int, warmup: int 
     out = {n: {"wall": [], "cpu": []} for n in names}
     for r in range(repeats):
         for n in names:
-            for _ in range(iters):
-                w, c = timed(cases[n], device)
-                out[n]["wall"].append(w)
-                out[n]["cpu"].append(c)
+            fn = cases[n]
+            w, c = timed(lambda: [fn() for _ in range(iters)], device)
+            out[n]["wall"].append(w / iters)
+            out[n]["cpu"].append(c / iters)
         if log:
             log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {out[n]['wall'][-1] * 1e3:.0f}ms" for n in names))
     return out
+
+
+def default_iters(iters, device: torch.device) -> int:
+    """Calls per timed sample: 1 on the CPU (each call is long), 10 on a GPU (launch overlap)."""
+    return iters if iters else (10 if device.type == "cuda" else 1)
 
 
 def primary_key(device: torch.device) -> str:

@@ -139,6 +139,17 @@ class Case:
         self.scaler.update()
 
 
+def _dynamo_cache_room(limit: int = 64) -> None:
+    """Every case compiles the same DiT.forward again (grad and no_grad, per autocast dtype): more
+    graphs than dynamo's default cache limit (8), past which it silently falls back to eager."""
+    import torch._dynamo
+
+    for name in ("cache_size_limit", "accumulated_cache_size_limit", "recompile_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(limit, getattr(torch._dynamo.config, name)))
+
+
 def count_flops(name, shape, overrides, state, x, args, device) -> dict:
     """FLOPs of one IMM training step (fp32 eager), by counting the aten ops it runs."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -164,8 +175,11 @@ def main(argv=None):
     batches = args.batch * len(args.archs) if len(args.batch) == 1 else args.batch
     info = C.machine_info(device)
     key = C.primary_key(device)
+    _dynamo_cache_room()
     rows, raw_all, flops_all = [], {}, {}
     for spec, batch in zip(args.archs, batches):
+        if "compile" in args.modes:
+            torch._dynamo.reset()  # each network compiles from scratch (its compile time is its own)
         name, overrides, label = C.arch_spec(spec)
         shape = C.sample_shape(name, args.resolution, args.channels, 2)
         state = {k: v.clone() for k, v in C.build_net(name, shape, overrides, device).state_dict().items()}
@@ -196,7 +210,8 @@ def main(argv=None):
         for k in failed:
             del cases[k]
         fns = {f"{p}/{m}": (lambda c=c: c.step(x)) for (p, m), c in cases.items()}
-        raw = C.interleaved(fns, device, repeats=args.repeats, warmup=max(0, args.warmup - 1), log=C.log)
+        raw = C.interleaved(fns, device, repeats=args.repeats, warmup=max(0, args.warmup - 1),
+                            iters=C.default_iters(args.iters, device), log=C.log)
         raw_all[label] = raw
         base = raw.get("fp32/eager")
         for (precision, mode), case in cases.items():

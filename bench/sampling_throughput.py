@@ -88,7 +88,8 @@ def main(argv=None):
             w, _ = C.timed(cases[max(args.steps)], device)  # also the warm-up of the largest case
             per_round = w * sum(args.steps) / max(args.steps)
             repeats = max(1, min(repeats, int(args.max_seconds / max(per_round, 1e-9))))
-        raw = C.interleaved(cases, device, repeats=repeats, warmup=args.warmup, log=C.log)
+        raw = C.interleaved(cases, device, repeats=repeats, warmup=args.warmup,
+                            iters=C.default_iters(args.iters, device), log=C.log)
         raw_all[label] = {str(N): v for N, v in raw.items()}
         for N in args.steps:
             wall, cpu = C.median(raw[N]["wall"]), C.median(raw[N]["cpu"])

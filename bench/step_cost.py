@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,9 @@ def parse_args(argv=None):
                    help="also time the loop's per-step EMA update (ema_pytorch) with and without foreach")
     p.add_argument("--compare-channels-last", action="store_true",
                    help="also time the IMM step contiguous vs as built vs channels_last (net and batch), alternately")
+    p.add_argument("--compare-sync", action="store_true",
+                   help="also time the IMM step with and without the loop's per-step host read of the"
+                        " finite-loss/gradient verdict (a device sync on CUDA), alternately")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm as in the loop (0: off)")
     p.add_argument("--channels-last", action="store_true", help="net and batch in channels_last (image nets)")
     p.add_argument("--memory-steps", type=int, default=3, help="steps run by each memory subprocess")
@@ -122,11 +126,16 @@ class Setup:
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.args.grad_clip)
         self.opt.step()
 
-    def step(self, objective):
+    def step(self, objective, host_read: bool = False):
         self._seed()
         loss, _ = objective(self.net, self.x, generator=self.gen)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if host_read:  # as imm/training/loop.py decides whether to step: bool() of a device tensor
+            norm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.args.grad_clip or math.inf)
+            if bool(torch.isfinite(loss) & torch.isfinite(norm)):
+                self.opt.step()
+            return
         self._opt_step()
 
     def imm_step(self):
@@ -232,7 +241,8 @@ def main(argv=None):
     if not args.no_split:
         cases.update({"student_fwd_bwd": su.student_fwd_bwd, "target_fwd": su.target_fwd,
                       "optimizer": su.optimizer, "objective_math": su.objective_math, "fm_math": su.fm_math})
-    raw = C.interleaved(cases, device, repeats=args.repeats, warmup=args.warmup, log=C.log)
+    raw = C.interleaved(cases, device, repeats=args.repeats, warmup=args.warmup,
+                        iters=C.default_iters(args.iters, device), log=C.log)
     key = C.primary_key(device)
     med = {n: {"wall": C.median(v["wall"]), "cpu": C.median(v["cpu"])} for n, v in raw.items()}
 
@@ -252,7 +262,10 @@ def main(argv=None):
         parts = sum(med[n][key] for n in ("student_fwd_bwd", "target_fwd", "optimizer", "objective_math"))
         fm_parts = sum(med[n][key] for n in ("student_fwd_bwd", "optimizer", "fm_math"))
         result.update({"math_share": math_share, "sum_of_parts_over_imm_step": parts / imm_t,
-                       "imm_over_fm_time_from_parts": parts / fm_parts})
+                       "imm_over_fm_time_from_parts": parts / fm_parts,
+                       # operator calls (~ kernel launches on a GPU) of the objective around the stand-in
+                       "objective_math_ops": C.kernel_ops(C.count_ops(su.objective_math)),
+                       "fm_math_ops": C.kernel_ops(C.count_ops(su.fm_math))})
 
     if args.compare_adamw:
         result["adamw"] = compare_adamw(su, args, device, key)
@@ -260,6 +273,12 @@ def main(argv=None):
         result["ema"] = compare_ema(su, args, device, key)
     if args.compare_channels_last:
         result["channels_last"] = compare_channels_last(args, device, key)
+    if args.compare_sync:
+        raw_s = C.interleaved({"no host read": su.imm_step, "host read per step": lambda: su.step(su.imm, True)},
+                              device, repeats=args.repeats, warmup=1, iters=C.default_iters(args.iters, device))
+        result["sync"] = {k: {"median_ms": C.median(v[key]) * 1e3, "wall_ms": C.median(v["wall"]) * 1e3,
+                              "over_no_read": C.paired_ratio(v[key], raw_s["no host read"][key])}
+                          for k, v in raw_s.items()}
 
     if not args.no_memory:
         mem = {kind: measure_memory(args, kind) for kind in ("none", "imm", "fm")}
@@ -302,7 +321,8 @@ def compare_adamw(su, args, device, key):
             opts[impl].step()
         return run
 
-    raw = C.interleaved({i: make(i) for i in nets}, device, repeats=args.repeats, warmup=1)
+    raw = C.interleaved({i: make(i) for i in nets}, device, repeats=args.repeats, warmup=1,
+                        iters=C.default_iters(args.iters, device))
     return {i: {"median_ms": C.median(v[key]) * 1e3, "wall_ms": C.median(v["wall"]) * 1e3} for i, v in raw.items()}
 
 
@@ -312,7 +332,8 @@ def compare_ema(su, args, device, key):
 
     emas = {f"foreach={fe}": EMA(su.net, beta=0.999, power=0.75, update_every=1, update_after_step=0,
                                  include_online_model=False, use_foreach=fe) for fe in (False, True)}
-    raw = C.interleaved({k: e.update for k, e in emas.items()}, device, repeats=args.repeats, warmup=2)
+    raw = C.interleaved({k: e.update for k, e in emas.items()}, device, repeats=args.repeats, warmup=2,
+                        iters=C.default_iters(args.iters, device))
     return {k: {"median_ms": C.median(v[key]) * 1e3, "wall_ms": C.median(v["wall"]) * 1e3} for k, v in raw.items()}
 
 
@@ -336,10 +357,12 @@ def compare_channels_last(args, device, key):
         if case == "as built" and not has_switch:
             continue
         setups[case] = su
-    raw = C.interleaved({k: su.imm_step for k, su in setups.items()}, device, repeats=args.repeats, warmup=1)
+    raw = C.interleaved({k: su.imm_step for k, su in setups.items()}, device, repeats=args.repeats, warmup=1,
+                        iters=C.default_iters(args.iters, device))
     out = {k: {"median_ms": C.median(v[key]) * 1e3, "wall_ms": C.median(v["wall"]) * 1e3,
                "over_contiguous": C.paired_ratio(v[key], raw["contiguous"][key])} for k, v in raw.items()}
     out["channels_last_over_contiguous"] = out["channels_last"]["over_contiguous"]
+    out["timings_s"] = raw
     return out
 
 
@@ -376,10 +399,15 @@ def print_report(r, args):
         print(C.table([{"impl": k, **v} for k, v in r["ema"].items()],
                       [("EMA", "impl", None), ("ms", "median_ms", ".1f"), ("wall ms", "wall_ms", ".1f")]))
     if "channels_last" in r and "note" not in r["channels_last"]:
-        rows = [{"layout": k, **v} for k, v in r["channels_last"].items() if isinstance(v, dict)]
+        rows = [{"layout": k, **v} for k, v in r["channels_last"].items() if isinstance(v, dict) and k != "timings_s"]
         print("\nIMM step by memory layout (alternating rounds):")
         print(C.table(rows, [("layout", "layout", None), ("ms", "median_ms", ".1f"), ("wall ms", "wall_ms", ".1f"),
-                             ("vs contiguous", "over_contiguous", ".3f")]))
+                             ("vs contiguous (paired)", "over_contiguous", ".3f")]))
+    if "sync" in r:
+        print("\nIMM step with / without the loop's per-step host read of the finite verdict:")
+        print(C.table([{"case": k, **v} for k, v in r["sync"].items()],
+                      [("case", "case", None), ("ms", "median_ms", ".1f"), ("wall ms", "wall_ms", ".1f"),
+                       ("vs no read", "over_no_read", ".3f")]))
     if "memory" in r:
         unit = "torch.cuda.max_memory_allocated" if info["device"].startswith("cuda") else \
             "peak RSS minus the RSS of torch and its libraries"
@@ -389,7 +417,8 @@ def print_report(r, args):
     if "imm_over_fm_time_from_parts" in r:
         print(f"\nIMM/FM from the parts: (student + target + optimizer + math) / (student + optimizer + FM math)"
               f" = {r['imm_over_fm_time_from_parts']:.3f}; the parts sum to {r['sum_of_parts_over_imm_step']:.1%}"
-              " of the measured IMM step")
+              " of the measured IMM step;\nthe objective math is"
+              f" {r['objective_math_ops']} operator calls (FM: {r['fm_math_ops']}), about one kernel launch each on a GPU")
     print("\ntargets:")
     for name, t in r["targets"].items():
         fmt = ".2%" if name == "math_share" else ".3f"

@@ -31,9 +31,11 @@ def test_help(script):
 def test_step_cost(tmp_path):
     out = tmp_path / "s.json"
     text = run("step_cost.py", "--arch", "mlp", "--arch-override", "width=32", "--batch", "64", "--repeats", "2",
-               "--warmup", "1", "--compare-adamw", "--compare-ema", "--memory-steps", "1", "--out", str(out))
+               "--warmup", "1", "--compare-adamw", "--compare-ema", "--compare-sync", "--memory-steps", "1",
+               "--out", str(out))
     r = json.loads(out.read_text())
-    assert {"imm_over_fm_time", "math_share", "imm_over_fm_memory", "targets", "adamw", "ema"} <= set(r)
+    assert {"imm_over_fm_time", "math_share", "imm_over_fm_memory", "targets", "adamw", "ema", "sync"} <= set(r)
+    assert r["objective_math_ops"] > r["fm_math_ops"] > 0
     assert r["imm_over_fm_time"] > 0 and r["memory"]["imm"]["mb"] > 0
     assert "| imm_step |" in text and "targets:" in text
 
