@@ -139,6 +139,7 @@ class EvalConfig:
     fid_cache: Optional[str] = None  # reference statistics cache; null: ~/.cache/imm/fid
     inception_weights: Optional[str] = None  # a local Inception weights file (offline machines)
     seed: int = 1234
+    draws: int = 8  # points: the energy distance is the mean over this many noise draws of n_samples, as its floor
 
 
 @dataclass
@@ -232,7 +233,7 @@ CHOICES = {
     "eval.grid": ("uniform", "edm", "eta"),
 }
 POSITIVE = ("optim.lr", "train.steps", "train.batch_size", "loss.M", "train.log_every", "train.ckpt_every",
-            "eval.n_samples", "eval.batch_size", "schedule.sigma_data", "schedule.time_scale")
+            "eval.n_samples", "eval.batch_size", "eval.draws", "schedule.sigma_data", "schedule.time_scale")
 
 
 def _get(cfg, key: str):

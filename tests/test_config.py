@@ -89,6 +89,7 @@ BAD = {
     "zero batch": (["train.batch_size=0"], "train.batch_size"),
     "zero steps": (["train.steps=0"], "train.steps"),
     "zero M": (["loss.M=0"], "loss.M"),
+    "zero evaluation draws": (["eval.draws=0"], "eval.draws"),
     "M does not divide batch": (["train.batch_size=510"], "divisible by loss.M"),
     "k out of range": (["loss.k=40"], "loss.k=40"),
     "a not 1 or 2": (["loss.a=3"], "loss.a=3"),

@@ -56,9 +56,37 @@ def test_point_evaluation_repeats_the_training_numbers_and_lands_in_its_run(toy,
     assert "eval_online/energy_1step" in online and not any(k.startswith("eval/") for k in online)
 
 
-def test_point_evaluation_refuses_guidance(toy, tmp_path):
+def test_point_energy_is_the_mean_over_draws_and_the_first_draw_is_unchanged(toy):
+    from imm.core import sampling
+    from imm.evaluation import metrics
+    from imm.tasks.sample import restore
+
+    r = restore(toy.ckpt)
+    bundle = r.bundle(need_data=True)
+    one, three = (Evaluator(bundle, r.param, T=r.T, eps=r.eps, steps=[1, 2], n_samples=300, draws=d) for d in (1, 3))
+    res1, res3 = one(r.net)[0], three(r.net)[0]
+    for N in (1, 2):  # the other metrics, the floor and the figure's draw do not depend on `draws`
+        for k in ("sw2", "precision", "recall"):
+            assert res3[f"eval/{k}_{N}step"] == res1[f"eval/{k}_{N}step"]
+        energies = [res1[f"eval/energy_{N}step"]]
+        for noise in three.more_noise:  # the further draws, decoded independently of the Evaluator
+            x = sampling.sample(r.net, r.param, noise, three.grids[N], sampler="pushforward")
+            energies.append(metrics.energy_distance(x.float(), bundle.heldout))
+        assert len(set(energies)) == 3  # independent draws
+        assert res3[f"eval/energy_{N}step"] == pytest.approx(sum(energies) / 3, rel=1e-9)
+        assert res3[f"eval/energy_sd_{N}step"] == pytest.approx(torch.tensor(energies).std().item(), rel=1e-6)
+        assert f"eval/energy_sd_{N}step" not in res1
+        assert res3[f"eval/energy_ratio_{N}step"] == pytest.approx(res3[f"eval/energy_{N}step"] / res3["eval/energy_floor"])
+    assert res3["eval/energy_floor"] == res1["eval/energy_floor"]
+    with pytest.raises(ValueError, match="draws must be a positive integer"):
+        Evaluator(bundle, r.param, T=r.T, eps=r.eps, steps=[1], n_samples=300, draws=0)
+
+
+def test_point_evaluation_refuses_guidance_and_zero_draws(toy, tmp_path):
     with pytest.raises(ConfigError, match="needs a class-conditional model"):
         evaluate(toy, tmp_path, "eval.guidance=[1.0,1.5]")
+    with pytest.raises(ConfigError, match=r"eval.draws=0 must be a positive integer\.$"):
+        evaluate(toy, tmp_path, "eval.draws=0")
 
 
 def test_tiny_random_features_fid_is_zero_for_the_same_set_and_grows_with_a_shift():

@@ -51,8 +51,9 @@ def test_short_training_improves_samples(tmp_path, loss, N):
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == list(range(50, 401, 50))
     for key in ("eval/energy_1step", "eval/energy_floor", "eval/recall_8step", "final/energy_1step",
-                "best/energy_1step", "model/parameters"):
+                "best/energy_1step", "model/parameters", "eval/energy_sd_1step"):  # sd over the 8 draws
         assert key in run.data.metrics, key
+    assert not any(k.startswith("best/energy_sd") for k in run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "checkpoints.txt", "figures"} <= artifacts
     figures = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]

@@ -10,6 +10,7 @@ checkpoint with the same settings are the same number.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from pathlib import Path
@@ -120,6 +121,12 @@ class Evaluator:
     (tests only). The Inception weights are resolved at construction: a missing file fails here,
     before anything is sampled.
 
+    Points: the energy distance, read against its floor, is the mean over `draws` independent noise
+    draws of n_samples each (like the floor, which is a mean over FLOOR_DRAWS data draws): one draw
+    of a model's energy distance near the floor varies by about as much as the floor itself (the
+    same checkpoint measured 1.9x-4.0x over four draws of 5000). Its standard deviation over the
+    draws is logged as energy_sd. Sliced W2, k-NN precision/recall and the figure use the first draw.
+
     `labels`: "cycle" (classes 0..C-1 in turn), "uncond" (the null label) or a list of class ids
     (cycled); ignored for unconditional data. `etas`: explicit intermediate eta points, used for
     the step count N = len(etas) + 1.
@@ -127,10 +134,12 @@ class Evaluator:
 
     def __init__(self, bundle, param, *, T: float, eps: float, steps=(1, 2, 4, 8), n_samples: int = 5000,
                  batch_size: int = 1000, sampler: str = "pushforward", grid: str = "uniform",
-                 two_step_eta: float | None = 1.4, guidance: float = 1.0, seed: int = 1234, device="cpu",
-                 etas=None, labels="cycle", max_images: int | None = 64, fid: bool = False,
+                 two_step_eta: float | None = 1.4, guidance: float = 1.0, seed: int = 1234, draws: int = 1,
+                 device="cpu", etas=None, labels="cycle", max_images: int | None = 64, fid: bool = False,
                  fid_n_samples: int = 5000, fid_guidances=None, inception_weights=None, fid_cache=None,
                  feature_net: str = "inception", allow_download: bool = True, dataset_key: str | None = None):
+        if int(draws) < 1:
+            raise ValueError(f"draws must be a positive integer, got {draws}")
         self.bundle, self.param, self.device = bundle, param, torch.device(device)
         self.steps, self.sampler, self.guidance = [int(n) for n in steps], sampler, float(guidance)
         self.T, self.eps, self.grid, self.two_step_eta = T, eps, grid, two_step_eta
@@ -146,6 +155,10 @@ class Evaluator:
         self.floor, self.floor_reported = None, False
         if bundle.kind == "points":  # the floor at the samples' size: reference draws of the training data
             self.floor = noise_floor(bundle, min(max(n_samples, 16), len(bundle.train)), g)  # k-NN needs > k = 5
+        # further noise draws for the mean energy distance (drawn after the floor: draw 0 and the floor
+        # do not depend on `draws`)
+        self.more_noise = ([param.sigma_data * torch.randn(self.noise.shape, generator=g) for _ in range(int(draws) - 1)]
+                           if bundle.kind == "points" else [])
 
         self.fid_evaluator = None
         if fid:
@@ -175,7 +188,7 @@ class Evaluator:
         fid = bool(ev.get("fid", False)) and bundle.kind == "images"
         kwargs = dict(T=loss_T(cfg), eps=cfg.loss.eps, steps=ev.steps, n_samples=ev.n_samples,
                       batch_size=ev.batch_size, sampler=ev.sampler, grid=ev.grid, two_step_eta=ev.two_step_eta,
-                      guidance=ev.guidance, seed=ev.seed, device=device, fid=fid)
+                      guidance=ev.guidance, seed=ev.seed, draws=ev.get("draws", 1), device=device, fid=fid)
         if fid:
             kwargs.update(fid_n_samples=ev.get("fid_n_samples", None) or 5000,
                           inception_weights=ev.get("inception_weights", None),
@@ -215,10 +228,11 @@ class Evaluator:
         return ids[index % len(ids)]
 
     @torch.no_grad()
-    def _decode(self, net, N: int, batches, guidance: float):
-        """Yields the samples (float64, on self.device) of each (noise, labels) batch, with N steps."""
+    def _decode(self, net, N: int, batches, guidance: float, draw: int = 0):
+        """Yields the samples (float64, on self.device) of each (noise, labels) batch, with N steps
+        (the restart sampler's fresh noise is seeded per draw)."""
         grid = self.grids[N] if N in self.grids else self.grid_for(N)
-        g = torch.Generator(self.device).manual_seed(self.restart_seed)
+        g = torch.Generator(self.device).manual_seed(self.restart_seed + 1000 * draw)
         was_training = net.training
         net.eval()
         try:
@@ -230,9 +244,12 @@ class Evaluator:
             net.train(was_training)
 
     def _fixed_batches(self, n: int):
-        for i in range(0, n, self.batch_size):
-            yield (self.noise[i:min(i + self.batch_size, n)],
-                   None if self.labels is None else self.labels[i:min(i + self.batch_size, n)])
+        yield from self._batches(self.noise[:n])
+
+    def _batches(self, noise: torch.Tensor):
+        for i in range(0, len(noise), self.batch_size):
+            j = min(i + self.batch_size, len(noise))
+            yield noise[i:j], None if self.labels is None else self.labels[i:j]
 
     def _fresh_batches(self, n: int):
         """n noise draws from `seed` in batches, generated as needed (FID-50k never holds them all)."""
@@ -248,9 +265,17 @@ class Evaluator:
         return torch.cat([x.cpu() for x in self._decode(net, N, self._fixed_batches(n), w)])
 
     # -- metrics ----------------------------------------------------------------------------------
-    def point_results(self, x: torch.Tensor, N: int) -> tuple[dict, dict]:
-        """Point data: ({eval/<metric>_<N>step: value}, the figure panel's text)."""
+    def point_results(self, x: torch.Tensor, N: int, net=None) -> tuple[dict, dict]:
+        """Point data: ({eval/<metric>_<N>step: value}, the figure panel's text) for the samples x of the
+        first draw; with `net`, the energy distance is the mean over x and the further draws."""
         m = metrics.point_metrics(x.float(), self.bundle.heldout)
+        if net is not None and self.more_noise:
+            energies = [m["energy"]]
+            for draw, noise in enumerate(self.more_noise, start=1):
+                y = torch.cat([y.cpu() for y in self._decode(net, N, self._batches(noise), self.guidance, draw)])
+                energies.append(metrics.energy_distance(y.float(), self.bundle.heldout))
+            m["energy"] = mean = sum(energies) / len(energies)
+            m["energy_sd"] = math.sqrt(sum((e - mean) ** 2 for e in energies) / (len(energies) - 1))
         results = {f"eval/{k}_{N}step": v for k, v in m.items()}
         results[f"eval/energy_ratio_{N}step"] = m["energy"] / max(self.floor["energy"], 1e-12)
         return results, {"ED/floor": results[f"eval/energy_ratio_{N}step"], "recall": m["recall"]}
@@ -291,7 +316,7 @@ class Evaluator:
             x = self.samples(net, N)
             by_steps[N] = x
             if self.bundle.kind == "points":
-                r, panel_text[N] = self.point_results(x, N)
+                r, panel_text[N] = self.point_results(x, N, net)
                 results.update(r)
         if self.floor is not None and not self.floor_reported:  # the noise floor is logged once
             results.update({f"eval/{k}_floor": v for k, v in self.floor.items()})

@@ -66,6 +66,7 @@ class EvaluateOptions:
     grid: str = "uniform"
     two_step_eta: Optional[float] = 1.4
     seed: int = 1234  # the training evaluation's default: evaluating the last checkpoint repeats its numbers
+    draws: int = 8  # points: the energy distance is the mean over this many noise draws, as its floor
     inception_weights: Optional[str] = None  # a local Inception-v3 weights file (offline machines)
     allow_download: bool = True  # false: never download the Inception weights
     fid_cache: Optional[str] = None  # reference statistics directory; null: $XDG_CACHE_HOME/imm/fid

@@ -46,6 +46,8 @@ def _validate(cfg) -> None:
         raise ConfigError(f"eval.steps={list(ev.steps)} must be a non-empty list of positive integers.")
     if ev.batch_size < 1:
         raise ConfigError(f"eval.batch_size={ev.batch_size} must be a positive integer.")
+    if ev.draws < 1:
+        raise ConfigError(f"eval.draws={ev.draws} must be a positive integer.")
     if ev.n_samples is not None and ev.n_samples < 2:
         raise ConfigError(f"eval.n_samples={ev.n_samples} must be at least 2.")
 
@@ -117,7 +119,7 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     n = ev_cfg.n_samples or (FID_N_DEFAULT if images else len(bundle.heldout))
     common = dict(T=r.T, eps=r.eps, steps=[int(s) for s in ev_cfg.steps], batch_size=ev_cfg.batch_size,
                   sampler=ev_cfg.sampler, grid=ev_cfg.grid, two_step_eta=ev_cfg.two_step_eta, seed=ev_cfg.seed,
-                  device=r.device, guidance=guidances[0])
+                  draws=ev_cfg.draws, device=r.device, guidance=guidances[0])
     if images:
         evaluator = Evaluator(bundle, r.param, n_samples=64, fid=True, fid_n_samples=n, fid_guidances=guidances,
                               inception_weights=ev_cfg.inception_weights, allow_download=ev_cfg.allow_download,

@@ -291,7 +291,7 @@ def _check_same_run(cfg, saved_yaml: str, path) -> dict[str, str]:
 
 def _track_best(best: dict, results: dict) -> None:
     for k, v in results.items():
-        if ("energy" in k or "sw2" in k or "fid" in k) and not k.endswith("floor"):
+        if ("energy" in k or "sw2" in k or "fid" in k) and not k.endswith("floor") and "_sd_" not in k:
             name = f"best/{k[5:]}"
             best[name] = min(best.get(name, math.inf), v)
 
