@@ -5,7 +5,7 @@
 
 Every run is imm.training.loop.train on a config composed by Hydra from conf/ exactly as
 `python launch.py` composes it (default job: 3x256 MLP, batch 512, Euler-FM on OT-FM, k=12, a=1,
-b=4, M=4, AdamW 1e-3 with cosine decay, evaluation EMA 0.999), plus the overrides of its variant:
+b=4, M=4, AdamW 3e-4 with cosine decay, evaluation EMA 0.999), plus the overrides of its variant:
 
   imm         the default job (kernel=paper, target=online)
   fm          loss=fm: the flow-matching baseline, same network, steps and batch
@@ -14,8 +14,8 @@ b=4, M=4, AdamW 1e-3 with cosine decay, evaluation EMA 0.999), plus the override
   target_ema  target=ema    (theta^- an EMA of the weights instead of the online weights)
 
 The final evaluation (the loop's Evaluator: 5000 samples from fixed noise at 1, 2, 4, 8 steps
-against 5000 held-out points) gives energy distance (ED), sliced W2 (SW2) and k-NN precision/recall;
-ED and SW2 are reported as ratios to the noise floor (the same metric between two independent
+against 5000 held-out points, the energy distance averaged over 8 noise draws) gives energy
+distance (ED), sliced W2 (SW2) and k-NN precision/recall; ED and SW2 are reported as ratios to the noise floor (the same metric between two independent
 data samples), recall next to the floor's recall. Variants are compared at 1 step.
 
 Runs are independent processes (--jobs in parallel, each with train.threads=--threads); results
