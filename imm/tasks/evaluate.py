@@ -4,8 +4,9 @@
   eval.guidance, on eval.n_samples generated images (50000 by default, as in the paper), named
   eval/fid50k_2step (eval/fid50k_2step_w1.5 with guidance). The training set's Inception statistics
   are cached in eval.fid_cache. Offline, point eval.inception_weights at a local weights file.
-- Points: energy distance, sliced W2 and k-NN precision/recall (k = 5) against the held-out data
-  for every step count, and the same metrics between two data samples (the noise floor).
+- Points: energy distance (the mean over eval.draws noise draws), sliced W2 and k-NN
+  precision/recall (k = 5) against the held-out data for every step count, and the same metrics
+  between two data samples (the noise floor).
 
 Sampling and metrics are the trainer's Evaluator's, so with the same settings the numbers repeat
 those logged during training. The metrics are logged to the checkpoint's MLflow run at the
