@@ -26,6 +26,18 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a module of tiny tensors (`pytestmark = pytest.mark.usefixtures("single_thread")`):
+    extra intra-op threads only add synchronisation, and stall when other processes share the cores."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 SWEEP_TINY = ["train.steps=60", "train.batch_size=64", "arch.width=32", "arch.depth=1", "eval.every=30",
               "eval.n_samples=300", "eval.steps=[1,2]", "data.n_train=2000", "data.n_heldout=300",
               "train.log_every=10", "train.threads=1"]

@@ -39,13 +39,7 @@ TINY = {
 N_PNGS = 40  # the folder dataset: 40 images, so batch 8 gives 5 batches per epoch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # Tiny tensors: extra intra-op threads only add synchronisation (and stall on shared cores).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -57,14 +57,7 @@ def inputs(kind: str, batch: int = 4):
 KINDS = list(TINY)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    # The tensors here are tiny: extra intra-op threads only add synchronisation, and they
-    # slow the suite down badly when other processes share the cores.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors (conftest.py)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -243,9 +243,6 @@ class Evaluator:
         finally:
             net.train(was_training)
 
-    def _fixed_batches(self, n: int):
-        yield from self._batches(self.noise[:n])
-
     def _batches(self, noise: torch.Tensor):
         for i in range(0, len(noise), self.batch_size):
             j = min(i + self.batch_size, len(noise))
@@ -261,8 +258,11 @@ class Evaluator:
     def samples(self, net, N: int, n: int | None = None, guidance: float | None = None) -> torch.Tensor:
         """The first n (default all n_samples) fixed-noise samples with N steps, model space, float64 CPU."""
         n = len(self.noise) if n is None else min(n, len(self.noise))
-        w = self.guidance if guidance is None else guidance
-        return torch.cat([x.cpu() for x in self._decode(net, N, self._fixed_batches(n), w)])
+        return self._decode_all(net, N, self.noise[:n], self.guidance if guidance is None else guidance)
+
+    def _decode_all(self, net, N: int, noise: torch.Tensor, guidance: float, draw: int = 0) -> torch.Tensor:
+        """All of `noise` (with the fixed labels) decoded with N steps, float64 on the CPU."""
+        return torch.cat([x.cpu() for x in self._decode(net, N, self._batches(noise), guidance, draw)])
 
     # -- metrics ----------------------------------------------------------------------------------
     def point_results(self, x: torch.Tensor, N: int, net=None) -> tuple[dict, dict]:
@@ -272,7 +272,7 @@ class Evaluator:
         if net is not None and self.more_noise:
             energies = [m["energy"]]
             for draw, noise in enumerate(self.more_noise, start=1):
-                y = torch.cat([y.cpu() for y in self._decode(net, N, self._batches(noise), self.guidance, draw)])
+                y = self._decode_all(net, N, noise, self.guidance, draw)
                 energies.append(metrics.energy_distance(y.float(), self.bundle.heldout))
             m["energy"] = mean = sum(energies) / len(energies)
             m["energy_sd"] = math.sqrt(sum((e - mean) ** 2 for e in energies) / (len(energies) - 1))

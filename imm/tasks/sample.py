@@ -130,10 +130,7 @@ def restore(ckpt, *, weights: str = "ema", device: str = "auto", data=None) -> R
         raise ConfigError(f"weights={weights!r} is not allowed; choose one of {', '.join(WEIGHTS)}.")
     dev = resolve_device(device)
     path = resolve_ckpt(ckpt)
-    state = checkpoint.load(path)
-    missing = [k for k in ("config", "model", "ema", "shape", "num_classes", "step") if k not in state]
-    if missing:
-        raise CheckpointError(f"{path} is not a training checkpoint of this project (no {', '.join(missing)})")
+    state = checkpoint.load(path, required=(*checkpoint.REQUIRED_KEYS, "shape", "num_classes"))
     cfg = _training_config(state["config"])
     for key in ("root", "path"):  # the data moved since training
         if data is not None and data.get(key):
