@@ -70,14 +70,22 @@ def _split_top(text: str):
 
 def add_common_args(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: stable CPU-time measurements on a shared machine;"
-                        " 0 keeps torch's default)")
-    p.add_argument("--iters", type=int, default=0,
-                   help="calls per timed sample, back to back (default: 1 on the CPU, 10 on CUDA)")
-    p.add_argument("--out", type=Path, default=None if name == "step_cost" else RESULTS_DIR / f"{name}.json",
-                   help="JSON file for the results (default: bench/results/"
-                        + ("step_cost_<arch>_<size>_b<batch>.json)" if name == "step_cost" else f"{name}.json)"))
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: stable CPU-time measurements on a shared machine; 0 keeps torch's default)",
+    )
+    p.add_argument(
+        "--iters", type=int, default=0, help="calls per timed sample, back to back (default: 1 on the CPU, 10 on CUDA)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None if name == "step_cost" else RESULTS_DIR / f"{name}.json",
+        help="JSON file for the results (default: bench/results/"
+        + ("step_cost_<arch>_<size>_b<batch>.json)" if name == "step_cost" else f"{name}.json)"),
+    )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -145,8 +153,7 @@ def timed(fn, device: torch.device):
     return time.perf_counter() - w0, time.process_time() - c0
 
 
-def interleaved(cases: dict, device: torch.device, *, repeats: int, warmup: int = 1, iters: int = 1,
-                log=None) -> dict:
+def interleaved(cases: dict, device: torch.device, *, repeats: int, warmup: int = 1, iters: int = 1, log=None) -> dict:
     """Time every case alternately: `warmup` untimed rounds, then `repeats` rounds, each running each
     case `iters` times back to back between two synchronizations (so on a GPU the host runs ahead
     of the device as in training). Returns {name: {"wall": [...], "cpu": [...]}}, seconds per call."""
@@ -204,9 +211,32 @@ def count_ops(fn) -> dict:
     return dict(counts)
 
 
-VIEW_OPS = {"view", "_unsafe_view", "reshape", "expand", "as_strided", "unsqueeze", "squeeze", "t", "transpose",
-            "permute", "slice", "select", "unbind", "split", "chunk", "narrow", "detach", "alias", "flatten",
-            "_reshape_alias", "view_as", "expand_as", "lift_fresh", "_to_copy_view"}
+VIEW_OPS = {
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "expand",
+    "as_strided",
+    "unsqueeze",
+    "squeeze",
+    "t",
+    "transpose",
+    "permute",
+    "slice",
+    "select",
+    "unbind",
+    "split",
+    "chunk",
+    "narrow",
+    "detach",
+    "alias",
+    "flatten",
+    "_reshape_alias",
+    "view_as",
+    "expand_as",
+    "lift_fresh",
+    "_to_copy_view",
+}
 
 
 def kernel_ops(counts: dict) -> int:
@@ -288,8 +318,9 @@ def objectives(M: int = 4, k: float = 12, a: float = 1.0, b: float = 4.0, weight
     from imm.core import mapping, objective, parameterization
 
     par = parameterization.get("euler_fm", schedule="fm", sigma_data=0.5)
-    imm = objective.IMMObjective(par, mapping.Mapping("eta_decrement", schedule="fm", k=k, eps=0.0, T=0.994),
-                                 M=M, a=a, b=b, weighting=weighting)
+    imm = objective.IMMObjective(
+        par, mapping.Mapping("eta_decrement", schedule="fm", k=k, eps=0.0, T=0.994), M=M, a=a, b=b, weighting=weighting
+    )
     fm = objective.FMObjective(par, eps=0.0, T=0.994)
     return par, imm, fm
 

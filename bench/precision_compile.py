@@ -50,20 +50,33 @@ PEAK_TFLOPS = [
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--archs", nargs="+", default=["dit_s_4", "dit_b_2"],
-                   help="networks: an imm.nets.build name or NAME:key=value,...")
+    p.add_argument(
+        "--archs",
+        nargs="+",
+        default=["dit_s_4", "dit_b_2"],
+        help="networks: an imm.nets.build name or NAME:key=value,...",
+    )
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--channels", type=int, default=3)
-    p.add_argument("--batch", type=int, nargs="+", default=None,
-                   help="batch size, one for all networks or one per --archs entry (default: 256 on CUDA, 32 on the CPU)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=None,
+        help="batch size, one for all networks or one per --archs entry (default: 256 on CUDA, 32 on the CPU)",
+    )
     p.add_argument("--M", type=int, default=4)
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default, reduce-overhead, max-autotune)")
     p.add_argument("--repeats", type=int, default=10, help="timed rounds")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds (the first one compiles)")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="peak TFLOP/s to divide by, for every precision (overrides the device table)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="peak TFLOP/s to divide by, for every precision (overrides the device table)",
+    )
     C.add_common_args(p, "precision_compile")
     return p.parse_args(argv)
 
@@ -144,8 +157,7 @@ def _dynamo_cache_room(limit: int = 64) -> None:
     graphs than dynamo's default cache limit (8), past which it silently falls back to eager."""
     import torch._dynamo
 
-    for name in ("cache_size_limit", "accumulated_cache_size_limit", "recompile_limit",
-                 "accumulated_recompile_limit"):
+    for name in ("cache_size_limit", "accumulated_cache_size_limit", "recompile_limit", "accumulated_recompile_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(limit, getattr(torch._dynamo.config, name)))
 
@@ -210,8 +222,14 @@ def main(argv=None):
         for k in failed:
             del cases[k]
         fns = {f"{p}/{m}": (lambda c=c: c.step(x)) for (p, m), c in cases.items()}
-        raw = C.interleaved(fns, device, repeats=args.repeats, warmup=max(0, args.warmup - 1),
-                            iters=C.default_iters(args.iters, device), log=C.log)
+        raw = C.interleaved(
+            fns,
+            device,
+            repeats=args.repeats,
+            warmup=max(0, args.warmup - 1),
+            iters=C.default_iters(args.iters, device),
+            log=C.log,
+        )
         raw_all[label] = raw
         base = raw.get("fp32/eager")
         for (precision, mode), case in cases.items():
@@ -220,12 +238,26 @@ def main(argv=None):
             t = C.median(r[key])
             peak, source = peak_tflops(device, precision, args.peak_tflops)
             achieved = flops["total"] / t / 1e12
-            rows.append({"arch": label, "params_M": n_params / 1e6, "precision": precision, "mode": mode,
-                         "batch": batch, "step_ms": t * 1e3, "wall_ms": wall * 1e3,
-                         "samples_per_s": batch / t, "gflop_per_step": flops["total"] / 1e9, "tflops": achieved,
-                         "mfu": achieved / peak if peak else None, "peak_tflops": peak, "peak_source": source,
-                         "speedup": C.paired_ratio(base[key], r[key]) if base else None,
-                         "first_call_s": case.first_call_s, "status": "ok"})
+            rows.append(
+                {
+                    "arch": label,
+                    "params_M": n_params / 1e6,
+                    "precision": precision,
+                    "mode": mode,
+                    "batch": batch,
+                    "step_ms": t * 1e3,
+                    "wall_ms": wall * 1e3,
+                    "samples_per_s": batch / t,
+                    "gflop_per_step": flops["total"] / 1e9,
+                    "tflops": achieved,
+                    "mfu": achieved / peak if peak else None,
+                    "peak_tflops": peak,
+                    "peak_source": source,
+                    "speedup": C.paired_ratio(base[key], r[key]) if base else None,
+                    "first_call_s": case.first_call_s,
+                    "status": "ok",
+                }
+            )
         for (precision, mode), why in failed.items():
             rows.append({"arch": label, "precision": precision, "mode": mode, "batch": batch, "status": why})
         rows.extend(skipped)
@@ -235,17 +267,41 @@ def main(argv=None):
 
     print("\n## IMM training step by precision and compilation")
     print(C.describe(info))
-    print(f"medians of {args.repeats} alternating rounds ({key} time); speed-up vs fp32 eager from paired rounds;"
-          f" FLOPs counted with FlopCounterMode\n")
-    print(C.table(rows, [("network", "arch", None), ("precision", "precision", None), ("mode", "mode", None),
-                         ("batch", "batch", "d"), ("step ms", "step_ms", ".1f"), ("samples/s", "samples_per_s", ".4g"),
-                         ("vs fp32 eager", "speedup", ".2f"), ("TFLOP/s", "tflops", ".3g"), ("MFU", "mfu", ".1%"),
-                         ("first call s", "first_call_s", ".1f"), ("status", "status", None)]))
+    print(
+        f"medians of {args.repeats} alternating rounds ({key} time); speed-up vs fp32 eager from paired rounds;"
+        f" FLOPs counted with FlopCounterMode\n"
+    )
+    print(
+        C.table(
+            rows,
+            [
+                ("network", "arch", None),
+                ("precision", "precision", None),
+                ("mode", "mode", None),
+                ("batch", "batch", "d"),
+                ("step ms", "step_ms", ".1f"),
+                ("samples/s", "samples_per_s", ".4g"),
+                ("vs fp32 eager", "speedup", ".2f"),
+                ("TFLOP/s", "tflops", ".3g"),
+                ("MFU", "mfu", ".1%"),
+                ("first call s", "first_call_s", ".1f"),
+                ("status", "status", None),
+            ],
+        )
+    )
     for label, f in flops_all.items():
-        print(f"{label}: {f['total'] / 1e9:.1f} GFLOP per training step (batch {f['batch']});"
-              f" by op: {', '.join(f'{k} {v / 1e9:.1f}' for k, v in sorted(f['by_op'].items(), key=lambda kv: -kv[1]))}")
-    result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "machine": info, "clock": key, "rows": rows, "flops": flops_all, "timings_s": raw_all}
+        print(
+            f"{label}: {f['total'] / 1e9:.1f} GFLOP per training step (batch {f['batch']});"
+            f" by op: {', '.join(f'{k} {v / 1e9:.1f}' for k, v in sorted(f['by_op'].items(), key=lambda kv: -kv[1]))}"
+        )
+    result = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": info,
+        "clock": key,
+        "rows": rows,
+        "flops": flops_all,
+        "timings_s": raw_all,
+    }
     path = C.write_json(args.out, result)
     print(f"\nwrote {path}")
     return result

@@ -26,15 +26,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 PRESETS = {
-    "ddpmpp_tiny": ("ddpmpp", dict(model_channels=32, channel_mult=[1, 2, 2], num_blocks=1,
-                                   attn_resolutions=[16], dropout=0.0)),
+    "ddpmpp_tiny": (
+        "ddpmpp",
+        dict(model_channels=32, channel_mult=[1, 2, 2], num_blocks=1, attn_resolutions=[16], dropout=0.0),
+    ),
 }
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--archs", nargs="+", default=["mlp", "dit_s_4", "ddpmpp_tiny", "ddpmpp"],
-                   help="networks: NAME or NAME:key=value,... (see above)")
+    p.add_argument(
+        "--archs",
+        nargs="+",
+        default=["mlp", "dit_s_4", "ddpmpp_tiny", "ddpmpp"],
+        help="networks: NAME or NAME:key=value,... (see above)",
+    )
     p.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 8], help="sampling step counts")
     p.add_argument("--points-batch", type=int, default=5000, help="batch for point nets (the evaluation's n)")
     p.add_argument("--image-batch", type=int, default=64, help="batch for image nets")
@@ -43,8 +49,12 @@ def parse_args(argv=None):
     p.add_argument("--dim", type=int, default=2, help="point dimension for mlp")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--max-seconds", type=float, default=0.0,
-                   help="if > 0, lower the repeats of a network whose warm-up round shows it would exceed this")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=0.0,
+        help="if > 0, lower the repeats of a network whose warm-up round shows it would exceed this",
+    )
     C.add_common_args(p, "sampling_throughput")
     return p.parse_args(argv)
 
@@ -62,8 +72,7 @@ def main(argv=None):
     device = C.resolve_device(args.device)
     C.setup_threads(args.threads)
     info = C.machine_info(device)
-    from imm.core import parameterization
-    from imm.core import sampling
+    from imm.core import parameterization, sampling
     from imm.evaluation.evaluate import time_grid
 
     par = parameterization.get("euler_fm", schedule="fm", sigma_data=0.5)
@@ -88,27 +97,54 @@ def main(argv=None):
             w, _ = C.timed(cases[max(args.steps)], device)  # also the warm-up of the largest case
             per_round = w * sum(args.steps) / max(args.steps)
             repeats = max(1, min(repeats, int(args.max_seconds / max(per_round, 1e-9))))
-        raw = C.interleaved(cases, device, repeats=repeats, warmup=args.warmup,
-                            iters=C.default_iters(args.iters, device), log=C.log)
+        raw = C.interleaved(
+            cases, device, repeats=repeats, warmup=args.warmup, iters=C.default_iters(args.iters, device), log=C.log
+        )
         raw_all[label] = {str(N): v for N, v in raw.items()}
         for N in args.steps:
             wall, cpu = C.median(raw[N]["wall"]), C.median(raw[N]["cpu"])
-            rows.append({"arch": label, "params_M": n_params / 1e6, "batch": batch, "steps": N,
-                         "repeats": repeats, "wall_ms": wall * 1e3, "cpu_ms": cpu * 1e3,
-                         "samples_per_s": batch / wall, "samples_per_cpu_s": batch / cpu,
-                         "ms_per_step": C.median(raw[N][key]) * 1e3 / N,
-                         "vs_1step": C.paired_ratio(raw[N][key], raw[min(args.steps)][key])})
+            rows.append(
+                {
+                    "arch": label,
+                    "params_M": n_params / 1e6,
+                    "batch": batch,
+                    "steps": N,
+                    "repeats": repeats,
+                    "wall_ms": wall * 1e3,
+                    "cpu_ms": cpu * 1e3,
+                    "samples_per_s": batch / wall,
+                    "samples_per_cpu_s": batch / cpu,
+                    "ms_per_step": C.median(raw[N][key]) * 1e3 / N,
+                    "vs_1step": C.paired_ratio(raw[N][key], raw[min(args.steps)][key]),
+                }
+            )
         del net
 
     print("\n## sampling throughput (pushforward; grids: 2 steps at eta 1.4, else uniform)")
     print(C.describe(info))
     print(f"medians of alternating rounds; 'time vs 1 step' from {key} time\n")
-    print(C.table(rows, [("network", "arch", None), ("params (M)", "params_M", ".2f"), ("batch", "batch", "d"),
-                         ("steps", "steps", "d"), ("samples/s (wall)", "samples_per_s", ".4g"),
-                         ("samples/CPU-s", "samples_per_cpu_s", ".4g"), ("ms per step", "ms_per_step", ".3g"),
-                         ("time vs 1 step", "vs_1step", ".2f")]))
-    result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "machine": info, "clock_for_ratios": key, "rows": rows, "timings_s": raw_all}
+    print(
+        C.table(
+            rows,
+            [
+                ("network", "arch", None),
+                ("params (M)", "params_M", ".2f"),
+                ("batch", "batch", "d"),
+                ("steps", "steps", "d"),
+                ("samples/s (wall)", "samples_per_s", ".4g"),
+                ("samples/CPU-s", "samples_per_cpu_s", ".4g"),
+                ("ms per step", "ms_per_step", ".3g"),
+                ("time vs 1 step", "vs_1step", ".2f"),
+            ],
+        )
+    )
+    result = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": info,
+        "clock_for_ratios": key,
+        "rows": rows,
+        "timings_s": raw_all,
+    }
     path = C.write_json(args.out, result)
     print(f"\nwrote {path}")
     return result

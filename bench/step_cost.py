@@ -57,8 +57,13 @@ class StandIn(nn.Module):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="dit_s_4", help="an imm.nets.build name (mlp, dit_s_4, dit_b_2, ddpmpp, ...)")
-    p.add_argument("--arch-override", action="append", default=[], metavar="KEY=VALUE",
-                   help="architecture setting, repeatable (e.g. --arch-override hidden_size=192)")
+    p.add_argument(
+        "--arch-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="architecture setting, repeatable (e.g. --arch-override hidden_size=192)",
+    )
     p.add_argument("--resolution", type=int, default=32, help="image side (image nets)")
     p.add_argument("--channels", type=int, default=3, help="image channels (image nets)")
     p.add_argument("--dim", type=int, default=2, help="sample size D for --arch mlp")
@@ -66,17 +71,33 @@ def parse_args(argv=None):
     p.add_argument("--M", type=int, default=4, help="particles per group")
     p.add_argument("--repeats", type=int, default=7, help="timed rounds (each runs every case once)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
-    p.add_argument("--adamw", default="auto", choices=["auto", "forloop", "foreach", "fused"],
-                   help="AdamW implementation (auto: as imm.factory builds it)")
-    p.add_argument("--compare-adamw", action="store_true",
-                   help="also time the optimizer step alone for each AdamW implementation, alternately")
-    p.add_argument("--compare-ema", action="store_true",
-                   help="also time the loop's per-step EMA update (ema_pytorch) with and without foreach")
-    p.add_argument("--compare-channels-last", action="store_true",
-                   help="also time the IMM step contiguous vs as built vs channels_last (net and batch), alternately")
-    p.add_argument("--compare-sync", action="store_true",
-                   help="also time the IMM step with and without the loop's per-step host read of the"
-                        " finite-loss/gradient verdict (a device sync on CUDA), alternately")
+    p.add_argument(
+        "--adamw",
+        default="auto",
+        choices=["auto", "forloop", "foreach", "fused"],
+        help="AdamW implementation (auto: as imm.factory builds it)",
+    )
+    p.add_argument(
+        "--compare-adamw",
+        action="store_true",
+        help="also time the optimizer step alone for each AdamW implementation, alternately",
+    )
+    p.add_argument(
+        "--compare-ema",
+        action="store_true",
+        help="also time the loop's per-step EMA update (ema_pytorch) with and without foreach",
+    )
+    p.add_argument(
+        "--compare-channels-last",
+        action="store_true",
+        help="also time the IMM step contiguous vs as built vs channels_last (net and batch), alternately",
+    )
+    p.add_argument(
+        "--compare-sync",
+        action="store_true",
+        help="also time the IMM step with and without the loop's per-step host read of the"
+        " finite-loss/gradient verdict (a device sync on CUDA), alternately",
+    )
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm as in the loop (0: off)")
     p.add_argument("--channels-last", action="store_true", help="net and batch in channels_last (image nets)")
     p.add_argument("--memory-steps", type=int, default=3, help="steps run by each memory subprocess")
@@ -214,7 +235,7 @@ def measure_memory(args, kind: str) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"memory child {kind} failed:\n{proc.stderr[-3000:]}")
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY ")][-1]
-    return json.loads(line[len("MEMORY "):])
+    return json.loads(line[len("MEMORY ") :])
 
 
 def memory_mb(m: dict, device) -> float:
@@ -239,33 +260,59 @@ def main(argv=None):
 
     cases = {"imm_step": su.imm_step, "fm_step": su.fm_step}
     if not args.no_split:
-        cases.update({"student_fwd_bwd": su.student_fwd_bwd, "target_fwd": su.target_fwd,
-                      "optimizer": su.optimizer, "objective_math": su.objective_math, "fm_math": su.fm_math})
-    raw = C.interleaved(cases, device, repeats=args.repeats, warmup=args.warmup,
-                        iters=C.default_iters(args.iters, device), log=C.log)
+        cases.update(
+            {
+                "student_fwd_bwd": su.student_fwd_bwd,
+                "target_fwd": su.target_fwd,
+                "optimizer": su.optimizer,
+                "objective_math": su.objective_math,
+                "fm_math": su.fm_math,
+            }
+        )
+    raw = C.interleaved(
+        cases, device, repeats=args.repeats, warmup=args.warmup, iters=C.default_iters(args.iters, device), log=C.log
+    )
     key = C.primary_key(device)
     med = {n: {"wall": C.median(v["wall"]), "cpu": C.median(v["cpu"])} for n, v in raw.items()}
 
     imm_t = med["imm_step"][key]
     rows = []
     for n in cases:
-        rows.append({"case": n, "wall_ms": med[n]["wall"] * 1e3, "cpu_ms": med[n]["cpu"] * 1e3,
-                     "share": med[n][key] / imm_t,
-                     "samples_per_s": args.batch / med[n]["wall"] if n.endswith("_step") else None,
-                     "samples_per_cpu_s": args.batch / med[n]["cpu"] if n.endswith("_step") else None})
+        rows.append(
+            {
+                "case": n,
+                "wall_ms": med[n]["wall"] * 1e3,
+                "cpu_ms": med[n]["cpu"] * 1e3,
+                "share": med[n][key] / imm_t,
+                "samples_per_s": args.batch / med[n]["wall"] if n.endswith("_step") else None,
+                "samples_per_cpu_s": args.batch / med[n]["cpu"] if n.endswith("_step") else None,
+            }
+        )
     time_ratio = C.paired_ratio(raw["imm_step"][key], raw["fm_step"][key])
-    result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"},
-              "machine": info, "clock_for_ratios": key, "parameters": n_params, "timings_s": raw,
-              "median_s": med, "rows": rows, "imm_over_fm_time": time_ratio}
+    result = {
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"},
+        "machine": info,
+        "clock_for_ratios": key,
+        "parameters": n_params,
+        "timings_s": raw,
+        "median_s": med,
+        "rows": rows,
+        "imm_over_fm_time": time_ratio,
+    }
     if not args.no_split:
         math_share = C.paired_ratio(raw["objective_math"][key], raw["imm_step"][key])
         parts = sum(med[n][key] for n in ("student_fwd_bwd", "target_fwd", "optimizer", "objective_math"))
         fm_parts = sum(med[n][key] for n in ("student_fwd_bwd", "optimizer", "fm_math"))
-        result.update({"math_share": math_share, "sum_of_parts_over_imm_step": parts / imm_t,
-                       "imm_over_fm_time_from_parts": parts / fm_parts,
-                       # operator calls (~ kernel launches on a GPU) of the objective around the stand-in
-                       "objective_math_ops": C.kernel_ops(C.count_ops(su.objective_math)),
-                       "fm_math_ops": C.kernel_ops(C.count_ops(su.fm_math))})
+        result.update(
+            {
+                "math_share": math_share,
+                "sum_of_parts_over_imm_step": parts / imm_t,
+                "imm_over_fm_time_from_parts": parts / fm_parts,
+                # operator calls (~ kernel launches on a GPU) of the objective around the stand-in
+                "objective_math_ops": C.kernel_ops(C.count_ops(su.objective_math)),
+                "fm_math_ops": C.kernel_ops(C.count_ops(su.fm_math)),
+            }
+        )
 
     if args.compare_adamw:
         result["adamw"] = compare_adamw(su, args, device, key)
@@ -274,11 +321,21 @@ def main(argv=None):
     if args.compare_channels_last:
         result["channels_last"] = compare_channels_last(args, device, key)
     if args.compare_sync:
-        raw_s = C.interleaved({"no host read": su.imm_step, "host read per step": lambda: su.step(su.imm, True)},
-                              device, repeats=args.repeats, warmup=1, iters=C.default_iters(args.iters, device))
-        result["sync"] = {k: {"median_ms": C.median(v[key]) * 1e3, "wall_ms": C.median(v["wall"]) * 1e3,
-                              "over_no_read": C.paired_ratio(v[key], raw_s["no host read"][key])}
-                          for k, v in raw_s.items()}
+        raw_s = C.interleaved(
+            {"no host read": su.imm_step, "host read per step": lambda: su.step(su.imm, True)},
+            device,
+            repeats=args.repeats,
+            warmup=1,
+            iters=C.default_iters(args.iters, device),
+        )
+        result["sync"] = {
+            k: {
+                "median_ms": C.median(v[key]) * 1e3,
+                "wall_ms": C.median(v["wall"]) * 1e3,
+                "over_no_read": C.paired_ratio(v[key], raw_s["no host read"][key]),
+            }
+            for k, v in raw_s.items()
+        }
 
     if not args.no_memory:
         mem = {kind: measure_memory(args, kind) for kind in ("none", "imm", "fm")}
@@ -288,6 +345,7 @@ def main(argv=None):
             # the same ratio without the setup (weights, batch): what the step itself adds
             def step_mb(k):
                 return (mem[k]["peak_rss_kb"] - mem[k]["setup_rss_kb"]) / 1024
+
             result["imm_over_fm_step_memory"] = step_mb("imm") / step_mb("fm")
 
     result["targets"] = targets_status(result, args)
@@ -319,10 +377,12 @@ def compare_adamw(su, args, device, key):
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(nets[impl].parameters(), args.grad_clip)
             opts[impl].step()
+
         return run
 
-    raw = C.interleaved({i: make(i) for i in nets}, device, repeats=args.repeats, warmup=1,
-                        iters=C.default_iters(args.iters, device))
+    raw = C.interleaved(
+        {i: make(i) for i in nets}, device, repeats=args.repeats, warmup=1, iters=C.default_iters(args.iters, device)
+    )
     return {i: {"median_ms": C.median(v[key]) * 1e3, "wall_ms": C.median(v["wall"]) * 1e3} for i, v in raw.items()}
 
 
@@ -330,10 +390,25 @@ def compare_ema(su, args, device, key):
     """EMA.update() as the loop builds it (ema_pytorch, update_every=1), use_foreach False vs True."""
     from ema_pytorch import EMA
 
-    emas = {f"foreach={fe}": EMA(su.net, beta=0.999, power=0.75, update_every=1, update_after_step=0,
-                                 include_online_model=False, use_foreach=fe) for fe in (False, True)}
-    raw = C.interleaved({k: e.update for k, e in emas.items()}, device, repeats=args.repeats, warmup=2,
-                        iters=C.default_iters(args.iters, device))
+    emas = {
+        f"foreach={fe}": EMA(
+            su.net,
+            beta=0.999,
+            power=0.75,
+            update_every=1,
+            update_after_step=0,
+            include_online_model=False,
+            use_foreach=fe,
+        )
+        for fe in (False, True)
+    }
+    raw = C.interleaved(
+        {k: e.update for k, e in emas.items()},
+        device,
+        repeats=args.repeats,
+        warmup=2,
+        iters=C.default_iters(args.iters, device),
+    )
     return {k: {"median_ms": C.median(v[key]) * 1e3, "wall_ms": C.median(v["wall"]) * 1e3} for k, v in raw.items()}
 
 
@@ -357,68 +432,140 @@ def compare_channels_last(args, device, key):
         if case == "as built" and not has_switch:
             continue
         setups[case] = su
-    raw = C.interleaved({k: su.imm_step for k, su in setups.items()}, device, repeats=args.repeats, warmup=1,
-                        iters=C.default_iters(args.iters, device))
-    out = {k: {"median_ms": C.median(v[key]) * 1e3, "wall_ms": C.median(v["wall"]) * 1e3,
-               "over_contiguous": C.paired_ratio(v[key], raw["contiguous"][key])} for k, v in raw.items()}
+    raw = C.interleaved(
+        {k: su.imm_step for k, su in setups.items()},
+        device,
+        repeats=args.repeats,
+        warmup=1,
+        iters=C.default_iters(args.iters, device),
+    )
+    out = {
+        k: {
+            "median_ms": C.median(v[key]) * 1e3,
+            "wall_ms": C.median(v["wall"]) * 1e3,
+            "over_contiguous": C.paired_ratio(v[key], raw["contiguous"][key]),
+        }
+        for k, v in raw.items()
+    }
     out["channels_last_over_contiguous"] = out["channels_last"]["over_contiguous"]
     out["timings_s"] = raw
     return out
 
 
 def targets_status(r, args) -> dict:
-    out = {"time_ratio": {"value": r["imm_over_fm_time"], "target": TARGETS["time_ratio"],
-                          "met": r["imm_over_fm_time"] <= TARGETS["time_ratio"]}}
+    out = {
+        "time_ratio": {
+            "value": r["imm_over_fm_time"],
+            "target": TARGETS["time_ratio"],
+            "met": r["imm_over_fm_time"] <= TARGETS["time_ratio"],
+        }
+    }
     if "math_share" in r:
-        stated = (args.arch == "dit_s_4" and not args.arch_override and args.resolution == 32 and args.batch == 32
-                  and args.channels == 3)
-        out["math_share"] = {"value": r["math_share"], "target": TARGETS["math_share"],
-                             "met": r["math_share"] <= TARGETS["math_share"], "applies": stated,
-                             "note": "the target is stated for DiT-S/4 at 3x32x32, batch 32"}
+        stated = (
+            args.arch == "dit_s_4"
+            and not args.arch_override
+            and args.resolution == 32
+            and args.batch == 32
+            and args.channels == 3
+        )
+        out["math_share"] = {
+            "value": r["math_share"],
+            "target": TARGETS["math_share"],
+            "met": r["math_share"] <= TARGETS["math_share"],
+            "applies": stated,
+            "note": "the target is stated for DiT-S/4 at 3x32x32, batch 32",
+        }
     if "imm_over_fm_memory" in r:
-        out["memory_ratio"] = {"value": r["imm_over_fm_memory"], "target": TARGETS["memory_ratio"],
-                               "met": r["imm_over_fm_memory"] <= TARGETS["memory_ratio"]}
+        out["memory_ratio"] = {
+            "value": r["imm_over_fm_memory"],
+            "target": TARGETS["memory_ratio"],
+            "met": r["imm_over_fm_memory"] <= TARGETS["memory_ratio"],
+        }
     return out
 
 
 def print_report(r, args):
     info = r["machine"]
-    print(f"\n## step cost: {args.arch} {tuple(C.sample_shape(args.arch, args.resolution, args.channels, args.dim))},"
-          f" batch {args.batch}, M {args.M}, {r['parameters'] / 1e6:.2f}M parameters")
+    print(
+        f"\n## step cost: {args.arch} {tuple(C.sample_shape(args.arch, args.resolution, args.channels, args.dim))},"
+        f" batch {args.batch}, M {args.M}, {r['parameters'] / 1e6:.2f}M parameters"
+    )
     print(C.describe(info))
     print(f"medians of {args.repeats} alternating rounds; shares and ratios from {r['clock_for_ratios']} time\n")
-    print(C.table(r["rows"], [("case", "case", None), ("wall ms", "wall_ms", ".1f"), ("CPU ms", "cpu_ms", ".1f"),
-                              ("share of IMM step", "share", ".2%"), ("samples/s (wall)", "samples_per_s", ".4g"),
-                              ("samples/CPU-s", "samples_per_cpu_s", ".4g")]))
+    print(
+        C.table(
+            r["rows"],
+            [
+                ("case", "case", None),
+                ("wall ms", "wall_ms", ".1f"),
+                ("CPU ms", "cpu_ms", ".1f"),
+                ("share of IMM step", "share", ".2%"),
+                ("samples/s (wall)", "samples_per_s", ".4g"),
+                ("samples/CPU-s", "samples_per_cpu_s", ".4g"),
+            ],
+        )
+    )
     if "adamw" in r:
         print("\nAdamW step alone (with gradient clipping):")
-        print(C.table([{"impl": k, **v} for k, v in r["adamw"].items()],
-                      [("implementation", "impl", None), ("ms", "median_ms", ".1f"), ("wall ms", "wall_ms", ".1f")]))
+        print(
+            C.table(
+                [{"impl": k, **v} for k, v in r["adamw"].items()],
+                [("implementation", "impl", None), ("ms", "median_ms", ".1f"), ("wall ms", "wall_ms", ".1f")],
+            )
+        )
     if "ema" in r:
         print("\nEMA update alone (ema_pytorch, as the loop's evaluation EMA):")
-        print(C.table([{"impl": k, **v} for k, v in r["ema"].items()],
-                      [("EMA", "impl", None), ("ms", "median_ms", ".1f"), ("wall ms", "wall_ms", ".1f")]))
+        print(
+            C.table(
+                [{"impl": k, **v} for k, v in r["ema"].items()],
+                [("EMA", "impl", None), ("ms", "median_ms", ".1f"), ("wall ms", "wall_ms", ".1f")],
+            )
+        )
     if "channels_last" in r and "note" not in r["channels_last"]:
         rows = [{"layout": k, **v} for k, v in r["channels_last"].items() if isinstance(v, dict) and k != "timings_s"]
         print("\nIMM step by memory layout (alternating rounds):")
-        print(C.table(rows, [("layout", "layout", None), ("ms", "median_ms", ".1f"), ("wall ms", "wall_ms", ".1f"),
-                             ("vs contiguous (paired)", "over_contiguous", ".3f")]))
+        print(
+            C.table(
+                rows,
+                [
+                    ("layout", "layout", None),
+                    ("ms", "median_ms", ".1f"),
+                    ("wall ms", "wall_ms", ".1f"),
+                    ("vs contiguous (paired)", "over_contiguous", ".3f"),
+                ],
+            )
+        )
     if "sync" in r:
         print("\nIMM step with / without the loop's per-step host read of the finite verdict:")
-        print(C.table([{"case": k, **v} for k, v in r["sync"].items()],
-                      [("case", "case", None), ("ms", "median_ms", ".1f"), ("wall ms", "wall_ms", ".1f"),
-                       ("vs no read", "over_no_read", ".3f")]))
+        print(
+            C.table(
+                [{"case": k, **v} for k, v in r["sync"].items()],
+                [
+                    ("case", "case", None),
+                    ("ms", "median_ms", ".1f"),
+                    ("wall ms", "wall_ms", ".1f"),
+                    ("vs no read", "over_no_read", ".3f"),
+                ],
+            )
+        )
     if "memory" in r:
-        unit = "torch.cuda.max_memory_allocated" if info["device"].startswith("cuda") else \
-            "peak RSS minus the RSS of torch and its libraries"
+        unit = (
+            "torch.cuda.max_memory_allocated"
+            if info["device"].startswith("cuda")
+            else "peak RSS minus the RSS of torch and its libraries"
+        )
         rows = [{"case": k, "mb": v["mb"], "peak_rss_mb": v["peak_rss_kb"] / 1024} for k, v in r["memory"].items()]
         print(f"\npeak memory ({unit}; fresh process per case, {args.memory_steps} steps; 'none' = setup only):")
-        print(C.table(rows, [("case", "case", None), ("MB", "mb", ".1f"), ("process peak RSS MB", "peak_rss_mb", ".1f")]))
+        print(
+            C.table(rows, [("case", "case", None), ("MB", "mb", ".1f"), ("process peak RSS MB", "peak_rss_mb", ".1f")])
+        )
     if "imm_over_fm_time_from_parts" in r:
-        print(f"\nIMM/FM from the parts: (student + target + optimizer + math) / (student + optimizer + FM math)"
-              f" = {r['imm_over_fm_time_from_parts']:.3f}; the parts sum to {r['sum_of_parts_over_imm_step']:.1%}"
-              " of the measured IMM step;\nthe objective math is"
-              f" {r['objective_math_ops']} operator calls (FM: {r['fm_math_ops']}), about one kernel launch each on a GPU")
+        print(
+            f"\nIMM/FM from the parts: (student + target + optimizer + math) / (student + optimizer + FM math)"
+            f" = {r['imm_over_fm_time_from_parts']:.3f}; the parts sum to {r['sum_of_parts_over_imm_step']:.1%}"
+            " of the measured IMM step;\nthe objective math is"
+            f" {r['objective_math_ops']} operator calls (FM: {r['fm_math_ops']}), about one kernel launch each on a GPU"
+        )
     print("\ntargets:")
     for name, t in r["targets"].items():
         fmt = ".2%" if name == "math_share" else ".3f"

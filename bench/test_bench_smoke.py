@@ -16,23 +16,40 @@ TINY_DIT = "dit_s_4:hidden_size=32,depth=1,num_heads=2"
 
 
 def run(script, *args, timeout=600):
-    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
 
-@pytest.mark.parametrize("script", ["step_cost.py", "precision_compile.py", "few_step_quality.py",
-                                    "sampling_throughput.py"])
+@pytest.mark.parametrize(
+    "script", ["step_cost.py", "precision_compile.py", "few_step_quality.py", "sampling_throughput.py"]
+)
 def test_help(script):
     assert "usage" in run(script, "--help")
 
 
 def test_step_cost(tmp_path):
     out = tmp_path / "s.json"
-    text = run("step_cost.py", "--arch", "mlp", "--arch-override", "width=32", "--batch", "64", "--repeats", "2",
-               "--warmup", "1", "--compare-adamw", "--compare-ema", "--compare-sync", "--memory-steps", "1",
-               "--out", str(out))
+    text = run(
+        "step_cost.py",
+        "--arch",
+        "mlp",
+        "--arch-override",
+        "width=32",
+        "--batch",
+        "64",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--compare-adamw",
+        "--compare-ema",
+        "--compare-sync",
+        "--memory-steps",
+        "1",
+        "--out",
+        str(out),
+    )
     r = json.loads(out.read_text())
     assert {"imm_over_fm_time", "math_share", "imm_over_fm_memory", "targets", "adamw", "ema", "sync"} <= set(r)
     assert r["objective_math_ops"] > r["fm_math_ops"] > 0
@@ -42,35 +59,115 @@ def test_step_cost(tmp_path):
 
 def test_step_cost_image_net_channels_last(tmp_path):
     out = tmp_path / "s.json"
-    run("step_cost.py", "--arch", "dit_s_4", "--arch-override", "hidden_size=32", "--arch-override", "depth=1",
-        "--arch-override", "num_heads=2", "--resolution", "8", "--batch", "8", "--repeats", "1", "--warmup", "0",
-        "--no-memory", "--compare-channels-last", "--out", str(out))
+    run(
+        "step_cost.py",
+        "--arch",
+        "dit_s_4",
+        "--arch-override",
+        "hidden_size=32",
+        "--arch-override",
+        "depth=1",
+        "--arch-override",
+        "num_heads=2",
+        "--resolution",
+        "8",
+        "--batch",
+        "8",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--no-memory",
+        "--compare-channels-last",
+        "--out",
+        str(out),
+    )
     assert "channels_last_over_contiguous" in json.loads(out.read_text())["channels_last"]
 
 
 def test_precision_compile_cpu_eager(tmp_path):
     out = tmp_path / "p.json"
-    text = run("precision_compile.py", "--device", "cpu", "--archs", TINY_DIT, "--resolution", "8", "--batch", "8",
-               "--modes", "eager", "--repeats", "1", "--warmup", "1", "--out", str(out))
+    text = run(
+        "precision_compile.py",
+        "--device",
+        "cpu",
+        "--archs",
+        TINY_DIT,
+        "--resolution",
+        "8",
+        "--batch",
+        "8",
+        "--modes",
+        "eager",
+        "--repeats",
+        "1",
+        "--warmup",
+        "1",
+        "--out",
+        str(out),
+    )
     rows = json.loads(out.read_text())["rows"]
-    assert {r["precision"]: r["status"] for r in rows} == {"fp32": "ok", "tf32": "n/a (CUDA only)",
-                                                            "bf16": "n/a (CUDA only)", "fp16": "n/a (CUDA only)"}
+    assert {r["precision"]: r["status"] for r in rows} == {
+        "fp32": "ok",
+        "tf32": "n/a (CUDA only)",
+        "bf16": "n/a (CUDA only)",
+        "fp16": "n/a (CUDA only)",
+    }
     assert rows[0]["tflops"] > 0 and "GFLOP per training step" in text
 
 
 def test_sampling_throughput(tmp_path):
     out = tmp_path / "t.json"
-    run("sampling_throughput.py", "--archs", "mlp", TINY_DIT, "--resolution", "8", "--image-batch", "4",
-        "--points-batch", "256", "--steps", "1", "2", "--repeats", "1", "--out", str(out))
+    run(
+        "sampling_throughput.py",
+        "--archs",
+        "mlp",
+        TINY_DIT,
+        "--resolution",
+        "8",
+        "--image-batch",
+        "4",
+        "--points-batch",
+        "256",
+        "--steps",
+        "1",
+        "2",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+    )
     rows = json.loads(out.read_text())["rows"]
     assert [(r["steps"]) for r in rows] == [1, 2, 1, 2] and all(r["samples_per_s"] > 0 for r in rows)
 
 
 def test_few_step_quality_through_the_loop(tmp_path):
     out = tmp_path / "q.json"
-    text = run("few_step_quality.py", "--steps", "20", "--seeds", "0", "--datasets", "rings", "--variants", "imm",
-               "fm", "--eval-steps", "1", "2", "--override", "eval.n_samples=300", "--override", "data.n_heldout=300",
-               "--override", "data.n_train=2000", "--override", "train.batch_size=64", "--out", str(out))
+    text = run(
+        "few_step_quality.py",
+        "--steps",
+        "20",
+        "--seeds",
+        "0",
+        "--datasets",
+        "rings",
+        "--variants",
+        "imm",
+        "fm",
+        "--eval-steps",
+        "1",
+        "2",
+        "--override",
+        "eval.n_samples=300",
+        "--override",
+        "data.n_heldout=300",
+        "--override",
+        "data.n_train=2000",
+        "--override",
+        "train.batch_size=64",
+        "--out",
+        str(out),
+    )
     r = json.loads(out.read_text())
     assert set(r["runs"]) == {"rings/imm/seed0", "rings/fm/seed0"}
     assert all(row["ed_ratio"] > 0 for row in r["tables"]["rows"])

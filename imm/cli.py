@@ -14,11 +14,11 @@ import sys
 
 from hydra.core.hydra_config import HydraConfig
 
-from .config import ConfigError
-from .data import DataError
-from .tracking.mlflow_run import TrackingError, check_reachable, default_uri
-from .training.checkpoint import CheckpointError
-from .training.signals import Interrupted, in_submitit_job
+from imm.config import ConfigError
+from imm.data import DataError
+from imm.tracking.mlflow_run import TrackingError, check_reachable, default_uri
+from imm.training.checkpoint import CheckpointError
+from imm.training.signals import Interrupted, in_submitit_job
 
 log = logging.getLogger("imm")
 USER_ERRORS = (ConfigError, DataError, CheckpointError, TrackingError)
@@ -38,8 +38,12 @@ def tracking_uri(cfg, launch_dir) -> str:
         try:
             check_reachable(uri)
         except TrackingError:
-            log.warning("the MLflow tracking server at %s is not reachable; falling back to the local store %s"
-                        " (tracking.fallback_local=true)", uri, default_uri(launch_dir))
+            log.warning(
+                "the MLflow tracking server at %s is not reachable; falling back to the local store %s"
+                " (tracking.fallback_local=true)",
+                uri,
+                default_uri(launch_dir),
+            )
             uri = default_uri(launch_dir)
     return uri
 
@@ -58,18 +62,19 @@ def swept_run_name(overrides, keys) -> str:
 
 
 def run(cfg):
-    from .training.loop import train  # torch-heavy imports after Hydra has parsed the command line
+    from imm.training.loop import train  # torch-heavy imports after Hydra has parsed the command line
 
     hc = HydraConfig.get()
     try:
         if hc.job.config_name in ("sample", "evaluate"):  # launch.py --config-name sample|evaluate ckpt=...
             from importlib import import_module
+
             return import_module(f"imm.tasks.{hc.job.config_name}").run(cfg)
         uri = tracking_uri(cfg, hc.runtime.cwd)
         name = cfg.tracking.run_name or run_name_from_overrides(hc.overrides.task, hc.runtime.choices.get("experiment"))
         tags = {}
         if hc.mode.name == "MULTIRUN":
-            from .tracking.sweep import sweep_info
+            from imm.tracking.sweep import sweep_info
 
             info = sweep_info(hc.sweep.dir)
             tags = sweep_tags(hc, info)
@@ -85,7 +90,7 @@ def run(cfg):
             raise  # submitit pickles the error for the launching process (a SystemExit would leave no result)
         sys.exit(1)
     except Interrupted as e:  # SIGINT/SIGTERM: checkpoint saved, the MLflow run is KILLED
-        from .training.checkpoint import resolve
+        from imm.training.checkpoint import resolve
 
         latest = resolve(None, hc.runtime.output_dir)
         log.error("training %s; checkpoint %s; run the same command again to resume.", e, latest)

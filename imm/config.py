@@ -8,10 +8,9 @@ what is allowed, before any data is loaded or any run is created.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
-
-import os
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -232,8 +231,19 @@ CHOICES = {
     "eval.sampler": ("pushforward", "restart"),
     "eval.grid": ("uniform", "edm", "eta"),
 }
-POSITIVE = ("optim.lr", "train.steps", "train.batch_size", "loss.M", "train.log_every", "train.ckpt_every",
-            "eval.n_samples", "eval.batch_size", "eval.draws", "schedule.sigma_data", "schedule.time_scale")
+POSITIVE = (
+    "optim.lr",
+    "train.steps",
+    "train.batch_size",
+    "loss.M",
+    "train.log_every",
+    "train.ckpt_every",
+    "eval.n_samples",
+    "eval.batch_size",
+    "eval.draws",
+    "schedule.sigma_data",
+    "schedule.time_scale",
+)
 
 
 def _get(cfg, key: str):
@@ -250,7 +260,7 @@ def loss_T(cfg) -> float:
 
 def validate(cfg, world_size: int = 1) -> None:
     """Raise ConfigError (one sentence: key, value, what is allowed) for a config that cannot run."""
-    from .nets import ARCHS  # the registry of architecture names
+    from imm.nets import ARCHS  # the registry of architecture names
 
     def fail(msg: str):
         raise ConfigError(msg)
@@ -266,8 +276,10 @@ def validate(cfg, world_size: int = 1) -> None:
 
     B, M = cfg.train.batch_size, cfg.loss.M
     if B % (M * world_size):
-        fail(f"train.batch_size={B} must be divisible by loss.M x world size = {M} x {world_size} ="
-             f" {M * world_size}, so every group of M particles stays on one process.")
+        fail(
+            f"train.batch_size={B} must be divisible by loss.M x world size = {M} x {world_size} ="
+            f" {M * world_size}, so every group of M particles stays on one process."
+        )
     if not 1 <= cfg.loss.k <= 24:
         fail(f"loss.k={cfg.loss.k} is out of range; use 1 <= k <= 24 (the paper uses 12 to 15).")
     if cfg.loss.a not in (1, 2):
@@ -276,15 +288,19 @@ def validate(cfg, world_size: int = 1) -> None:
     if not 0 <= eps < T:
         fail(f"loss.eps={eps} must satisfy 0 <= eps < loss.T={T}.")
     if T > 1 or (T >= 1 and cfg.loss.mapping in ("eta_decrement", "lambda_decrement")):
-        fail(f"loss.T={T} must be < 1 for the {cfg.loss.mapping} mapping (eta(1) is infinite); the paper"
-             " uses 0.994 (fm) or 0.996 (cosine).")
+        fail(
+            f"loss.T={T} must be < 1 for the {cfg.loss.mapping} mapping (eta(1) is infinite); the paper"
+            " uses 0.994 (fm) or 0.996 (cosine)."
+        )
     if cfg.loss.mapping in ("lambda_decrement", "inv_eta_increment") and eps <= 0:
         fail(f"loss.eps={eps} must be > 0 for the {cfg.loss.mapping} mapping (e.g. 0.001 or 0.005).")
     if cfg.schedule.param == "identity" and eps <= 0:
         fail(f"loss.eps={eps} must be > 0 with schedule.param=identity (it divides by sigma_t).")
     if cfg.schedule.param == "euler_fm" and cfg.schedule.name != "fm":
-        fail(f"schedule.param=euler_fm needs schedule.name=fm (OT-FM), not {cfg.schedule.name!r};"
-             " use simple_edm or identity with the cosine schedule.")
+        fail(
+            f"schedule.param=euler_fm needs schedule.name=fm (OT-FM), not {cfg.schedule.name!r};"
+            " use simple_edm or identity with the cosine schedule."
+        )
     if cfg.loss.min_gap < 0:
         fail(f"loss.min_gap={cfg.loss.min_gap} must be >= 0.")
     if cfg.loss.label_dropout is not None and not 0 <= cfg.loss.label_dropout < 1:
@@ -304,12 +320,16 @@ def validate(cfg, world_size: int = 1) -> None:
     points = cfg.data.name in POINT_DATA
     if points != (cfg.arch.name in POINT_ARCHS):
         kind = "2-D/point" if points else "image"
-        fail(f"arch.name={cfg.arch.name!r} does not fit {kind} data data.name={cfg.data.name!r}; use"
-             f" {'arch=mlp' if points else 'an image architecture (dit_*, ddpmpp)'}.")
+        fail(
+            f"arch.name={cfg.arch.name!r} does not fit {kind} data data.name={cfg.data.name!r}; use"
+            f" {'arch=mlp' if points else 'an image architecture (dit_*, ddpmpp)'}."
+        )
     if cfg.data.name == "points" and not cfg.data.path:
         fail("data.path is missing; data=points needs data.path=/path/to/file.npy holding an [N, D] array.")
     if cfg.data.name == "folder" and not cfg.data.root:
         fail("data.root is missing; data=folder needs data.root=/path/to/images.")
     if cfg.eval.guidance != 1.0 and points:
-        fail(f"eval.guidance={cfg.eval.guidance} needs class-conditional data, but data.name="
-             f"{cfg.data.name!r} is unconditional; use eval.guidance=1.")
+        fail(
+            f"eval.guidance={cfg.eval.guidance} needs class-conditional data, but data.name="
+            f"{cfg.data.name!r} is unconditional; use eval.guidance=1."
+        )

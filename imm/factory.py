@@ -7,32 +7,43 @@ import math
 import torch
 from omegaconf import OmegaConf
 
-from . import nets
-from .config import ConfigError, loss_T
-from .core import mapping as mapping_mod
-from .core import objective as objective_mod
-from .core import parameterization as param_mod
-from .data import DataBundle, build_dataset
+from imm import nets
+from imm.config import ConfigError, loss_T
+from imm.core import mapping as mapping_mod
+from imm.core import objective as objective_mod
+from imm.core import parameterization as param_mod
+from imm.data import DataBundle, build_dataset
 
 
 def parameterization(cfg) -> param_mod.Parameterization:
     s = cfg.schedule
-    return param_mod.get(s.param, schedule=s.name, sigma_data=s.sigma_data, time_scale=s.time_scale,
-                         second_time=s.second_time)
+    return param_mod.get(
+        s.param, schedule=s.name, sigma_data=s.sigma_data, time_scale=s.time_scale, second_time=s.second_time
+    )
 
 
 def mapping(cfg) -> mapping_mod.Mapping:
     lo = cfg.loss
-    return mapping_mod.Mapping(lo.mapping, schedule=cfg.schedule.name, k=lo.k, eps=lo.eps, T=loss_T(cfg),
-                               eta_max=lo.eta_max, eta_min=lo.eta_min, min_gap=lo.min_gap)
+    return mapping_mod.Mapping(
+        lo.mapping,
+        schedule=cfg.schedule.name,
+        k=lo.k,
+        eps=lo.eps,
+        T=loss_T(cfg),
+        eta_max=lo.eta_max,
+        eta_min=lo.eta_min,
+        min_gap=lo.min_gap,
+    )
 
 
 def label_dropout(cfg, num_classes: int) -> float:
     """loss.label_dropout, defaulting to 0.1 for class-conditional data (Table 5) and 0 otherwise."""
     if cfg.loss.label_dropout is not None:
         if cfg.loss.label_dropout > 0 and num_classes == 0:
-            raise ConfigError(f"loss.label_dropout={cfg.loss.label_dropout} needs class-conditional data, but"
-                              f" data.name={cfg.data.name!r} has no labels; set loss.label_dropout=0.")
+            raise ConfigError(
+                f"loss.label_dropout={cfg.loss.label_dropout} needs class-conditional data, but"
+                f" data.name={cfg.data.name!r} has no labels; set loss.label_dropout=0."
+            )
         return float(cfg.loss.label_dropout)
     return 0.1 if num_classes > 0 else 0.0
 
@@ -40,22 +51,42 @@ def label_dropout(cfg, num_classes: int) -> float:
 def objective(cfg, num_classes: int = 0, rank: int = 0, world_size: int = 1):
     """The IMM objective, or the flow-matching baseline when loss.objective=fm."""
     par = parameterization(cfg)
-    common = dict(label_dropout=label_dropout(cfg, num_classes), num_classes=num_classes, rank=rank,
-                  world_size=world_size)
+    common = dict(
+        label_dropout=label_dropout(cfg, num_classes), num_classes=num_classes, rank=rank, world_size=world_size
+    )
     if cfg.loss.objective == "fm":
         return objective_mod.FMObjective(par, eps=cfg.loss.eps, T=loss_T(cfg), **common)
     lo = cfg.loss
     return objective_mod.IMMObjective(
-        par, mapping(cfg), M=lo.M, a=lo.a, b=lo.b, kernel=cfg.kernel.function, weighting=cfg.kernel.weighting,
-        drop_target_labels=lo.drop_target_labels, target_fp32=lo.target_fp32, share_dropout=lo.share_dropout,
-        **common)
+        par,
+        mapping(cfg),
+        M=lo.M,
+        a=lo.a,
+        b=lo.b,
+        kernel=cfg.kernel.function,
+        weighting=cfg.kernel.weighting,
+        drop_target_labels=lo.drop_target_labels,
+        target_fp32=lo.target_fp32,
+        share_dropout=lo.share_dropout,
+        **common,
+    )
 
 
 def dataset(cfg) -> DataBundle:
     d = cfg.data
-    bundle = build_dataset(d.name, root=d.root, path=d.path, n_train=d.n_train, n_heldout=d.n_heldout,
-                           heldout_fraction=d.heldout_fraction, seed=d.seed, resolution=d.resolution,
-                           download=d.download, hflip=d.hflip, class_subfolders=d.class_subfolders)
+    bundle = build_dataset(
+        d.name,
+        root=d.root,
+        path=d.path,
+        n_train=d.n_train,
+        n_heldout=d.n_heldout,
+        heldout_fraction=d.heldout_fraction,
+        seed=d.seed,
+        resolution=d.resolution,
+        download=d.download,
+        hflip=d.hflip,
+        class_subfolders=d.class_subfolders,
+    )
     if not d.use_labels:  # the batches then carry no labels and the net is built unconditional
         bundle.num_classes = bundle.train.num_classes = 0
     return bundle
@@ -63,8 +94,7 @@ def dataset(cfg) -> DataBundle:
 
 def net(cfg, shape, num_classes: int) -> torch.nn.Module:
     """The architecture arch.name for samples of `shape`; null fields keep the preset's value."""
-    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.arch, resolve=True).items()
-              if k != "name" and v is not None}
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.arch, resolve=True).items() if k != "name" and v is not None}
     try:
         return nets.build(cfg.arch.name, tuple(shape), num_classes, **kwargs)
     except ValueError as e:

@@ -12,8 +12,8 @@ import math
 import sys
 from pathlib import Path
 
-from .tracking.mlflow_run import default_uri
-from .tracking.sweep import sweep_info
+from imm.tracking.mlflow_run import default_uri
+from imm.tracking.sweep import sweep_info
 
 
 def find_sweep(client, sweep: str):
@@ -27,23 +27,37 @@ def find_sweep(client, sweep: str):
         parent = client.get_run(parent_id)
     except MlflowException:
         raise SystemExit(f"{sweep} is neither a sweep directory nor a run id in {client.tracking_uri}") from None
-    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`sweep.id` = '{parent_id}'"
-                                   " and tags.`sweep.role` = 'child'", max_results=5000)
+    children = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`sweep.id` = '{parent_id}' and tags.`sweep.role` = 'child'",
+        max_results=5000,
+    )
     return parent, children
 
 
 def table(parent, children, metric: str, columns: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
     """Header and rows: run name, swept values, status, then the final metrics; sorted by `metric`."""
     swept = swept_params(parent, children)
-    finals = sorted({m for r in children for m in r.data.metrics if m.startswith("final/") and not m.endswith("_floor")})
-    compact = [m for m in finals if m.startswith(("final/energy_ratio", "final/recall", "final/fid")) or m == "final/loss"]
+    finals = sorted(
+        {m for r in children for m in r.data.metrics if m.startswith("final/") and not m.endswith("_floor")}
+    )
+    compact = [
+        m for m in finals if m.startswith(("final/energy_ratio", "final/recall", "final/fid")) or m == "final/loss"
+    ]
     finals = list(columns) if columns else (compact or finals)
     if metric not in finals:
         finals.insert(0, metric)
     header = ["run", *swept, "status", *finals]
     ordered = sorted(children, key=lambda r: (r.data.metrics.get(metric, math.inf), r.info.run_name))
-    rows = [[r.info.run_name, *(r.data.params.get(k, "") for k in swept), r.info.status,
-             *(_fmt(r.data.metrics.get(m)) for m in finals)] for r in ordered]
+    rows = [
+        [
+            r.info.run_name,
+            *(r.data.params.get(k, "") for k in swept),
+            r.info.status,
+            *(_fmt(r.data.metrics.get(m)) for m in finals),
+        ]
+        for r in ordered
+    ]
     return header, rows
 
 
@@ -52,10 +66,12 @@ def swept_params(parent, children) -> list[str]:
     under it whose values differ between the runs (`kernel.weighting`)."""
     out = []
     for key in filter(None, parent.data.tags.get("sweep.keys", "").split(",")):
-        candidates = [key] if any(key in r.data.params for r in children) else sorted(
-            {p for r in children for p in r.data.params if p.startswith(key + ".")})
-        out += [p for p in candidates if p not in out and len({r.data.params.get(p) for r in children}) > 1
-                or p == key]
+        candidates = (
+            [key]
+            if any(key in r.data.params for r in children)
+            else sorted({p for r in children for p in r.data.params if p.startswith(key + ".")})
+        )
+        out += [p for p in candidates if p not in out and len({r.data.params.get(p) for r in children}) > 1 or p == key]
     return out
 
 
@@ -94,8 +110,11 @@ def main(argv=None) -> int:
     p.add_argument("sweep", help="the sweep's parent run id, or its sweep directory (with sweep.json)")
     p.add_argument("--tracking-uri", default=None, help="default: sqlite:///<cwd>/mlflow.db")
     p.add_argument("--metric", default="final/energy_1step", help="sort the table by this metric (ascending)")
-    p.add_argument("--columns", default=None, help="comma-separated metrics to show (default: final/loss and the"
-                   " final energy ratios, recalls or FIDs)")
+    p.add_argument(
+        "--columns",
+        default=None,
+        help="comma-separated metrics to show (default: final/loss and the final energy ratios, recalls or FIDs)",
+    )
     p.add_argument("--plot", default="train/loss", help="the metric to plot against step")
     p.add_argument("--out", default=None, help="PNG path for the plot (default: <sweep>-<metric>.png here)")
     args = p.parse_args(argv)
@@ -103,7 +122,7 @@ def main(argv=None) -> int:
     from mlflow.tracking import MlflowClient
 
     uri = args.tracking_uri or default_uri(Path.cwd())
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
         raise SystemExit(f"no MLflow store at {uri}; run from the directory you launched from or pass --tracking-uri")
     client = MlflowClient(tracking_uri=uri)
     parent, children = find_sweep(client, args.sweep)

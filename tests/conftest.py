@@ -17,14 +17,14 @@ def compose_cfg(*overrides: str):
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         return compose("config", overrides=list(overrides))
 
-from slurm_fixture import slurm_cluster  # noqa: E402,F401  (the real single-node SLURM cluster)
-
 
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
+from slurm_fixture import slurm_cluster  # noqa: E402,F401  (the real single-node SLURM cluster)
+
 
 @pytest.fixture(scope="module")
 def single_thread():
@@ -38,9 +38,19 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
-SWEEP_TINY = ["train.steps=60", "train.batch_size=64", "arch.width=32", "arch.depth=1", "eval.every=30",
-              "eval.n_samples=300", "eval.steps=[1,2]", "data.n_train=2000", "data.n_heldout=300",
-              "train.log_every=10", "train.threads=1"]
+SWEEP_TINY = [
+    "train.steps=60",
+    "train.batch_size=64",
+    "arch.width=32",
+    "arch.depth=1",
+    "eval.every=30",
+    "eval.n_samples=300",
+    "eval.steps=[1,2]",
+    "data.n_train=2000",
+    "data.n_heldout=300",
+    "train.log_every=10",
+    "train.threads=1",
+]
 
 
 @pytest.fixture(scope="session")
@@ -49,9 +59,20 @@ def toy_sweep(tmp_path_factory):
     from mlflow.tracking import MlflowClient
 
     root = tmp_path_factory.mktemp("toy_sweep")
-    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), "+sweep=kernel_weighting", *SWEEP_TINY,
-                           f"hydra.sweep.dir={root}/sweep"], cwd=root, capture_output=True, text=True,
-                          timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch.py"),
+            "+sweep=kernel_weighting",
+            *SWEEP_TINY,
+            f"hydra.sweep.dir={root}/sweep",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     uri = f"sqlite:///{root}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
@@ -59,5 +80,12 @@ def toy_sweep(tmp_path_factory):
     runs = client.search_runs([exp.experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
     children = {r.info.run_name: r for r in runs if r.data.tags.get("sweep.role") == "child"}
-    return {"root": root, "uri": uri, "sweep_dir": root / "sweep", "experiment_id": exp.experiment_id,
-            "parent": parent, "children": children, "client": client}
+    return {
+        "root": root,
+        "uri": uri,
+        "sweep_dir": root / "sweep",
+        "experiment_id": exp.experiment_id,
+        "parent": parent,
+        "children": children,
+        "client": client,
+    }

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,8 +28,17 @@ def test_sweep_runs_carry_names_params_tags_metrics_and_figures(toy_sweep):
         assert tags["sweep.id"] == parent.info.run_id == tags["mlflow.parentRunId"]
         assert tags["hydra.job.num"] in {"0", "1", "2"} and tags["device"] == "cpu" and tags["world_size"] == "1"
         assert len(tags["git.commit"]) == 40
-        for key in ("train/loss", "train/grad_norm", "train/lr", "train/samples_per_s", "eval/energy_1step",
-                    "eval/energy_2step", "eval/recall_2step", "final/energy_1step", "best/energy_2step"):
+        for key in (
+            "train/loss",
+            "train/grad_norm",
+            "train/lr",
+            "train/samples_per_s",
+            "eval/energy_1step",
+            "eval/energy_2step",
+            "eval/recall_2step",
+            "final/energy_1step",
+            "best/energy_2step",
+        ):
             assert key in run.data.metrics, key
         assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/energy_1step")] == [30, 60]
         figures = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
@@ -41,9 +49,25 @@ def test_sweep_runs_carry_names_params_tags_metrics_and_figures(toy_sweep):
 @pytest.mark.slow
 def test_report_command_tables_and_plots_a_sweep(toy_sweep, tmp_path):
     out = tmp_path / "loss.png"
-    proc = subprocess.run([sys.executable, "-m", "imm.report", str(toy_sweep["sweep_dir"]), "--tracking-uri",
-                           toy_sweep["uri"], "--metric", "final/energy_1step", "--plot", "train/loss", "--out",
-                           str(out)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "imm.report",
+            str(toy_sweep["sweep_dir"]),
+            "--tracking-uri",
+            toy_sweep["uri"],
+            "--metric",
+            "final/energy_1step",
+            "--plot",
+            "train/loss",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     header = lines[1].split()
@@ -53,8 +77,20 @@ def test_report_command_tables_and_plots_a_sweep(toy_sweep, tmp_path):
     energies = [float(r[col]) for r in rows]
     assert energies == sorted(energies) and sorted(r[0] for r in rows) == NAMES
     assert out.is_file() and out.stat().st_size > 10_000
-    by_id = subprocess.run([sys.executable, "-m", "imm.report", toy_sweep["parent"].info.run_id, "--tracking-uri",
-                            toy_sweep["uri"], "--out", str(tmp_path / "b.png")], capture_output=True, text=True)
+    by_id = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "imm.report",
+            toy_sweep["parent"].info.run_id,
+            "--tracking-uri",
+            toy_sweep["uri"],
+            "--out",
+            str(tmp_path / "b.png"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert by_id.returncode == 0 and by_id.stdout.splitlines()[3:6] == lines[3:6]
 
 
@@ -83,7 +119,8 @@ def test_mlflow_ui_shows_the_sweep_in_a_real_browser(toy_sweep, tmp_path, monkey
             assert set(NAMES) <= set(visible) and toy_sweep["parent"].info.run_name in visible, visible
             paths.append(ui.show_param_column(driver, PARAM, KERNELS))
             assert {k: v for k, v in ui.param_values_visible(driver, PARAM).items() if k in NAMES} == {
-                n: n.split("=")[1] for n in NAMES}
+                n: n.split("=")[1] for n in NAMES
+            }
             paths.append(ui.open_compare(driver, base, run_ids, exp_id, expected_names=NAMES, param_key=PARAM))
             table = ui.compare_table(driver)
             assert table["Run Name:"] == NAMES and table[PARAM] == list(KERNELS), table

@@ -1,13 +1,11 @@
 """Every config group option composes, validates and instantiates; bad configs fail with one sentence."""
 
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import CONF, compose_cfg
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from conftest import CONF, compose_cfg
 from imm import factory
 from imm.config import ConfigError, validate
 
@@ -48,15 +46,18 @@ def test_every_option_composes_validates_and_instantiates(group, option):
 
 
 def test_group_choices_land_where_expected():
-    cfg = compose_cfg("schedule=cosine", "kernel=seed", "loss=cifar10", "target=ema", "optim=radam", "arch=ddpmpp",
-                      "data=digits")
+    cfg = compose_cfg(
+        "schedule=cosine", "kernel=seed", "loss=cifar10", "target=ema", "optim=radam", "arch=ddpmpp", "data=digits"
+    )
     assert (cfg.schedule.name, cfg.schedule.param) == ("cosine", "simple_edm")
     assert cfg.kernel.weighting == "seed" and cfg.loss.k == 15 and cfg.loss.b == 5 and cfg.loss.eps == 0.006
     assert cfg.target.kind == "ema" and cfg.optim.name == "radam" and cfg.arch.model_channels == 128
     fp16 = compose_cfg("loss=fp16")
     assert fp16.loss.a == 2 and fp16.loss.min_gap == 1e-4 and fp16.schedule.second_time == "stride"
     # the command line wins over the experiment's choices
-    assert compose_cfg("loss=cifar10").loss.k == 15 and compose_cfg("arch=dit_s_4", "data=digits").arch.name == "dit_s_4"
+    assert (
+        compose_cfg("loss=cifar10").loss.k == 15 and compose_cfg("arch=dit_s_4", "data=digits").arch.name == "dit_s_4"
+    )
 
 
 def test_loss_T_defaults_per_schedule():

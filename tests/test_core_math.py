@@ -8,8 +8,13 @@ import torch
 from imm.core import mapping, objective, parameterization, sampling, schedules
 
 SCHEDULES = ["fm", "cosine"]
-PARAMS = [("euler_fm", "fm"), ("simple_edm", "fm"), ("simple_edm", "cosine"),
-          ("identity", "fm"), ("identity", "cosine")]
+PARAMS = [
+    ("euler_fm", "fm"),
+    ("simple_edm", "fm"),
+    ("simple_edm", "cosine"),
+    ("identity", "fm"),
+    ("identity", "cosine"),
+]
 
 
 def f64(*v):
@@ -53,8 +58,9 @@ def test_ddim_self_consistency_and_endpoints():
         assert torch.allclose(two, schedules.ddim(x_t, x, s, t, sch), atol=1e-12)
         assert torch.allclose(schedules.ddim(eps, x, t, torch.ones(6, dtype=torch.float64), sch), x_t, atol=1e-12)
         # the paper's order: the TARGET time first; the result is the interpolant at s with the same eps
-        assert torch.allclose(schedules.ddim(x_t, x, s, t, sch),
-                              sch.alpha(s)[:, None] * x + sch.sigma(s)[:, None] * eps, atol=1e-12)
+        assert torch.allclose(
+            schedules.ddim(x_t, x, s, t, sch), sch.alpha(s)[:, None] * x + sch.sigma(s)[:, None] * eps, atol=1e-12
+        )
 
 
 # -- parameterisations (spec 1.3) -----------------------------------------------------------------
@@ -109,8 +115,12 @@ def test_euler_fm_rejects_cosine():
 
 
 # -- mappings (spec 1.5) ----------------------------------------------------------------------------
-MAPPING_RANGES = {"eta_decrement": (0.0, 0.994), "t_decrement": (0.0, 1.0),
-                  "lambda_decrement": (0.001, 0.994), "inv_eta_increment": (0.005, 1.0)}
+MAPPING_RANGES = {
+    "eta_decrement": (0.0, 0.994),
+    "t_decrement": (0.0, 1.0),
+    "lambda_decrement": (0.001, 0.994),
+    "inv_eta_increment": (0.005, 1.0),
+}
 
 
 @pytest.mark.parametrize("name", mapping.MAPPINGS)
@@ -210,8 +220,9 @@ def test_group_mmd_properties():
         assert (m12 > 0).all()
         assert torch.allclose(m12, objective.group_mmd(y2, y1, w, kernel), atol=1e-6)
         perm = torch.randperm(4, generator=g)
-        assert torch.allclose(m12, objective.group_mmd(y1[:, perm], y2[:, torch.randperm(4, generator=g)], w, kernel),
-                              atol=1e-6)
+        assert torch.allclose(
+            m12, objective.group_mmd(y1[:, perm], y2[:, torch.randperm(4, generator=g)], w, kernel), atol=1e-6
+        )
 
 
 def test_group_mmd_is_the_v_statistic():
@@ -225,8 +236,8 @@ def test_group_mmd_is_the_v_statistic():
         k = lambda a, b: math.exp(-float(w[i]) * max(float((a - b).norm()), 1e-8) / D)  # noqa: E731
         tot = 0.0
         for j in range(4):
-            for l in range(4):
-                tot += k(y1[i, j], y1[i, l]) + k(y2[i, j], y2[i, l]) - 2 * k(y1[i, j], y2[i, l])
+            for m in range(4):
+                tot += k(y1[i, j], y1[i, m]) + k(y2[i, j], y2[i, m]) - 2 * k(y1[i, j], y2[i, m])
         expected.append(tot / 16)
     assert objective.group_mmd(y1, y2, w).tolist() == pytest.approx(expected, abs=1e-6)
 
@@ -244,12 +255,16 @@ def test_imm_loss_from_outputs_weights_each_group():
 # -- time grids (spec 4) -------------------------------------------------------------------------------
 def test_time_grids():
     assert sampling.time_grid("uniform", 4, T=0.994, eps=0.0).tolist() == pytest.approx(
-        [0.994, 0.7455, 0.497, 0.2485, 0.0])
+        [0.994, 0.7455, 0.497, 0.2485, 0.0]
+    )
     assert sampling.time_grid("edm", 8, T=0.994, eps=0.0).tolist() == pytest.approx(
-        [0.994, 0.98486, 0.95674, 0.86056, 0.56413, 0.14731, 0.01001, 8e-05, 0.0], abs=1e-5)
+        [0.994, 0.98486, 0.95674, 0.86056, 0.56413, 0.14731, 0.01001, 8e-05, 0.0], abs=1e-5
+    )
     two = sampling.time_grid("eta", 2, T=0.994, eps=0.0)
     assert float(two[1]) == pytest.approx(1.4 / 2.4)  # the paper's 2-step eta = 1.4
-    assert float(sampling.time_grid("eta", 2, schedule="cosine", T=0.994, eps=0.006)[1]) == pytest.approx(0.60514, abs=1e-5)
+    assert float(sampling.time_grid("eta", 2, schedule="cosine", T=0.994, eps=0.006)[1]) == pytest.approx(
+        0.60514, abs=1e-5
+    )
     assert sampling.time_grid("uniform", 1, T=0.994, eps=0.006).tolist() == pytest.approx([0.994, 0.006])
     with pytest.raises(ValueError, match="eta points"):
         sampling.time_grid("eta", 3, etas=[0.5, 1.0])

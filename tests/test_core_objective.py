@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 from torch import nn
+from toynets import CountingNet, TinyNet
 
 from imm.core import mapping, objective, parameterization, sampling, schedules
-from toynets import CountingNet, TinyNet
 
 PARAMS = [("euler_fm", "fm"), ("simple_edm", "fm"), ("simple_edm", "cosine"), ("identity", "fm")]
 
@@ -121,7 +121,9 @@ def test_duplicate_particles_have_finite_gradients():
     y = torch.randn(1, 1, 5).repeat(3, 4, 1).requires_grad_()
     w = torch.tensor([1.0, 1e8, 3.0], dtype=torch.float64)
     for kernel in objective.KERNELS:
-        (objective.group_mmd(y, y.detach() + 0.1, w, kernel).sum() + objective.group_mmd(y, y, w, kernel).sum()).backward()
+        (
+            objective.group_mmd(y, y.detach() + 0.1, w, kernel).sum() + objective.group_mmd(y, y, w, kernel).sum()
+        ).backward()
         assert torch.isfinite(y.grad).all()
         y.grad = None
 
@@ -181,8 +183,12 @@ def test_global_draws_make_sharded_ranks_match_one_process():
     net = TinyNet()
     x = torch.randn(32, 2)
     single = make_objective()(net, x, generator=torch.Generator().manual_seed(7))[0].detach()
-    halves = [make_objective(rank=r, world_size=2)(net, x[16 * r:16 * (r + 1)],
-                                                    generator=torch.Generator().manual_seed(7))[0].detach() for r in (0, 1)]
+    halves = [
+        make_objective(rank=r, world_size=2)(net, x[16 * r : 16 * (r + 1)], generator=torch.Generator().manual_seed(7))[
+            0
+        ].detach()
+        for r in (0, 1)
+    ]
     assert float(single) == pytest.approx(float(sum(halves) / 2), rel=1e-6)
 
 
@@ -223,8 +229,9 @@ def test_samplers_land_on_the_data_with_the_exact_network(pname, sname, sampler,
     noise = 0.5 * torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
     for N in (1, 2, 4, 8):
         times = sampling.time_grid(grid, N, schedule=sname, T=0.994, eps=eps)
-        out = sampling.sample(DiracOracle(par, x0), par, noise, times, sampler=sampler,
-                              generator=torch.Generator().manual_seed(1))
+        out = sampling.sample(
+            DiracOracle(par, x0), par, noise, times, sampler=sampler, generator=torch.Generator().manual_seed(1)
+        )
         assert out.dtype == torch.float64
         expected = par.schedule.alpha(eps) * x0.double()
         tol = 1e-4 + 2 * float(par.schedule.sigma(eps))  # eps > 0 leaves sigma_eps of noise
@@ -242,8 +249,16 @@ def test_sampler_calls_and_guidance_batching():
             sampling.sample(net, par, noise, sampling.time_grid("uniform", N), sampler=sampler, labels=labels)
             assert net.calls == [5] * N
             net.calls.clear()
-            sampling.sample(net, par, noise, sampling.time_grid("uniform", N), sampler=sampler, labels=labels,
-                            guidance=1.5, null_label=3)
+            sampling.sample(
+                net,
+                par,
+                noise,
+                sampling.time_grid("uniform", N),
+                sampler=sampler,
+                labels=labels,
+                guidance=1.5,
+                null_label=3,
+            )
             assert net.calls == [10] * N  # guidance doubles the batch, not the calls
 
 

@@ -201,8 +201,14 @@ def test_cifar10_offline_error_names_directory_and_files(tmp_path):
         build_dataset("cifar10", root=str(tmp_path), download=False)
     message = str(info.value)
     assert str(tmp_path / "cifar-10-batches-py") in message
-    for name in ["data_batch_1", "data_batch_5", "test_batch", "batches.meta", "cifar-10-python.tar.gz",
-                 "data.download=true"]:
+    for name in [
+        "data_batch_1",
+        "data_batch_5",
+        "test_batch",
+        "batches.meta",
+        "cifar-10-python.tar.gz",
+        "data.download=true",
+    ]:
         assert name in message
     assert "\n" not in message
 

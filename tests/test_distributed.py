@@ -7,12 +7,22 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT
 
-TINY = ["train.steps=30", "train.batch_size=64", "arch.width=32", "arch.depth=1", "eval.every=0",
-        "eval.n_samples=200", "eval.steps=[1]", "data.n_train=2000", "data.n_heldout=200", "train.log_every=10",
-        "train.threads=1", "tracking.enabled=false"]
+TINY = [
+    "train.steps=30",
+    "train.batch_size=64",
+    "arch.width=32",
+    "arch.depth=1",
+    "eval.every=0",
+    "eval.n_samples=200",
+    "eval.steps=[1]",
+    "data.n_train=2000",
+    "data.n_heldout=200",
+    "train.log_every=10",
+    "train.threads=1",
+    "tracking.enabled=false",
+]
 TOLERANCE = 1e-5  # float reduction order (all-reduce sum / 2 vs one mean) over 30 AdamW steps
 
 
@@ -29,13 +39,32 @@ def final_state(run_dir):
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, str(ROOT / "launch.py"), *TINY, f"hydra.run.dir={tmp_path / 'single'}"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    single = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), *TINY, f"hydra.run.dir={tmp_path / 'single'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr[-2000:]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={free_port()}", str(ROOT / "launch.py"), *TINY,
-                          f"hydra.run.dir={tmp_path / 'ddp'}"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    ddp = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            str(ROOT / "launch.py"),
+            *TINY,
+            f"hydra.run.dir={tmp_path / 'ddp'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a, b = final_state(tmp_path / "single"), final_state(tmp_path / "ddp")
     for key in a["model"]:

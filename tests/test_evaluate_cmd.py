@@ -9,16 +9,15 @@ import json
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
-
 from conftest import compose_cfg
+from mlflow.tracking import MlflowClient
+from test_sample_cmd import DIGITS, compose_task, digits, launch, toy  # noqa: F401  (the module-scoped checkpoint fixtures)
+
 from imm import factory
 from imm.config import ConfigError
 from imm.evaluation.evaluate import Evaluator, TinyRandomFeatures, count_tag, fid_metric
 from imm.evaluation.fid import FIDEvaluator
 from imm.tasks import evaluate as evaluate_task
-from test_sample_cmd import DIGITS, compose_task, launch
-from test_sample_cmd import digits, toy  # noqa: F401  (the module-scoped checkpoint fixtures)
 
 
 def evaluate(run, out, *overrides):
@@ -76,7 +75,9 @@ def test_point_energy_is_the_mean_over_draws_and_the_first_draw_is_unchanged(toy
         assert res3[f"eval/energy_{N}step"] == pytest.approx(sum(energies) / 3, rel=1e-9)
         assert res3[f"eval/energy_sd_{N}step"] == pytest.approx(torch.tensor(energies).std().item(), rel=1e-6)
         assert f"eval/energy_sd_{N}step" not in res1
-        assert res3[f"eval/energy_ratio_{N}step"] == pytest.approx(res3[f"eval/energy_{N}step"] / res3["eval/energy_floor"])
+        assert res3[f"eval/energy_ratio_{N}step"] == pytest.approx(
+            res3[f"eval/energy_{N}step"] / res3["eval/energy_floor"]
+        )
     assert res3["eval/energy_floor"] == res1["eval/energy_floor"]
     with pytest.raises(ValueError, match="draws must be a positive integer"):
         Evaluator(bundle, r.param, T=r.T, eps=r.eps, steps=[1], n_samples=300, draws=0)
@@ -101,9 +102,18 @@ def test_tiny_random_features_fid_is_zero_for_the_same_set_and_grows_with_a_shif
 @pytest.mark.slow
 def test_fid_command_end_to_end_logs_into_the_checkpoint_run(digits, tmp_path):
     cache = tmp_path / "fid_cache"
-    proc = launch(digits.root, "--config-name", "evaluate", f"ckpt={digits.ckpt}", "eval.feature_net=tiny_random",
-                  "eval.n_samples=40", "eval.batch_size=16", "eval.steps=[1,2]", "eval.guidance=[1,1.5]",
-                  f"eval.fid_cache={cache}")
+    proc = launch(
+        digits.root,
+        "--config-name",
+        "evaluate",
+        f"ckpt={digits.ckpt}",
+        "eval.feature_net=tiny_random",
+        "eval.n_samples=40",
+        "eval.batch_size=16",
+        "eval.steps=[1,2]",
+        "eval.guidance=[1,1.5]",
+        f"eval.fid_cache={cache}",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "fid40 w=1.5" in proc.stdout and "2 steps" in proc.stdout
     assert len(list(cache.glob("digits-*-tiny_random.pt"))) == 1
@@ -116,8 +126,13 @@ def test_fid_command_end_to_end_logs_into_the_checkpoint_run(digits, tmp_path):
 
 
 def test_fid_reference_statistics_come_from_the_cache_the_second_time(digits, tmp_path, caplog):
-    common = ("eval.feature_net=tiny_random", "eval.n_samples=16", "eval.steps=[1]", f"eval.fid_cache={tmp_path}/c",
-              "tracking.enabled=false")
+    common = (
+        "eval.feature_net=tiny_random",
+        "eval.n_samples=16",
+        "eval.steps=[1]",
+        f"eval.fid_cache={tmp_path}/c",
+        "tracking.enabled=false",
+    )
     with caplog.at_level("INFO", logger="imm.evaluate"):
         first = evaluate(digits, tmp_path / "a", *common)
         second = evaluate(digits, tmp_path / "b", *common)
@@ -132,8 +147,9 @@ def test_training_evaluator_adds_fid_when_eval_fid_is_true(digits, tmp_path):
     bundle = factory.dataset(cfg)
     torch.manual_seed(0)
     net = factory.net(cfg, bundle.shape, bundle.num_classes)
-    ev = Evaluator.from_config(cfg, bundle, factory.parameterization(cfg), fid_n_samples=24,
-                               feature_net="tiny_random", fid_cache=tmp_path)
+    ev = Evaluator.from_config(
+        cfg, bundle, factory.parameterization(cfg), fid_n_samples=24, feature_net="tiny_random", fid_cache=tmp_path
+    )
     results, figs, samples = ev(net)
     assert set(results) == {"eval/fid24_1step_w1.5", "eval/fid24_2step_w1.5"} and "figures/steps.png" in figs
     assert samples[1].shape == (8, 1, 16, 16)  # the figure's fixed noise (eval.n_samples=8)
@@ -149,9 +165,16 @@ def test_missing_inception_weights_exit_2_with_the_message(digits, tmp_path):
     client = MlflowClient(tracking_uri=digits.uri)
     before = client.get_run(digits.run_id).data
     torch_home = tmp_path / "torch_home"  # an empty torch.hub cache, and downloading disabled
-    proc = launch(tmp_path, "--config-name", "evaluate", f"ckpt={digits.ckpt}", f"tracking.uri={digits.uri}",
-                  "eval.allow_download=false", "eval.n_samples=16", env={"TORCH_HOME": str(torch_home),
-                                                                        "XDG_CACHE_HOME": str(tmp_path / "xdg")})
+    proc = launch(
+        tmp_path,
+        "--config-name",
+        "evaluate",
+        f"ckpt={digits.ckpt}",
+        f"tracking.uri={digits.uri}",
+        "eval.allow_download=false",
+        "eval.n_samples=16",
+        env={"TORCH_HOME": str(torch_home), "XDG_CACHE_HOME": str(tmp_path / "xdg")},
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]
     assert "Inception-v3 weights for FID not found" in out and "downloading is disabled" in out

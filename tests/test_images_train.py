@@ -16,10 +16,10 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import compose_cfg
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import compose_cfg
 from imm import factory
 from imm.config import ConfigError, loss_T
 from imm.data import DataError, ResumableBatches
@@ -33,8 +33,13 @@ from imm.training.loop import train
 TINY = {
     "dit_s_2": ("arch=dit_s_2", "arch.hidden_size=32", "arch.depth=1", "arch.num_heads=2"),
     "dit_b_4": ("arch=dit_b_4", "arch.hidden_size=64", "arch.depth=2", "arch.num_heads=4"),
-    "ddpmpp": ("arch=ddpmpp", "arch.model_channels=16", "arch.channel_mult=[1,2]", "arch.num_blocks=1",
-               "arch.attn_resolutions=[8]"),
+    "ddpmpp": (
+        "arch=ddpmpp",
+        "arch.model_channels=16",
+        "arch.channel_mult=[1,2]",
+        "arch.num_blocks=1",
+        "arch.attn_resolutions=[8]",
+    ),
 }
 N_PNGS = 40  # the folder dataset: 40 images, so batch 8 gives 5 batches per epoch
 
@@ -51,7 +56,7 @@ def png_folder(tmp_path_factory):
         image = np.zeros((20, 20, 3), np.uint8)
         image[...] = rng.integers(0, 60, 3)
         r, c = rng.integers(0, 12, 2)
-        image[r:r + 8, c:c + 8] = rng.integers(120, 256, 3)  # a bright square on a dark background
+        image[r : r + 8, c : c + 8] = rng.integers(120, 256, 3)  # a bright square on a dark background
         Image.fromarray(image).save(root / f"{i:03d}.png")
     return root
 
@@ -111,8 +116,16 @@ TINY_DIT = ("arch.hidden_size=32", "arch.depth=1", "arch.num_heads=2")
 
 
 def test_train_end_to_end_on_digits_with_tracking_and_the_step_figure(tmp_path, caplog):
-    cfg = compose_cfg("experiment=digits", *TINY_DIT, "train.steps=6", "train.batch_size=32", "train.log_every=2",
-                      "train.ckpt_every=3", "eval.every=3", "eval.n_samples=16")
+    cfg = compose_cfg(
+        "experiment=digits",
+        *TINY_DIT,
+        "train.steps=6",
+        "train.batch_size=32",
+        "train.log_every=2",
+        "train.ckpt_every=3",
+        "eval.every=3",
+        "eval.n_samples=16",
+    )
     assert cfg.eval.guidance == 1.5 and list(cfg.eval.steps) == [1, 2, 4, 8]  # the experiment's own setting
     uri = uri_of(tmp_path)
     run_dir = tmp_path / "run"
@@ -147,8 +160,18 @@ def null_row(net) -> torch.Tensor:
 
 @pytest.mark.parametrize("dropout", [None, "0"])
 def test_label_dropout_trains_the_null_label(tmp_path, dropout):
-    overrides = ["data=digits", "arch=dit_s_2", *TINY_DIT, "train.steps=8", "train.batch_size=32",
-                 "optim.warmup_steps=0", "optim.weight_decay=0", "eval.every=0", "eval.steps=[1]", "tracking.enabled=false"]
+    overrides = [
+        "data=digits",
+        "arch=dit_s_2",
+        *TINY_DIT,
+        "train.steps=8",
+        "train.batch_size=32",
+        "optim.warmup_steps=0",
+        "optim.weight_decay=0",
+        "eval.every=0",
+        "eval.steps=[1]",
+        "tracking.enabled=false",
+    ]
     if dropout is not None:
         overrides.append(f"loss.label_dropout={dropout}")
     cfg = compose_cfg(*overrides)
@@ -254,10 +277,21 @@ def recording(monkeypatch):
 
 
 def folder_cfg(png_folder, *extra):
-    return compose_cfg(*data_overrides("folder", png_folder), "arch=dit_s_2", *TINY_DIT, "train.batch_size=8",
-                       "data.num_workers=2", "data.pin_memory=true", "train.ckpt_every=3", "train.log_every=1",
-                       "eval.every=0", "eval.steps=[1]", "tracking.enabled=false", "optim.lr_schedule=constant",
-                       *extra)
+    return compose_cfg(
+        *data_overrides("folder", png_folder),
+        "arch=dit_s_2",
+        *TINY_DIT,
+        "train.batch_size=8",
+        "data.num_workers=2",
+        "data.pin_memory=true",
+        "train.ckpt_every=3",
+        "train.log_every=1",
+        "eval.every=0",
+        "eval.steps=[1]",
+        "tracking.enabled=false",
+        "optim.lr_schedule=constant",
+        *extra,
+    )
 
 
 def test_folder_training_uses_persistent_workers_and_pins_memory_only_on_cuda(tmp_path, png_folder, recording):
@@ -298,11 +332,14 @@ def test_checkpoint_saves_the_data_position_and_resume_continues_the_data_order(
 
 
 # -- parameter counts of the CIFAR-10 presets (the README's numbers) -------------------------------------
-@pytest.mark.parametrize("experiment, arch, num_classes, millions", [
-    ("cifar10_paper", "ddpmpp", 0, 56.06),  # EDM's DDPM++ (55.73M) + IMM's s-embedding MLP (0.33M)
-    ("cifar10_dit", "dit_s_4", 10, 32.75),
-    ("cifar10_dit", "dit_b_2", 10, 130.33),
-])
+@pytest.mark.parametrize(
+    "experiment, arch, num_classes, millions",
+    [
+        ("cifar10_paper", "ddpmpp", 0, 56.06),  # EDM's DDPM++ (55.73M) + IMM's s-embedding MLP (0.33M)
+        ("cifar10_dit", "dit_s_4", 10, 32.75),
+        ("cifar10_dit", "dit_b_2", 10, 130.33),
+    ],
+)
 def test_cifar10_preset_parameter_counts(experiment, arch, num_classes, millions):
     cfg = compose_cfg(f"experiment={experiment}", f"arch={arch}")
     with torch.device("meta"):

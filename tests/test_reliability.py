@@ -34,8 +34,16 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 INJECT = ROOT / "tests" / "faults" / "inject.py"
 # A run of a few seconds on one thread: the 2-D checkerboard, a 1-block MLP of width 32.
-SMALL = ("train.threads=1", "train.batch_size=64", "data.n_train=2000", "data.n_heldout=200", "eval.n_samples=200",
-         "eval.steps=[1]", "eval.every=0", "optim.warmup_steps=10")
+SMALL = (
+    "train.threads=1",
+    "train.batch_size=64",
+    "data.n_train=2000",
+    "data.n_heldout=200",
+    "eval.n_samples=200",
+    "eval.steps=[1]",
+    "eval.every=0",
+    "optim.warmup_steps=10",
+)
 TINY = (*SMALL, "arch.width=32", "arch.depth=1")
 
 
@@ -55,8 +63,9 @@ def _env(fault):
 
 def launch(cwd, *overrides, fault=None, timeout=400) -> subprocess.CompletedProcess:
     """`python launch.py overrides...` in cwd (through tests/faults/inject.py when a fault is given)."""
-    return subprocess.run(_command(overrides, fault), cwd=cwd, env=_env(fault), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        _command(overrides, fault), cwd=cwd, env=_env(fault), capture_output=True, text=True, timeout=timeout
+    )
 
 
 class Started:
@@ -172,8 +181,15 @@ def test_kill_9_then_relaunch_resumes_bit_exactly(tmp_path):
     model, EMA, EMA target, optimizer, data position and RNG equal an uninterrupted run's bit for bit.
     Dropout (global RNG) and an EMA target are on, so every piece of saved state matters, and evaluations
     run mid-training (every 200 steps), so they must leave the training state alone."""
-    common = [*TINY, "train.steps=800", "train.ckpt_every=100", "train.log_every=100", "arch.dropout=0.1",
-              "target=ema", "eval.every=200"]
+    common = [
+        *TINY,
+        "train.steps=800",
+        "train.ckpt_every=100",
+        "train.log_every=100",
+        "arch.dropout=0.1",
+        "target=ema",
+        "eval.every=200",
+    ]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     ok(launch(tmp_path, *common, f"hydra.run.dir={ref}"))
 
@@ -238,12 +254,23 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path):
     in a row): those steps are skipped, each reported at its step, counted in train/skipped_steps,
     and the run finishes with finite weights."""
     run_dir = tmp_path / "run"
-    proc = ok(launch(tmp_path, *TINY, "train.steps=100", "train.ckpt_every=50", "train.log_every=50",
-                     f"hydra.run.dir={run_dir}", fault="nan_loss:30-31;nan_grad:60"))
+    proc = ok(
+        launch(
+            tmp_path,
+            *TINY,
+            "train.steps=100",
+            "train.ckpt_every=50",
+            "train.log_every=50",
+            f"hydra.run.dir={run_dir}",
+            fault="nan_loss:30-31;nan_grad:60",
+        )
+    )
     warnings = [line.split(" - ", 1)[1] for line in proc.stderr.splitlines() if "non-finite" in line]
-    assert warnings == ["step 30: non-finite loss, step skipped (1 in a row)",
-                        "step 31: non-finite loss, step skipped (2 in a row)",
-                        "step 60: non-finite gradient norm, step skipped (1 in a row)"], proc.stderr
+    assert warnings == [
+        "step 30: non-finite loss, step skipped (1 in a row)",
+        "step 31: non-finite loss, step skipped (2 in a row)",
+        "step 60: non-finite gradient norm, step skipped (1 in a row)",
+    ], proc.stderr
     run = only_run(tmp_path)
     assert run.info.status == "FINISHED"
     history = metric_history(tmp_path, run, "train/skipped_steps")
@@ -258,14 +285,24 @@ def test_non_finite_steps_in_a_row_stop_the_run_failed_with_the_last_good_checkp
     one line naming the step and the parameter, exit status 1, the MLflow run FAILED, the skipped
     steps counted, and the step-100 checkpoint intact (loads, every tensor finite)."""
     run_dir = tmp_path / "run"
-    proc = launch(tmp_path, *TINY, "train.steps=400", "train.ckpt_every=100", "train.log_every=100",
-                  "train.max_nonfinite=3", f"hydra.run.dir={run_dir}", fault="nan_grad:130-")
+    proc = launch(
+        tmp_path,
+        *TINY,
+        "train.steps=400",
+        "train.ckpt_every=100",
+        "train.log_every=100",
+        "train.max_nonfinite=3",
+        f"hydra.run.dir={run_dir}",
+        fault="nan_grad:130-",
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     msg = one_error_line(proc.stderr)
     good = run_dir / "checkpoints" / "step-00000100.pt"
-    assert msg == (f"step 132: the gradient norm went non-finite 3 steps in a row (train.max_nonfinite=3);"
-                   f" non-finite terms: the gradient of out.weight; the last good checkpoint is {good};"
-                   " lower optim.lr or check the data."), msg
+    assert msg == (
+        f"step 132: the gradient norm went non-finite 3 steps in a row (train.max_nonfinite=3);"
+        f" non-finite terms: the gradient of out.weight; the last good checkpoint is {good};"
+        " lower optim.lr or check the data."
+    ), msg
     assert checkpoint_names(run_dir) == ["step-00000100.pt"]
     state = checkpoint.load(good)
     assert state["step"] == 100
@@ -281,13 +318,24 @@ def test_an_absurd_learning_rate_is_caught_and_the_run_fails_cleanly(tmp_path):
     happens, max_nonfinite (5) steps in a row stop the run with one line naming the step and the loss
     terms that went non-finite; exit status 1; MLflow run FAILED with 5 skipped steps."""
     run_dir = tmp_path / "run"
-    proc = launch(tmp_path, *TINY, "optim.lr=1e12", "optim.grad_clip=null", "optim.warmup_steps=0",
-                  "train.steps=200", "train.ckpt_every=100", f"hydra.run.dir={run_dir}")
+    proc = launch(
+        tmp_path,
+        *TINY,
+        "optim.lr=1e12",
+        "optim.grad_clip=null",
+        "optim.warmup_steps=0",
+        "train.steps=200",
+        "train.ckpt_every=100",
+        f"hydra.run.dir={run_dir}",
+    )
     assert proc.returncode == 1, proc.stderr[-3000:]
     msg = one_error_line(proc.stderr)
-    m = re.fullmatch(r"step (\d+): the (loss|gradient norm) went non-finite 5 steps in a row \(train.max_nonfinite=5\);"
-                     r" non-finite terms: (.+); the last good checkpoint is none yet; lower optim.lr or check the"
-                     r" data\.", msg)
+    m = re.fullmatch(
+        r"step (\d+): the (loss|gradient norm) went non-finite 5 steps in a row \(train.max_nonfinite=5\);"
+        r" non-finite terms: (.+); the last good checkpoint is none yet; lower optim.lr or check the"
+        r" data\.",
+        msg,
+    )
     assert m, msg
     stop_step, terms = int(m[1]), m[3].split(", ")
     diag_terms = {"t", "t_minus_s", "t_minus_r", "r_equals_s", "w", "log_w_tilde", "mmd", "K_tt", "K_rr", "K_tr"}
@@ -304,8 +352,10 @@ def test_an_absurd_learning_rate_is_caught_and_the_run_fails_cleanly(tmp_path):
 COMPOSITION_ERRORS = {
     "unknown group option": (["kernel=nope"], ["Could not find 'kernel/nope'", "Available options in 'kernel'"]),
     "unknown key": (["loss.kk=3"], ["Could not override 'loss.kk'.", "Key 'kk' not in 'LossConfig'"]),
-    "wrong type": (["loss.M=four"], ["Error merging override loss.M=four",
-                                     "Value 'four' of type 'str' could not be converted to Integer"]),
+    "wrong type": (
+        ["loss.M=four"],
+        ["Error merging override loss.M=four", "Value 'four' of type 'str' could not be converted to Integer"],
+    ),
 }
 
 
@@ -325,18 +375,24 @@ def test_config_that_does_not_compose_fails_before_anything_runs(tmp_path, case)
 # had any data been loaded first, the error would be about that file instead.
 MISSING_DATA = ("data=points", "data.path=/nonexistent/points.npy")
 INVALID = {
-    "batch not divisible by M": (["train.batch_size=66"],
-                                 "train.batch_size=66 must be divisible by loss.M x world size = 4 x 1 = 4, so every"
-                                 " group of M particles stays on one process."),
-    "euler_fm with cosine": (["schedule=cosine", "schedule.param=euler_fm"],
-                             "schedule.param=euler_fm needs schedule.name=fm (OT-FM), not 'cosine'; use simple_edm or"
-                             " identity with the cosine schedule."),
-    "guidance with unconditional data": (["eval.guidance=2"],
-                                         "eval.guidance=2.0 needs class-conditional data, but data.name='points' is"
-                                         " unconditional; use eval.guidance=1."),
-    "image architecture on 2-D data": (["arch=dit_s_4"],
-                                       "arch.name='dit_s_4' does not fit 2-D/point data data.name='points'; use"
-                                       " arch=mlp."),
+    "batch not divisible by M": (
+        ["train.batch_size=66"],
+        "train.batch_size=66 must be divisible by loss.M x world size = 4 x 1 = 4, so every"
+        " group of M particles stays on one process.",
+    ),
+    "euler_fm with cosine": (
+        ["schedule=cosine", "schedule.param=euler_fm"],
+        "schedule.param=euler_fm needs schedule.name=fm (OT-FM), not 'cosine'; use simple_edm or"
+        " identity with the cosine schedule.",
+    ),
+    "guidance with unconditional data": (
+        ["eval.guidance=2"],
+        "eval.guidance=2.0 needs class-conditional data, but data.name='points' is unconditional; use eval.guidance=1.",
+    ),
+    "image architecture on 2-D data": (
+        ["arch=dit_s_4"],
+        "arch.name='dit_s_4' does not fit 2-D/point data data.name='points'; use arch=mlp.",
+    ),
 }
 
 
@@ -361,16 +417,20 @@ def _bad_data(tmp: Path, case: str):
         x[[7, 20], 1] = np.nan
         np.save(tmp / "nan.npy", x)
         return ["data=points", f"data.path={tmp / 'nan.npy'}"], [
-            f"Points file '{tmp / 'nan.npy'}' has 2 non-finite values", "the first at row"]
+            f"Points file '{tmp / 'nan.npy'}' has 2 non-finite values",
+            "the first at row",
+        ]
     if case == ".npy of the wrong rank":
         np.save(tmp / "cube.npy", np.zeros((100, 2, 2)))
         return ["data=points", f"data.path={tmp / 'cube.npy'}"], [
-            f"Points file '{tmp / 'cube.npy'}' holds an array of shape (100, 2, 2); an [N, D] array"]
+            f"Points file '{tmp / 'cube.npy'}' holds an array of shape (100, 2, 2); an [N, D] array"
+        ]
     if case == "image folder without images":
         (tmp / "empty" / "sub").mkdir(parents=True)
         (tmp / "empty" / "notes.txt").write_text("no images here")
         return ["data=folder", "arch=dit_s_4", f"data.root={tmp / 'empty'}"], [
-            f"No images found under '{tmp / 'empty'}'"]
+            f"No images found under '{tmp / 'empty'}'"
+        ]
     if case == "corrupt image":
         from PIL import Image
 
@@ -378,18 +438,29 @@ def _bad_data(tmp: Path, case: str):
         Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp / "images" / "good.png")
         (tmp / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
         return ["data=folder", "arch=dit_s_4", f"data.root={tmp / 'images'}"], [
-            f"Image '{tmp / 'images' / 'broken.png'}' cannot be read", "delete or replace it"]
+            f"Image '{tmp / 'images' / 'broken.png'}' cannot be read",
+            "delete or replace it",
+        ]
     if case == "CIFAR-10 offline without files":
         (tmp / "datasets").mkdir()
         root = tmp / "datasets"
         return ["data=cifar10", "arch=dit_s_4", f"data.root={root}"], [
-            f"CIFAR-10 was not found (or is corrupt) in {root}", f"put the folder {root / 'cifar-10-batches-py'}/",
-            f"or the archive {root / 'cifar-10-python.tar.gz'} in place", "data.download=true"]
+            f"CIFAR-10 was not found (or is corrupt) in {root}",
+            f"put the folder {root / 'cifar-10-batches-py'}/",
+            f"or the archive {root / 'cifar-10-python.tar.gz'} in place",
+            "data.download=true",
+        ]
     raise KeyError(case)
 
 
-BAD_DATA = ["missing data.path", ".npy with NaNs", ".npy of the wrong rank", "image folder without images",
-            "corrupt image", "CIFAR-10 offline without files"]
+BAD_DATA = [
+    "missing data.path",
+    ".npy with NaNs",
+    ".npy of the wrong rank",
+    "image folder without images",
+    "corrupt image",
+    "CIFAR-10 offline without files",
+]
 
 
 @pytest.mark.parametrize("case", BAD_DATA)
@@ -426,8 +497,10 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     proc = launch(tmp_path, *TINY, f"resume={evil}", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 2, proc.stderr[-3000:]
     msg = one_error_line(proc.stderr)
-    assert msg.startswith(f"refusing to load {evil}: it is not a plain-tensor checkpoint and unpickling it could"
-                          " run code (torch.load with weights_only=True: "), msg
+    assert msg.startswith(
+        f"refusing to load {evil}: it is not a plain-tensor checkpoint and unpickling it could"
+        " run code (torch.load with weights_only=True: "
+    ), msg
     assert "posix.system" in msg and msg.endswith("only resume from checkpoints this project wrote."), msg
     assert not marker.exists()
     assert mlflow_runs(tmp_path) == [] and checkpoint_names(run_dir) == []
@@ -449,8 +522,12 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
     assert_one_sentence(msg)
 
     # the payload is live: loading it the unsafe way does run the command
-    subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(evil)!r}, weights_only=False)"],
-                   cwd=tmp_path, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-c", f"import torch; torch.load({str(evil)!r}, weights_only=False)"],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=120,
+    )
     assert marker.exists()
 
 
@@ -489,8 +566,7 @@ def test_a_signal_or_an_exception_right_after_the_mlflow_run_is_created_never_le
     """The window between creating the MLflow run and the first step: SIGTERM there is honoured at the
     first step boundary (checkpoint at step 1, KILLED); an exception there ends the run FAILED."""
     run_dir = tmp_path / "term"
-    proc = launch(tmp_path, *TINY, "train.steps=500", f"hydra.run.dir={run_dir}",
-                  fault="signal_after_open:SIGTERM")
+    proc = launch(tmp_path, *TINY, "train.steps=500", f"hydra.run.dir={run_dir}", fault="signal_after_open:SIGTERM")
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
     assert one_error_line(proc.stderr).startswith("training stopped by SIGTERM; checkpoint ")
     assert checkpoint_names(run_dir) == ["step-00000001.pt"]
@@ -517,15 +593,26 @@ def test_a_tracking_server_that_is_down_fails_fast_or_falls_back_to_the_local_st
     assert proc.returncode == 2, proc.stderr[-3000:]
     msg = one_error_line(proc.stderr)
     assert msg.startswith(f"the MLflow tracking server at {uri} is not reachable (") and msg.endswith(
-        "start it, fix tracking.uri, or set tracking.fallback_local=true to log to a local SQLite store."), msg
+        "start it, fix tracking.uri, or set tracking.fallback_local=true to log to a local SQLite store."
+    ), msg
     assert time.monotonic() - started < 120  # not MLflow's minutes of retries
     assert checkpoint_names(run_dir) == [] and not (tmp_path / "mlflow.db").exists()
 
     fallback = tmp_path / "fallback"
-    proc = ok(launch(tmp_path, *TINY, "train.steps=20", f"tracking.uri={uri}", "tracking.fallback_local=true",
-                     f"hydra.run.dir={fallback}"))
-    assert (f"the MLflow tracking server at {uri} is not reachable; falling back to the local store"
-            f" sqlite:///{tmp_path / 'mlflow.db'} (tracking.fallback_local=true)") in proc.stderr
+    proc = ok(
+        launch(
+            tmp_path,
+            *TINY,
+            "train.steps=20",
+            f"tracking.uri={uri}",
+            "tracking.fallback_local=true",
+            f"hydra.run.dir={fallback}",
+        )
+    )
+    assert (
+        f"the MLflow tracking server at {uri} is not reachable; falling back to the local store"
+        f" sqlite:///{tmp_path / 'mlflow.db'} (tracking.fallback_local=true)"
+    ) in proc.stderr
     run = only_run(tmp_path)
     assert run.info.status == "FINISHED" and run.data.tags["run_dir"] == str(fallback.resolve())
 
@@ -579,8 +666,10 @@ def test_a_finished_run_directory_is_never_overwritten_by_another_experiment(tmp
     ok(launch(tmp_path, *common))
 
     def digest():
-        return {n: hashlib.sha256((checkpoint.ckpt_dir(run_dir) / n).read_bytes()).hexdigest()
-                for n in checkpoint_names(run_dir)}
+        return {
+            n: hashlib.sha256((checkpoint.ckpt_dir(run_dir) / n).read_bytes()).hexdigest()
+            for n in checkpoint_names(run_dir)
+        }
 
     before = digest()
     assert list(before) == ["step-00000020.pt", "step-00000040.pt"]

@@ -13,10 +13,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import CONF, ROOT, compose_cfg
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from conftest import CONF, ROOT, compose_cfg
 from imm import factory
 from imm.config import ConfigError
 from imm.core import sampling
@@ -26,12 +26,32 @@ from imm.tracking.mlflow_run import TrackingError
 from imm.training import checkpoint
 from imm.training.loop import train
 
-TOY = ("train.steps=20", "train.batch_size=64", "arch.width=32", "arch.depth=1", "eval.every=0",
-       "eval.n_samples=200", "eval.steps=[1]", "data.n_train=2000", "data.n_heldout=200", "train.ckpt_every=20",
-       "train.log_every=10")
-DIGITS = ("experiment=digits", "arch.hidden_size=32", "arch.depth=1", "arch.num_heads=2", "train.steps=4",
-          "train.batch_size=16", "train.ckpt_every=4", "train.log_every=2", "eval.every=0", "eval.steps=[1]",
-          "eval.n_samples=8")
+TOY = (
+    "train.steps=20",
+    "train.batch_size=64",
+    "arch.width=32",
+    "arch.depth=1",
+    "eval.every=0",
+    "eval.n_samples=200",
+    "eval.steps=[1]",
+    "data.n_train=2000",
+    "data.n_heldout=200",
+    "train.ckpt_every=20",
+    "train.log_every=10",
+)
+DIGITS = (
+    "experiment=digits",
+    "arch.hidden_size=32",
+    "arch.depth=1",
+    "arch.num_heads=2",
+    "train.steps=4",
+    "train.batch_size=16",
+    "train.ckpt_every=4",
+    "train.log_every=2",
+    "eval.every=0",
+    "eval.steps=[1]",
+    "eval.n_samples=8",
+)
 UNIFORM_4 = [0.994, 0.7455, 0.497, 0.2485, 0.0]  # spec section 4
 EDM_8 = [0.994, 0.98486, 0.95674, 0.86056, 0.56413, 0.14731, 0.01001, 8e-05, 0.0]
 
@@ -68,8 +88,9 @@ def sample(run, out, *overrides):
 
 def launch(cwd, *args, env=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env
+    )
 
 
 @pytest.fixture
@@ -134,7 +155,7 @@ def test_samples_are_the_ema_network_decoded_from_the_seed_in_data_units(toy, tm
     state = checkpoint.load(toy.ckpt)
     cfg = compose_cfg(*TOY)
     net = factory.net(cfg, (2,), 0)
-    net.load_state_dict({k[len("ema_model."):]: v for k, v in state["ema"].items() if k.startswith("ema_model.")})
+    net.load_state_dict({k[len("ema_model.") :]: v for k, v in state["ema"].items() if k.startswith("ema_model.")})
     param = factory.parameterization(cfg)
     noise = param.sigma_data * torch.randn(500, 2, generator=torch.Generator().manual_seed(3))
     x = sampling.sample(net.eval(), param, noise, torch.tensor([0.994, 0.0], dtype=torch.float64))
@@ -150,13 +171,16 @@ def test_samples_are_the_ema_network_decoded_from_the_seed_in_data_units(toy, tm
     assert not np.allclose(np.load(tmp_path / "d" / "samples.npy"), got)  # the online weights differ
 
 
-@pytest.mark.parametrize("overrides,grid", [
-    (["steps=4"], UNIFORM_4),
-    (["steps=8", "grid=edm"], EDM_8),
-    (["steps=2"], [0.994, 0.58333, 0.0]),  # the paper's 2-step eta(t_1) = 1.4
-    (["steps=2", "two_step_eta=null"], [0.994, 0.497, 0.0]),
-    (["steps=3", "grid=eta", "etas=[4.0,0.5]"], [0.994, 0.8, 1 / 3, 0.0]),  # OT-FM: t = eta / (1 + eta)
-])
+@pytest.mark.parametrize(
+    "overrides,grid",
+    [
+        (["steps=4"], UNIFORM_4),
+        (["steps=8", "grid=edm"], EDM_8),
+        (["steps=2"], [0.994, 0.58333, 0.0]),  # the paper's 2-step eta(t_1) = 1.4
+        (["steps=2", "two_step_eta=null"], [0.994, 0.497, 0.0]),
+        (["steps=3", "grid=eta", "etas=[4.0,0.5]"], [0.994, 0.8, 1 / 3, 0.0]),  # OT-FM: t = eta / (1 + eta)
+    ],
+)
 def test_pushforward_grids_and_network_calls(toy, tmp_path, net_calls, overrides, grid):
     record = sample(toy, tmp_path, "n=10", "batch_size=10", "compare_steps=[]", *overrides)
     assert record["grid"] == pytest.approx(grid, abs=1e-5)
@@ -231,8 +255,14 @@ def test_new_run_when_asked_or_when_the_checkpoint_has_none(toy, tmp_path):
     anonymous = tmp_path / "anon" / "checkpoints" / "step-00000020.pt"
     anonymous.parent.mkdir(parents=True)
     torch.save(state, anonymous)
-    cfg = compose_task("sample", f"ckpt={anonymous.parent.parent}", f"tracking.uri={toy.uri}", f"out={tmp_path}/o",
-                       "n=20", "compare_steps=[]")
+    cfg = compose_task(
+        "sample",
+        f"ckpt={anonymous.parent.parent}",
+        f"tracking.uri={toy.uri}",
+        f"out={tmp_path}/o",
+        "n=20",
+        "compare_steps=[]",
+    )
     record = sample_task.run(cfg, launch_dir=tmp_path)
     assert record["mlflow_run_id"] not in before | {new.info.run_id}
 

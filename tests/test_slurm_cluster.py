@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 import slurm_fixture  # tests/ is on sys.path (rootdir-relative, no __init__.py)
 from slurm_fixture import SlurmCluster
 
@@ -63,8 +62,14 @@ def wait_done(job, timeout: float = 180) -> None:
 def test_sbatch_wrap(slurm_cluster: SlurmCluster, tmp_path: Path):
     out_file = tmp_path / "out.txt"
     res = slurm_cluster.run(
-        "sbatch", "--parsable", "-p", slurm_cluster.partition, "-o", str(tmp_path / "slurm-%j.out"),
-        "--wrap", f"echo hello $SLURM_JOB_ID > {out_file}",
+        "sbatch",
+        "--parsable",
+        "-p",
+        slurm_cluster.partition,
+        "-o",
+        str(tmp_path / "slurm-%j.out"),
+        "--wrap",
+        f"echo hello $SLURM_JOB_ID > {out_file}",
     )
     assert res.returncode == 0, res.stderr
     job_id = res.stdout.strip().split(";")[0]
@@ -125,7 +130,9 @@ def test_hydra_submitit_multirun(slurm_cluster: SlurmCluster, tmp_path: Path):
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     cmd = [
-        sys.executable, str(app), "--multirun",
+        sys.executable,
+        str(app),
+        "--multirun",
         "hydra/launcher=submitit_slurm",
         f"hydra.launcher.partition={slurm_cluster.partition}",
         "hydra.launcher.timeout_min=5",

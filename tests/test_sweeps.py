@@ -5,17 +5,25 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from conftest import CONF, ROOT
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from conftest import CONF, ROOT
-
 SWEEPS = sorted(p.stem for p in (ROOT / "sweeps").glob("*.yaml"))
-TINY = ["train.batch_size=64", "arch.width=32", "arch.depth=1", "eval.every=0", "eval.n_samples=200",
-        "eval.steps=[1]", "data.n_train=2000", "data.n_heldout=200", "train.log_every=10", "train.threads=1"]
+TINY = [
+    "train.batch_size=64",
+    "arch.width=32",
+    "arch.depth=1",
+    "eval.every=0",
+    "eval.n_samples=200",
+    "eval.steps=[1]",
+    "data.n_train=2000",
+    "data.n_heldout=200",
+    "train.log_every=10",
+    "train.threads=1",
+]
 
 
 @pytest.mark.parametrize("name", SWEEPS)
@@ -27,6 +35,7 @@ def test_every_sweep_preset_composes(name):
     assert params and all(isinstance(v, str) for v in params.values())
     # every swept value composes into a valid config
     from imm.config import validate
+
     key, values = next(iter(params.items()))
     for value in values.split(","):
         with initialize_config_dir(config_dir=str(CONF), version_base=None):
@@ -36,14 +45,16 @@ def test_every_sweep_preset_composes(name):
 
 def test_launcher_presets_compose():
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        slurm = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=8"],
-                        return_hydra_config=True)
+        slurm = compose(
+            "config", overrides=["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=8"], return_hydra_config=True
+        )
         local = compose("config", overrides=["hydra/launcher=local"], return_hydra_config=True)
     assert slurm.hydra.launcher.tasks_per_node == 8  # one DDP process per GPU
     assert "SlurmLauncher" in slurm.hydra.launcher._target_ and "LocalLauncher" in local.hydra.launcher._target_
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        cpu = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0"],
-                      return_hydra_config=True)
+        cpu = compose(
+            "config", overrides=["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0"], return_hydra_config=True
+        )
     assert cpu.hydra.launcher.tasks_per_node == 1
 
 
@@ -58,8 +69,14 @@ def runs_of(db):
 
 def launch(cwd, *overrides, timeout=900):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), *overrides], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -77,9 +94,15 @@ def test_local_parallel_sweep_lands_as_parent_and_children_on_a_fresh_store(tmp_
 
 
 def slurm_overrides(tmp_path):
-    return ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0",
-            "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1", "hydra.launcher.timeout_min=60",
-            f"hydra.launcher.submitit_folder={tmp_path}/submitit/%j"]
+    return [
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=debug",
+        "hydra.launcher.gpus_per_node=0",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.mem_gb=1",
+        "hydra.launcher.timeout_min=60",
+        f"hydra.launcher.submitit_folder={tmp_path}/submitit/%j",
+    ]
 
 
 @pytest.mark.slow
@@ -88,8 +111,9 @@ def test_slurm_two_job_sweep(slurm_cluster, tmp_path):
     _, parents, children = runs_of(tmp_path / "mlflow.db")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(r.info.run_name for r in children) == ["loss.k=11", "loss.k=12"]
-    assert all(r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
-               for r in children)
+    assert all(
+        r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children
+    )
 
 
 def wait_for(predicate, timeout, what):
@@ -110,10 +134,24 @@ def squeue_ids():
 @pytest.mark.slow
 def test_slurm_job_requeued_mid_training_resumes_as_one_child(slurm_cluster, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    sweep = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "-m", "train.seed=0", "train.steps=1500",
-                              "train.ckpt_every=100", *TINY, *slurm_overrides(tmp_path),
-                              f"hydra.sweep.dir={tmp_path}/sweep"],
-                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sweep = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "launch.py"),
+            "-m",
+            "train.seed=0",
+            "train.steps=1500",
+            "train.ckpt_every=100",
+            *TINY,
+            *slurm_overrides(tmp_path),
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         ckpts = tmp_path / "sweep" / "0" / "checkpoints"
         wait_for(lambda: ckpts.is_dir() and any(ckpts.glob("step-*.pt")), 300, "the first checkpoint")
@@ -144,9 +182,21 @@ def test_slurm_preemption_signal_checkpoints_requeues_and_matches_an_uninterrupt
     common = ["train.seed=3", "train.steps=600", "train.ckpt_every=100000", *TINY]
     launch(tmp_path, *common, f"hydra.run.dir={tmp_path}/reference", "tracking.enabled=false")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    sweep = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "-m", *common, *slurm_overrides(tmp_path),
-                              f"hydra.sweep.dir={tmp_path}/sweep"],
-                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sweep = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "launch.py"),
+            "-m",
+            *common,
+            *slurm_overrides(tmp_path),
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     log = tmp_path / "sweep" / "0" / "launch.log"
     try:
         wait_for(lambda: log.is_file() and "step 100/600" in log.read_text(), 300, "training to be under way")

@@ -6,17 +6,28 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, compose_cfg
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, compose_cfg
 from imm import factory
 from imm.config import loss_T
 from imm.evaluation.evaluate import Evaluator
 from imm.training.loop import train
 
-SMALL = ("train.steps=400", "train.batch_size=256", "arch.width=64", "arch.depth=2", "eval.every=0",
-         "eval.n_samples=1000", "eval.steps=[1,8]", "train.log_every=50", "train.ckpt_every=200",
-         "data.n_train=20000", "data.n_heldout=1000", "optim.warmup_steps=20")
+SMALL = (
+    "train.steps=400",
+    "train.batch_size=256",
+    "arch.width=64",
+    "arch.depth=2",
+    "eval.every=0",
+    "eval.n_samples=1000",
+    "eval.steps=[1,8]",
+    "train.log_every=50",
+    "train.ckpt_every=200",
+    "data.n_train=20000",
+    "data.n_heldout=1000",
+    "optim.warmup_steps=20",
+)
 
 
 def initial_energy(cfg, N):
@@ -24,8 +35,9 @@ def initial_energy(cfg, N):
     bundle = factory.dataset(cfg)
     torch.manual_seed(cfg.train.seed)
     net = factory.net(cfg, bundle.shape, 0)
-    ev = Evaluator(bundle, factory.parameterization(cfg), T=loss_T(cfg), eps=cfg.loss.eps, steps=[N],
-                   n_samples=cfg.eval.n_samples)
+    ev = Evaluator(
+        bundle, factory.parameterization(cfg), T=loss_T(cfg), eps=cfg.loss.eps, steps=[N], n_samples=cfg.eval.n_samples
+    )
     return ev(net)[0][f"eval/energy_{N}step"]
 
 
@@ -50,8 +62,15 @@ def test_short_training_improves_samples(tmp_path, loss, N):
     assert run.data.params["kernel.weighting"] == "paper" and run.data.params["train.batch_size"] == "256"
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == list(range(50, 401, 50))
-    for key in ("eval/energy_1step", "eval/energy_floor", "eval/recall_8step", "final/energy_1step",
-                "best/energy_1step", "model/parameters", "eval/energy_sd_1step"):  # sd over the 8 draws
+    for key in (
+        "eval/energy_1step",
+        "eval/energy_floor",
+        "eval/recall_8step",
+        "final/energy_1step",
+        "best/energy_1step",
+        "model/parameters",
+        "eval/energy_sd_1step",
+    ):  # sd over the 8 draws
         assert key in run.data.metrics, key
     assert not any(k.startswith("best/energy_sd") for k in run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -63,8 +82,9 @@ def test_short_training_improves_samples(tmp_path, loss, N):
 
 def launch(cwd, *overrides, check=True):
     """python launch.py in a subprocess, as a user would run it."""
-    proc = subprocess.run([sys.executable, str(ROOT / "launch.py"), *overrides], cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), *overrides], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"launch.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
@@ -92,8 +112,13 @@ def test_relaunch_resumes_the_same_run_and_mlflow_run(tmp_path):
 
     # resume=PATH continues from an explicit checkpoint into a new run directory
     other = tmp_path / "other"
-    launch(tmp_path, *common, f"hydra.run.dir={other}", "train.steps=400",
-           f"resume={run_dir / 'checkpoints' / 'step-00000300.pt'}")
+    launch(
+        tmp_path,
+        *common,
+        f"hydra.run.dir={other}",
+        "train.steps=400",
+        f"resume={run_dir / 'checkpoints' / 'step-00000300.pt'}",
+    )
     assert (other / "checkpoints" / "step-00000400.pt").exists()
 
 
@@ -101,7 +126,8 @@ def test_relaunch_resumes_the_same_run_and_mlflow_run(tmp_path):
 def test_resume_refuses_a_different_experiment(tmp_path):
     run_dir = tmp_path / "run"
     launch(tmp_path, *SMALL, "eval.steps=[1]", f"hydra.run.dir={run_dir}", "train.steps=100")
-    proc = launch(tmp_path, *SMALL, "eval.steps=[1]", f"hydra.run.dir={run_dir}", "train.steps=200", "loss.k=13",
-                  check=False)
+    proc = launch(
+        tmp_path, *SMALL, "eval.steps=[1]", f"hydra.run.dir={run_dir}", "train.steps=200", "loss.k=13", check=False
+    )
     assert proc.returncode == 2
     assert "different config (loss.k was '12', now '13')" in proc.stderr

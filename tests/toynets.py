@@ -10,8 +10,9 @@ class TinyNet(nn.Module):
     def __init__(self, dim=2, num_classes=0, width=32, dropout=0.0):
         super().__init__()
         self.num_classes = num_classes
-        self.net = nn.Sequential(nn.Linear(dim + 2 + num_classes + 1, width), nn.SiLU(),
-                                 nn.Dropout(dropout), nn.Linear(width, dim))
+        self.net = nn.Sequential(
+            nn.Linear(dim + 2 + num_classes + 1, width), nn.SiLU(), nn.Dropout(dropout), nn.Linear(width, dim)
+        )
 
     def forward(self, x, noise_t, noise_s, labels=None):
         shape = x.shape

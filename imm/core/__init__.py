@@ -8,6 +8,6 @@ Modules (each function's docstring gives its formula and the spec section):
 - sampling: time grids, pushforward and restart samplers, classifier-free guidance.
 """
 
-from . import mapping, objective, parameterization, sampling, schedules
+from imm.core import mapping, objective, parameterization, sampling, schedules
 
 __all__ = ["mapping", "objective", "parameterization", "sampling", "schedules"]

@@ -23,8 +23,8 @@ import math
 
 import torch
 
-from . import schedules
-from .util import f64
+from imm.core import schedules
+from imm.core.util import f64
 
 Tensor = torch.Tensor
 
@@ -34,9 +34,18 @@ MAPPINGS = ("eta_decrement", "t_decrement", "lambda_decrement", "inv_eta_increme
 class Mapping:
     """r(s, t) for one schedule and one set of (k, eps, T, eta range, minimum gap)."""
 
-    def __init__(self, name: str = "eta_decrement", *, schedule="fm", k: float = 12, eps: float = 0.0,
-                 T: float = 0.994, eta_max: float | None = None, eta_min: float | None = None,
-                 min_gap: float = 0.0):
+    def __init__(
+        self,
+        name: str = "eta_decrement",
+        *,
+        schedule="fm",
+        k: float = 12,
+        eps: float = 0.0,
+        T: float = 0.994,
+        eta_max: float | None = None,
+        eta_min: float | None = None,
+        min_gap: float = 0.0,
+    ):
         if name not in MAPPINGS:
             raise ValueError(f"unknown mapping {name!r}; choose one of {list(MAPPINGS)}")
         if not 0.0 <= eps < T <= 1.0:
@@ -48,30 +57,34 @@ class Mapping:
         self.eta_max = float(sch.eta(T)) if eta_max is None else float(eta_max)
         self.eta_min = float(sch.eta(eps)) if eta_min is None else float(eta_min)
         if not self.eta_max > self.eta_min >= 0.0:
-            raise ValueError(f"the eta range needs eta_max > eta_min >= 0, got eta_max={self.eta_max},"
-                             f" eta_min={self.eta_min}")
+            raise ValueError(
+                f"the eta range needs eta_max > eta_min >= 0, got eta_max={self.eta_max}, eta_min={self.eta_min}"
+            )
         self.delta = self._delta()
 
     def _delta(self) -> float:
         """The constant step in the mapping's own variable: (range) / 2^k."""
-        scale = 2.0 ** self.k
+        scale = 2.0**self.k
         if self.name == "eta_decrement":
             if math.isinf(self.eta_max):
-                raise ValueError(f"eta_decrement needs a finite eta_max; eta(T) is infinite at T={self.T},"
-                                 " so choose T < 1 (e.g. 0.994 for fm, 0.996 for cosine) or set eta_max")
+                raise ValueError(
+                    f"eta_decrement needs a finite eta_max; eta(T) is infinite at T={self.T},"
+                    " so choose T < 1 (e.g. 0.994 for fm, 0.996 for cosine) or set eta_max"
+                )
             return (self.eta_max - self.eta_min) / scale
         if self.name == "t_decrement":
             return (self.T - self.eps) / scale
         if self.name == "lambda_decrement":
             if self.eps <= 0.0 or self.T >= 1.0:
-                raise ValueError("lambda_decrement needs 0 < eps and T < 1 (lambda is infinite at 0 and 1),"
-                                 f" got eps={self.eps}, T={self.T}; e.g. eps=0.001, T=0.994")
+                raise ValueError(
+                    "lambda_decrement needs 0 < eps and T < 1 (lambda is infinite at 0 and 1),"
+                    f" got eps={self.eps}, T={self.T}; e.g. eps=0.001, T=0.994"
+                )
             lam_max, lam_min = self.schedule.logsnr(self.eps), self.schedule.logsnr(self.T)
             return float(lam_max - lam_min) / scale
         # inv_eta_increment
         if self.eta_min <= 0.0:
-            raise ValueError(f"inv_eta_increment needs eta_min > 0, i.e. eps > 0 (got eps={self.eps});"
-                             " e.g. eps=0.005")
+            raise ValueError(f"inv_eta_increment needs eta_min > 0, i.e. eps > 0 (got eps={self.eps}); e.g. eps=0.005")
         return (1.0 / self.eta_min - 1.0 / self.eta_max) / scale
 
     def __call__(self, s, t) -> Tensor:
@@ -92,12 +105,24 @@ class Mapping:
         return torch.minimum(torch.maximum(r, s), t)
 
     def __repr__(self) -> str:
-        return (f"Mapping({self.name!r}, k={self.k}, eps={self.eps}, T={self.T}, delta={self.delta:.3g},"
-                f" min_gap={self.min_gap})")
+        return (
+            f"Mapping({self.name!r}, k={self.k}, eps={self.eps}, T={self.T}, delta={self.delta:.3g},"
+            f" min_gap={self.min_gap})"
+        )
 
 
-def r_of(name: str, s, t, *, schedule="fm", k: float = 12, eps: float = 0.0, T: float = 0.994,
-         eta_max: float | None = None, eta_min: float | None = None, min_gap: float = 0.0) -> Tensor:
+def r_of(
+    name: str,
+    s,
+    t,
+    *,
+    schedule="fm",
+    k: float = 12,
+    eps: float = 0.0,
+    T: float = 0.994,
+    eta_max: float | None = None,
+    eta_min: float | None = None,
+    min_gap: float = 0.0,
+) -> Tensor:
     """Functional form of Mapping(name, ...)(s, t)."""
-    return Mapping(name, schedule=schedule, k=k, eps=eps, T=T, eta_max=eta_max, eta_min=eta_min,
-                   min_gap=min_gap)(s, t)
+    return Mapping(name, schedule=schedule, k=k, eps=eps, T=T, eta_max=eta_max, eta_min=eta_min, min_gap=min_gap)(s, t)

@@ -12,10 +12,10 @@ import math
 
 import torch
 
-from . import parameterization as parameterization_mod
-from . import schedules
-from .mapping import Mapping
-from .util import bcast, f64
+from imm.core import parameterization as parameterization_mod
+from imm.core import schedules
+from imm.core.mapping import Mapping
+from imm.core.util import bcast, f64
 
 Tensor = torch.Tensor
 
@@ -106,9 +106,20 @@ def group_mmd(y_st: Tensor, y_sr: Tensor, w_tilde: Tensor, kernel: str = "laplac
     return mmd_terms(y_st, y_sr, w_tilde, kernel)[0]
 
 
-def imm_loss_from_outputs(y_st: Tensor, y_sr: Tensor, s, t, *, schedule="fm", param="euler_fm",
-                          kernel: str = "laplace", weighting: str = "paper", a: float = 1.0,
-                          b: float = 5.0, sigma_data: float = 0.5) -> Tensor:
+def imm_loss_from_outputs(
+    y_st: Tensor,
+    y_sr: Tensor,
+    s,
+    t,
+    *,
+    schedule="fm",
+    param="euler_fm",
+    kernel: str = "laplace",
+    weighting: str = "paper",
+    a: float = 1.0,
+    b: float = 5.0,
+    sigma_data: float = 0.5,
+) -> Tensor:
     """L = mean_i w(s_i, t_i) MMD^2_i for outputs already computed (y [G, M, ...], s and t [G])."""
     sch = schedules.get(schedule)
     par = parameterization_mod.get(param, schedule=sch, sigma_data=sigma_data)
@@ -128,8 +139,17 @@ class _Objective:
     global batch and seed see identical noise, times and label drops.
     """
 
-    def __init__(self, param, *, eps: float, T: float, label_dropout: float = 0.0,
-                 num_classes: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        param,
+        *,
+        eps: float,
+        T: float,
+        label_dropout: float = 0.0,
+        num_classes: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if not 0.0 <= eps < T <= 1.0:
             raise ValueError(f"the time range needs 0 <= eps < T <= 1, got eps={eps}, T={T}")
         if not 0.0 <= label_dropout < 1.0:
@@ -145,7 +165,7 @@ class _Objective:
 
     def _local(self, draw: Tensor) -> Tensor:
         n = draw.shape[0] // self.world_size
-        return draw[self.rank * n:(self.rank + 1) * n]
+        return draw[self.rank * n : (self.rank + 1) * n]
 
     def _rand(self, n_local: int, generator, device) -> Tensor:
         u = torch.rand(n_local * self.world_size, generator=generator, device=device, dtype=torch.float64)
@@ -184,12 +204,33 @@ class IMMObjective(_Objective):
     same dropped labels as the student (default: the undropped labels, as in OS-code).
     """
 
-    def __init__(self, param, mapping: Mapping, *, M: int = 4, a: float = 1.0, b: float = 5.0,
-                 kernel: str = "laplace", weighting: str = "paper", label_dropout: float = 0.0,
-                 num_classes: int = 0, drop_target_labels: bool = False, target_fp32: bool = True,
-                 share_dropout: bool = True, rank: int = 0, world_size: int = 1):
-        super().__init__(param, eps=mapping.eps, T=mapping.T, label_dropout=label_dropout,
-                         num_classes=num_classes, rank=rank, world_size=world_size)
+    def __init__(
+        self,
+        param,
+        mapping: Mapping,
+        *,
+        M: int = 4,
+        a: float = 1.0,
+        b: float = 5.0,
+        kernel: str = "laplace",
+        weighting: str = "paper",
+        label_dropout: float = 0.0,
+        num_classes: int = 0,
+        drop_target_labels: bool = False,
+        target_fp32: bool = True,
+        share_dropout: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__(
+            param,
+            eps=mapping.eps,
+            T=mapping.T,
+            label_dropout=label_dropout,
+            num_classes=num_classes,
+            rank=rank,
+            world_size=world_size,
+        )
         if mapping.schedule.name != param.schedule.name:
             raise ValueError("the mapping and the parameterization must use the same schedule")
         if M < 1:
@@ -209,8 +250,7 @@ class IMMObjective(_Objective):
         s = self.eps + (t - self.eps) * self._rand(n_groups, generator, device)
         return t, s, self.mapping(s, t)
 
-    def __call__(self, net, x: Tensor, labels: Tensor | None = None, *, target=None, generator=None,
-                 times=None):
+    def __call__(self, net, x: Tensor, labels: Tensor | None = None, *, target=None, generator=None, times=None):
         """(loss, diagnostics) for a local batch x [B, ...] with B divisible by M.
 
         `times` = (t, s, r), each [B / M], evaluates the loss at chosen times instead of drawing them.
@@ -219,8 +259,9 @@ class IMMObjective(_Objective):
         if B % M:
             raise ValueError(f"the batch ({B}) must be divisible by M ({M})")
         G = B // M
-        t, s, r = (f64(v).to(x.device) for v in times) if times is not None else self.sample_times(
-            G, generator, x.device)
+        t, s, r = (
+            (f64(v).to(x.device) for v in times) if times is not None else self.sample_times(G, generator, x.device)
+        )
         noise = self._noise(x, generator)
         labels_student = self._drop_labels(labels, generator)
         labels_target = labels_student if self.drop_target_labels else labels
@@ -237,12 +278,20 @@ class IMMObjective(_Objective):
         w_tilde = kernel_weight(self.weighting, self.param, s, t)
         w = time_weight(self.schedule, t, self.a, self.b).to(device=x.device, dtype=torch.float32)
         shape = (G, M, *x.shape[1:])
-        mmd, (K_tt, K_rr, K_tr) = mmd_terms(y_st.reshape(shape), y_sr.detach().reshape(shape), w_tilde,
-                                            self.kernel)
+        mmd, (K_tt, K_rr, K_tr) = mmd_terms(y_st.reshape(shape), y_sr.detach().reshape(shape), w_tilde, self.kernel)
         loss = (w * mmd).mean()
-        diagnostics = {"t": t.mean(), "t_minus_s": (t - s).mean(), "t_minus_r": (t - r).mean(),
-                       "r_equals_s": (r == s).double().mean(), "w": w.mean(), "log_w_tilde": w_tilde.log().mean(),
-                       "mmd": mmd.mean(), "K_tt": K_tt.mean(), "K_rr": K_rr.mean(), "K_tr": K_tr.mean()}
+        diagnostics = {
+            "t": t.mean(),
+            "t_minus_s": (t - s).mean(),
+            "t_minus_r": (t - r).mean(),
+            "r_equals_s": (r == s).double().mean(),
+            "w": w.mean(),
+            "log_w_tilde": w_tilde.log().mean(),
+            "mmd": mmd.mean(),
+            "K_tt": K_tt.mean(),
+            "K_rr": K_rr.mean(),
+            "K_tr": K_tr.mean(),
+        }
         return loss, {k: v.detach() for k, v in diagnostics.items()}
 
 

@@ -4,11 +4,12 @@ Spec section 1.3 (paper Sec. 4.2, App. C.5). The network G is raw; this module o
 around it, so networks never see schedule details. The f-level coefficients are DDIM (Eq. 11)
 applied to the g-level x-prediction g = c_skip(t) x_t + c_out(t) G, which the tests check.
 
-| name       | g-level c_skip(t), c_out(t)          | f-level c_skip(s,t)                  | f-level c_out(s,t)                        |
-|------------|--------------------------------------|--------------------------------------|-------------------------------------------|
-| identity   | 0, 1                                 | sigma_s/sigma_t                      | alpha_s - (sigma_s/sigma_t) alpha_t       |
-| simple_edm | a/(a^2+s^2), -sd sigma_t/sqrt(a^2+s^2) | (a_s a_t + s_s s_t)/(a_t^2+s_t^2)  | -sd (a_s s_t - s_s a_t)/sqrt(a_t^2+s_t^2) |
-| euler_fm   | 1, -t sd   (OT-FM only)             | 1                                    | -(t - s) sd                               |
+| name | g: c_skip(t), c_out(t) | f: c_skip(s,t) | f: c_out(s,t) |
+| --- | --- | --- | --- |
+| identity | 0, 1 | sigma_s/sigma_t | alpha_s - (sigma_s/sigma_t) alpha_t |
+| simple_edm | a/(a^2+s^2), -sd s/sqrt(a^2+s^2) | (a_s a + s_s s)/(a^2+s^2) | -sd (a_s s - s_s a)/sqrt(a^2+s^2) |
+| euler_fm | 1, -t sd   (OT-FM only) | 1 | -(t - s) sd |
+(a, s: alpha_t, sigma_t; a_s, s_s: alpha_s, sigma_s; sd: sigma_d.)
 
 c_in(t) = 1 / (sigma_d sqrt(alpha_t^2 + sigma_t^2)); noise conditioning c_noise(t) = time_scale * t
 (time_scale = 1000, Table 5); the second time input is time_scale * s ("s") or time_scale * (t - s)
@@ -21,8 +22,8 @@ from typing import Callable
 
 import torch
 
-from . import schedules
-from .util import bcast, f64
+from imm.core import schedules
+from imm.core.util import bcast, f64
 
 Tensor = torch.Tensor
 Net = Callable[..., Tensor]
@@ -35,8 +36,7 @@ class Parameterization:
 
     name: str = ""
 
-    def __init__(self, schedule="fm", sigma_data: float = 0.5, time_scale: float = 1000.0,
-                 second_time: str = "s"):
+    def __init__(self, schedule="fm", sigma_data: float = 0.5, time_scale: float = 1000.0, second_time: str = "s"):
         if second_time not in SECOND_TIME_INPUTS:
             raise ValueError(f"second_time must be one of {SECOND_TIME_INPUTS}, got {second_time!r}")
         self.schedule = schedules.get(schedule)
@@ -69,8 +69,18 @@ class Parameterization:
         return self.time_scale * t, self.time_scale * second
 
     # -- the network call -----------------------------------------------------------------------
-    def net_output(self, net: Net, x_t: Tensor, s, t, labels=None, *, guidance: float = 1.0,
-                   null_label: int | None = None, net_dtype: torch.dtype | None = None) -> Tensor:
+    def net_output(
+        self,
+        net: Net,
+        x_t: Tensor,
+        s,
+        t,
+        labels=None,
+        *,
+        guidance: float = 1.0,
+        null_label: int | None = None,
+        net_dtype: torch.dtype | None = None,
+    ) -> Tensor:
         """The raw network output G(c_in(t) x_t, c_noise(t), c_noise_2, labels), in x_t's dtype.
 
         With guidance w != 1 (Eq. 14): G^w = w G(c) + (1 - w) G(null), computed in ONE network call
@@ -86,8 +96,12 @@ class Parameterization:
             if labels is None or null_label is None:
                 raise ValueError("classifier-free guidance needs class labels and the null label index")
             null = torch.full_like(labels, null_label)
-            G_c, G_u = net(torch.cat([x_in, x_in]), torch.cat([noise_t, noise_t]),
-                           torch.cat([noise_2, noise_2]), torch.cat([labels, null])).chunk(2)
+            G_c, G_u = net(
+                torch.cat([x_in, x_in]),
+                torch.cat([noise_t, noise_t]),
+                torch.cat([noise_2, noise_2]),
+                torch.cat([labels, null]),
+            ).chunk(2)
             G = G_u + guidance * (G_c - G_u)
         else:
             G = net(x_in, noise_t, noise_2, labels)
@@ -103,8 +117,10 @@ class Parameterization:
         return bcast(self.c_skip(s, t), x_t) * x_t + bcast(self.c_out(s, t), x_t) * G
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(schedule={self.schedule.name!r}, sigma_data={self.sigma_data},"
-                f" time_scale={self.time_scale}, second_time={self.second_time!r})")
+        return (
+            f"{type(self).__name__}(schedule={self.schedule.name!r}, sigma_data={self.sigma_data},"
+            f" time_scale={self.time_scale}, second_time={self.second_time!r})"
+        )
 
 
 class Identity(Parameterization):
@@ -160,7 +176,8 @@ class EulerFM(Parameterization):
         if self.schedule.name != "fm":
             raise ValueError(
                 f"the euler_fm parameterization needs the OT-FM schedule (fm), got {self.schedule.name!r};"
-                " use simple_edm or identity with this schedule")
+                " use simple_edm or identity with this schedule"
+            )
 
     def c_skip(self, s, t) -> Tensor:
         return torch.ones_like(f64(t) - f64(s))
@@ -178,12 +195,16 @@ class EulerFM(Parameterization):
 PARAMETERIZATIONS = {"identity": Identity, "simple_edm": SimpleEDM, "euler_fm": EulerFM}
 
 
-def get(name: str | Parameterization, schedule="fm", sigma_data: float = 0.5,
-        time_scale: float = 1000.0, second_time: str = "s") -> Parameterization:
+def get(
+    name: str | Parameterization,
+    schedule="fm",
+    sigma_data: float = 0.5,
+    time_scale: float = 1000.0,
+    second_time: str = "s",
+) -> Parameterization:
     """The parameterization called `name` on `schedule`; an instance is returned unchanged."""
     if isinstance(name, Parameterization):
         return name
     if name not in PARAMETERIZATIONS:
         raise ValueError(f"unknown parameterization {name!r}; choose one of {sorted(PARAMETERIZATIONS)}")
-    return PARAMETERIZATIONS[name](schedule, sigma_data=sigma_data, time_scale=time_scale,
-                                   second_time=second_time)
+    return PARAMETERIZATIONS[name](schedule, sigma_data=sigma_data, time_scale=time_scale, second_time=second_time)

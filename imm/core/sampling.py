@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from . import schedules
-from .util import f64
+from imm.core import schedules
+from imm.core.util import f64
 
 Tensor = torch.Tensor
 
@@ -44,13 +44,16 @@ def eta_grid(etas, schedule, T: float, eps: float) -> Tensor:
     mids = sch.t_from_eta(torch.tensor(list(etas), dtype=torch.float64))
     grid = torch.cat([f64([T]), mids, f64([eps])])
     if not bool((grid[1:] < grid[:-1]).all()):
-        raise ValueError(f"eta points {list(etas)} must be decreasing and lie strictly between"
-                         f" eta(eps)={float(sch.eta(eps)):.4g} and eta(T)={float(sch.eta(T)):.4g}")
+        raise ValueError(
+            f"eta points {list(etas)} must be decreasing and lie strictly between"
+            f" eta(eps)={float(sch.eta(eps)):.4g} and eta(T)={float(sch.eta(T)):.4g}"
+        )
     return grid
 
 
-def time_grid(kind: str, N: int, *, schedule="fm", T: float = 0.994, eps: float = 0.0,
-              etas=None, rho: float = 7.0) -> Tensor:
+def time_grid(
+    kind: str, N: int, *, schedule="fm", T: float = 0.994, eps: float = 0.0, etas=None, rho: float = 7.0
+) -> Tensor:
     """The grid called `kind`: "uniform", "edm" (rho in eta space) or "eta" (explicit points).
 
     For "eta", `etas` gives the N - 1 intermediate points; when None and N = 2 the paper's
@@ -63,8 +66,9 @@ def time_grid(kind: str, N: int, *, schedule="fm", T: float = 0.994, eps: float 
     if kind == "eta":
         if etas is None:
             if N != 2:
-                raise ValueError(f"the eta grid needs explicit eta points for N={N} steps (only N=2 has"
-                                 " a default, eta=1.4)")
+                raise ValueError(
+                    f"the eta grid needs explicit eta points for N={N} steps (only N=2 has a default, eta=1.4)"
+                )
             etas = TWO_STEP_ETA
         if len(etas) != N - 1:
             raise ValueError(f"{N} steps need {N - 1} intermediate eta points, got {list(etas)}")
@@ -78,8 +82,18 @@ def _check_steps(N: int) -> None:
 
 
 @torch.no_grad()
-def sample(net, param, noise: Tensor, grid: Tensor, *, sampler: str = "pushforward", labels=None,
-           guidance: float = 1.0, null_label: int | None = None, generator=None) -> Tensor:
+def sample(
+    net,
+    param,
+    noise: Tensor,
+    grid: Tensor,
+    *,
+    sampler: str = "pushforward",
+    labels=None,
+    guidance: float = 1.0,
+    null_label: int | None = None,
+    generator=None,
+) -> Tensor:
     """Generate from prior noise x_T ~ N(0, sigma_d^2 I) along `grid` (float64 result).
 
     - pushforward (Alg. 2/4): x <- f_{t_{i+1}, t_i}(x), i.e. the net is called with t = t_i and

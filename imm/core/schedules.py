@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from .util import bcast, f64 as _f64
+from imm.core.util import bcast
+from imm.core.util import f64 as _f64
 
 Tensor = torch.Tensor
 
@@ -116,4 +117,3 @@ def ddim(x_t: Tensor, x: Tensor, s, t, schedule: Schedule) -> Tensor:
     ratio = schedule.sigma(s) / schedule.sigma(t)
     c_x = schedule.alpha(s) - ratio * schedule.alpha(t)
     return bcast(c_x, x) * x + bcast(ratio, x) * x_t
-

@@ -127,9 +127,7 @@ def build_dataset(
             "digits": lambda: images.digits(resolution=resolution, hflip=hflip),
             "mnist": lambda: images.mnist(root, download=download, resolution=resolution, hflip=hflip),
             "cifar10": lambda: images.cifar10(root, download=download, resolution=resolution, hflip=hflip),
-            "folder": lambda: images.ImageFolder(
-                root, resolution, hflip=hflip, class_subfolders=class_subfolders
-            ),
+            "folder": lambda: images.ImageFolder(root, resolution, hflip=hflip, class_subfolders=class_subfolders),
         }
         dataset = builders[key]()
         return DataBundle(

@@ -54,25 +54,24 @@ def digits(resolution: int | None = None, hflip: bool = False) -> InMemoryDatase
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise DataError(
-            "The digits dataset needs scikit-learn; install it with `pip install scikit-learn`."
-        ) from None
+        raise DataError("The digits dataset needs scikit-learn; install it with `pip install scikit-learn`.") from None
     bunch = load_digits()
     # Pixel values are 0..16, so /8 - 1 maps them to [-1, 1].
     x = torch.from_numpy(bunch.images).float()[:, None] / 8.0 - 1.0
     x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
-    return InMemoryDataset(x.clamp(-1.0, 1.0).contiguous(), torch.from_numpy(bunch.target), num_classes=10,
-                           hflip=hflip)
+    return InMemoryDataset(x.clamp(-1.0, 1.0).contiguous(), torch.from_numpy(bunch.target), num_classes=10, hflip=hflip)
 
 
-def cifar10(root: str | Path | None, *, download: bool = False, resolution: int | None = None,
-            hflip: bool = False) -> UInt8Images:
+def cifar10(
+    root: str | Path | None, *, download: bool = False, resolution: int | None = None, hflip: bool = False
+) -> UInt8Images:
     """The 50,000 CIFAR-10 training images via torchvision, 3x32x32 (or ``resolution``), 10 classes."""
     root = _dataset_root(root, "cifar10")
     resolution = 32 if resolution is None else _positive_resolution(resolution)
     files = ", ".join(CIFAR10_FILES)
-    where = (f"put the folder {root / CIFAR10_FOLDER}/ (containing {files}) or the archive "
-             f"{root / CIFAR10_ARCHIVE} in place")
+    where = (
+        f"put the folder {root / CIFAR10_FOLDER}/ (containing {files}) or the archive {root / CIFAR10_ARCHIVE} in place"
+    )
     archive = root / CIFAR10_ARCHIVE
     if not (root / CIFAR10_FOLDER).is_dir() and archive.is_file():
         # torchvision only unpacks an archive as part of download=True; do it locally instead.
@@ -88,8 +87,9 @@ def cifar10(root: str | Path | None, *, download: bool = False, resolution: int 
     return UInt8Images(_resize_uint8(data, resolution), labels, num_classes=10, hflip=hflip)
 
 
-def mnist(root: str | Path | None, *, download: bool = False, resolution: int | None = None,
-          hflip: bool = False) -> UInt8Images:
+def mnist(
+    root: str | Path | None, *, download: bool = False, resolution: int | None = None, hflip: bool = False
+) -> UInt8Images:
     """The 60,000 MNIST training images via torchvision, 1x28x28 (or ``resolution``), 10 classes."""
     root = _dataset_root(root, "mnist")
     resolution = 28 if resolution is None else _positive_resolution(resolution)
@@ -119,8 +119,14 @@ class ImageFolder(BaseDataset):
     Every file is opened once up front so a corrupt image fails now, not mid-epoch.
     """
 
-    def __init__(self, root: str | Path | None, resolution: int | None, *, hflip: bool = False,
-                 class_subfolders: bool | None = None):
+    def __init__(
+        self,
+        root: str | Path | None,
+        resolution: int | None,
+        *,
+        hflip: bool = False,
+        class_subfolders: bool | None = None,
+    ):
         if root is None or str(root).strip() == "":
             raise DataError("No image directory given; set data.root to a folder of images.")
         root = Path(root).expanduser()
@@ -164,8 +170,10 @@ class ImageFolder(BaseDataset):
 def _find_images(root: Path) -> list[Path]:
     # Hidden files and folders (.ipynb_checkpoints, .DS_Store, ...) are never data.
     return sorted(
-        p for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        p
+        for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS
+        and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
 
@@ -221,8 +229,12 @@ def _resize_uint8(data: torch.Tensor, resolution: int) -> torch.Tensor:
         return data.contiguous()
     # In chunks, so the float copy of 60,000 images never exists all at once.
     chunks = [
-        F.interpolate(chunk.float(), size=(resolution, resolution), mode="bilinear", align_corners=False,
-                      antialias=True).round().clamp(0, 255).to(torch.uint8)
+        F.interpolate(
+            chunk.float(), size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True
+        )
+        .round()
+        .clamp(0, 255)
+        .to(torch.uint8)
         for chunk in data.split(4096)
     ]
     return torch.cat(chunks)
@@ -246,7 +258,7 @@ def _extract(archive: Path, into: Path) -> None:
 def _missing_message(title: str, root: Path, where: str, download: bool, err: Exception) -> str:
     if download:
         reason = " ".join(str(err).split())  # torchvision's errors span several lines
-        return (f"Downloading {title} into {root} failed ({reason}); without internet, {where} by hand "
-                "and run again.")
-    return (f"{title} was not found (or is corrupt) in {root}: {where}, or set data.download=true to "
-            "fetch it when online.")
+        return f"Downloading {title} into {root} failed ({reason}); without internet, {where} by hand and run again."
+    return (
+        f"{title} was not found (or is corrupt) in {root}: {where}, or set data.download=true to fetch it when online."
+    )

@@ -49,8 +49,9 @@ class InMemoryDataset(BaseDataset):
     through a DataLoader (toy, point and digits data are small).
     """
 
-    def __init__(self, data: torch.Tensor, labels: torch.Tensor | None = None, num_classes: int = 0,
-                 hflip: bool = False):
+    def __init__(
+        self, data: torch.Tensor, labels: torch.Tensor | None = None, num_classes: int = 0, hflip: bool = False
+    ):
         self.data = data
         if labels is None:
             labels = torch.full((len(data),), -1, dtype=torch.long)
@@ -84,9 +85,19 @@ class ResumableBatches:
     is not reproduced on resume.
     """
 
-    def __init__(self, dataset: Dataset, global_batch: int, *, seed: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False,
-                 device: torch.device | str | None = None):
+    def __init__(
+        self,
+        dataset: Dataset,
+        global_batch: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        device: torch.device | str | None = None,
+    ):
         global_batch = _positive_int(global_batch, "global batch size", "data.batch_size")
         world_size = _positive_int(world_size, "world_size", "the number of processes")
         if global_batch % world_size:
@@ -119,9 +130,16 @@ class ResumableBatches:
         # The sampler gets this plain description instead of a reference to self:
         # a reference cycle would leave worker shutdown to the garbage collector,
         # which closes the worker queues first and then waits 5 s per worker.
-        self._plan = _Plan(n=self.n, global_batch=global_batch, local_batch=self.local_batch, rank=rank,
-                           seed=self.seed, batches_per_epoch=self.batches_per_epoch, uses_get=uses_get,
-                           flips=uses_get and bool(getattr(dataset, "hflip", False)))
+        self._plan = _Plan(
+            n=self.n,
+            global_batch=global_batch,
+            local_batch=self.local_batch,
+            rank=rank,
+            seed=self.seed,
+            batches_per_epoch=self.batches_per_epoch,
+            uses_get=uses_get,
+            flips=uses_get and bool(getattr(dataset, "hflip", False)),
+        )
         self._order = _EpochOrder(self._plan)
         self._pin = bool(pin_memory)
         self._iter = None

@@ -18,15 +18,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core import sampling
-from . import figures, metrics
+from imm.core import sampling
+from imm.evaluation import figures, metrics
 
 FEATURE_NETS = ("inception", "tiny_random")
 LABEL_MODES = ("cycle", "uncond")
 
 
-def time_grid(N: int, *, schedule, T: float, eps: float, grid: str = "uniform",
-              two_step_eta: float | None = 1.4, etas=None) -> torch.Tensor:
+def time_grid(
+    N: int, *, schedule, T: float, eps: float, grid: str = "uniform", two_step_eta: float | None = 1.4, etas=None
+) -> torch.Tensor:
     """The sampling grid for N steps, from T down to eps:
 
     - `etas` when it holds N - 1 intermediate eta points (an explicit eta grid);
@@ -49,7 +50,7 @@ def count_tag(n: int) -> str:
 
 
 def guidance_tag(w: float) -> str:
-    """"" for w = 1 (no guidance), else "_w1.5"."""
+    """ "" for w = 1 (no guidance), else "_w1.5"."""
     return "" if float(w) == 1.0 else f"_w{float(w):g}"
 
 
@@ -89,9 +90,13 @@ class TinyRandomFeatures(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             self.body = nn.Sequential(
-                nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(),
-                nn.Conv2d(16, self.num_features, 3, stride=2, padding=1), nn.ReLU(),
-                nn.AdaptiveAvgPool2d(1), nn.Flatten())
+                nn.Conv2d(3, 16, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(16, self.num_features, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+            )
 
     def forward(self, x):
         return self.body(x.float() / 127.5 - 1)
@@ -105,8 +110,10 @@ def noise_floor(bundle, n: int, g: torch.Generator) -> dict:
     FLOOR_DRAWS samples: a single draw of the energy distance's floor (about 2 E|X - X'| / n) varies
     by a factor of 2-3 between draws, which would make every model/floor ratio as noisy."""
     train = bundle.train.data
-    draws = [metrics.noise_floor(train[torch.randperm(len(train), generator=g)[:n]], bundle.heldout)
-             for _ in range(FLOOR_DRAWS)]
+    draws = [
+        metrics.noise_floor(train[torch.randperm(len(train), generator=g)[:n]], bundle.heldout)
+        for _ in range(FLOOR_DRAWS)
+    ]
     return {k: sum(d[k] for d in draws) / FLOOR_DRAWS for k in draws[0]}
 
 
@@ -132,12 +139,35 @@ class Evaluator:
     the step count N = len(etas) + 1.
     """
 
-    def __init__(self, bundle, param, *, T: float, eps: float, steps=(1, 2, 4, 8), n_samples: int = 5000,
-                 batch_size: int = 1000, sampler: str = "pushforward", grid: str = "uniform",
-                 two_step_eta: float | None = 1.4, guidance: float = 1.0, seed: int = 1234, draws: int = 1,
-                 device="cpu", etas=None, labels="cycle", max_images: int | None = 64, fid: bool = False,
-                 fid_n_samples: int = 5000, fid_guidances=None, inception_weights=None, fid_cache=None,
-                 feature_net: str = "inception", allow_download: bool = True, dataset_key: str | None = None):
+    def __init__(
+        self,
+        bundle,
+        param,
+        *,
+        T: float,
+        eps: float,
+        steps=(1, 2, 4, 8),
+        n_samples: int = 5000,
+        batch_size: int = 1000,
+        sampler: str = "pushforward",
+        grid: str = "uniform",
+        two_step_eta: float | None = 1.4,
+        guidance: float = 1.0,
+        seed: int = 1234,
+        draws: int = 1,
+        device="cpu",
+        etas=None,
+        labels="cycle",
+        max_images: int | None = 64,
+        fid: bool = False,
+        fid_n_samples: int = 5000,
+        fid_guidances=None,
+        inception_weights=None,
+        fid_cache=None,
+        feature_net: str = "inception",
+        allow_download: bool = True,
+        dataset_key: str | None = None,
+    ):
         if int(draws) < 1:
             raise ValueError(f"draws must be a positive integer, got {draws}")
         self.bundle, self.param, self.device = bundle, param, torch.device(device)
@@ -157,8 +187,11 @@ class Evaluator:
             self.floor = noise_floor(bundle, min(max(n_samples, 16), len(bundle.train)), g)  # k-NN needs > k = 5
         # further noise draws for the mean energy distance (drawn after the floor: draw 0 and the floor
         # do not depend on `draws`)
-        self.more_noise = ([param.sigma_data * torch.randn(self.noise.shape, generator=g) for _ in range(int(draws) - 1)]
-                           if bundle.kind == "points" else [])
+        self.more_noise = (
+            [param.sigma_data * torch.randn(self.noise.shape, generator=g) for _ in range(int(draws) - 1)]
+            if bundle.kind == "points"
+            else []
+        )
 
         self.fid_evaluator = None
         if fid:
@@ -166,7 +199,7 @@ class Evaluator:
                 raise ValueError(f"FID is defined for images, not for {bundle.kind} data ({bundle.name})")
             if feature_net not in FEATURE_NETS:
                 raise ValueError(f"unknown FID feature net {feature_net!r}; choose one of {', '.join(FEATURE_NETS)}")
-            from .fid import FIDEvaluator
+            from imm.evaluation.fid import FIDEvaluator
 
             self.fid_n_samples = int(fid_n_samples)
             self.fid_guidances = [float(w) for w in (fid_guidances if fid_guidances is not None else [guidance])]
@@ -174,30 +207,48 @@ class Evaluator:
             cache = None if fid_cache is None else fid_cache_file(fid_cache, self.fid_key, feature_net)
             self.fid_evaluator = FIDEvaluator(
                 feature_net=TinyRandomFeatures() if feature_net == "tiny_random" else None,
-                inception_weights=inception_weights, reference_cache=cache, device=self.device,
-                batch_size=batch_size, allow_download=allow_download)
+                inception_weights=inception_weights,
+                reference_cache=cache,
+                device=self.device,
+                batch_size=batch_size,
+                allow_download=allow_download,
+            )
 
     @classmethod
     def from_config(cls, cfg, bundle, param, *, device="cpu", **overrides) -> "Evaluator":
         """The evaluator a training config asks for (its `eval` node), FID included for image data when
         eval.fid is true (eval.fid_n_samples images, default 5000; eval.fid_cache, default ~/.cache/imm/fid;
         eval.inception_weights). A missing Inception weights file raises ConfigError with fid.py's message."""
-        from ..config import loss_T
+        from imm.config import loss_T
 
         ev = cfg.eval
         fid = bool(ev.get("fid", False)) and bundle.kind == "images"
-        kwargs = dict(T=loss_T(cfg), eps=cfg.loss.eps, steps=ev.steps, n_samples=ev.n_samples,
-                      batch_size=ev.batch_size, sampler=ev.sampler, grid=ev.grid, two_step_eta=ev.two_step_eta,
-                      guidance=ev.guidance, seed=ev.seed, draws=ev.get("draws", 1), device=device, fid=fid)
+        kwargs = dict(
+            T=loss_T(cfg),
+            eps=cfg.loss.eps,
+            steps=ev.steps,
+            n_samples=ev.n_samples,
+            batch_size=ev.batch_size,
+            sampler=ev.sampler,
+            grid=ev.grid,
+            two_step_eta=ev.two_step_eta,
+            guidance=ev.guidance,
+            seed=ev.seed,
+            draws=ev.get("draws", 1),
+            device=device,
+            fid=fid,
+        )
         if fid:
-            kwargs.update(fid_n_samples=ev.get("fid_n_samples", None) or 5000,
-                          inception_weights=ev.get("inception_weights", None),
-                          fid_cache=ev.get("fid_cache", None) or default_fid_cache(),
-                          feature_net=ev.get("feature_net", None) or "inception",
-                          dataset_key=fid_dataset_key(bundle, cfg.data.get("root", None)))
+            kwargs.update(
+                fid_n_samples=ev.get("fid_n_samples", None) or 5000,
+                inception_weights=ev.get("inception_weights", None),
+                fid_cache=ev.get("fid_cache", None) or default_fid_cache(),
+                feature_net=ev.get("feature_net", None) or "inception",
+                dataset_key=fid_dataset_key(bundle, cfg.data.get("root", None)),
+            )
         kwargs.update(overrides)
-        from ..config import ConfigError
-        from .fid import MissingInceptionWeights
+        from imm.config import ConfigError
+        from imm.evaluation.fid import MissingInceptionWeights
 
         try:
             return cls(bundle, param, **kwargs)
@@ -206,8 +257,15 @@ class Evaluator:
 
     # -- sampling -------------------------------------------------------------------------------
     def grid_for(self, N: int) -> torch.Tensor:
-        return time_grid(N, schedule=self.param.schedule, T=self.T, eps=self.eps, grid=self.grid,
-                         two_step_eta=self.two_step_eta, etas=self.etas)
+        return time_grid(
+            N,
+            schedule=self.param.schedule,
+            T=self.T,
+            eps=self.eps,
+            grid=self.grid,
+            two_step_eta=self.two_step_eta,
+            etas=self.etas,
+        )
 
     def labels_for(self, start: int, count: int) -> torch.Tensor | None:
         """Labels of samples start..start+count-1 (None for unconditional data)."""
@@ -237,9 +295,17 @@ class Evaluator:
         net.eval()
         try:
             for noise, labels in batches:
-                yield sampling.sample(net, self.param, noise.to(self.device), grid, sampler=self.sampler,
-                                      labels=None if labels is None else labels.to(self.device),
-                                      guidance=guidance, null_label=self.bundle.num_classes, generator=g)
+                yield sampling.sample(
+                    net,
+                    self.param,
+                    noise.to(self.device),
+                    grid,
+                    sampler=self.sampler,
+                    labels=None if labels is None else labels.to(self.device),
+                    guidance=guidance,
+                    null_label=self.bundle.num_classes,
+                    generator=g,
+                )
         finally:
             net.train(was_training)
 
@@ -288,8 +354,8 @@ class Evaluator:
         if fe.reference_source is None:
             fe.prepare_reference(self._reference_batches(), self.fid_key)
         results = {}
-        for w in (self.fid_guidances if guidances is None else guidances):
-            for N in (self.steps if steps is None else steps):
+        for w in self.fid_guidances if guidances is None else guidances:
+            for N in self.steps if steps is None else steps:
                 stream = self._decode(net, N, self._fresh_batches(self.fid_n_samples), float(w))
                 try:
                     value = fe.fid(x.float() for x in stream)
@@ -329,8 +395,12 @@ class Evaluator:
         if self.bundle.kind == "points":
             unscale = self.bundle.unscale
             n = min(2000, len(self.bundle.heldout))
-            fig = figures.step_comparison_points({N: unscale(x[:n].float()) for N, x in by_steps.items()},
-                                                 unscale(self.bundle.heldout[:n]), panel_text)
+            fig = figures.step_comparison_points(
+                {N: unscale(x[:n].float()) for N, x in by_steps.items()}, unscale(self.bundle.heldout[:n]), panel_text
+            )
             return {"figures/steps.png": fig}
-        return {"figures/steps.png": figures.step_comparison_images({N: x.float() for N, x in by_steps.items()},
-                                                                    max_images=10)}  # classes 0-9 for labelled sets
+        return {
+            "figures/steps.png": figures.step_comparison_images(
+                {N: x.float() for N, x in by_steps.items()}, max_images=10
+            )
+        }  # classes 0-9 for labelled sets

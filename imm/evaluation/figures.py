@@ -65,8 +65,16 @@ def _draw_points(ax, samples: np.ndarray, data: np.ndarray | None, limits) -> No
     ax.set_yticks([])
     outside = ~((np.abs(samples[:, 0] - cx) <= half) & (np.abs(samples[:, 1] - cy) <= half))
     if outside.any():
-        ax.text(0.98, 0.02, f"{int(outside.sum())} outside", transform=ax.transAxes, ha="right", va="bottom",
-                fontsize=7, color="tab:red")
+        ax.text(
+            0.98,
+            0.02,
+            f"{int(outside.sum())} outside",
+            transform=ax.transAxes,
+            ha="right",
+            va="bottom",
+            fontsize=7,
+            color="tab:red",
+        )
 
 
 def scatter(samples, data=None, title: str | None = None, size: float = 4.0) -> Figure:
@@ -113,8 +121,16 @@ def step_comparison_points(
         _draw_points(ax, clouds[s], data, limits)
         ax.set_title(_steps_label(s))
         if metrics_by_steps and s in metrics_by_steps:
-            ax.text(0.02, 0.98, _format_metrics(metrics_by_steps[s]), transform=ax.transAxes, ha="left",
-                    va="top", fontsize=7, family="monospace")
+            ax.text(
+                0.02,
+                0.98,
+                _format_metrics(metrics_by_steps[s]),
+                transform=ax.transAxes,
+                ha="left",
+                va="top",
+                fontsize=7,
+                family="monospace",
+            )
     fig.tight_layout()
     return fig
 

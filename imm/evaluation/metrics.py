@@ -79,12 +79,16 @@ def _w2_squared_1d_sorted(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
     if n == m:
         return (xs - ys).pow(2).mean(dim=0)
     device = xs.device
-    breaks = torch.cat(
-        [
-            torch.arange(n + 1, device=device, dtype=torch.float64) / n,
-            torch.arange(m + 1, device=device, dtype=torch.float64) / m,
-        ]
-    ).sort().values
+    breaks = (
+        torch.cat(
+            [
+                torch.arange(n + 1, device=device, dtype=torch.float64) / n,
+                torch.arange(m + 1, device=device, dtype=torch.float64) / m,
+            ]
+        )
+        .sort()
+        .values
+    )
     widths = breaks[1:] - breaks[:-1]  # zero-width duplicates contribute nothing
     mids = 0.5 * (breaks[1:] + breaks[:-1])
     ix = (mids * n).floor().long().clamp_(0, n - 1)

@@ -56,14 +56,11 @@ def _check_overrides(cls: type, name: str, fixed: set[str], overrides: dict[str,
     unknown = sorted(set(overrides) - allowed)
     if unknown:
         raise ValueError(
-            f"Architecture '{name}' has no setting(s) {unknown}; "
-            f"the settings it accepts are {sorted(allowed)}."
+            f"Architecture '{name}' has no setting(s) {unknown}; the settings it accepts are {sorted(allowed)}."
         )
 
 
-def build(
-    name: str, shape: tuple[int, ...], num_classes: int = 0, **overrides: Any
-) -> nn.Module:
+def build(name: str, shape: tuple[int, ...], num_classes: int = 0, **overrides: Any) -> nn.Module:
     """Build network ``name`` for samples of shape ``shape``.
 
     Args:
@@ -100,16 +97,12 @@ def build(
         )
     channels, height, width = shape
     if height != width:
-        raise ValueError(
-            f"Architecture '{name}' needs square images, but the samples are {height}x{width}."
-        )
+        raise ValueError(f"Architecture '{name}' needs square images, but the samples are {height}x{width}.")
 
     if name == "ddpmpp":
         _check_overrides(DDPMpp, name, {"img_resolution", "in_channels", "num_classes"}, overrides)
         # DDPMpp itself rejects sizes its down-sampling cannot divide.
-        return DDPMpp(
-            img_resolution=height, in_channels=channels, num_classes=num_classes, **overrides
-        )
+        return DDPMpp(img_resolution=height, in_channels=channels, num_classes=num_classes, **overrides)
 
     _check_overrides(DiT, name, {"input_size", "in_channels", "num_classes"}, overrides)
     config = {**DIT_PRESETS[name], **overrides}

@@ -124,18 +124,14 @@ class UNetBlock(nn.Module):
         self.skip_scale = skip_scale
         self.adaptive_scale = adaptive_scale
         self.norm0 = group_norm(in_channels)
-        self.conv0 = Conv2d(
-            in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter
-        )
+        self.conv0 = Conv2d(in_channels, out_channels, 3, up=up, down=down, resample_filter=resample_filter)
         self.affine = _linear(emb_channels, out_channels * (2 if adaptive_scale else 1))
         self.norm1 = group_norm(out_channels)
         self.conv1 = Conv2d(out_channels, out_channels, 3, init_scale=INIT_ZERO)
         self.skip = None
         if out_channels != in_channels or up or down:
             # DDPM++ uses resample_proj=True: the skip path always has a 1x1 projection.
-            self.skip = Conv2d(
-                in_channels, out_channels, 1, up=up, down=down, resample_filter=resample_filter
-            )
+            self.skip = Conv2d(in_channels, out_channels, 1, up=up, down=down, resample_filter=resample_filter)
         self.attention = attention
         if attention:
             self.norm2 = group_norm(out_channels)

@@ -74,9 +74,7 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0
-        )
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
 
 
@@ -104,9 +102,7 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(
-            c
-        ).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
@@ -141,17 +137,12 @@ class DiT(nn.Module):
     ):
         super().__init__()
         if input_size % patch_size:
-            raise ValueError(
-                f"DiT input size {input_size} is not divisible by the patch size {patch_size}."
-            )
+            raise ValueError(f"DiT input size {input_size} is not divisible by the patch size {patch_size}.")
         if hidden_size % num_heads:
-            raise ValueError(
-                f"DiT hidden_size {hidden_size} is not divisible by num_heads {num_heads}."
-            )
+            raise ValueError(f"DiT hidden_size {hidden_size} is not divisible by num_heads {num_heads}.")
         if hidden_size % 4:
             raise ValueError(
-                f"DiT hidden_size must be a multiple of 4 for the 2-D sin-cos position "
-                f"embedding, got {hidden_size}."
+                f"DiT hidden_size must be a multiple of 4 for the 2-D sin-cos position embedding, got {hidden_size}."
             )
         self.input_size = input_size
         self.in_channels = in_channels
@@ -165,12 +156,8 @@ class DiT(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
         grid = input_size // patch_size
         # A buffer, not a parameter: DiT keeps the position table fixed.
-        self.register_buffer(
-            "pos_embed", sincos_pos_embed_2d(hidden_size, grid).unsqueeze(0), persistent=False
-        )
-        self.blocks = nn.ModuleList(
-            DiTBlock(hidden_size, num_heads, mlp_ratio, dropout) for _ in range(depth)
-        )
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, grid).unsqueeze(0), persistent=False)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, dropout) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 

@@ -53,9 +53,7 @@ class TimeEmbedder(nn.Module):
         self.freq_dim = freq_dim
         self.max_period = max_period
         self.endpoint = endpoint
-        self.mlp = nn.Sequential(
-            nn.Linear(freq_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim)
-        )
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
 
     def forward(self, noise: torch.Tensor) -> torch.Tensor:
         feats = sinusoidal_embedding(noise, self.freq_dim, self.max_period, self.endpoint)
@@ -100,8 +98,7 @@ def resolve_labels(
         return torch.full((batch_size,), num_classes, dtype=torch.long, device=device)
     if labels.shape != (batch_size,):
         raise ValueError(
-            f"labels must have shape [{batch_size}] (one class index per sample), "
-            f"got {tuple(labels.shape)}."
+            f"labels must have shape [{batch_size}] (one class index per sample), got {tuple(labels.shape)}."
         )
     return labels.long()
 
@@ -110,10 +107,7 @@ def check_time_inputs(noise_t: torch.Tensor, noise_s: torch.Tensor, batch_size: 
     """Fail with a readable message when the time inputs are not one scalar per sample."""
     for name, value in (("noise_t", noise_t), ("noise_s", noise_s)):
         if value.shape != (batch_size,):
-            raise ValueError(
-                f"{name} must have shape [{batch_size}] (one value per sample), "
-                f"got {tuple(value.shape)}."
-            )
+            raise ValueError(f"{name} must have shape [{batch_size}] (one value per sample), got {tuple(value.shape)}.")
 
 
 def silu_sum(*parts: torch.Tensor | None) -> torch.Tensor:

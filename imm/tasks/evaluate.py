@@ -24,11 +24,21 @@ import time
 
 from omegaconf import OmegaConf
 
-from ..config import ConfigError
-from ..evaluation import figures
-from ..evaluation.evaluate import FEATURE_NETS, Evaluator, default_fid_cache, fid_dataset_key
-from .sample import GRIDS, SAMPLERS, WEIGHTS, Target, check_grid, resolve_ckpt, resolve_guidance, restore, \
-    task_dirs, task_params
+from imm.config import ConfigError
+from imm.evaluation import figures
+from imm.evaluation.evaluate import FEATURE_NETS, Evaluator, default_fid_cache, fid_dataset_key
+from imm.tasks.sample import (
+    GRIDS,
+    SAMPLERS,
+    WEIGHTS,
+    Target,
+    check_grid,
+    resolve_ckpt,
+    resolve_guidance,
+    restore,
+    task_dirs,
+    task_params,
+)
 
 log = logging.getLogger("imm.evaluate")
 FID_N_DEFAULT = 50_000  # FID-50k, as every reported number in the paper
@@ -39,8 +49,12 @@ def _validate(cfg) -> None:
     if OmegaConf.is_missing(cfg, "ckpt"):
         resolve_ckpt(None)
     ev = cfg.eval
-    for key, value, allowed in (("weights", cfg.weights, WEIGHTS), ("eval.sampler", ev.sampler, SAMPLERS),
-                                ("eval.grid", ev.grid, GRIDS), ("eval.feature_net", ev.feature_net, FEATURE_NETS)):
+    for key, value, allowed in (
+        ("weights", cfg.weights, WEIGHTS),
+        ("eval.sampler", ev.sampler, SAMPLERS),
+        ("eval.grid", ev.grid, GRIDS),
+        ("eval.feature_net", ev.feature_net, FEATURE_NETS),
+    ):
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}.")
     if not ev.steps or any(n < 1 for n in ev.steps):
@@ -59,8 +73,9 @@ def _guidances(cfg, restored) -> list[float]:
     try:
         values = [None if v is None else float(v) for v in values]
     except (TypeError, ValueError):
-        raise ConfigError(f"eval.guidance={value!r} must be a number or a list of numbers, e.g."
-                          " eval.guidance=[1.0,1.5].") from None
+        raise ConfigError(
+            f"eval.guidance={value!r} must be a number or a list of numbers, e.g. eval.guidance=[1.0,1.5]."
+        ) from None
     return list(dict.fromkeys(resolve_guidance(v, restored, "eval.guidance") for v in values))
 
 
@@ -72,7 +87,7 @@ def table(results: dict, floor_prefix: str = "eval") -> str:
         m = _NAME.match(name)
         if m is None:
             if name.endswith("_floor"):
-                floors[name.split("/", 1)[1][:-len("_floor")]] = value
+                floors[name.split("/", 1)[1][: -len("_floor")]] = value
             continue
         row = m["metric"] + (m["w"] or "").replace("_w", " w=")
         if row not in rows:
@@ -83,11 +98,11 @@ def table(results: dict, floor_prefix: str = "eval") -> str:
     header = ["metric"] + [f"{n} step" + "s" * (n > 1) for n in columns] + (["floor"] if floors else [])
     lines = [header]
     for row in rows:
-        lines.append([row] + [_fmt(cells.get((row, n))) for n in columns]
-                     + ([_fmt(floors.get(row))] if floors else []))
+        lines.append([row] + [_fmt(cells.get((row, n))) for n in columns] + ([_fmt(floors.get(row))] if floors else []))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
-                     for line in lines)
+    return "\n".join(
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in lines
+    )
 
 
 def _fmt(v) -> str:
@@ -107,7 +122,7 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         check_grid("eval.steps", int(N), r, ev_cfg.grid, ev_cfg.two_step_eta)
     images = r.kind == "images"
     if images and ev_cfg.feature_net == "inception":  # a missing weights file fails before any work
-        from ..evaluation.fid import MissingInceptionWeights, resolve_inception_weights
+        from imm.evaluation.fid import MissingInceptionWeights, resolve_inception_weights
 
         try:
             resolve_inception_weights(ev_cfg.inception_weights, ev_cfg.allow_download)
@@ -118,26 +133,51 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     target = Target(cfg, r, launch_dir, "evaluate")
     bundle = r.bundle(need_data=True)
     n = ev_cfg.n_samples or (FID_N_DEFAULT if images else len(bundle.heldout))
-    common = dict(T=r.T, eps=r.eps, steps=[int(s) for s in ev_cfg.steps], batch_size=ev_cfg.batch_size,
-                  sampler=ev_cfg.sampler, grid=ev_cfg.grid, two_step_eta=ev_cfg.two_step_eta, seed=ev_cfg.seed,
-                  draws=ev_cfg.draws, device=r.device, guidance=guidances[0])
+    common = dict(
+        T=r.T,
+        eps=r.eps,
+        steps=[int(s) for s in ev_cfg.steps],
+        batch_size=ev_cfg.batch_size,
+        sampler=ev_cfg.sampler,
+        grid=ev_cfg.grid,
+        two_step_eta=ev_cfg.two_step_eta,
+        seed=ev_cfg.seed,
+        draws=ev_cfg.draws,
+        device=r.device,
+        guidance=guidances[0],
+    )
     if images:
-        evaluator = Evaluator(bundle, r.param, n_samples=64, fid=True, fid_n_samples=n, fid_guidances=guidances,
-                              inception_weights=ev_cfg.inception_weights, allow_download=ev_cfg.allow_download,
-                              fid_cache=ev_cfg.fid_cache or default_fid_cache(), feature_net=ev_cfg.feature_net,
-                              dataset_key=fid_dataset_key(bundle, r.cfg.data.get("root", None)), **common)
+        evaluator = Evaluator(
+            bundle,
+            r.param,
+            n_samples=64,
+            fid=True,
+            fid_n_samples=n,
+            fid_guidances=guidances,
+            inception_weights=ev_cfg.inception_weights,
+            allow_download=ev_cfg.allow_download,
+            fid_cache=ev_cfg.fid_cache or default_fid_cache(),
+            feature_net=ev_cfg.feature_net,
+            dataset_key=fid_dataset_key(bundle, r.cfg.data.get("root", None)),
+            **common,
+        )
     else:
         evaluator = Evaluator(bundle, r.param, n_samples=n, **common)
-    what = (f"FID of {n} images (guidance {', '.join(f'{w:g}' for w in guidances)}, {ev_cfg.feature_net} features)"
-            if images else f"{n} samples against {len(bundle.heldout)} held-out points")
-    log.info("evaluating %s (step %d, %s weights): %s at %s steps", r.path, r.step, r.weights, what,
-             list(ev_cfg.steps))
+    what = (
+        f"FID of {n} images (guidance {', '.join(f'{w:g}' for w in guidances)}, {ev_cfg.feature_net} features)"
+        if images
+        else f"{n} samples against {len(bundle.heldout)} held-out points"
+    )
+    log.info("evaluating %s (step %d, %s weights): %s at %s steps", r.path, r.step, r.weights, what, list(ev_cfg.steps))
     t0 = time.perf_counter()
     results, figs, _ = evaluator(r.net)
     seconds = time.perf_counter() - t0
     if images:
-        log.info("FID reference statistics: %s (%s)", evaluator.fid_evaluator.reference_source,
-                 evaluator.fid_evaluator.reference_cache)
+        log.info(
+            "FID reference statistics: %s (%s)",
+            evaluator.fid_evaluator.reference_source,
+            evaluator.fid_evaluator.reference_cache,
+        )
     if r.weights == "online":
         results = {k.replace("eval/", "eval_online/", 1): v for k, v in results.items()}
 
@@ -148,10 +188,21 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         header += f" (2 steps: eta {ev_cfg.two_step_eta:g})"
     (out / "results.txt").write_text(header + "\n" + text + "\n")
     label = f"step{r.step:08d}-{r.weights}"
-    record = {"ckpt": str(r.path.resolve()), "step": r.step, "weights": r.weights, "n_samples": n,
-              "guidance": guidances, "steps": list(ev_cfg.steps), "sampler": ev_cfg.sampler, "grid": ev_cfg.grid,
-              "two_step_eta": ev_cfg.two_step_eta, "seed": ev_cfg.seed, "seconds": round(seconds, 2),
-              "feature_net": ev_cfg.feature_net if images else None, "results": results}
+    record = {
+        "ckpt": str(r.path.resolve()),
+        "step": r.step,
+        "weights": r.weights,
+        "n_samples": n,
+        "guidance": guidances,
+        "steps": list(ev_cfg.steps),
+        "sampler": ev_cfg.sampler,
+        "grid": ev_cfg.grid,
+        "two_step_eta": ev_cfg.two_step_eta,
+        "seed": ev_cfg.seed,
+        "seconds": round(seconds, 2),
+        "feature_net": ev_cfg.feature_net if images else None,
+        "results": results,
+    }
     (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
     files = ["results.txt", "results.json"]
     for name, fig in figs.items():
@@ -163,8 +214,25 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         tracker.log_metrics(results, r.step)
         for f in files:
             tracker.log_artifact(out / f, f"evaluations/{label}")
-        tracker.set_tags({f"evaluate.{label}": json.dumps({k: record[k] for k in (
-            "n_samples", "guidance", "steps", "sampler", "grid", "two_step_eta", "seed", "feature_net")})})
+        tracker.set_tags(
+            {
+                f"evaluate.{label}": json.dumps(
+                    {
+                        k: record[k]
+                        for k in (
+                            "n_samples",
+                            "guidance",
+                            "steps",
+                            "sampler",
+                            "grid",
+                            "two_step_eta",
+                            "seed",
+                            "feature_net",
+                        )
+                    }
+                )
+            }
+        )
     except BaseException:
         target.close("FAILED")
         raise

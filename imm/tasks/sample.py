@@ -30,14 +30,14 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from .. import factory
-from ..config import POINT_DATA, ConfigError, loss_T
-from ..data import DataBundle
-from ..evaluation import figures
-from ..evaluation.evaluate import LABEL_MODES, Evaluator, guidance_tag, time_grid
-from ..tracking.mlflow_run import Tracker, TrackingError, check_reachable, default_uri, flatten
-from ..training import checkpoint
-from ..training.checkpoint import CheckpointError
+from imm import factory
+from imm.config import POINT_DATA, ConfigError, loss_T
+from imm.data import DataBundle
+from imm.evaluation import figures
+from imm.evaluation.evaluate import LABEL_MODES, Evaluator, guidance_tag, time_grid
+from imm.tracking.mlflow_run import Tracker, TrackingError, check_reachable, default_uri, flatten
+from imm.training import checkpoint
+from imm.training.checkpoint import CheckpointError
 
 log = logging.getLogger("imm.sample")
 
@@ -79,22 +79,26 @@ class Restored:
             return DataBundle(self.cfg.data.name, "images", None, None, self.shape, self.num_classes)
         self._bundle = factory.dataset(self.cfg)
         if tuple(self._bundle.shape) != self.shape:
-            raise CheckpointError(f"{self.path} was trained on samples of shape {list(self.shape)}, but its data"
-                                  f" now give {list(self._bundle.shape)}; check data.root / data.path")
+            raise CheckpointError(
+                f"{self.path} was trained on samples of shape {list(self.shape)}, but its data"
+                f" now give {list(self._bundle.shape)}; check data.root / data.path"
+            )
         return self._bundle
 
 
 def resolve_ckpt(ckpt) -> Path:
     """A checkpoint file, or the newest checkpoint of a run directory (or of its checkpoints/ folder)."""
     if ckpt is None or str(ckpt).strip() == "":
-        raise ConfigError("ckpt is missing; give a checkpoint file or a run directory, e.g."
-                          " ckpt=runs/2025-01-01/12-00-00-000000.")
+        raise ConfigError(
+            "ckpt is missing; give a checkpoint file or a run directory, e.g. ckpt=runs/2025-01-01/12-00-00-000000."
+        )
     p = Path(str(ckpt)).expanduser()
     if p.is_file():
         return p
     if p.is_dir():
-        found = checkpoint.list_checkpoints(p) or (checkpoint.list_checkpoints(p.parent)
-                                                   if p.name == checkpoint.CKPT_DIR else [])
+        found = checkpoint.list_checkpoints(p) or (
+            checkpoint.list_checkpoints(p.parent) if p.name == checkpoint.CKPT_DIR else []
+        )
         if not found:
             raise CheckpointError(f"ckpt={ckpt} is a directory without checkpoints in {checkpoint.ckpt_dir(p)}")
         return found[-1]
@@ -115,7 +119,7 @@ def resolve_device(name: str) -> torch.device:
 
 def _training_config(text: str):
     """The stored training config over today's schema (keys added since then get their defaults)."""
-    from ..config import Config
+    from imm.config import Config
 
     saved = OmegaConf.create(text)
     try:
@@ -139,7 +143,7 @@ def restore(ckpt, *, weights: str = "ema", device: str = "auto", data=None) -> R
     net = factory.net(cfg, shape, nc)
     if weights == "ema":
         prefix = "ema_model."
-        weights_sd = {k[len(prefix):]: v for k, v in state["ema"].items() if k.startswith(prefix)}
+        weights_sd = {k[len(prefix) :]: v for k, v in state["ema"].items() if k.startswith(prefix)}
         if not weights_sd:
             raise CheckpointError(f"{path} holds no EMA weights (no ema_model.* keys); use weights=online")
     else:
@@ -147,17 +151,30 @@ def restore(ckpt, *, weights: str = "ema", device: str = "auto", data=None) -> R
     try:
         net.load_state_dict(weights_sd)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: the {weights} weights do not fit the network its config builds"
-                              f" ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"{path}: the {weights} weights do not fit the network its config builds ({str(e).splitlines()[0]})"
+        ) from None
     net.to(dev).eval().requires_grad_(False)
     standardizer = None
     if state.get("standardizer"):
-        from ..data.points import Standardizer
+        from imm.data.points import Standardizer
 
         standardizer = Standardizer.from_state_dict(state["standardizer"])
-    return Restored(path=path, step=int(state["step"]), cfg=cfg, net=net, param=factory.parameterization(cfg),
-                    T=loss_T(cfg), eps=float(cfg.loss.eps), shape=shape, num_classes=nc,
-                    run_id=state.get("mlflow_run_id"), standardizer=standardizer, weights=weights, device=dev)
+    return Restored(
+        path=path,
+        step=int(state["step"]),
+        cfg=cfg,
+        net=net,
+        param=factory.parameterization(cfg),
+        T=loss_T(cfg),
+        eps=float(cfg.loss.eps),
+        shape=shape,
+        num_classes=nc,
+        run_id=state.get("mlflow_run_id"),
+        standardizer=standardizer,
+        weights=weights,
+        device=dev,
+    )
 
 
 # -- where things go -------------------------------------------------------------------------------
@@ -196,11 +213,14 @@ class Target:
 
     def _check_run_exists(self) -> None:
         run_id, uri = self.r.run_id, self.uri
-        hint = ("set tracking.uri to the store the training logged to (the launch directory's mlflow.db), or"
-                " tracking.new_run=true to log into a new run")
-        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-            raise TrackingError(f"the checkpoint's MLflow run {run_id} cannot be in {uri}: the file does not"
-                                f" exist; {hint}")
+        hint = (
+            "set tracking.uri to the store the training logged to (the launch directory's mlflow.db), or"
+            " tracking.new_run=true to log into a new run"
+        )
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+            raise TrackingError(
+                f"the checkpoint's MLflow run {run_id} cannot be in {uri}: the file does not exist; {hint}"
+            )
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
@@ -249,15 +269,24 @@ def resolve_guidance(value, restored: Restored, key: str) -> float:
     if not math.isfinite(w):
         raise ConfigError(f"{key}={value} must be a finite number.")
     if w != 1.0 and restored.num_classes == 0:
-        raise ConfigError(f"{key}={w:g} needs a class-conditional model, but {restored.path.name} was trained"
-                          f" on unconditional data (data.name={restored.cfg.data.name!r}); use {key}=1.")
+        raise ConfigError(
+            f"{key}={w:g} needs a class-conditional model, but {restored.path.name} was trained"
+            f" on unconditional data (data.name={restored.cfg.data.name!r}); use {key}=1."
+        )
     return w
 
 
 def check_grid(key: str, N: int, restored: Restored, grid: str, two_step_eta, etas=None) -> torch.Tensor:
     try:
-        return time_grid(N, schedule=restored.param.schedule, T=restored.T, eps=restored.eps, grid=grid,
-                         two_step_eta=two_step_eta, etas=etas)
+        return time_grid(
+            N,
+            schedule=restored.param.schedule,
+            T=restored.T,
+            eps=restored.eps,
+            grid=grid,
+            two_step_eta=two_step_eta,
+            etas=etas,
+        )
     except ValueError as e:
         raise ConfigError(f"{key}: no {N}-step grid: {e}.") from None
 
@@ -277,12 +306,14 @@ def _validate(cfg) -> None:
     if any(n < 1 for n in cfg.compare_steps):
         raise ConfigError(f"compare_steps={list(cfg.compare_steps)} must hold positive integers.")
     if cfg.etas is not None and len(cfg.etas) != cfg.steps - 1:
-        raise ConfigError(f"etas={list(cfg.etas)} must hold steps - 1 = {cfg.steps - 1} eta points for"
-                          f" steps={cfg.steps}.")
+        raise ConfigError(
+            f"etas={list(cfg.etas)} must hold steps - 1 = {cfg.steps - 1} eta points for steps={cfg.steps}."
+        )
     labels = cfg.labels
     if not (labels in LABEL_MODES or OmegaConf.is_list(labels) or isinstance(labels, (list, tuple))):
-        raise ConfigError(f"labels={labels!r} is not allowed; use cycle, uncond or a list of class ids"
-                          " like labels=[3,7].")
+        raise ConfigError(
+            f"labels={labels!r} is not allowed; use cycle, uncond or a list of class ids like labels=[3,7]."
+        )
 
 
 def _label_spec(cfg, restored: Restored, guidance: float):
@@ -290,13 +321,17 @@ def _label_spec(cfg, restored: Restored, guidance: float):
     nc = restored.num_classes
     if isinstance(spec, list):
         if nc == 0:
-            raise ConfigError(f"labels={spec} needs a class-conditional model, but {restored.path.name} is"
-                              " unconditional; leave labels=cycle.")
+            raise ConfigError(
+                f"labels={spec} needs a class-conditional model, but {restored.path.name} is"
+                " unconditional; leave labels=cycle."
+            )
         if not spec or min(spec) < 0 or max(spec) >= nc:
             raise ConfigError(f"labels={spec} must be class ids in 0..{nc - 1}.")
     if spec == "uncond" and guidance != 1.0:
-        raise ConfigError(f"labels=uncond samples with the null label, so guidance={guidance:g} has nothing to"
-                          " mix; use guidance=1 or class labels.")
+        raise ConfigError(
+            f"labels=uncond samples with the null label, so guidance={guidance:g} has nothing to"
+            " mix; use guidance=1 or class labels."
+        )
     return spec
 
 
@@ -324,12 +359,37 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     bundle = r.bundle(need_data=r.kind == "points")  # points: the held-out data under the scatter
     n = cfg.n or (64 if r.kind == "images" else 5000)
 
-    ev = Evaluator(bundle, r.param, T=r.T, eps=r.eps, steps=[N], n_samples=n, batch_size=cfg.batch_size,
-                   sampler=cfg.sampler, grid=cfg.grid, two_step_eta=cfg.two_step_eta, etas=cfg.etas,
-                   guidance=guidance, seed=cfg.seed, device=r.device, labels=spec, max_images=None)
-    log.info("sampling %d %s from %s (step %d, %s weights): %d step%s, %s, grid %s, guidance %g", n,
-             r.kind, r.path, r.step, r.weights, N, "s" * (N > 1), cfg.sampler,
-             [round(float(t), 5) for t in grid], guidance)
+    ev = Evaluator(
+        bundle,
+        r.param,
+        T=r.T,
+        eps=r.eps,
+        steps=[N],
+        n_samples=n,
+        batch_size=cfg.batch_size,
+        sampler=cfg.sampler,
+        grid=cfg.grid,
+        two_step_eta=cfg.two_step_eta,
+        etas=cfg.etas,
+        guidance=guidance,
+        seed=cfg.seed,
+        device=r.device,
+        labels=spec,
+        max_images=None,
+    )
+    log.info(
+        "sampling %d %s from %s (step %d, %s weights): %d step%s, %s, grid %s, guidance %g",
+        n,
+        r.kind,
+        r.path,
+        r.step,
+        r.weights,
+        N,
+        "s" * (N > 1),
+        cfg.sampler,
+        [round(float(t), 5) for t in grid],
+        guidance,
+    )
     t0 = time.perf_counter()
     x = ev.samples(r.net, N)
     seconds = time.perf_counter() - t0
@@ -340,16 +400,20 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     if r.kind == "points":
         data_units = r.standardizer.unscale(x.float()) if r.standardizer is not None else bundle.unscale(x.float())
         np.save(out / "samples.npy", data_units.numpy())
-        figures.save_png(figures.scatter(data_units, bundle.unscale(bundle.heldout), title=title),
-                         out / "samples.png")
+        figures.save_png(figures.scatter(data_units, bundle.unscale(bundle.heldout), title=title), out / "samples.png")
         files += ["samples.npy", "samples.png"]
     else:
         images = x.float().clamp(-1, 1)
         labels = ev.labels if ev.labels is not None else torch.full((n,), -1)
-        from ..evaluation.fid import to_uint8
+        from imm.evaluation.fid import to_uint8
 
-        np.savez(out / "samples.npz", images=images.numpy(), uint8=to_uint8(images).permute(0, 2, 3, 1).numpy(),
-                 labels=labels.numpy(), grid=grid.numpy())
+        np.savez(
+            out / "samples.npz",
+            images=images.numpy(),
+            uint8=to_uint8(images).permute(0, 2, 3, 1).numpy(),
+            labels=labels.numpy(),
+            grid=grid.numpy(),
+        )
         k = min(n, GRID_PNG_MAX)
         from PIL import Image
 
@@ -368,14 +432,31 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         figures.save_png(fig, out / "steps.png")
         files.append("steps.png")
 
-    labels_name = {"cycle": "", "uncond": "-uncond"}.get(spec) if isinstance(spec, str) else \
-        "-labels" + "_".join(map(str, spec))
-    label = (f"step{r.step:08d}-{r.weights}-{N}step-{cfg.sampler}{_grid_name(N, cfg)}{guidance_tag(guidance)}"
-             f"{labels_name}-n{n}-seed{cfg.seed}")
-    record = {"ckpt": str(r.path.resolve()), "step": r.step, "weights": r.weights, "steps": N,
-              "sampler": cfg.sampler, "grid": [float(t) for t in grid], "guidance": guidance,
-              "labels": spec, "n": n, "seed": cfg.seed, "kind": r.kind, "compare_steps": compare,
-              "seconds": round(seconds, 3), "files": files, "label": label, "training_run_id": r.run_id}
+    labels_name = (
+        {"cycle": "", "uncond": "-uncond"}.get(spec) if isinstance(spec, str) else "-labels" + "_".join(map(str, spec))
+    )
+    label = (
+        f"step{r.step:08d}-{r.weights}-{N}step-{cfg.sampler}{_grid_name(N, cfg)}{guidance_tag(guidance)}"
+        f"{labels_name}-n{n}-seed{cfg.seed}"
+    )
+    record = {
+        "ckpt": str(r.path.resolve()),
+        "step": r.step,
+        "weights": r.weights,
+        "steps": N,
+        "sampler": cfg.sampler,
+        "grid": [float(t) for t in grid],
+        "guidance": guidance,
+        "labels": spec,
+        "n": n,
+        "seed": cfg.seed,
+        "kind": r.kind,
+        "compare_steps": compare,
+        "seconds": round(seconds, 3),
+        "files": files,
+        "label": label,
+        "training_run_id": r.run_id,
+    }
     (out / "sample.json").write_text(json.dumps(record, indent=2) + "\n")
     files.append("sample.json")
 
@@ -383,8 +464,13 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     try:
         for f in files:
             tracker.log_artifact(out / f, f"samples/{label}")
-        tracker.set_tags({f"samples.{label}": json.dumps({k: record[k] for k in
-                          ("steps", "sampler", "grid", "guidance", "labels", "n", "seed", "weights")})})
+        tracker.set_tags(
+            {
+                f"samples.{label}": json.dumps(
+                    {k: record[k] for k in ("steps", "sampler", "grid", "guidance", "labels", "n", "seed", "weights")}
+                )
+            }
+        )
         tracker.log_metrics({f"sample/seconds_{N}step": seconds}, r.step)
     except BaseException:
         target.close("FAILED")

@@ -34,7 +34,7 @@ def default_uri(launch_dir) -> str:
 def artifact_root(uri: str) -> str | None:
     """For a SQLite store, artifacts go beside the database (not ./mlruns of whatever the cwd is)."""
     if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
     return None
 
 
@@ -48,7 +48,7 @@ def _store_lock(uri: str):
         return
     import fcntl
 
-    db = Path(uri[len("sqlite:///"):])
+    db = Path(uri[len("sqlite:///") :])
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.parent / f".{db.name}.lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -73,9 +73,11 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
     except (urllib.error.URLError, OSError) as e:
-        raise TrackingError(f"the MLflow tracking server at {uri} is not reachable ({e}); start it, fix"
-                            " tracking.uri, or set tracking.fallback_local=true to log to a local SQLite"
-                            " store.") from None
+        raise TrackingError(
+            f"the MLflow tracking server at {uri} is not reachable ({e}); start it, fix"
+            " tracking.uri, or set tracking.fallback_local=true to log to a local SQLite"
+            " store."
+        ) from None
 
 
 def flatten(cfg) -> dict[str, str]:
@@ -97,10 +99,17 @@ def git_tags() -> dict[str, str]:
     """Commit and dirty flag of the source tree the package runs from (empty outside git)."""
     root = Path(__file__).resolve().parents[2]
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return {}
     return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
@@ -119,8 +128,16 @@ class Tracker:
         return cls()
 
     @classmethod
-    def open(cls, uri: str, experiment: str, *, run_name: str, params: dict[str, str], tags: dict[str, str],
-             run_id: str | None = None) -> "Tracker":
+    def open(
+        cls,
+        uri: str,
+        experiment: str,
+        *,
+        run_name: str,
+        params: dict[str, str],
+        tags: dict[str, str],
+        run_id: str | None = None,
+    ) -> "Tracker":
         """Create a run (logging params once) or, with run_id, reopen that run as RUNNING."""
         client = client_for(uri)
         if run_id is not None:
@@ -144,7 +161,7 @@ class Tracker:
 
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), 100) if self.enabled else ():  # MLflow's batch limit
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled or not metrics:
@@ -154,7 +171,7 @@ class Tracker:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
         for i in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[i:i + 1000])
+            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.enabled:
@@ -205,4 +222,3 @@ def ensure_store(uri: str) -> None:
     """Create or migrate the store once (sweeps call this before any job starts)."""
     check_reachable(uri)
     client_for(uri).search_experiments(max_results=1)
-

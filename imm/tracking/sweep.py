@@ -17,7 +17,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .mlflow_run import default_uri, ensure_store
+from imm.tracking.mlflow_run import default_uri, ensure_store
 
 log = logging.getLogger("imm.sweep")
 SWEEP_FILE = "sweep.json"
@@ -49,9 +49,8 @@ class MLflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if not config.tracking.enabled:
             return
-        from mlflow.tracking import MlflowClient
 
-        from .mlflow_run import Tracker
+        from imm.tracking.mlflow_run import Tracker
 
         uri = config.tracking.uri or default_uri(config.hydra.runtime.cwd)
         ensure_store(uri)
@@ -60,9 +59,13 @@ class MLflowSweepCallback(Callback):
         keys = swept_keys(config)
         choices = config.hydra.runtime.choices
         name = f"sweep {choices.get('sweep') or ','.join(keys)} {sweep_dir.name}"
-        tracker = Tracker.open(uri, config.tracking.experiment, run_name=name, params={},
-                               tags={"sweep.dir": str(sweep_dir.resolve()), "sweep.keys": ",".join(keys),
-                                     "sweep.role": "parent"})
+        tracker = Tracker.open(
+            uri,
+            config.tracking.experiment,
+            run_name=name,
+            params={},
+            tags={"sweep.dir": str(sweep_dir.resolve()), "sweep.keys": ",".join(keys), "sweep.role": "parent"},
+        )
         tracker.set_tags({"sweep.id": tracker.run_id})
         self.client, self.run_id = tracker.client, tracker.run_id
         (sweep_dir / SWEEP_FILE).write_text(json.dumps({"parent_run_id": tracker.run_id, "keys": keys}) + "\n")
@@ -75,7 +78,8 @@ class MLflowSweepCallback(Callback):
             return
         children = self.client.search_runs(
             [self.client.get_run(self.run_id).info.experiment_id],
-            filter_string=f"tags.`sweep.id` = '{self.run_id}' and tags.`sweep.role` = 'child'")
+            filter_string=f"tags.`sweep.id` = '{self.run_id}' and tags.`sweep.role` = 'child'",
+        )
         statuses = [r.info.status for r in children]
         self.client.set_tag(self.run_id, "sweep.children", str(len(statuses)))
         failed = sum(s != "FINISHED" for s in statuses)

@@ -103,17 +103,22 @@ def load(path, map_location="cpu", required=REQUIRED_KEYS) -> dict:
         what = next((ln for ln in lines if "GLOBAL" in ln or ln.startswith("Unsupported")), "refused").rstrip(".")
         raise CheckpointError(
             f"refusing to load {path}: it is not a plain-tensor checkpoint and unpickling it could run code"
-            f" (torch.load with weights_only=True: {what}); only resume from checkpoints this project wrote.") from None
+            f" (torch.load with weights_only=True: {what}); only resume from checkpoints this project wrote."
+        ) from None
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}.") from None
     except Exception as e:  # noqa: BLE001  truncated zip (RuntimeError), empty (EOFError), garbage (KeyError, ...)
         detail = str(e).split(". ")[0].strip() or "the file is empty or truncated"
-        raise CheckpointError(f"cannot read checkpoint {path}, it is corrupt or not a checkpoint"
-                              f" ({type(e).__name__}: {detail.rstrip('.')}).") from None
+        raise CheckpointError(
+            f"cannot read checkpoint {path}, it is corrupt or not a checkpoint"
+            f" ({type(e).__name__}: {detail.rstrip('.')})."
+        ) from None
     missing = [k for k in required if k not in state] if isinstance(state, dict) else list(required)
     if missing:
-        raise CheckpointError(f"{path} is not a training checkpoint of this project (it lacks"
-                              f" {', '.join(missing)}); give a step-XXXXXXXX.pt file from a run's checkpoints/.")
+        raise CheckpointError(
+            f"{path} is not a training checkpoint of this project (it lacks"
+            f" {', '.join(missing)}); give a step-XXXXXXXX.pt file from a run's checkpoints/."
+        )
     return state
 
 

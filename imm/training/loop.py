@@ -19,22 +19,36 @@ import torch
 from ema_pytorch import EMA
 from omegaconf import OmegaConf
 
-from .. import factory
-from ..config import ConfigError, loss_T, validate
-from ..data import ResumableBatches
-from ..evaluation.evaluate import Evaluator
-from ..tracking.mlflow_run import Tracker, check_reachable, flatten, git_tags
-from . import checkpoint, distributed
-from .signals import Interrupted, StopFlag
+from imm import factory
+from imm.config import ConfigError, validate
+from imm.data import ResumableBatches
+from imm.evaluation.evaluate import Evaluator
+from imm.tracking.mlflow_run import Tracker, check_reachable, flatten, git_tags
+from imm.training import checkpoint, distributed
+from imm.training.signals import Interrupted, StopFlag
 
 log = logging.getLogger("imm.train")
 
 RUN_ID_FILE = "mlflow_run_id"
 
 # Keys that may differ when a run is resumed (longer training, other logging, another machine).
-RESUMABLE_KEYS = ("resume", "train.steps", "train.log_every", "train.ckpt_every", "train.keep_last", "train.device",
-                  "train.threads", "train.compile", "eval.", "tracking.", "data.num_workers", "data.root",
-                  "data.path", "data.download", "hydra")
+RESUMABLE_KEYS = (
+    "resume",
+    "train.steps",
+    "train.log_every",
+    "train.ckpt_every",
+    "train.keep_last",
+    "train.device",
+    "train.threads",
+    "train.compile",
+    "eval.",
+    "tracking.",
+    "data.num_workers",
+    "data.root",
+    "data.path",
+    "data.download",
+    "hydra",
+)
 
 
 def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", extra_tags=None) -> dict:
@@ -54,30 +68,52 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     # -- data, network, objective, optimizer (all before any run is created) -------------------
     bundle = factory.dataset(cfg)
     if cfg.eval.guidance != 1.0 and bundle.num_classes == 0:
-        why = (f"data.use_labels=false trains data.name={cfg.data.name!r} unconditionally" if not cfg.data.use_labels
-               else f"data.name={cfg.data.name!r} has no labels")
-        raise ConfigError(f"eval.guidance={cfg.eval.guidance} needs class-conditional data, but {why}; use"
-                          f" eval.guidance=1{' or data.use_labels=true' if not cfg.data.use_labels else ''}.")
+        why = (
+            f"data.use_labels=false trains data.name={cfg.data.name!r} unconditionally"
+            if not cfg.data.use_labels
+            else f"data.name={cfg.data.name!r} has no labels"
+        )
+        raise ConfigError(
+            f"eval.guidance={cfg.eval.guidance} needs class-conditional data, but {why}; use"
+            f" eval.guidance=1{' or data.use_labels=true' if not cfg.data.use_labels else ''}."
+        )
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     net = factory.net(cfg, bundle.shape, bundle.num_classes).to(device)
     objective = factory.objective(cfg, bundle.num_classes, env.rank, env.world_size)
     optimizer = factory.optimizer(cfg, net.parameters(), device)
-    ema = EMA(net, beta=cfg.ema.decay, power=cfg.ema.power, inv_gamma=cfg.ema.inv_gamma,
-              update_every=cfg.ema.update_every, update_after_step=0, include_online_model=False)
-    target_ema = (EMA(net, beta=cfg.target.ema_decay, update_after_step=0, update_every=1, power=1.0,
-                      include_online_model=False) if cfg.target.kind == "ema" else None)
+    ema = EMA(
+        net,
+        beta=cfg.ema.decay,
+        power=cfg.ema.power,
+        inv_gamma=cfg.ema.inv_gamma,
+        update_every=cfg.ema.update_every,
+        update_after_step=0,
+        include_online_model=False,
+    )
+    target_ema = (
+        EMA(net, beta=cfg.target.ema_decay, update_after_step=0, update_every=1, power=1.0, include_online_model=False)
+        if cfg.target.kind == "ema"
+        else None
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-    batches = ResumableBatches(bundle.train, cfg.train.batch_size, seed=cfg.train.seed, rank=env.rank,
-                               world_size=env.world_size, num_workers=cfg.data.num_workers,
-                               pin_memory=cfg.data.pin_memory and device.type == "cuda",
-                               persistent_workers=cfg.data.num_workers > 0)
+    batches = ResumableBatches(
+        bundle.train,
+        cfg.train.batch_size,
+        seed=cfg.train.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+        num_workers=cfg.data.num_workers,
+        pin_memory=cfg.data.pin_memory and device.type == "cuda",
+        persistent_workers=cfg.data.num_workers > 0,
+    )
     distributed.init(env, device)
     student = net
     if cfg.train.compile:
         student = torch.compile(net)
     if env.enabled:
         student = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None)
+            student, device_ids=[device.index] if device.type == "cuda" else None
+        )
     target = target_ema.ema_model if target_ema else (torch.compile(net) if cfg.train.compile else net)
 
     # -- restore ----------------------------------------------------------------------------------
@@ -105,12 +141,19 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     stop = StopFlag()  # before the MLflow run exists: a signal from here on ends it KILLED, never RUNNING
     tracker = Tracker.disabled()
     if env.is_main and cfg.tracking.enabled:
-        tags = {"run_dir": str(run_dir.resolve()), "device": str(device), "world_size": str(env.world_size),
-                **git_tags(), **(extra_tags or {}), **resumed_tags}
+        tags = {
+            "run_dir": str(run_dir.resolve()),
+            "device": str(device),
+            "world_size": str(env.world_size),
+            **git_tags(),
+            **(extra_tags or {}),
+            **resumed_tags,
+        }
         if ckpt_path is not None:
             tags[f"resumed_from_step_{step}"] = str(ckpt_path)
-        tracker = Tracker.open(tracking_uri, cfg.tracking.experiment, run_name=run_name, run_id=run_id,
-                               params=flatten(cfg), tags=tags)
+        tracker = Tracker.open(
+            tracking_uri, cfg.tracking.experiment, run_name=run_name, run_id=run_id, params=flatten(cfg), tags=tags
+        )
         (run_dir / RUN_ID_FILE).parent.mkdir(parents=True, exist_ok=True)
         (run_dir / RUN_ID_FILE).write_text(tracker.run_id + "\n")
         if run_id is None:
@@ -126,15 +169,30 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
 
     def save():
         if env.is_main:
-            rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda"
-                   else None}
-            path = checkpoint.save({
-                "step": step, "model": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                "target_ema": target_ema.state_dict() if target_ema else None, "scaler": scaler.state_dict(),
-                "data": batches.state_dict(), "rng": rng, "config": OmegaConf.to_yaml(cfg),
-                "mlflow_run_id": tracker.run_id, "shape": list(bundle.shape), "num_classes": bundle.num_classes,
-                "standardizer": bundle.standardizer.state_dict() if bundle.standardizer else None,
-            }, run_dir, step, cfg.train.keep_last)
+            rng = {
+                "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            }
+            path = checkpoint.save(
+                {
+                    "step": step,
+                    "model": net.state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "target_ema": target_ema.state_dict() if target_ema else None,
+                    "scaler": scaler.state_dict(),
+                    "data": batches.state_dict(),
+                    "rng": rng,
+                    "config": OmegaConf.to_yaml(cfg),
+                    "mlflow_run_id": tracker.run_id,
+                    "shape": list(bundle.shape),
+                    "num_classes": bundle.num_classes,
+                    "standardizer": bundle.standardizer.state_dict() if bundle.standardizer else None,
+                },
+                run_dir,
+                step,
+                cfg.train.keep_last,
+            )
             log.info("checkpoint %s", path)
         distributed.barrier(env)
 
@@ -148,8 +206,11 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
             fig_path.parent.mkdir(parents=True, exist_ok=True)
             fig.savefig(fig_path, dpi=110)
             tracker.log_artifact(fig_path, "figures")
-        log.info("eval @ %d: %s", step, ", ".join(f"{k[5:]}={v:.4g}" for k, v in results.items()
-                                                  if "energy_ratio" in k or "recall" in k))
+        log.info(
+            "eval @ %d: %s",
+            step,
+            ", ".join(f"{k[5:]}={v:.4g}" for k, v in results.items() if "energy_ratio" in k or "recall" in k),
+        )
         return results
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -158,8 +219,11 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     generator = torch.Generator(device)
     loss_sum, n_logged, nonfinite_run, skipped = torch.zeros((), device=device), 0, 0, 0
     t_last, samples_since = time.perf_counter(), 0
-    autocast = torch.autocast(device.type, dtype=torch.float16 if cfg.train.precision == "fp16" else torch.bfloat16,
-                              enabled=cfg.train.precision in ("bf16", "fp16"))
+    autocast = torch.autocast(
+        device.type,
+        dtype=torch.float16 if cfg.train.precision == "fp16" else torch.bfloat16,
+        enabled=cfg.train.precision in ("bf16", "fp16"),
+    )
     try:
         while step < cfg.train.steps:
             x, labels = next(batches)
@@ -192,14 +256,17 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
                 tracker.log_metrics({"train/skipped_steps": skipped}, step + 1)
                 if nonfinite_run >= cfg.train.max_nonfinite:
                     terms = [k for k, v in diag.items() if not torch.isfinite(v)] or [
-                        f"the gradient of {n}" for n, p in net.named_parameters()
-                        if p.grad is not None and not torch.isfinite(p.grad).all()][:1]
+                        f"the gradient of {n}"
+                        for n, p in net.named_parameters()
+                        if p.grad is not None and not torch.isfinite(p.grad).all()
+                    ][:1]
                     raise FloatingPointError(
                         f"step {step}: the {bad} went non-finite {nonfinite_run} steps in a row"
                         f" (train.max_nonfinite={cfg.train.max_nonfinite}); non-finite terms:"
                         f" {', '.join(terms) or 'none on this process'}; the last good"
                         f" checkpoint is {checkpoint.resolve(None, run_dir) or 'none yet'}; lower optim.lr or check the"
-                        " data.")
+                        " data."
+                    )
             step += 1
             samples_since += cfg.train.batch_size
             if bar:
@@ -207,9 +274,13 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
 
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 now = time.perf_counter()
-                metrics = {"train/loss": distributed.mean(env, loss_sum / max(n_logged, 1)).item(), "train/grad_norm": grad_norm.item(),
-                           "train/lr": optimizer.param_groups[0]["lr"], "train/skipped_steps": skipped,
-                           "train/samples_per_s": samples_since / (now - t_last)}
+                metrics = {
+                    "train/loss": distributed.mean(env, loss_sum / max(n_logged, 1)).item(),
+                    "train/grad_norm": grad_norm.item(),
+                    "train/lr": optimizer.param_groups[0]["lr"],
+                    "train/skipped_steps": skipped,
+                    "train/samples_per_s": samples_since / (now - t_last),
+                }
                 metrics.update({f"diag/{k}": v.item() for k, v in diag.items()})
                 tracker.log_metrics(metrics, step)
                 _report(bar, step, cfg.train.steps, metrics)
@@ -258,8 +329,9 @@ def _device(name: str, env) -> torch.device:
 def _configure_precision(precision: str, device: torch.device) -> None:
     """Mixed precision and TF32 are CUDA-only; TF32 is on for tf32/bf16/fp16 (the paper trains in TF32)."""
     if precision != "fp32" and device.type != "cuda":
-        raise ConfigError(f"train.precision={precision} needs a CUDA device, but this run is on {device};"
-                          " use train.precision=fp32.")
+        raise ConfigError(
+            f"train.precision={precision} needs a CUDA device, but this run is on {device}; use train.precision=fp32."
+        )
     if device.type == "cuda":
         tf32 = precision != "fp32"
         torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -284,8 +356,10 @@ def _check_same_run(cfg, saved_yaml: str, path) -> dict[str, str]:
     changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     for k in changed:
         if not k.startswith(RESUMABLE_KEYS):
-            raise ConfigError(f"{path} belongs to a run with a different config ({k} was {saved.get(k)!r}, now"
-                              f" {now.get(k)!r}); start a new run directory instead of resuming this one.")
+            raise ConfigError(
+                f"{path} belongs to a run with a different config ({k} was {saved.get(k)!r}, now"
+                f" {now.get(k)!r}); start a new run directory instead of resuming this one."
+            )
     return {f"resumed.{k}": str(now.get(k)) for k in changed}
 
 
@@ -308,13 +382,22 @@ def _report(bar, step: int, total: int, metrics: dict) -> None:
     if bar is not None:
         bar.set_postfix(loss=f"{metrics['train/loss']:.4g}", sps=f"{metrics['train/samples_per_s']:.0f}")
     else:
-        log.info("step %d/%d loss %.5g grad %.3g lr %.3g %.0f samples/s", step, total, metrics["train/loss"],
-                 metrics["train/grad_norm"], metrics["train/lr"], metrics["train/samples_per_s"])
+        log.info(
+            "step %d/%d loss %.5g grad %.3g lr %.3g %.0f samples/s",
+            step,
+            total,
+            metrics["train/loss"],
+            metrics["train/grad_norm"],
+            metrics["train/lr"],
+            metrics["train/samples_per_s"],
+        )
 
 
 def _where(run_dir: Path, uri, run_id, status: str) -> None:
-    lines = [f"run {status.lower()}: checkpoints in {checkpoint.ckpt_dir(run_dir).resolve()},"
-             f" figures in {(run_dir / 'figures').resolve()}"]
+    lines = [
+        f"run {status.lower()}: checkpoints in {checkpoint.ckpt_dir(run_dir).resolve()},"
+        f" figures in {(run_dir / 'figures').resolve()}"
+    ]
     if uri:
         lines.append(f"MLflow run {run_id} in {uri}; open the UI with: mlflow ui --backend-store-uri {uri}")
     for line in lines:

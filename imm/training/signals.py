@@ -38,8 +38,11 @@ class StopFlag:
     def __init__(self):
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
-        signals = (signal.SIGINT, preempt_signal()) if in_submitit_job() else (
-            signal.SIGINT, signal.SIGTERM, preempt_signal())
+        signals = (
+            (signal.SIGINT, preempt_signal())
+            if in_submitit_job()
+            else (signal.SIGINT, signal.SIGTERM, preempt_signal())
+        )
         for sig in signals:
             try:
                 self._previous[sig] = signal.signal(sig, self._record)

@@ -187,13 +187,21 @@ def mlflow_server(
         log_path = Path(own_log_dir) / "server.log"
     log_path = Path(log_path)
     cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", backend_store_uri,
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        backend_store_uri,
         "--serve-artifacts",
-        "--artifacts-destination", str(artifacts_dir),
-        "--host", host,
-        "--port", str(port),
-        "--workers", "1",
+        "--artifacts-destination",
+        str(artifacts_dir),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
     ]
     env = dict(os.environ)
     env.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true", PYTHONUNBUFFERED="1")
@@ -202,8 +210,12 @@ def mlflow_server(
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True,
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
         )
     ok = False
     startup_error = False
@@ -278,10 +290,13 @@ def chromium_driver(
     try:
         driver.imm_screenshot_dir = shots
         driver.set_page_load_timeout(DEFAULT_TIMEOUT)
-        script = "try {" + "".join(
-            f"localStorage.setItem({json.dumps(k)}, {json.dumps(v)});"
-            for k, v in _LOCAL_STORAGE_PRESETS.items()
-        ) + "} catch (e) {}"
+        script = (
+            "try {"
+            + "".join(
+                f"localStorage.setItem({json.dumps(k)}, {json.dumps(v)});" for k, v in _LOCAL_STORAGE_PRESETS.items()
+            )
+            + "} catch (e) {}"
+        )
         driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": script})
         # --window-size is the outer size; make the *viewport* width x height.
         dw, dh = driver.execute_script(
@@ -440,8 +455,7 @@ def open_experiment(
     Returns the screenshot path ``experiment-<id>-runs.png``.
     """
     name = f"experiment-{experiment_id}-runs"
-    _navigate(driver, _hash_url(base, f"experiments/{experiment_id}/runs",
-                                {"workflowType": "machine_learning"}))
+    _navigate(driver, _hash_url(base, f"experiments/{experiment_id}/runs", {"workflowType": "machine_learning"}))
     _wait(driver, lambda d: _run_rows(d), "the runs table to show a run", name, timeout)
     clicked: set = set()
 
@@ -451,11 +465,15 @@ def open_experiment(
         rows = _run_rows(d)
         if expected_runs is not None:
             return len(rows) >= expected_runs
-        return bool(rows) and (not expand_nested or all(
-            r["run_id"] in clicked for r in rows if r["expander"]))
+        return bool(rows) and (not expand_nested or all(r["run_id"] in clicked for r in rows if r["expander"]))
 
-    _wait(driver, ready, lambda: f"{expected_runs or 'all'} runs visible in the runs table "
-          f"(have: {run_names_visible(driver)})", name, timeout)
+    _wait(
+        driver,
+        ready,
+        lambda: f"{expected_runs or 'all'} runs visible in the runs table (have: {run_names_visible(driver)})",
+        name,
+        timeout,
+    )
     return screenshot(driver, name)
 
 
@@ -496,13 +514,21 @@ def _add_column(driver, kind: str, key: str, timeout: float | None, name: str) -
     from selenium.webdriver.common.keys import Keys
 
     group = _COLUMN_KINDS[kind]
-    button = _wait(driver, lambda d: next(iter(d.find_elements(
-        By.CSS_SELECTOR, "[data-testid=column-selection-dropdown]")), None),
-        "the 'Columns' button", name, timeout)
+    button = _wait(
+        driver,
+        lambda d: next(iter(d.find_elements(By.CSS_SELECTOR, "[data-testid=column-selection-dropdown]")), None),
+        "the 'Columns' button",
+        name,
+        timeout,
+    )
     button.click()
-    search = _wait(driver, lambda d: next((e for e in d.find_elements(
-        By.CSS_SELECTOR, "[role=dialog] input") if e.is_displayed()), None),
-        "the column selector's search box", name, timeout)
+    search = _wait(
+        driver,
+        lambda d: next((e for e in d.find_elements(By.CSS_SELECTOR, "[role=dialog] input") if e.is_displayed()), None),
+        "the column selector's search box",
+        name,
+        timeout,
+    )
     search.send_keys(key)
     group_re = re.compile(r"^(Attributes|Metrics|Parameters|Tags)( \(\d+\))?$")
 
@@ -521,11 +547,21 @@ def _add_column(driver, kind: str, key: str, timeout: float | None, name: str) -
         return None
 
     _wait(driver, leaf, f"'{key}' under '{group}' in the column selector", name, timeout).click()
-    _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "[role=columnheader]" + _col(kind, key)),
-          f"a '{kind}.{key}' column in the runs table", name, timeout)
+    _wait(
+        driver,
+        lambda d: d.find_elements(By.CSS_SELECTOR, "[role=columnheader]" + _col(kind, key)),
+        f"a '{kind}.{key}' column in the runs table",
+        name,
+        timeout,
+    )
     search.send_keys(Keys.ESCAPE)
-    _wait(driver, lambda d: not any(e.is_displayed() for e in d.find_elements(By.CSS_SELECTOR, "[role=dialog]")),
-          "the column selector to close", name, timeout)
+    _wait(
+        driver,
+        lambda d: not any(e.is_displayed() for e in d.find_elements(By.CSS_SELECTOR, "[role=dialog]")),
+        "the column selector to close",
+        name,
+        timeout,
+    )
 
 
 def show_column(
@@ -556,20 +592,30 @@ def show_column(
         shown = {v for v in column_values_visible(d, kind, key).values() if v not in ("", "-")}
         return shown >= set(expected_values) if expected_values else bool(shown)
 
-    _wait(driver, ready, lambda: f"values {list(expected_values or ['<any>'])} in column "
-          f"{kind}.{key} (have: {column_values_visible(driver, kind, key)})", name, timeout)
+    _wait(
+        driver,
+        ready,
+        lambda: (
+            f"values {list(expected_values or ['<any>'])} in column "
+            f"{kind}.{key} (have: {column_values_visible(driver, kind, key)})"
+        ),
+        name,
+        timeout,
+    )
     time.sleep(0.3)  # let the grid settle its horizontal scroll before the screenshot
     return screenshot(driver, name)
 
 
-def show_param_column(driver, param_key: str, expected_values: Sequence[str] | None = None,
-                      *, timeout: float | None = None) -> Path:
+def show_param_column(
+    driver, param_key: str, expected_values: Sequence[str] | None = None, *, timeout: float | None = None
+) -> Path:
     """:func:`show_column` for a param: screenshot ``experiment-params-<key>.png``."""
     return show_column(driver, "params", param_key, expected_values, timeout=timeout)
 
 
-def show_metric_column(driver, metric_key: str, expected_values: Sequence[str] | None = None,
-                       *, timeout: float | None = None) -> Path:
+def show_metric_column(
+    driver, metric_key: str, expected_values: Sequence[str] | None = None, *, timeout: float | None = None
+) -> Path:
     """:func:`show_column` for a metric (latest value, as the table formats it)."""
     return show_column(driver, "metrics", metric_key, expected_values, timeout=timeout)
 
@@ -618,8 +664,10 @@ def open_compare(
 
     exps = [experiment_id] if isinstance(experiment_id, (str, int)) else list(experiment_id)
     name = f"compare-{len(run_ids)}-runs"
-    query = {"runs": json.dumps(list(run_ids), separators=(",", ":")),
-             "experiments": json.dumps([str(e) for e in exps], separators=(",", ":"))}
+    query = {
+        "runs": json.dumps(list(run_ids), separators=(",", ":")),
+        "experiments": json.dumps([str(e) for e in exps], separators=(",", ":")),
+    }
     _navigate(driver, _hash_url(base, "compare-runs", query))
 
     def ready(d):
@@ -636,8 +684,16 @@ def open_compare(
                 return False
         return True
 
-    _wait(driver, ready, lambda: f"run names {list(expected_names or [])} and param row "
-          f"'{param_key}' in the compare view (have: {compare_table(driver)})", name, timeout)
+    _wait(
+        driver,
+        ready,
+        lambda: (
+            f"run names {list(expected_names or [])} and param row "
+            f"'{param_key}' in the compare view (have: {compare_table(driver)})"
+        ),
+        name,
+        timeout,
+    )
     # Frame the screenshot: the run-details table at the top, and the param row
     # on screen too (centred if it does not fit below the run names).
     names_row = driver.find_elements(By.XPATH, "//tr[th[normalize-space()='Run Name:']]")
@@ -646,7 +702,8 @@ def open_compare(
     if param_key is not None:
         row = driver.find_elements(By.XPATH, f"//tr[th[normalize-space()={_xpath_str(param_key)}]]")
         if row and not driver.execute_script(
-                "const r = arguments[0].getBoundingClientRect(); return r.bottom <= window.innerHeight;", row[0]):
+            "const r = arguments[0].getBoundingClientRect(); return r.bottom <= window.innerHeight;", row[0]
+        ):
             driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", row[0])
     time.sleep(0.3)
     return screenshot(driver, name)
@@ -657,7 +714,7 @@ def _xpath_str(s: str) -> str:
         return f"'{s}'"
     if '"' not in s:
         return f'"{s}"'
-    return "concat(" + ", \"'\", ".join(f"'{p}'" for p in s.split("'")) + ")"
+    return "concat(" + ', "\'", '.join(f"'{p}'" for p in s.split("'")) + ")"
 
 
 # ----------------------------------------------------------------------------
@@ -698,8 +755,7 @@ def open_artifact(
     def ready(d):
         imgs = rendered_images(d)
         # the viewer's <img alt="<artifact path>">; fall back to any blob: image
-        return [i for i in imgs if i["alt"] == artifact_path] or \
-               [i for i in imgs if i["src"].startswith("blob:")]
+        return [i for i in imgs if i["alt"] == artifact_path] or [i for i in imgs if i["src"].startswith("blob:")]
 
     _wait(driver, ready, f"image artifact '{artifact_path}' to render", name, timeout)
     return screenshot(driver, name)
