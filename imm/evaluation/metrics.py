@@ -11,6 +11,7 @@ chunks so that a 5000 x 5000 comparison needs only a few tens of MB.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import torch
@@ -19,6 +20,19 @@ import torch
 _BLOCK_ELEMENTS = 1 << 22
 
 ArrayLike = np.ndarray | torch.Tensor
+
+# Metric families (the part of "eval/<family>_<N>step[_w<scale>]" before the step count) where lower
+# is better: the training run tracks their best value per step count. FID's family carries its sample
+# count (fid5k, fid50k). Precision and recall (higher is better), the floors and the energy's sd are
+# not tracked.
+LOWER_IS_BETTER = ("energy", "energy_ratio", "sw2")
+_METRIC_NAME = re.compile(r"^[^/]+/(?P<family>.+?)_\d+step(_w[^_/]+)?$")
+
+
+def lower_is_better(name: str) -> bool:
+    """True for eval/energy_ratio_2step, eval/fid5k_2step_w1.5; False for eval/recall_1step, eval/energy_floor."""
+    m = _METRIC_NAME.match(name)
+    return m is not None and (m["family"] in LOWER_IS_BETTER or re.fullmatch(r"fid\d+k?", m["family"]) is not None)
 
 
 def _as_pair(x: ArrayLike, y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,14 +23,46 @@ import torch
 CKPT_DIR = "checkpoints"
 PATTERN = re.compile(r"^step-(\d{8,})\.pt$")
 PARTIAL_PREFIX, PARTIAL_SUFFIX = ".tmp-", ".part"  # a write in progress, or one a kill interrupted
-# What every training checkpoint holds (the loop reads all of them when it resumes).
-REQUIRED_KEYS = ("step", "model", "ema", "optimizer", "scaler", "data", "rng", "config")
+# What every consumer of a checkpoint reads (sample and evaluate too); resuming also needs the
+# objects the loop's CheckpointIO names.
+REQUIRED_KEYS = ("step", "config", "model", "ema")
 _UMASK = os.umask(0o022)  # read the process umask (there is no getter) and put it back
 os.umask(_UMASK)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says which file and why."""
+
+
+class CheckpointIO:
+    """The training state, named once: objects with state_dict()/load_state_dict() (None for one a run
+    does not use, e.g. no EMA target), saved under their names beside plain values (step, rng, config)."""
+
+    def __init__(self, **objects):
+        self.objects = objects
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """The keys a checkpoint must hold to resume into these objects."""
+        return (*REQUIRED_KEYS, *(name for name in self.objects if name not in REQUIRED_KEYS), "rng")
+
+    def state_dict(self, device: torch.device, **values) -> dict:
+        state = {name: None if obj is None else obj.state_dict() for name, obj in self.objects.items()}
+        return {**state, "rng": rng_state(device), **values}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        """Load every object; the global RNG last (call after any seeding, it continues the saved stream)."""
+        for name, obj in self.objects.items():
+            if obj is not None:
+                obj.load_state_dict(state[name])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+
+
+def rng_state(device: torch.device) -> dict:
+    """The global RNG streams (dropout): the CPU one, and the device's on CUDA."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
 def ckpt_dir(run_dir) -> Path:
@@ -122,17 +154,19 @@ def load(path, map_location="cpu", required=REQUIRED_KEYS) -> dict:
     return state
 
 
-def resolve(resume, run_dir) -> Path | None:
-    """The checkpoint to resume from: `resume` (a file, or a run directory's newest), else run_dir's newest."""
-    if resume:
-        p = Path(resume)
+def resolve(path, run_dir=None, *, key: str = "resume") -> Path | None:
+    """The checkpoint the option `key`=`path` names: a checkpoint file, the newest checkpoint of a run
+    directory or of a run's checkpoints/ folder; without `path`, run_dir's newest (None: there is none).
+    Training resumes through it (resume=), sample and evaluate read their ckpt= through it."""
+    if path:
+        p = Path(str(path)).expanduser()
         if p.is_file():
             return p
         if p.is_dir():
-            found = list_checkpoints(p)
+            found = list_checkpoints(p) or (list_checkpoints(p.parent) if p.name == CKPT_DIR else [])
             if not found:
-                raise CheckpointError(f"resume={resume} is a directory without checkpoints in {ckpt_dir(p)}.")
+                raise CheckpointError(f"{key}={path} is a directory without checkpoints in {ckpt_dir(p)}.")
             return found[-1]
-        raise CheckpointError(f"resume={resume} does not exist; give a checkpoint file or a run directory.")
-    found = list_checkpoints(run_dir)
+        raise CheckpointError(f"{key}={path} does not exist; give a checkpoint file or a run directory.")
+    found = list_checkpoints(run_dir) if run_dir is not None else []
     return found[-1] if found else None

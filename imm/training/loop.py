@@ -23,6 +23,7 @@ from imm import factory
 from imm.config import ConfigError, validate
 from imm.data import ResumableBatches
 from imm.evaluation.evaluate import Evaluator
+from imm.evaluation.metrics import lower_is_better
 from imm.tracking.mlflow_run import Tracker, check_reachable, flatten, git_tags
 from imm.training import checkpoint, distributed
 from imm.training.signals import Interrupted, StopFlag
@@ -58,7 +59,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     if not env.is_main:  # one process owns the logs, files and MLflow
         logging.getLogger("imm").setLevel(logging.WARNING)
     validate(cfg, env.world_size)
-    device = _device(cfg.train.device, env)
+    device = factory.device(cfg.train.device, local_rank=env.local_rank)
     _configure_precision(cfg.train.precision, device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -67,168 +68,58 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
 
     # -- data, network, objective, optimizer (all before any run is created) -------------------
     bundle = factory.dataset(cfg)
-    if cfg.eval.guidance != 1.0 and bundle.num_classes == 0:
-        why = (
-            f"data.use_labels=false trains data.name={cfg.data.name!r} unconditionally"
-            if not cfg.data.use_labels
-            else f"data.name={cfg.data.name!r} has no labels"
-        )
-        raise ConfigError(
-            f"eval.guidance={cfg.eval.guidance} needs class-conditional data, but {why}; use"
-            f" eval.guidance=1{' or data.use_labels=true' if not cfg.data.use_labels else ''}."
-        )
+    _check_guidance(cfg, bundle)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     net = factory.net(cfg, bundle.shape, bundle.num_classes).to(device)
     objective = factory.objective(cfg, bundle.num_classes, env.rank, env.world_size)
     optimizer = factory.optimizer(cfg, net.parameters(), device)
-    ema = EMA(
-        net,
-        beta=cfg.ema.decay,
-        power=cfg.ema.power,
-        inv_gamma=cfg.ema.inv_gamma,
-        update_every=cfg.ema.update_every,
-        update_after_step=0,
-        include_online_model=False,
-    )
-    target_ema = (
-        EMA(net, beta=cfg.target.ema_decay, update_after_step=0, update_every=1, power=1.0, include_online_model=False)
-        if cfg.target.kind == "ema"
-        else None
-    )
+    ema, target_ema = _emas(cfg, net)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-    batches = ResumableBatches(
-        bundle.train,
-        cfg.train.batch_size,
-        seed=cfg.train.seed,
-        rank=env.rank,
-        world_size=env.world_size,
-        num_workers=cfg.data.num_workers,
-        pin_memory=cfg.data.pin_memory and device.type == "cuda",
-        persistent_workers=cfg.data.num_workers > 0,
-    )
+    batches = _batches(cfg, bundle, env, device)
     distributed.init(env, device)
-    student = net
-    if cfg.train.compile:
-        student = torch.compile(net)
-    if env.enabled:
-        student = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    target = target_ema.ema_model if target_ema else (torch.compile(net) if cfg.train.compile else net)
+    student, target = _student_and_target(cfg, net, target_ema, env, device)
+    state = checkpoint.CheckpointIO(
+        model=net, ema=ema, target_ema=target_ema, optimizer=optimizer, scaler=scaler, data=batches
+    )
 
     # -- restore ----------------------------------------------------------------------------------
-    step, run_id, state, resumed_tags = 0, None, None, {}
     ckpt_path = checkpoint.resolve(cfg.resume, run_dir)
-    if ckpt_path is not None:
-        state = checkpoint.load(ckpt_path)
-        resumed_tags = _check_same_run(cfg, state["config"], ckpt_path)
-        net.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        if target_ema is not None:
-            target_ema.load_state_dict(state["target_ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        batches.load_state_dict(state["data"])
-        step, run_id = state["step"], state.get("mlflow_run_id")
-        log.info("resumed from %s at step %d", ckpt_path, step)
-    run_id = _read_run_id(run_dir) or run_id  # a job requeued before its first checkpoint reopens its run too
+    saved = checkpoint.load(ckpt_path, required=state.required) if ckpt_path is not None else None
+    resumed_tags = _check_same_run(cfg, saved["config"], ckpt_path) if saved else {}
     torch.manual_seed(cfg.train.seed + 1000 * env.rank)  # dropout streams differ per rank
-    if state is not None:
-        torch.set_rng_state(state["rng"]["cpu"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    step = 0
+    if saved:
+        state.load_state_dict(saved, device)
+        step = saved["step"]
+        log.info("resumed from %s at step %d", ckpt_path, step)
+    # a job requeued before its first checkpoint reopens its run too
+    run_id = _read_run_id(run_dir) or (saved or {}).get("mlflow_run_id")
 
     stop = StopFlag()  # before the MLflow run exists: a signal from here on ends it KILLED, never RUNNING
     tracker = Tracker.disabled()
     if env.is_main and cfg.tracking.enabled:
-        tags = {
-            "run_dir": str(run_dir.resolve()),
-            "device": str(device),
-            "world_size": str(env.world_size),
-            **git_tags(),
-            **(extra_tags or {}),
-            **resumed_tags,
-        }
+        tags = {**_run_tags(run_dir, device, env), **(extra_tags or {}), **resumed_tags}
         if ckpt_path is not None:
             tags[f"resumed_from_step_{step}"] = str(ckpt_path)
-        tracker = Tracker.open(
-            tracking_uri, cfg.tracking.experiment, run_name=run_name, run_id=run_id, params=flatten(cfg), tags=tags
-        )
-        (run_dir / RUN_ID_FILE).parent.mkdir(parents=True, exist_ok=True)
-        (run_dir / RUN_ID_FILE).write_text(tracker.run_id + "\n")
-        if run_id is None:
-            tracker.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
-            tracker.log_text(str(checkpoint.ckpt_dir(run_dir).resolve()) + "\n", "checkpoints.txt")
+        tracker = _open_tracker(cfg, run_dir, tracking_uri, run_name, run_id, tags)
     evaluator = Evaluator.from_config(cfg, bundle, objective.param, device=device) if env.is_main else None
     if env.is_main:
-        log.info("run directory: %s", run_dir.resolve())
-        log.info("network: %s, %.2fM parameters", cfg.arch.name, sum(p.numel() for p in net.parameters()) / 1e6)
-        if tracker.enabled:
-            log.info("MLflow run %s in %s (experiment %r)", tracker.run_id, tracking_uri, cfg.tracking.experiment)
-            tracker.log_metrics({"model/parameters": sum(p.numel() for p in net.parameters())}, step)
-
-    def save():
-        if env.is_main:
-            rng = {
-                "cpu": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            }
-            path = checkpoint.save(
-                {
-                    "step": step,
-                    "model": net.state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "target_ema": target_ema.state_dict() if target_ema else None,
-                    "scaler": scaler.state_dict(),
-                    "data": batches.state_dict(),
-                    "rng": rng,
-                    "config": OmegaConf.to_yaml(cfg),
-                    "mlflow_run_id": tracker.run_id,
-                    "shape": list(bundle.shape),
-                    "num_classes": bundle.num_classes,
-                    "standardizer": bundle.standardizer.state_dict() if bundle.standardizer else None,
-                },
-                run_dir,
-                step,
-                cfg.train.keep_last,
-            )
-            log.info("checkpoint %s", path)
-        distributed.barrier(env)
-
-    def evaluate():
-        if evaluator is None:
-            return {}
-        results, figs, _ = evaluator(ema.ema_model)
-        tracker.log_metrics(results, step)
-        for name, fig in figs.items():
-            fig_path = run_dir / name.replace("figures/", f"figures/step{step:08d}-")
-            fig_path.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(fig_path, dpi=110)
-            tracker.log_artifact(fig_path, "figures")
-        log.info(
-            "eval @ %d: %s",
-            step,
-            ", ".join(f"{k[5:]}={v:.4g}" for k, v in results.items() if "energy_ratio" in k or "recall" in k),
-        )
-        return results
+        _log_start(cfg, run_dir, net, tracker, tracking_uri, step)
+    extras = _checkpoint_extras(cfg, bundle, tracker)
 
     # -- the loop -----------------------------------------------------------------------------------
     status, summary, best = "FAILED", {}, {}
-    bar = _progress(step, cfg.train.steps, env)
+    meter = _Meter(cfg, env, tracker, step, device)
     generator = torch.Generator(device)
-    loss_sum, n_logged, nonfinite_run, skipped = torch.zeros((), device=device), 0, 0, 0
-    t_last, samples_since = time.perf_counter(), 0
+    precision = cfg.train.precision
     autocast = torch.autocast(
         device.type,
-        dtype=torch.float16 if cfg.train.precision == "fp16" else torch.bfloat16,
-        enabled=cfg.train.precision in ("bf16", "fp16"),
+        dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
+        enabled=precision in ("bf16", "fp16"),
     )
     try:
         while step < cfg.train.steps:
-            x, labels = next(batches)
-            x = x.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True) if labels is not None else None
+            x, labels = (None if v is None else v.to(device, non_blocking=True) for v in next(batches))
             generator.manual_seed(_step_seed(cfg.train.seed, step))
             for group in optimizer.param_groups:
                 group["lr"] = factory.lr_at(cfg, step)
@@ -246,57 +137,23 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
                 ema.update()
                 if target_ema is not None:
                     target_ema.update()
-                nonfinite_run = 0
-                loss_sum += loss.detach()
-                n_logged += 1
+                meter.good(loss)
             else:
-                nonfinite_run, skipped = nonfinite_run + 1, skipped + 1
-                bad = "loss" if not torch.isfinite(loss) else "gradient norm"
-                log.warning("step %d: non-finite %s, step skipped (%d in a row)", step, bad, nonfinite_run)
-                tracker.log_metrics({"train/skipped_steps": skipped}, step + 1)
-                if nonfinite_run >= cfg.train.max_nonfinite:
-                    terms = [k for k, v in diag.items() if not torch.isfinite(v)] or [
-                        f"the gradient of {n}"
-                        for n, p in net.named_parameters()
-                        if p.grad is not None and not torch.isfinite(p.grad).all()
-                    ][:1]
-                    raise FloatingPointError(
-                        f"step {step}: the {bad} went non-finite {nonfinite_run} steps in a row"
-                        f" (train.max_nonfinite={cfg.train.max_nonfinite}); non-finite terms:"
-                        f" {', '.join(terms) or 'none on this process'}; the last good"
-                        f" checkpoint is {checkpoint.resolve(None, run_dir) or 'none yet'}; lower optim.lr or check the"
-                        " data."
-                    )
+                meter.skipped(step, loss, diag, net, run_dir)  # raises after train.max_nonfinite in a row
             step += 1
-            samples_since += cfg.train.batch_size
-            if bar:
-                bar.update(1)
 
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                now = time.perf_counter()
-                metrics = {
-                    "train/loss": distributed.mean(env, loss_sum / max(n_logged, 1)).item(),
-                    "train/grad_norm": grad_norm.item(),
-                    "train/lr": optimizer.param_groups[0]["lr"],
-                    "train/skipped_steps": skipped,
-                    "train/samples_per_s": samples_since / (now - t_last),
-                }
-                metrics.update({f"diag/{k}": v.item() for k, v in diag.items()})
-                tracker.log_metrics(metrics, step)
-                _report(bar, step, cfg.train.steps, metrics)
-                loss_sum.zero_()
-                n_logged, t_last, samples_since = 0, now, 0
+            if (metrics := meter.tick(step, grad_norm, optimizer, diag)) is not None:
                 summary["final/loss"] = metrics["train/loss"]
             if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
-                _track_best(best, evaluate())
+                _track_best(best, _evaluate(evaluator, ema.ema_model, tracker, run_dir, step))
             if step % cfg.train.ckpt_every == 0 and step < cfg.train.steps:
-                save()
+                _save(state, device, run_dir, env, cfg, step, extras)
             if stop_signum is not None:
                 stop.request(stop_signum)
-                save()
+                _save(state, device, run_dir, env, cfg, step, extras)
                 stop.hand_over()  # submitit requeues on preemption; otherwise raises Interrupted
-        save()
-        final = evaluate()
+        _save(state, device, run_dir, env, cfg, step, extras)
+        final = _evaluate(evaluator, ema.ema_model, tracker, run_dir, step)
         _track_best(best, final)
         summary.update({f"final/{k[5:]}": v for k, v in final.items()})
         summary.update(best)
@@ -308,24 +165,14 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
         raise
     finally:
         stop.restore()
-        if bar:
-            bar.close()
+        meter.close()
         tracker.end(status)
         distributed.shutdown(env)
         if env.is_main:
             _where(run_dir, tracking_uri if tracker.enabled else None, tracker.run_id, status)
 
 
-# ------------------------------------------------------------------------------------------------
-def _device(name: str, env) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name!r} but no CUDA device is available; use train.device=auto or cpu.")
-    return device
-
-
+# -- set-up ---------------------------------------------------------------------------------------
 def _configure_precision(precision: str, device: torch.device) -> None:
     """Mixed precision and TF32 are CUDA-only; TF32 is on for tf32/bf16/fp16 (the paper trains in TF32)."""
     if precision != "fp32" and device.type != "cuda":
@@ -338,14 +185,64 @@ def _configure_precision(precision: str, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = tf32
 
 
-def _read_run_id(run_dir: Path) -> str | None:
-    p = run_dir / RUN_ID_FILE
-    return p.read_text().strip() or None if p.is_file() else None
+def _check_guidance(cfg, bundle) -> None:
+    """Guidance mixes a class-conditional and the null-label output: refuse it for unconditional training."""
+    if cfg.eval.guidance == 1.0 or bundle.num_classes > 0:
+        return
+    unlabelled = not cfg.data.use_labels
+    why = (
+        f"data.use_labels=false trains data.name={cfg.data.name!r} unconditionally"
+        if unlabelled
+        else f"data.name={cfg.data.name!r} has no labels"
+    )
+    fix = "eval.guidance=1" + (" or data.use_labels=true" if unlabelled else "")
+    raise ConfigError(f"eval.guidance={cfg.eval.guidance} needs class-conditional data, but {why}; use {fix}.")
 
 
-def _step_seed(seed: int, step: int) -> int:
-    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+def _emas(cfg, net) -> tuple[EMA, EMA | None]:
+    """The evaluation EMA (ema.*) and, with target.kind=ema, the EMA that serves as theta^-."""
+    e = cfg.ema
+    ema = EMA(
+        net,
+        beta=e.decay,
+        power=e.power,
+        inv_gamma=e.inv_gamma,
+        update_every=e.update_every,
+        update_after_step=0,
+        include_online_model=False,
+    )
+    if cfg.target.kind != "ema":
+        return ema, None
+    target = EMA(
+        net, beta=cfg.target.ema_decay, update_after_step=0, update_every=1, power=1.0, include_online_model=False
+    )
+    return ema, target
+
+
+def _batches(cfg, bundle, env, device) -> ResumableBatches:
+    """This rank's share of every global batch, in a resumable order from (train.seed, epoch)."""
+    return ResumableBatches(
+        bundle.train,
+        cfg.train.batch_size,
+        seed=cfg.train.seed,
+        rank=env.rank,
+        world_size=env.world_size,
+        num_workers=cfg.data.num_workers,
+        pin_memory=cfg.data.pin_memory and device.type == "cuda",
+        persistent_workers=cfg.data.num_workers > 0,
+    )
+
+
+def _student_and_target(cfg, net, target_ema, env, device):
+    """The network the loss differentiates (compiled, DDP-wrapped) and the one theta^- runs through."""
+    student = torch.compile(net) if cfg.train.compile else net
+    if env.enabled:
+        student = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if target_ema is not None:
+        return student, target_ema.ema_model
+    return student, torch.compile(net) if cfg.train.compile else net
 
 
 def _check_same_run(cfg, saved_yaml: str, path) -> dict[str, str]:
@@ -363,34 +260,165 @@ def _check_same_run(cfg, saved_yaml: str, path) -> dict[str, str]:
     return {f"resumed.{k}": str(now.get(k)) for k in changed}
 
 
+def _read_run_id(run_dir: Path) -> str | None:
+    p = run_dir / RUN_ID_FILE
+    return p.read_text().strip() or None if p.is_file() else None
+
+
+def _step_seed(seed: int, step: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+# -- tracking and outputs ---------------------------------------------------------------------------
+def _run_tags(run_dir: Path, device, env) -> dict[str, str]:
+    return {"run_dir": str(run_dir.resolve()), "device": str(device), "world_size": str(env.world_size), **git_tags()}
+
+
+def _open_tracker(cfg, run_dir: Path, uri: str, run_name: str, run_id: str | None, tags: dict) -> Tracker:
+    """Create the MLflow run (or reopen run_id) and record its id in the run directory."""
+    tracker = Tracker.open(
+        uri, cfg.tracking.experiment, run_name=run_name, run_id=run_id, params=flatten(cfg), tags=tags
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_ID_FILE).write_text(tracker.run_id + "\n")
+    if run_id is None:
+        tracker.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
+        tracker.log_text(str(checkpoint.ckpt_dir(run_dir).resolve()) + "\n", "checkpoints.txt")
+    return tracker
+
+
+def _log_start(cfg, run_dir: Path, net, tracker: Tracker, uri, step: int) -> None:
+    n_params = sum(p.numel() for p in net.parameters())
+    log.info("run directory: %s", run_dir.resolve())
+    log.info("network: %s, %.2fM parameters", cfg.arch.name, n_params / 1e6)
+    if tracker.enabled:
+        log.info("MLflow run %s in %s (experiment %r)", tracker.run_id, uri, cfg.tracking.experiment)
+        tracker.log_metrics({"model/parameters": n_params}, step)
+
+
+def _checkpoint_extras(cfg, bundle, tracker: Tracker) -> dict:
+    """What a checkpoint holds besides the training state: enough to sample from it without the data."""
+    return {
+        "config": OmegaConf.to_yaml(cfg),
+        "mlflow_run_id": tracker.run_id,
+        "shape": list(bundle.shape),
+        "num_classes": bundle.num_classes,
+        "standardizer": bundle.standardizer.state_dict() if bundle.standardizer else None,
+    }
+
+
+def _save(state: checkpoint.CheckpointIO, device, run_dir: Path, env, cfg, step: int, extras: dict) -> None:
+    """A full training state at `step` (main process), then every rank waits for it."""
+    if env.is_main:
+        path = checkpoint.save(state.state_dict(device, step=step, **extras), run_dir, step, cfg.train.keep_last)
+        log.info("checkpoint %s", path)
+    distributed.barrier(env)
+
+
+def _evaluate(evaluator: Evaluator | None, model, tracker: Tracker, run_dir: Path, step: int) -> dict:
+    """The evaluator's metrics and figures for `model` (main process only), logged at `step`."""
+    if evaluator is None:
+        return {}
+    results, figs, _ = evaluator(model)
+    tracker.log_metrics(results, step)
+    for name, fig in figs.items():
+        fig_path = run_dir / name.replace("figures/", f"figures/step{step:08d}-")
+        fig_path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(fig_path, dpi=110)
+        tracker.log_artifact(fig_path, "figures")
+    shown = ", ".join(f"{k[5:]}={v:.4g}" for k, v in results.items() if "energy_ratio" in k or "recall" in k)
+    log.info("eval @ %d: %s", step, shown)
+    return results
+
+
 def _track_best(best: dict, results: dict) -> None:
+    """best/<metric>: the lowest value so far of each lower-is-better metric (per step count)."""
     for k, v in results.items():
-        if ("energy" in k or "sw2" in k or "fid" in k) and not k.endswith("floor") and "_sd_" not in k:
+        if lower_is_better(k):
             name = f"best/{k[5:]}"
             best[name] = min(best.get(name, math.inf), v)
 
 
-def _progress(start: int, total: int, env):
-    if not env.is_main or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
+class _Meter:
+    """The loss and step counts between log lines, samples/s, non-finite steps, and the progress display
+    (a tqdm bar on a terminal, a log line every train.log_every steps otherwise)."""
 
-    return tqdm(total=total, initial=start, dynamic_ncols=True, desc="train")
+    def __init__(self, cfg, env, tracker: Tracker, step: int, device):
+        self.cfg, self.env, self.tracker = cfg, env, tracker
+        self.loss_sum, self.n_good, self.nonfinite_run, self.n_skipped = torch.zeros((), device=device), 0, 0, 0
+        self.t_last, self.samples = time.perf_counter(), 0
+        self.bar = None
+        if env.is_main and sys.stderr.isatty():
+            from tqdm import tqdm
 
+            self.bar = tqdm(total=cfg.train.steps, initial=step, dynamic_ncols=True, desc="train")
 
-def _report(bar, step: int, total: int, metrics: dict) -> None:
-    if bar is not None:
-        bar.set_postfix(loss=f"{metrics['train/loss']:.4g}", sps=f"{metrics['train/samples_per_s']:.0f}")
-    else:
+    def good(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss.detach()  # on the device: no host sync per step
+        self.n_good += 1
+        self.nonfinite_run = 0
+
+    def skipped(self, step: int, loss, diag: dict, net, run_dir: Path) -> None:
+        """Count a skipped step; after train.max_nonfinite in a row raise FloatingPointError naming the terms."""
+        self.nonfinite_run += 1
+        self.n_skipped += 1
+        bad = "loss" if not torch.isfinite(loss) else "gradient norm"
+        log.warning("step %d: non-finite %s, step skipped (%d in a row)", step, bad, self.nonfinite_run)
+        self.tracker.log_metrics({"train/skipped_steps": self.n_skipped}, step + 1)
+        if self.nonfinite_run < self.cfg.train.max_nonfinite:
+            return
+        terms = [k for k, v in diag.items() if not torch.isfinite(v)] or [
+            f"the gradient of {n}"
+            for n, p in net.named_parameters()
+            if p.grad is not None and not torch.isfinite(p.grad).all()
+        ][:1]
+        raise FloatingPointError(
+            f"step {step}: the {bad} went non-finite {self.nonfinite_run} steps in a row"
+            f" (train.max_nonfinite={self.cfg.train.max_nonfinite}); non-finite terms:"
+            f" {', '.join(terms) or 'none on this process'}; the last good checkpoint is"
+            f" {checkpoint.resolve(None, run_dir) or 'none yet'}; lower optim.lr or check the data."
+        )
+
+    def tick(self, step: int, grad_norm, optimizer, diag: dict) -> dict | None:
+        """After each step: advance the bar; every train.log_every steps (and at the end) log and reset."""
+        self.samples += self.cfg.train.batch_size
+        if self.bar is not None:
+            self.bar.update(1)
+        if step % self.cfg.train.log_every and step != self.cfg.train.steps:
+            return None
+        now = time.perf_counter()
+        metrics = {
+            "train/loss": distributed.mean(self.env, self.loss_sum / max(self.n_good, 1)).item(),
+            "train/grad_norm": grad_norm.item(),
+            "train/lr": optimizer.param_groups[0]["lr"],
+            "train/skipped_steps": self.n_skipped,
+            "train/samples_per_s": self.samples / (now - self.t_last),
+            **{f"diag/{k}": v.item() for k, v in diag.items()},
+        }
+        self.tracker.log_metrics(metrics, step)
+        self._show(step, metrics)
+        self.loss_sum.zero_()
+        self.n_good, self.t_last, self.samples = 0, now, 0
+        return metrics
+
+    def _show(self, step: int, m: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{m['train/loss']:.4g}", sps=f"{m['train/samples_per_s']:.0f}")
+            return
         log.info(
             "step %d/%d loss %.5g grad %.3g lr %.3g %.0f samples/s",
             step,
-            total,
-            metrics["train/loss"],
-            metrics["train/grad_norm"],
-            metrics["train/lr"],
-            metrics["train/samples_per_s"],
+            self.cfg.train.steps,
+            m["train/loss"],
+            m["train/grad_norm"],
+            m["train/lr"],
+            m["train/samples_per_s"],
         )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _where(run_dir: Path, uri, run_id, status: str) -> None:
