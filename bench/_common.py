@@ -89,12 +89,14 @@ def add_common_args(p: argparse.ArgumentParser, name: str) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name} but no CUDA device is available here; use --device cpu")
-    return device
+    """--device through the project's one resolver (imm.factory.device); a bad value exits with its sentence."""
+    from imm import factory
+    from imm.config import ConfigError
+
+    try:
+        return factory.device(name, key="--device")
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
 
 
 def setup_threads(threads: int) -> None:
@@ -269,16 +271,14 @@ def fmt(v, spec: str = ".3g") -> str:
 
 def table(rows, columns) -> str:
     """Markdown table; columns = [(header, key or callable, format spec)]."""
-    head = "| " + " | ".join(c[0] for c in columns) + " |"
-    sep = "|" + "|".join("---" for _ in columns) + "|"
-    lines = [head, sep]
-    for row in rows:
-        cells = []
-        for _, key, spec in columns:
-            v = key(row) if callable(key) else row.get(key)
-            cells.append(fmt(v, spec) if spec else ("n/a" if v is None else str(v)))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    from imm.report import render
+
+    def cell(row, key, spec):
+        v = key(row) if callable(key) else row.get(key)
+        return fmt(v, spec) if spec else ("n/a" if v is None else str(v))
+
+    rows = [[cell(row, key, spec) for _, key, spec in columns] for row in rows]
+    return render([c[0] for c in columns], rows, markdown=True)
 
 
 def write_json(path: Path, payload: dict) -> Path:

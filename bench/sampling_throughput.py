@@ -73,10 +73,13 @@ def main(argv=None):
     C.setup_threads(args.threads)
     info = C.machine_info(device)
     from imm.core import parameterization, sampling
-    from imm.evaluation.evaluate import time_grid
 
     par = parameterization.get("euler_fm", schedule="fm", sigma_data=0.5)
-    grids = {N: time_grid(N, schedule=par.schedule, T=0.994, eps=0.0) for N in args.steps}
+    two = sampling.TWO_STEP_ETA  # the commands' default: 2 steps at eta 1.4 (App. I.2)
+    grids = {
+        N: sampling.time_grid("uniform", N, schedule=par.schedule, T=0.994, eps=0.0, two_step_eta=two)
+        for N in args.steps
+    }
     rows, raw_all = [], {}
     key = C.primary_key(device)
     for spec in args.archs:

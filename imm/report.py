@@ -99,10 +99,22 @@ def _fmt(v) -> str:
     return "" if v is None else f"{v:.4g}"
 
 
-def render(header, rows) -> str:
+def render(header, rows, *, right=(), rule: bool = True, markdown: bool = False) -> str:
+    """The one renderer of the project's tables (this report, `evaluate`'s metric table, bench/'s):
+    plain text padded to each column's widest cell, the columns whose index is in `right` (numbers)
+    right-aligned and, with `rule`, a dashed line under the header; or, with `markdown`, a Markdown
+    table (unpadded, for pasting into documents)."""
+    if markdown:
+        line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"  # noqa: E731
+        return "\n".join([line(header), "|" + "|".join("---" for _ in header) + "|", *(line(r) for r in rows)])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(header), line("-" * w for w in widths), *(line(r) for r in rows)])
+
+    def line(cells):
+        return "  ".join(
+            str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        )
+
+    return "\n".join([line(header), *([line("-" * w for w in widths)] if rule else []), *(line(r) for r in rows)])
 
 
 def main(argv=None) -> int:

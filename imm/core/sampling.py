@@ -15,7 +15,7 @@ Tensor = torch.Tensor
 
 GRIDS = ("uniform", "edm", "eta")
 SAMPLERS = ("pushforward", "restart")
-TWO_STEP_ETA = (1.4,)  # App. I.2: eta(t_1) = 1.4 "for all 2-step methods"; t_1 = 1.4/2.4 for OT-FM
+TWO_STEP_ETA = 1.4  # App. I.2: eta(t_1) = 1.4 "for all 2-step methods"; t_1 = 1.4/2.4 for OT-FM
 
 
 def uniform_grid(N: int, T: float, eps: float) -> Tensor:
@@ -51,29 +51,54 @@ def eta_grid(etas, schedule, T: float, eps: float) -> Tensor:
     return grid
 
 
-def time_grid(
-    kind: str, N: int, *, schedule="fm", T: float = 0.994, eps: float = 0.0, etas=None, rho: float = 7.0
-) -> Tensor:
-    """The grid called `kind`: "uniform", "edm" (rho in eta space) or "eta" (explicit points).
+def grid_spec(grid: str, N: int, *, etas=None, two_step_eta: float | None = None) -> tuple[str, list[float] | None]:
+    """Which N-step grid the options give; every grid rule lives here (time_grid draws it):
 
-    For "eta", `etas` gives the N - 1 intermediate points; when None and N = 2 the paper's
-    eta = 1.4 is used.
+    - `etas` holding N - 1 intermediate eta points: ("eta", etas), an explicit eta grid; a list of
+      another length is ignored, so one `etas` can sit beside other step counts (a step comparison);
+    - N = 1: ("endpoints", None), i.e. [T, eps] on every grid;
+    - N = 2 with `two_step_eta` set (the commands pass TWO_STEP_ETA, App. I.2): ("eta", [two_step_eta]);
+    - else the named `grid`: ("uniform", None), ("edm", None) (rho in eta space) or, for 2 steps only,
+      ("eta", None): the paper's eta = 1.4. More steps on the eta grid need `etas` (ValueError).
     """
+    if etas is not None and len(etas) == N - 1 > 0:
+        return "eta", [float(e) for e in etas]
+    if grid not in GRIDS:
+        raise ValueError(f"unknown time grid {grid!r}; choose one of {list(GRIDS)}")
+    _check_steps(N)
+    if N == 1:
+        return "endpoints", None
+    if N == 2 and two_step_eta is not None:
+        return "eta", [float(two_step_eta)]
+    if grid == "eta" and N != 2:
+        given = "" if etas is None else f", got {len(etas)}: {list(etas)}"
+        raise ValueError(
+            f"the eta grid needs N - 1 = {N - 1} explicit eta points for N={N} steps (only N=2 has a default,"
+            f" eta={TWO_STEP_ETA:g}){given}"
+        )
+    return grid, None
+
+
+def time_grid(
+    grid: str,
+    N: int,
+    *,
+    schedule="fm",
+    T: float = 0.994,
+    eps: float = 0.0,
+    etas=None,
+    two_step_eta: float | None = None,
+    rho: float = 7.0,
+) -> Tensor:
+    """The N-step sampling grid from T down to eps that grid_spec names (float64 [N + 1])."""
+    kind, points = grid_spec(grid, N, etas=etas, two_step_eta=two_step_eta)
+    if kind == "endpoints":
+        return f64([T, eps])
+    if kind == "eta":
+        return eta_grid(points if points is not None else [TWO_STEP_ETA], schedule, T, eps)
     if kind == "uniform":
         return uniform_grid(N, T, eps)
-    if kind == "edm":
-        return edm_grid(N, schedule, T, eps, rho)
-    if kind == "eta":
-        if etas is None:
-            if N != 2:
-                raise ValueError(
-                    f"the eta grid needs explicit eta points for N={N} steps (only N=2 has a default, eta=1.4)"
-                )
-            etas = TWO_STEP_ETA
-        if len(etas) != N - 1:
-            raise ValueError(f"{N} steps need {N - 1} intermediate eta points, got {list(etas)}")
-        return eta_grid(etas, schedule, T, eps)
-    raise ValueError(f"unknown time grid {kind!r}; choose one of {list(GRIDS)}")
+    return edm_grid(N, schedule, T, eps, rho)
 
 
 def _check_steps(N: int) -> None:

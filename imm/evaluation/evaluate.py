@@ -18,30 +18,35 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from imm.config import ConfigError, EvalConfig, loss_T
 from imm.core import sampling
 from imm.evaluation import figures, metrics
 
 FEATURE_NETS = ("inception", "tiny_random")
 LABEL_MODES = ("cycle", "uncond")
+_DEFAULT = EvalConfig()  # the option defaults live in the schema (imm.config.SamplingOptions)
 
 
-def time_grid(
-    N: int, *, schedule, T: float, eps: float, grid: str = "uniform", two_step_eta: float | None = 1.4, etas=None
-) -> torch.Tensor:
-    """The sampling grid for N steps, from T down to eps:
-
-    - `etas` when it holds N - 1 intermediate eta points (an explicit eta grid);
-    - else for N = 2 the paper's eta(t_1) = 1.4 (App. I.2) unless two_step_eta is None;
-    - else the named grid ("uniform", "edm", or "eta", which needs `etas` beyond 2 steps).
-    One step is [T, eps] on every grid.
-    """
-    if etas is not None and len(etas) == N - 1:
-        return sampling.time_grid("eta", N, schedule=schedule, T=T, eps=eps, etas=[float(e) for e in etas])
-    if N == 2 and two_step_eta is not None:
-        return sampling.time_grid("eta", 2, schedule=schedule, T=T, eps=eps, etas=[two_step_eta])
-    if N == 1 and grid == "eta":
-        return sampling.time_grid("eta", 1, schedule=schedule, T=T, eps=eps, etas=[])
-    return sampling.time_grid(grid, N, schedule=schedule, T=T, eps=eps)
+def time_grids(key: str, steps, options, *, schedule, T: float, eps: float) -> dict[int, torch.Tensor]:
+    """{N: the N-step grid} for each step count in `steps` (listed under the option `key`), by
+    imm.core.sampling.time_grid's rules with the options' grid, two_step_eta and etas (where they have
+    them). A grid the options cannot give is the one-sentence ConfigError naming `key`: the commands'
+    and the trainer's check before they sample."""
+    grids = {}
+    for N in steps:
+        try:
+            grids[int(N)] = sampling.time_grid(
+                options.grid,
+                int(N),
+                schedule=schedule,
+                T=T,
+                eps=eps,
+                two_step_eta=options.two_step_eta,
+                etas=getattr(options, "etas", None),
+            )
+        except ValueError as e:
+            raise ConfigError(f"{key}: no {int(N)}-step grid: {e}.") from None
+    return grids
 
 
 def count_tag(n: int) -> str:
@@ -146,21 +151,21 @@ class Evaluator:
         *,
         T: float,
         eps: float,
-        steps=(1, 2, 4, 8),
-        n_samples: int = 5000,
-        batch_size: int = 1000,
-        sampler: str = "pushforward",
-        grid: str = "uniform",
-        two_step_eta: float | None = 1.4,
-        guidance: float = 1.0,
-        seed: int = 1234,
+        steps=tuple(_DEFAULT.steps),
+        n_samples: int = _DEFAULT.n_samples,
+        batch_size: int = _DEFAULT.batch_size,
+        sampler: str = _DEFAULT.sampler,
+        grid: str = _DEFAULT.grid,
+        two_step_eta: float | None = _DEFAULT.two_step_eta,
+        guidance: float = _DEFAULT.guidance,
+        seed: int = _DEFAULT.seed,
         draws: int = 1,
         device="cpu",
         etas=None,
         labels="cycle",
         max_images: int | None = 64,
         fid: bool = False,
-        fid_n_samples: int = 5000,
+        fid_n_samples: int = _DEFAULT.fid_n_samples,
         fid_guidances=None,
         inception_weights=None,
         fid_cache=None,
@@ -215,54 +220,76 @@ class Evaluator:
             )
 
     @classmethod
-    def from_config(cls, cfg, bundle, param, *, device="cpu", **overrides) -> "Evaluator":
-        """The evaluator a training config asks for (its `eval` node), FID included for image data when
-        eval.fid is true (eval.fid_n_samples images, default 5000; eval.fid_cache, default ~/.cache/imm/fid;
-        eval.inception_weights). A missing Inception weights file raises ConfigError with fid.py's message."""
-        from imm.config import loss_T
-
-        ev = cfg.eval
-        fid = bool(ev.get("fid", False)) and bundle.kind == "images"
-        kwargs = dict(
-            T=loss_T(cfg),
-            eps=cfg.loss.eps,
-            steps=ev.steps,
-            n_samples=ev.n_samples,
-            batch_size=ev.batch_size,
-            sampler=ev.sampler,
-            grid=ev.grid,
-            two_step_eta=ev.two_step_eta,
-            guidance=ev.guidance,
-            seed=ev.seed,
-            draws=ev.get("draws", 1),
-            device=device,
-            fid=fid,
-        )
-        if fid:
-            kwargs.update(
-                fid_n_samples=ev.get("fid_n_samples", None) or 5000,
-                inception_weights=ev.get("inception_weights", None),
-                fid_cache=ev.get("fid_cache", None) or default_fid_cache(),
-                feature_net=ev.get("feature_net", None) or "inception",
-                dataset_key=fid_dataset_key(bundle, cfg.data.get("root", None)),
-            )
-        kwargs.update(overrides)
-        from imm.config import ConfigError
+    def from_options(cls, options, bundle, param, *, T: float, eps: float, device="cpu", data_root=None, **overrides):
+        """The one way to build an Evaluator from sampling options (imm.config.SamplingOptions and its
+        subclasses: the training run's `eval` node, `evaluate`'s `eval` node, `sample`'s config): every
+        option the object has is used, `overrides` (Evaluator arguments) replace what a command decides
+        itself. FID is on when `fid` (an option or an override) is true and the data are images, with
+        fid_n_samples (default 5000), fid_cache (default ~/.cache/imm/fid), inception_weights,
+        feature_net and allow_download; `data_root` is the folder a data=folder reference set is keyed by.
+        A missing Inception weights file raises ConfigError with fid.py's message."""
         from imm.evaluation.fid import MissingInceptionWeights
 
+        def option(key, default=None):
+            value = getattr(options, key, None)  # a dataclass or a DictConfig; absent keys are None
+            return default if value is None else value
+
+        steps = option("steps", _DEFAULT.steps)
+        kwargs = dict(
+            T=T,
+            eps=eps,
+            steps=[steps] if isinstance(steps, int) else steps,
+            n_samples=option("n_samples", _DEFAULT.n_samples),
+            batch_size=option("batch_size", _DEFAULT.batch_size),
+            sampler=option("sampler", _DEFAULT.sampler),
+            grid=option("grid", _DEFAULT.grid),
+            two_step_eta=getattr(options, "two_step_eta", _DEFAULT.two_step_eta),  # null is a value here
+            guidance=option("guidance", _DEFAULT.guidance),
+            seed=option("seed", _DEFAULT.seed),
+            draws=option("draws", 1),
+            etas=option("etas"),
+            device=device,
+        )
+        fid = bool(overrides.pop("fid", option("fid", False))) and bundle.kind == "images"
+        kwargs["fid"] = fid
+        if fid:
+            kwargs.update(
+                fid_n_samples=option("fid_n_samples", _DEFAULT.fid_n_samples),
+                inception_weights=option("inception_weights"),
+                fid_cache=option("fid_cache", default_fid_cache()),
+                feature_net=option("feature_net", "inception"),
+                allow_download=option("allow_download", True),
+                dataset_key=fid_dataset_key(bundle, data_root),
+            )
+        kwargs.update(overrides)
         try:
             return cls(bundle, param, **kwargs)
         except MissingInceptionWeights as e:  # a config the user can fix (eval.inception_weights): one message
             raise ConfigError(str(e)) from None
 
+    @classmethod
+    def from_config(cls, cfg, bundle, param, *, device="cpu", **overrides) -> "Evaluator":
+        """The evaluator a training config asks for: from_options with its `eval` node, loss.T/eps and data.root."""
+        time_grids("eval.steps", cfg.eval.steps, cfg.eval, schedule=param.schedule, T=loss_T(cfg), eps=cfg.loss.eps)
+        return cls.from_options(
+            cfg.eval,
+            bundle,
+            param,
+            T=loss_T(cfg),
+            eps=cfg.loss.eps,
+            device=device,
+            data_root=cfg.data.get("root", None),
+            **overrides,
+        )
+
     # -- sampling -------------------------------------------------------------------------------
     def grid_for(self, N: int) -> torch.Tensor:
-        return time_grid(
+        return sampling.time_grid(
+            self.grid,
             N,
             schedule=self.param.schedule,
             T=self.T,
             eps=self.eps,
-            grid=self.grid,
             two_step_eta=self.two_step_eta,
             etas=self.etas,
         )

@@ -1,9 +1,11 @@
 """Commands that work on a training checkpoint: `--config-name sample` and `--config-name evaluate`.
 
 This module holds only their typed schemas (registered through `imm.config.register`, so a typo in
-`conf/sample.yaml`, `conf/evaluate.yaml` or on the command line fails while Hydra composes); the
-commands themselves are `imm.tasks.sample.run` and `imm.tasks.evaluate.run`, which `imm.cli.run`
-picks by the config name. Nothing heavy is imported here.
+`conf/sample.yaml`, `conf/evaluate.yaml` or on the command line fails while Hydra composes), built on
+the sampling options the training config's `eval` node uses (imm.config.SamplingOptions, EvalOptions):
+one name and one default per key. The commands themselves are `imm.tasks.sample.run` and
+`imm.tasks.evaluate.run`, which `imm.cli.run` picks by the config name; the helpers both use are in
+`imm.tasks.common`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from omegaconf import MISSING
+
+from imm.config import EvalOptions, SamplingOptions
 
 
 @dataclass
@@ -34,19 +38,17 @@ class DataOverrideConfig:
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(SamplingOptions):
+    """`--config-name sample`: the sampling options (imm.config.SamplingOptions) at the top level."""
+
     ckpt: str = MISSING  # a checkpoint file, or a run directory (its newest checkpoint)
     weights: str = "ema"  # ema | online
-    steps: int = 1  # sampling steps N
-    sampler: str = "pushforward"  # pushforward | restart
-    grid: str = "uniform"  # uniform | edm | eta (eta: give `etas`, except for 2 steps)
+    steps: int = 1  # sampling steps N (one count here; the evaluations take a list)
     etas: Optional[List[float]] = None  # explicit intermediate eta points (steps - 1 of them), e.g. [1.4]
-    two_step_eta: Optional[float] = 1.4  # 2 steps use eta(t_1) = 1.4 (App. I.2); null: 2 steps follow `grid`
     guidance: Optional[float] = None  # classifier-free guidance w; null: the training run's eval.guidance
+    seed: int = 0  # not the evaluations' 1234: the README's documented samples were drawn with seed 0
     labels: Any = "cycle"  # cycle (all classes in turn) | uncond (the null label) | a list of class ids
     n: Optional[int] = None  # number of samples; null: 64 images, 5000 points
-    batch_size: int = 256
-    seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out: Optional[str] = None  # output directory; null: the Hydra run directory (runs/samples/<date>/<time>)
     compare_steps: List[int] = field(default_factory=lambda: [1, 2, 4, 8])  # [] skips the figure
@@ -55,21 +57,12 @@ class SampleConfig:
 
 
 @dataclass
-class EvaluateOptions:
-    """The same key names as the training config's `eval` node where they mean the same thing."""
+class EvaluateOptions(EvalOptions):
+    """`evaluate`'s `eval` node: the training config's eval options (imm.config.EvalOptions), same names."""
 
-    steps: List[int] = field(default_factory=lambda: [1, 2, 4, 8])
     guidance: Any = None  # a scale or a list of scales; null: [the training run's eval.guidance]
     n_samples: Optional[int] = None  # null: 50000 for images (FID-50k, the paper), the held-out size for points
-    batch_size: int = 500
-    sampler: str = "pushforward"
-    grid: str = "uniform"
-    two_step_eta: Optional[float] = 1.4
-    seed: int = 1234  # the training evaluation's default: evaluating the last checkpoint repeats its numbers
-    draws: int = 8  # points: the energy distance is the mean over this many noise draws, as its floor
-    inception_weights: Optional[str] = None  # a local Inception-v3 weights file (offline machines)
     allow_download: bool = True  # false: never download the Inception weights
-    fid_cache: Optional[str] = None  # reference statistics directory; null: $XDG_CACHE_HOME/imm/fid
     feature_net: str = "inception"  # inception | tiny_random (a small fixed-seed conv net: FOR TESTS ONLY)
 
 

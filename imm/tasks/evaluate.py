@@ -25,15 +25,15 @@ import time
 from omegaconf import OmegaConf
 
 from imm.config import ConfigError
+from imm.core.sampling import GRIDS, SAMPLERS
 from imm.evaluation import figures
-from imm.evaluation.evaluate import FEATURE_NETS, Evaluator, default_fid_cache, fid_dataset_key
-from imm.tasks.sample import (
-    GRIDS,
-    SAMPLERS,
+from imm.evaluation.evaluate import FEATURE_NETS, Evaluator
+from imm.report import render
+from imm.tasks.common import (
     WEIGHTS,
-    Target,
-    check_grid,
-    resolve_ckpt,
+    ResultsRun,
+    check_choices,
+    require_ckpt,
     resolve_guidance,
     restore,
     task_dirs,
@@ -47,16 +47,16 @@ _NAME = re.compile(r"^(?P<prefix>[^/]+)/(?P<metric>.+?)_(?P<steps>\d+)step(?P<w>
 
 def _validate(cfg) -> None:
     if OmegaConf.is_missing(cfg, "ckpt"):
-        resolve_ckpt(None)
+        require_ckpt(None)
     ev = cfg.eval
-    for key, value, allowed in (
-        ("weights", cfg.weights, WEIGHTS),
-        ("eval.sampler", ev.sampler, SAMPLERS),
-        ("eval.grid", ev.grid, GRIDS),
-        ("eval.feature_net", ev.feature_net, FEATURE_NETS),
-    ):
-        if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}.")
+    check_choices(
+        [
+            ("weights", cfg.weights, WEIGHTS),
+            ("eval.sampler", ev.sampler, SAMPLERS),
+            ("eval.grid", ev.grid, GRIDS),
+            ("eval.feature_net", ev.feature_net, FEATURE_NETS),
+        ]
+    )
     if not ev.steps or any(n < 1 for n in ev.steps):
         raise ConfigError(f"eval.steps={list(ev.steps)} must be a non-empty list of positive integers.")
     if ev.batch_size < 1:
@@ -99,10 +99,7 @@ def table(results: dict, floor_prefix: str = "eval") -> str:
     lines = [header]
     for row in rows:
         lines.append([row] + [_fmt(cells.get((row, n))) for n in columns] + ([_fmt(floors.get(row))] if floors else []))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join(
-        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in lines
-    )
+    return render(lines[0], lines[1:], right=range(1, len(header)), rule=False)
 
 
 def _fmt(v) -> str:
@@ -116,11 +113,10 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     _validate(cfg)
     launch_dir, out = task_dirs(cfg, launch_dir, out_dir)
     ev_cfg = cfg.eval
-    r = restore(cfg.ckpt, weights=cfg.weights, device=cfg.device, data=cfg.data)
-    guidances = _guidances(cfg, r)
-    for N in ev_cfg.steps:
-        check_grid("eval.steps", int(N), r, ev_cfg.grid, ev_cfg.two_step_eta)
-    images = r.kind == "images"
+    restored = restore(cfg.ckpt, weights=cfg.weights, device=cfg.device, data=cfg.data)
+    guidances = _guidances(cfg, restored)
+    restored.time_grids("eval.steps", ev_cfg.steps, ev_cfg)
+    images = restored.kind == "images"
     if images and ev_cfg.feature_net == "inception":  # a missing weights file fails before any work
         from imm.evaluation.fid import MissingInceptionWeights, resolve_inception_weights
 
@@ -130,47 +126,39 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
             raise ConfigError(str(e)) from None
     if not images and guidances != [1.0]:
         raise ConfigError(f"eval.guidance={guidances} is for class-conditional image models; use eval.guidance=1.")
-    target = Target(cfg, r, launch_dir, "evaluate")
-    bundle = r.bundle(need_data=True)
+    results_run = ResultsRun(cfg, restored, launch_dir, "evaluate")
+    bundle = restored.bundle(need_data=True)
     n = ev_cfg.n_samples or (FID_N_DEFAULT if images else len(bundle.heldout))
-    common = dict(
-        T=r.T,
-        eps=r.eps,
-        steps=[int(s) for s in ev_cfg.steps],
-        batch_size=ev_cfg.batch_size,
-        sampler=ev_cfg.sampler,
-        grid=ev_cfg.grid,
-        two_step_eta=ev_cfg.two_step_eta,
-        seed=ev_cfg.seed,
-        draws=ev_cfg.draws,
-        device=r.device,
-        guidance=guidances[0],
-    )
-    if images:
-        evaluator = Evaluator(
+    common = dict(T=restored.T, eps=restored.eps, device=restored.device, guidance=guidances[0])
+    if images:  # n is the FID's count; the 64 fixed-noise images are the figure's
+        evaluator = Evaluator.from_options(
+            ev_cfg,
             bundle,
-            r.param,
+            restored.param,
+            data_root=restored.cfg.data.get("root", None),
             n_samples=64,
             fid=True,
             fid_n_samples=n,
             fid_guidances=guidances,
-            inception_weights=ev_cfg.inception_weights,
-            allow_download=ev_cfg.allow_download,
-            fid_cache=ev_cfg.fid_cache or default_fid_cache(),
-            feature_net=ev_cfg.feature_net,
-            dataset_key=fid_dataset_key(bundle, r.cfg.data.get("root", None)),
             **common,
         )
     else:
-        evaluator = Evaluator(bundle, r.param, n_samples=n, **common)
+        evaluator = Evaluator.from_options(ev_cfg, bundle, restored.param, n_samples=n, **common)
     what = (
         f"FID of {n} images (guidance {', '.join(f'{w:g}' for w in guidances)}, {ev_cfg.feature_net} features)"
         if images
         else f"{n} samples against {len(bundle.heldout)} held-out points"
     )
-    log.info("evaluating %s (step %d, %s weights): %s at %s steps", r.path, r.step, r.weights, what, list(ev_cfg.steps))
+    log.info(
+        "evaluating %s (step %d, %s weights): %s at %s steps",
+        restored.path,
+        restored.step,
+        restored.weights,
+        what,
+        list(ev_cfg.steps),
+    )
     t0 = time.perf_counter()
-    results, figs, _ = evaluator(r.net)
+    results, figs, _ = evaluator(restored.net)
     seconds = time.perf_counter() - t0
     if images:
         log.info(
@@ -178,20 +166,23 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
             evaluator.fid_evaluator.reference_source,
             evaluator.fid_evaluator.reference_cache,
         )
-    if r.weights == "online":
+    if restored.weights == "online":
         results = {k.replace("eval/", "eval_online/", 1): v for k, v in results.items()}
 
     out.mkdir(parents=True, exist_ok=True)
     text = table(results)
-    header = f"{r.path} (step {r.step}, {r.weights} weights): {what}, {ev_cfg.sampler} sampler, {ev_cfg.grid} grid"
+    header = (
+        f"{restored.path} (step {restored.step}, {restored.weights} weights): {what},"
+        f" {ev_cfg.sampler} sampler, {ev_cfg.grid} grid"
+    )
     if 2 in ev_cfg.steps and ev_cfg.two_step_eta is not None:
         header += f" (2 steps: eta {ev_cfg.two_step_eta:g})"
     (out / "results.txt").write_text(header + "\n" + text + "\n")
-    label = f"step{r.step:08d}-{r.weights}"
+    label = f"step{restored.step:08d}-{restored.weights}"
     record = {
-        "ckpt": str(r.path.resolve()),
-        "step": r.step,
-        "weights": r.weights,
+        "ckpt": str(restored.path.resolve()),
+        "step": restored.step,
+        "weights": restored.weights,
         "n_samples": n,
         "guidance": guidances,
         "steps": list(ev_cfg.steps),
@@ -209,9 +200,9 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         figures.save_png(fig, out / "steps.png")
         files.append("steps.png")
 
-    tracker = target.open(task_params(cfg, r))
+    tracker = results_run.open(task_params(cfg, restored))
     try:
-        tracker.log_metrics(results, r.step)
+        tracker.log_metrics(results, restored.step)
         for f in files:
             tracker.log_artifact(out / f, f"evaluations/{label}")
         tracker.set_tags(
@@ -234,12 +225,12 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
             }
         )
     except BaseException:
-        target.close("FAILED")
+        results_run.close("FAILED")
         raise
-    target.close("FINISHED")
+    results_run.close("FINISHED")
     print(header)
     print(text, flush=True)
     log.info("evaluated in %.1f s; wrote %s to %s", seconds, ", ".join(files), out.resolve())
-    if target.enabled:
-        log.info("metrics logged at step %d to %s", r.step, target.describe())
+    if results_run.enabled:
+        log.info("metrics logged at step %d to %s", restored.step, results_run.describe())
     return results

@@ -1,0 +1,279 @@
+"""What `--config-name sample` and `--config-name evaluate` share: restore a checkpoint, check its
+options against it (choices, guidance, labels, time grids), and say where the results go (the output
+directory and the MLflow run). Each command's module holds only its command.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from imm import factory
+from imm.config import POINT_DATA, ConfigError, loss_T
+from imm.data import DataBundle
+from imm.evaluation.evaluate import LABEL_MODES, time_grids
+from imm.tracking.mlflow_run import Tracker, TrackingError, check_reachable, default_uri, flatten
+from imm.training import checkpoint
+from imm.training.checkpoint import CheckpointError
+
+WEIGHTS = ("ema", "online")
+
+
+# -- the checkpoint ------------------------------------------------------------------------------
+@dataclass
+class Restored:
+    """A checkpoint's network (chosen weights, eval mode) with what is needed to sample from it."""
+
+    path: Path
+    step: int
+    cfg: object  # the training config (DictConfig)
+    net: torch.nn.Module
+    param: object
+    T: float
+    eps: float
+    shape: tuple
+    num_classes: int
+    run_id: str | None
+    standardizer: object  # points: imm.data.Standardizer; images: None
+    weights: str
+    device: torch.device
+    _bundle: DataBundle | None = field(default=None, repr=False)
+
+    def time_grids(self, key: str, steps, options) -> dict[int, torch.Tensor]:
+        """{N: grid} on this model's schedule, T and eps; a grid `options` cannot give: ConfigError naming `key`."""
+        return time_grids(key, steps, options, schedule=self.param.schedule, T=self.T, eps=self.eps)
+
+    @property
+    def kind(self) -> str:
+        return "points" if self.cfg.data.name in POINT_DATA else "images"
+
+    def bundle(self, need_data: bool) -> DataBundle:
+        """The training data (rebuilt from the config); images without `need_data`: shape and classes only."""
+        if self._bundle is not None:
+            return self._bundle
+        if self.kind == "images" and not need_data:
+            return DataBundle(self.cfg.data.name, "images", None, None, self.shape, self.num_classes)
+        self._bundle = factory.dataset(self.cfg)
+        if tuple(self._bundle.shape) != self.shape:
+            raise CheckpointError(
+                f"{self.path} was trained on samples of shape {list(self.shape)}, but its data"
+                f" now give {list(self._bundle.shape)}; check data.root / data.path"
+            )
+        return self._bundle
+
+
+def require_ckpt(ckpt):
+    """`ckpt`, or the ConfigError that says it is missing."""
+    if ckpt is None or str(ckpt).strip() == "":
+        raise ConfigError(
+            "ckpt is missing; give a checkpoint file or a run directory, e.g. ckpt=runs/2025-01-01/12-00-00-000000."
+        )
+    return ckpt
+
+
+def _training_config(text: str):
+    """The stored training config over today's schema (keys added since then get their defaults)."""
+    from imm.config import Config
+
+    saved = OmegaConf.create(text)
+    try:
+        return OmegaConf.merge(OmegaConf.structured(Config), saved)
+    except Exception:  # a key the schema no longer has: use the config as it was saved
+        return saved
+
+
+def restore(ckpt, *, weights: str = "ema", device: str = "auto", data=None) -> Restored:
+    """Load the checkpoint `ckpt` names (a file, a run directory or its checkpoints/ folder; weights_only)
+    and rebuild its network with the EMA or the online weights; `data`: where the training data live now."""
+    check_choices([("weights", weights, WEIGHTS)])
+    dev = factory.device(device, key="device")
+    path = checkpoint.resolve(require_ckpt(ckpt), key="ckpt")
+    state = checkpoint.load(path, required=(*checkpoint.REQUIRED_KEYS, "shape", "num_classes"))
+    cfg = _training_config(state["config"])
+    for key in ("root", "path"):  # the data moved since training
+        if data is not None and data.get(key):
+            OmegaConf.update(cfg, f"data.{key}", data.get(key), force_add=True)
+    shape, nc = tuple(int(d) for d in state["shape"]), int(state["num_classes"])
+    net = factory.net(cfg, shape, nc)
+    if weights == "ema":
+        prefix = "ema_model."
+        weights_sd = {k[len(prefix) :]: v for k, v in state["ema"].items() if k.startswith(prefix)}
+        if not weights_sd:
+            raise CheckpointError(f"{path} holds no EMA weights (no ema_model.* keys); use weights=online")
+    else:
+        weights_sd = state["model"]
+    try:
+        net.load_state_dict(weights_sd)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{path}: the {weights} weights do not fit the network its config builds ({str(e).splitlines()[0]})"
+        ) from None
+    net.to(dev).eval().requires_grad_(False)
+    standardizer = None
+    if state.get("standardizer"):
+        from imm.data.points import Standardizer
+
+        standardizer = Standardizer.from_state_dict(state["standardizer"])
+    return Restored(
+        path=path,
+        step=int(state["step"]),
+        cfg=cfg,
+        net=net,
+        param=factory.parameterization(cfg),
+        T=loss_T(cfg),
+        eps=float(cfg.loss.eps),
+        shape=shape,
+        num_classes=nc,
+        run_id=state.get("mlflow_run_id"),
+        standardizer=standardizer,
+        weights=weights,
+        device=dev,
+    )
+
+
+# -- where things go -------------------------------------------------------------------------------
+def task_dirs(cfg, launch_dir=None, out_dir=None) -> tuple[Path, Path]:
+    """(launch directory, output directory): Hydra's when run through launch.py, else the cwd and `out`."""
+    hydra_out = None
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        launch_dir, hydra_out = launch_dir or hc.runtime.cwd, hc.runtime.output_dir
+    except ValueError:  # not inside @hydra.main (a test or a notebook)
+        pass
+    out = cfg.out or out_dir or hydra_out
+    if not out:
+        raise ConfigError("out is missing; set out=/path/to/output/directory.")
+    return Path(launch_dir or os.getcwd()), Path(out)
+
+
+class ResultsRun:
+    """The MLflow run a task logs into: the checkpoint's own run, a new run, or none."""
+
+    def __init__(self, cfg, restored: Restored, launch_dir, command: str):
+        self.cfg, self.restored, self.command = cfg.tracking, restored, command
+        self.enabled = bool(self.cfg.enabled)
+        self.tracker, self.new = Tracker.disabled(), False
+        if not self.enabled:
+            self.uri = None
+            return
+        trained_uri = restored.cfg.tracking.get("uri", None)
+        self.uri = self.cfg.uri or trained_uri or default_uri(launch_dir)
+        check_reachable(self.uri)
+        self.new = self.cfg.new_run or not restored.run_id
+        if not self.new:
+            self._check_run_exists()
+
+    def _check_run_exists(self) -> None:
+        run_id, uri = self.restored.run_id, self.uri
+        hint = (
+            "set tracking.uri to the store the training logged to (the launch directory's mlflow.db), or"
+            " tracking.new_run=true to log into a new run"
+        )
+        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+            raise TrackingError(
+                f"the checkpoint's MLflow run {run_id} cannot be in {uri}: the file does not exist; {hint}"
+            )
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        try:
+            MlflowClient(tracking_uri=uri).get_run(run_id)
+        except MlflowException:
+            raise TrackingError(f"the checkpoint's MLflow run {run_id} is not in {uri}; {hint}") from None
+
+    def open(self, params: dict) -> Tracker:
+        """The tracker to log into (created only now, after the work succeeded)."""
+        if not self.enabled:
+            return self.tracker
+        if self.new:
+            experiment = self.cfg.experiment or self.restored.cfg.tracking.get("experiment", None) or "imm"
+            name = (
+                self.cfg.run_name or f"{self.command} {self.restored.path.parent.parent.name}/{self.restored.path.name}"
+            )
+            tags = {
+                "ckpt": str(self.restored.path.resolve()),
+                "ckpt.step": str(self.restored.step),
+                "command": self.command,
+            }
+            if self.restored.run_id:
+                tags["ckpt.mlflow_run_id"] = self.restored.run_id
+            self.tracker = Tracker.open(self.uri, experiment, run_name=name, params=params, tags=tags)
+        else:
+            from mlflow.tracking import MlflowClient
+
+            self.tracker = Tracker(
+                MlflowClient(tracking_uri=self.uri), self.restored.run_id
+            )  # its status is left alone
+        return self.tracker
+
+    def close(self, status: str = "FINISHED") -> None:
+        if self.new:
+            self.tracker.end(status)
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "MLflow logging disabled (tracking.enabled=false)"
+        which = "new MLflow run" if self.new else "the checkpoint's MLflow run"
+        return f"{which} {self.tracker.run_id} in {self.uri}"
+
+
+def task_params(cfg, restored: Restored) -> dict:
+    params = {k: v for k, v in flatten(cfg).items() if not k.startswith("tracking.")}
+    params.update({"ckpt": str(restored.path.resolve()), "ckpt.step": str(restored.step)})
+    return params
+
+
+# -- the options against the model ---------------------------------------------------------------
+def check_choices(pairs) -> None:
+    """(key, value, allowed) triples: the first value not allowed raises ConfigError naming its key."""
+    for key, value, allowed in pairs:
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}.")
+
+
+def resolve_guidance(value, restored: Restored, key: str) -> float:
+    """A guidance scale, null meaning the training run's eval.guidance; refused for unconditional models."""
+    w = float(restored.cfg.eval.guidance if value is None else value)
+    if not math.isfinite(w):
+        raise ConfigError(f"{key}={value} must be a finite number.")
+    if w != 1.0 and restored.num_classes == 0:
+        raise ConfigError(
+            f"{key}={w:g} needs a class-conditional model, but {restored.path.name} was trained"
+            f" on unconditional data (data.name={restored.cfg.data.name!r}); use {key}=1."
+        )
+    return w
+
+
+def check_labels(labels) -> None:
+    """`labels` is cycle, uncond or a list (before anything is loaded; the ids are checked by label_spec)."""
+    if not (labels in LABEL_MODES or OmegaConf.is_list(labels) or isinstance(labels, (list, tuple))):
+        raise ConfigError(
+            f"labels={labels!r} is not allowed; use cycle, uncond or a list of class ids like labels=[3,7]."
+        )
+
+
+def label_spec(labels, restored: Restored, guidance: float):
+    """`labels` (cycle | uncond | a list of class ids) checked against the model: the Evaluator's label spec."""
+    spec = labels if isinstance(labels, str) else [int(c) for c in labels]
+    nc = restored.num_classes
+    if isinstance(spec, list):
+        if nc == 0:
+            raise ConfigError(
+                f"labels={spec} needs a class-conditional model, but {restored.path.name} is"
+                " unconditional; leave labels=cycle."
+            )
+        if not spec or min(spec) < 0 or max(spec) >= nc:
+            raise ConfigError(f"labels={spec} must be class ids in 0..{nc - 1}.")
+    if spec == "uncond" and guidance != 1.0:
+        raise ConfigError(
+            f"labels=uncond samples with the null label, so guidance={guidance:g} has nothing to"
+            " mix; use guidance=1 or class labels."
+        )
+    return spec
