@@ -9,7 +9,7 @@ b=4, M=4, AdamW 3e-4 with cosine decay, evaluation EMA 0.999), plus the override
 
   imm         the default job (kernel=paper, target=online)
   fm          loss=fm: the flow-matching baseline, same network, steps and batch
-  kernel_seed kernel=seed   (w~ = 1/(t - s))
+  kernel_seed kernel=inv_stride   (w~ = 1/(t - s); the label predates the rename, bench/results keep it)
   kernel_unit kernel=unit   (w~ = 1)
   target_ema  target=ema    (theta^- an EMA of the weights instead of the online weights)
 
@@ -42,7 +42,7 @@ import _common as C  # noqa: E402
 VARIANTS = {
     "imm": [],
     "fm": ["loss=fm"],
-    "kernel_seed": ["kernel=seed"],
+    "kernel_seed": ["kernel=inv_stride"],
     "kernel_unit": ["kernel=unit"],
     "target_ema": ["target=ema"],
 }

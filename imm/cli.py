@@ -26,7 +26,7 @@ NOT_IN_RUN_NAME = ("hydra", "tracking.", "resume", "train.device", "+sweep", "sw
 
 
 def run_name_from_overrides(overrides, experiment: str | None) -> str:
-    """`kernel=seed,loss.k=15` from the command-line overrides (launcher and tracking keys left out)."""
+    """`kernel=inv_stride,loss.k=15` from the command-line overrides (launcher and tracking keys left out)."""
     keep = [o.lstrip("+~") for o in overrides if not o.lstrip("+~").startswith(NOT_IN_RUN_NAME)]
     return ",".join(keep) or (experiment or "default")
 
@@ -57,7 +57,7 @@ def sweep_tags(hc, info: dict) -> dict[str, str]:
 
 
 def swept_run_name(overrides, keys) -> str:
-    """`kernel=seed,loss.k=15`: a sweep job's values of the swept keys only."""
+    """`kernel=inv_stride,loss.k=15`: a sweep job's values of the swept keys only."""
     return ",".join(o.lstrip("+~") for o in overrides if o.lstrip("+~").partition("=")[0] in keys)
 
 

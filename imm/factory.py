@@ -15,10 +15,27 @@ from imm.core import parameterization as param_mod
 from imm.data import DataBundle, build_dataset
 
 
+def device(name: str, *, key: str = "train.device", local_rank: int = 0) -> torch.device:
+    """The torch device for the option `key`=`name`: auto is this process's GPU (cuda:local_rank) or the CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"{key}={name!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"{key}={name!r} but no CUDA device is available; use {key}=auto or cpu.")
+    return dev
+
+
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}  # optim.name
+LR_SCHEDULES = ("constant", "cosine")  # optim.lr_schedule, see lr_at
+
+
 def parameterization(cfg) -> param_mod.Parameterization:
-    s = cfg.schedule
+    sch = cfg.schedule
     return param_mod.get(
-        s.param, schedule=s.name, sigma_data=s.sigma_data, time_scale=s.time_scale, second_time=s.second_time
+        sch.param, schedule=sch.name, sigma_data=sch.sigma_data, time_scale=sch.time_scale, second_time=sch.second_time
     )
 
 
@@ -48,17 +65,11 @@ def label_dropout(cfg, num_classes: int) -> float:
     return 0.1 if num_classes > 0 else 0.0
 
 
-def objective(cfg, num_classes: int = 0, rank: int = 0, world_size: int = 1):
-    """The IMM objective, or the flow-matching baseline when loss.objective=fm."""
-    par = parameterization(cfg)
-    common = dict(
-        label_dropout=label_dropout(cfg, num_classes), num_classes=num_classes, rank=rank, world_size=world_size
-    )
-    if cfg.loss.objective == "fm":
-        return objective_mod.FMObjective(par, eps=cfg.loss.eps, T=loss_T(cfg), **common)
+def imm_objective(cfg, **common) -> objective_mod.IMMObjective:
+    """The IMM objective of cfg; `common`: label_dropout, num_classes, rank, world_size."""
     lo = cfg.loss
     return objective_mod.IMMObjective(
-        par,
+        parameterization(cfg),
         mapping(cfg),
         M=lo.M,
         a=lo.a,
@@ -70,6 +81,16 @@ def objective(cfg, num_classes: int = 0, rank: int = 0, world_size: int = 1):
         share_dropout=lo.share_dropout,
         **common,
     )
+
+
+def objective(cfg, num_classes: int = 0, rank: int = 0, world_size: int = 1):
+    """The IMM objective, or the flow-matching baseline when loss.objective=fm."""
+    common = dict(
+        label_dropout=label_dropout(cfg, num_classes), num_classes=num_classes, rank=rank, world_size=world_size
+    )
+    if cfg.loss.objective == "fm":
+        return objective_mod.FMObjective(parameterization(cfg), eps=cfg.loss.eps, T=loss_T(cfg), **common)
+    return imm_objective(cfg, **common)
 
 
 def dataset(cfg) -> DataBundle:
@@ -93,7 +114,8 @@ def dataset(cfg) -> DataBundle:
 
 
 def net(cfg, shape, num_classes: int) -> torch.nn.Module:
-    """The architecture arch.name for samples of `shape`; null fields keep the preset's value."""
+    """The architecture arch.name for samples of `shape`; null fields (DiT widths in configs saved before
+    conf/arch/dit_*.yaml wrote them) keep the preset's value."""
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.arch, resolve=True).items() if k != "name" and v is not None}
     try:
         return nets.build(cfg.arch.name, tuple(shape), num_classes, **kwargs)
@@ -103,7 +125,7 @@ def net(cfg, shape, num_classes: int) -> torch.nn.Module:
 
 def optimizer(cfg, params, device: torch.device) -> torch.optim.Optimizer:
     o = cfg.optim
-    cls = {"adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}[o.name]
+    cls = OPTIMIZERS[o.name]
     kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     if o.name == "radam":
         kwargs["decoupled_weight_decay"] = True  # AdamW-style decay, like the AdamW option

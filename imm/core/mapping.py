@@ -24,7 +24,7 @@ import math
 import torch
 
 from imm.core import schedules
-from imm.core.util import f64
+from imm.core.util import ArgumentError, check_choice, f64
 
 Tensor = torch.Tensor
 
@@ -46,45 +46,63 @@ class Mapping:
         eta_min: float | None = None,
         min_gap: float = 0.0,
     ):
-        if name not in MAPPINGS:
-            raise ValueError(f"unknown mapping {name!r}; choose one of {list(MAPPINGS)}")
-        if not 0.0 <= eps < T <= 1.0:
-            raise ValueError(f"the time range needs 0 <= eps < T <= 1, got eps={eps}, T={T}")
+        check_choice("mapping", name, MAPPINGS, "mapping")
+        check_time_range(eps, T)
         if min_gap < 0:
-            raise ValueError(f"min_gap must be >= 0, got {min_gap}")
+            raise ArgumentError(f"{{min_gap}}={min_gap} must be >= 0", "min_gap")
         self.name, self.k, self.eps, self.T, self.min_gap = name, k, float(eps), float(T), float(min_gap)
         self.schedule = sch = schedules.get(schedule)
         self.eta_max = float(sch.eta(T)) if eta_max is None else float(eta_max)
         self.eta_min = float(sch.eta(eps)) if eta_min is None else float(eta_min)
         if not self.eta_max > self.eta_min >= 0.0:
-            raise ValueError(
-                f"the eta range needs eta_max > eta_min >= 0, got eta_max={self.eta_max}, eta_min={self.eta_min}"
+            raise ArgumentError(
+                f"the eta range needs {{eta_max}} > {{eta_min}} >= 0, got {{eta_max}}={self.eta_max},"
+                f" {{eta_min}}={self.eta_min}",
+                "eta_max",
+                "eta_min",
             )
-        self.delta = self._delta()
+        self.delta = self._delta(explicit_eta_min=eta_min is not None)
 
-    def _delta(self) -> float:
+    def _delta(self, explicit_eta_min: bool = False) -> float:
         """The constant step in the mapping's own variable: (range) / 2^k."""
         scale = 2.0**self.k
         if self.name == "eta_decrement":
             if math.isinf(self.eta_max):
-                raise ValueError(
-                    f"eta_decrement needs a finite eta_max; eta(T) is infinite at T={self.T},"
-                    " so choose T < 1 (e.g. 0.994 for fm, 0.996 for cosine) or set eta_max"
+                raise ArgumentError(
+                    f"{{T}}={self.T} is too large: the eta_decrement mapping needs T < 1 (eta(1) is infinite) or a"
+                    " finite {eta_max}; the paper uses 0.994 (fm) or 0.996 (cosine)",
+                    "T",
+                    "eta_max",
                 )
             return (self.eta_max - self.eta_min) / scale
         if self.name == "t_decrement":
             return (self.T - self.eps) / scale
         if self.name == "lambda_decrement":
-            if self.eps <= 0.0 or self.T >= 1.0:
-                raise ValueError(
-                    "lambda_decrement needs 0 < eps and T < 1 (lambda is infinite at 0 and 1),"
-                    f" got eps={self.eps}, T={self.T}; e.g. eps=0.001, T=0.994"
+            if self.eps <= 0.0:
+                raise ArgumentError(
+                    f"{{eps}}={self.eps} must be > 0 for the lambda_decrement mapping (lambda is infinite at 0;"
+                    " e.g. 0.001 or 0.005)",
+                    "eps",
+                )
+            if self.T >= 1.0:
+                raise ArgumentError(
+                    f"{{T}}={self.T} must be < 1 for the lambda_decrement mapping (lambda is infinite at 1); the"
+                    " paper uses 0.994 (fm) or 0.996 (cosine)",
+                    "T",
                 )
             lam_max, lam_min = self.schedule.logsnr(self.eps), self.schedule.logsnr(self.T)
             return float(lam_max - lam_min) / scale
         # inv_eta_increment
         if self.eta_min <= 0.0:
-            raise ValueError(f"inv_eta_increment needs eta_min > 0, i.e. eps > 0 (got eps={self.eps}); e.g. eps=0.005")
+            if explicit_eta_min:
+                raise ArgumentError(
+                    f"{{eta_min}}={self.eta_min} must be > 0 for the inv_eta_increment mapping", "eta_min"
+                )
+            raise ArgumentError(
+                f"{{eps}}={self.eps} must be > 0 for the inv_eta_increment mapping, so that eta_min > 0 (e.g. 0.001"
+                " or 0.005)",
+                "eps",
+            )
         return (1.0 / self.eta_min - 1.0 / self.eta_max) / scale
 
     def __call__(self, s, t) -> Tensor:
@@ -108,6 +126,16 @@ class Mapping:
         return (
             f"Mapping({self.name!r}, k={self.k}, eps={self.eps}, T={self.T}, delta={self.delta:.3g},"
             f" min_gap={self.min_gap})"
+        )
+
+
+def check_time_range(eps: float, T: float) -> None:
+    """The training time range: 0 <= eps < T <= 1 (t = 1 is the prior)."""
+    if not 0.0 <= eps < T:
+        raise ArgumentError(f"{{eps}}={eps} must satisfy 0 <= eps < {{T}}={T}", "eps", "T")
+    if T > 1.0:
+        raise ArgumentError(
+            f"{{T}}={T} must be <= 1 (t = 1 is the prior); the paper uses 0.994 (fm) or 0.996 (cosine)", "T"
         )
 
 

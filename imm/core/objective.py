@@ -14,13 +14,13 @@ import torch
 
 from imm.core import parameterization as parameterization_mod
 from imm.core import schedules
-from imm.core.mapping import Mapping
-from imm.core.util import bcast, f64
+from imm.core.mapping import Mapping, check_time_range
+from imm.core.util import ArgumentError, bcast, check_choice, f64
 
 Tensor = torch.Tensor
 
 KERNELS = ("laplace", "rbf")
-WEIGHTINGS = ("paper", "seed", "unit")
+WEIGHTINGS = ("paper", "inv_stride", "unit")
 DIST_FLOOR = 1e-8  # max(||x - y||, 1e-8): App. C.8, keeps gradients finite at zero distance
 C_OUT_FLOOR = 1e-8  # 1/|c_out| at s = t would be inf and its gradient NaN (spec section 6)
 T_GUARD = 1e-9  # w(s,t) is 0 * inf at t = 0 and t = 1; evaluate just inside (its limits are finite)
@@ -34,14 +34,14 @@ def kernel_weight(variant: str, param, s, t) -> Tensor:
 
     - "paper": 1 / |c_out(s, t)| with the f-level c_out (Sec. 4.2, App. C.8; spec section 5.1);
       Euler-FM: 1 / ((t - s) sigma_d); Simple-EDM: sqrt(a_t^2 + s_t^2) / (sigma_d |a_s s_t - s_s a_t|).
-    - "seed": 1 / (t - s), what the unofficial seed code computes (no 1/sigma_d).
+    - "inv_stride": 1 / (t - s), what the unofficial seed code computes (no 1/sigma_d).
     - "unit": 1.
     Denominators are floored at 1e-8 so s = t gives a huge but finite weight.
     """
     s, t = f64(s), f64(t)
     if variant == "paper":
         return 1.0 / param.c_out(s, t).abs().clamp(min=C_OUT_FLOOR)
-    if variant == "seed":
+    if variant == "inv_stride":
         return 1.0 / (t - s).clamp(min=C_OUT_FLOOR)
     if variant == "unit":
         return torch.ones_like(t - s)
@@ -150,14 +150,15 @@ class _Objective:
         rank: int = 0,
         world_size: int = 1,
     ):
-        if not 0.0 <= eps < T <= 1.0:
-            raise ValueError(f"the time range needs 0 <= eps < T <= 1, got eps={eps}, T={T}")
+        check_time_range(eps, T)
         if not 0.0 <= label_dropout < 1.0:
-            raise ValueError(f"label_dropout must be in [0, 1), got {label_dropout}")
+            raise ArgumentError(f"{{label_dropout}}={label_dropout} must be in [0, 1)", "label_dropout")
         if label_dropout > 0 and num_classes == 0:
             raise ValueError("label_dropout > 0 needs class-conditional data (num_classes > 0)")
         if param.name == "identity" and eps <= 0.0:
-            raise ValueError("the identity parameterization divides by sigma_t, so it needs eps > 0")
+            raise ArgumentError(
+                f"{{eps}}={eps} must be > 0 with {{param}}=identity (it divides by sigma_t)", "eps", "param"
+            )
         self.param, self.schedule, self.sigma_data = param, param.schedule, param.sigma_data
         self.eps, self.T = float(eps), float(T)
         self.label_dropout, self.num_classes = float(label_dropout), int(num_classes)
@@ -234,11 +235,9 @@ class IMMObjective(_Objective):
         if mapping.schedule.name != param.schedule.name:
             raise ValueError("the mapping and the parameterization must use the same schedule")
         if M < 1:
-            raise ValueError(f"M (particles per group) must be >= 1, got {M}")
-        if kernel not in KERNELS:
-            raise ValueError(f"unknown kernel {kernel!r}; choose one of {list(KERNELS)}")
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown kernel weighting {weighting!r}; choose one of {list(WEIGHTINGS)}")
+            raise ArgumentError(f"{{M}}={M} must be positive (particles per group)", "M")
+        check_choice("kernel", kernel, KERNELS, "kernel")
+        check_choice("weighting", weighting, WEIGHTINGS, "kernel weighting")
         self.mapping, self.M, self.a, self.b = mapping, int(M), float(a), float(b)
         self.kernel, self.weighting = kernel, weighting
         self.drop_target_labels, self.target_fp32 = drop_target_labels, target_fp32
@@ -316,14 +315,17 @@ class FMObjective(_Objective):
         labels = self._drop_labels(labels, generator)
         x_t = self._interpolate(x, noise, t)
         G = self.param.net_output(net, x_t, s, t, labels)
-        # G* = A x + B eps with float64 coefficients (t floored: euler_fm's g_c_out(0) = 0).
+        # G* = A x + B_noise eps with float64 coefficients (t floored: euler_fm's g_c_out(0) = 0).
         t_safe = t.clamp(min=C_OUT_FLOOR)
         c_skip, c_out = self.param.g_c_skip(t_safe), self.param.g_c_out(t_safe)
         A = (1.0 - c_skip * self.schedule.alpha(t_safe)) / c_out
-        Bn = -c_skip * self.schedule.sigma(t_safe) / c_out
-        G_target = bcast(A, x) * x + bcast(Bn, x) * noise
+        B_noise = -c_skip * self.schedule.sigma(t_safe) / c_out
+        G_target = bcast(A, x) * x + bcast(B_noise, x) * noise
         loss = self.sigma_data**2 * (G.float() - G_target.float()).square().mean()
         return loss, {"t": t.mean().detach(), "t_minus_s": (t - s).mean().detach()}
+
+
+OBJECTIVES = {"imm": IMMObjective, "fm": FMObjective}  # loss.objective
 
 
 # --------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from imm.core import schedules
-from imm.core.util import bcast, f64
+from imm.core.util import ArgumentError, bcast, check_choice, f64
 
 Tensor = torch.Tensor
 Net = Callable[..., Tensor]
@@ -37,8 +37,7 @@ class Parameterization:
     name: str = ""
 
     def __init__(self, schedule="fm", sigma_data: float = 0.5, time_scale: float = 1000.0, second_time: str = "s"):
-        if second_time not in SECOND_TIME_INPUTS:
-            raise ValueError(f"second_time must be one of {SECOND_TIME_INPUTS}, got {second_time!r}")
+        check_choice("second_time", second_time, SECOND_TIME_INPUTS, "second time input")
         self.schedule = schedules.get(schedule)
         self.sigma_data = float(sigma_data)
         self.time_scale = float(time_scale)
@@ -174,9 +173,11 @@ class EulerFM(Parameterization):
     def __init__(self, schedule="fm", **kw):
         super().__init__(schedule, **kw)
         if self.schedule.name != "fm":
-            raise ValueError(
-                f"the euler_fm parameterization needs the OT-FM schedule (fm), got {self.schedule.name!r};"
-                " use simple_edm or identity with this schedule"
+            raise ArgumentError(
+                f"{{param}}=euler_fm needs {{schedule}}=fm (OT-FM), not {self.schedule.name!r}; use simple_edm or"
+                f" identity with the {self.schedule.name} schedule",
+                "param",
+                "schedule",
             )
 
     def c_skip(self, s, t) -> Tensor:
@@ -192,7 +193,7 @@ class EulerFM(Parameterization):
         return -f64(t) * self.sigma_data
 
 
-PARAMETERIZATIONS = {"identity": Identity, "simple_edm": SimpleEDM, "euler_fm": EulerFM}
+PARAMETERIZATIONS = {"euler_fm": EulerFM, "simple_edm": SimpleEDM, "identity": Identity}
 
 
 def get(
@@ -205,6 +206,5 @@ def get(
     """The parameterization called `name` on `schedule`; an instance is returned unchanged."""
     if isinstance(name, Parameterization):
         return name
-    if name not in PARAMETERIZATIONS:
-        raise ValueError(f"unknown parameterization {name!r}; choose one of {sorted(PARAMETERIZATIONS)}")
+    check_choice("param", name, list(PARAMETERIZATIONS), "parameterization")
     return PARAMETERIZATIONS[name](schedule, sigma_data=sigma_data, time_scale=time_scale, second_time=second_time)

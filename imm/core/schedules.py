@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from imm.core.util import bcast
+from imm.core.util import bcast, check_choice
 from imm.core.util import f64 as _f64
 
 Tensor = torch.Tensor
@@ -21,6 +21,7 @@ class Schedule:
     """Base interface. Subclasses define alpha(t), sigma(t), -dlambda/dt and the eta inverse."""
 
     name: str = ""
+    default_T: float  # the training range's end by default (spec 1.5, Table 5): T < 1 keeps eta(T) finite
 
     def alpha(self, t) -> Tensor:
         raise NotImplementedError
@@ -58,6 +59,7 @@ class FlowMatching(Schedule):
     """OT-FM: alpha_t = 1 - t, sigma_t = t; lambda_t = 2 log((1-t)/t); -dlambda/dt = 2 / (t (1-t))."""
 
     name = "fm"
+    default_T = 0.994
 
     def alpha(self, t) -> Tensor:
         return 1.0 - _f64(t)
@@ -79,6 +81,7 @@ class Cosine(Schedule):
     """Cosine (VP): alpha_t = cos(pi t / 2), sigma_t = sin(pi t / 2); -dlambda/dt = 2 pi / sin(pi t)."""
 
     name = "cosine"
+    default_T = 0.996
 
     def alpha(self, t) -> Tensor:
         return torch.cos(0.5 * math.pi * _f64(t))
@@ -101,8 +104,7 @@ def get(name: str | Schedule) -> Schedule:
     """The schedule called `name` ("fm" or "cosine"); a Schedule instance is returned unchanged."""
     if isinstance(name, Schedule):
         return name
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
+    check_choice("schedule", name, list(SCHEDULES), "schedule")
     return SCHEDULES[name]()
 
 

@@ -36,14 +36,17 @@ __all__ = [
     "DDPMpp",
     "DiT",
     "DIT_PRESETS",
+    "IMAGE_ARCHS",
     "MLP",
+    "POINT_ARCHS",
     "build",
     "count_parameters",
     "count_parameters_of",
 ]
 
+POINT_ARCHS = ["mlp"]
 IMAGE_ARCHS = [*DIT_PRESETS, "ddpmpp"]
-ARCHS = ["mlp", *IMAGE_ARCHS]
+ARCHS = [*POINT_ARCHS, *IMAGE_ARCHS]
 
 
 def count_parameters(net: nn.Module) -> int:
