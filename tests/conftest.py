@@ -1,29 +1,11 @@
-"""Shared fixtures: a real Hydra compose of conf/ and the repository paths."""
+"""Shared fixtures (a real SLURM cluster, a real toy sweep, one torch thread); shared helpers are in
+tests/helpers/."""
 
-from pathlib import Path
+from types import SimpleNamespace
 
-from hydra import compose, initialize_config_dir
-
-from imm.config import register
-
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-
-register()
-
-
-def compose_cfg(*overrides: str):
-    """The config launch.py would build for these command-line overrides."""
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return compose("config", overrides=list(overrides))
-
-
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import pytest  # noqa: E402
-from slurm_fixture import slurm_cluster  # noqa: E402,F401  (the real single-node SLURM cluster)
+import pytest
+from helpers import ROOT, compose_cfg, launch  # noqa: F401  (compose_cfg, ROOT: still importable from conftest)
+from slurm_fixture import slurm_cluster  # noqa: F401  (the real single-node SLURM cluster)
 
 
 @pytest.fixture(scope="module")
@@ -38,41 +20,26 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
+KERNELS = ("paper", "inv_stride", "unit")  # the toy sweep's three jobs
+# The toy sweep's jobs: debug=toy, a little longer, evaluated twice at 1 and 2 steps.
 SWEEP_TINY = [
+    "debug=toy",
     "train.steps=60",
-    "train.batch_size=64",
-    "arch.width=32",
-    "arch.depth=1",
     "eval.every=30",
     "eval.n_samples=300",
     "eval.steps=[1,2]",
-    "data.n_train=2000",
     "data.n_heldout=300",
-    "train.log_every=10",
-    "train.threads=1",
 ]
 
 
 @pytest.fixture(scope="session")
 def toy_sweep(tmp_path_factory):
-    """A real 3-job toy sweep (+sweep=kernel_weighting, short runs) in a fresh MLflow store."""
+    """A real 3-job toy sweep over the kernel weighting (inline, so research presets in sweeps/ can change
+    freely; tests/test_presets.py composes those), short runs, in a fresh MLflow store."""
     from mlflow.tracking import MlflowClient
 
     root = tmp_path_factory.mktemp("toy_sweep")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "launch.py"),
-            "+sweep=kernel_weighting",
-            *SWEEP_TINY,
-            f"hydra.sweep.dir={root}/sweep",
-        ],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = launch(root, "-m", f"kernel={','.join(KERNELS)}", *SWEEP_TINY, f"hydra.sweep.dir={root}/sweep", timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     uri = f"sqlite:///{root}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
@@ -89,3 +56,45 @@ def toy_sweep(tmp_path_factory):
         "children": children,
         "client": client,
     }
+
+
+# -- tiny finished training runs for the sample and evaluate commands -----------------------------------
+TOY = ("debug=toy", "train.threads=null", "train.steps=20", "train.ckpt_every=20")
+DIGITS = (
+    "experiment=digits",
+    "arch.hidden_size=32",
+    "arch.depth=1",
+    "arch.num_heads=2",
+    "train.steps=4",
+    "train.batch_size=16",
+    "train.ckpt_every=4",
+    "train.log_every=2",
+    "eval.every=0",
+    "eval.steps=[1]",
+    "eval.n_samples=8",
+)
+
+
+def trained(root, *overrides, name):
+    """A finished tiny training run (in this process): its checkpoint, MLflow store and run id."""
+    from imm.training import checkpoint
+    from imm.training.loop import train
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    train(compose_cfg(*overrides), root / "run", tracking_uri=uri, run_name=name)
+    ckpt = checkpoint.list_checkpoints(root / "run")[-1]
+    run_id = checkpoint.load(ckpt)["mlflow_run_id"]
+    assert run_id
+    return SimpleNamespace(root=root, run_dir=root / "run", ckpt=ckpt, uri=uri, run_id=run_id)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A 20-step toy run (debug=toy)."""
+    return trained(tmp_path_factory.mktemp("toy"), *TOY, name="toy")
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """A 4-step class-conditional digits run with a 1-block DiT."""
+    return trained(tmp_path_factory.mktemp("digits"), *DIGITS, name="digits")

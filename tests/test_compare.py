@@ -6,13 +6,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import conftest
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from browser import ui  # noqa: E402
 
-KERNELS = ("paper", "seed", "unit")
+KERNELS = tuple(sorted(conftest.KERNELS))  # the toy sweep's values, sorted as the run names are compared
 NAMES = [f"kernel={k}" for k in KERNELS]
 PARAM = "kernel.weighting"
 

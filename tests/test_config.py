@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import CONF, compose_cfg
+from helpers import CONF, compose_cfg
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
@@ -47,13 +47,19 @@ def test_every_option_composes_validates_and_instantiates(group, option):
 
 def test_group_choices_land_where_expected():
     cfg = compose_cfg(
-        "schedule=cosine", "kernel=seed", "loss=cifar10", "target=ema", "optim=radam", "arch=ddpmpp", "data=digits"
+        "schedule=cosine",
+        "kernel=inv_stride",
+        "loss=cifar10",
+        "target=ema",
+        "optim=radam",
+        "arch=ddpmpp",
+        "data=digits",
     )
     assert (cfg.schedule.name, cfg.schedule.param) == ("cosine", "simple_edm")
-    assert cfg.kernel.weighting == "seed" and cfg.loss.k == 15 and cfg.loss.b == 5 and cfg.loss.eps == 0.006
+    assert cfg.kernel.weighting == "inv_stride" and cfg.loss.k == 15 and cfg.loss.b == 5 and cfg.loss.eps == 0.006
     assert cfg.target.kind == "ema" and cfg.optim.name == "radam" and cfg.arch.model_channels == 128
-    fp16 = compose_cfg("loss=fp16")
-    assert fp16.loss.a == 2 and fp16.loss.min_gap == 1e-4 and fp16.schedule.second_time == "stride"
+    xl_star = compose_cfg("loss=imagenet_xl_star")
+    assert xl_star.loss.a == 2 and xl_star.loss.min_gap == 1e-4 and xl_star.schedule.second_time == "stride"
     # the command line wins over the experiment's choices
     assert (
         compose_cfg("loss=cifar10").loss.k == 15 and compose_cfg("arch=dit_s_4", "data=digits").arch.name == "dit_s_4"
@@ -103,6 +109,13 @@ BAD = {
     "image arch on 2-D data": (["arch=dit_s_4"], "does not fit 2-D/point data"),
     "mlp on image data": (["data=digits"], "does not fit image data"),
     "lambda mapping needs eps": (["loss.mapping=lambda_decrement"], "loss.eps=0.0 must be > 0"),
+    # imm.core's own argument errors, said with the config keys
+    "unknown mapping": (["loss.mapping=nope"], "loss.mapping='nope' is not allowed; choose one of eta_decrement,"),
+    "unknown second time input": (["schedule.second_time=r"], "schedule.second_time='r' is not allowed"),
+    "identity needs eps": (["schedule.param=identity"], "loss.eps=0.0 must be > 0 with schedule.param=identity"),
+    "eta range": (["loss.eta_min=2", "loss.eta_max=1"], "loss.eta_max > loss.eta_min >= 0"),
+    "zero M with the fm objective": (["loss=fm", "loss.M=0"], "loss.M=0"),
+    "negative min_gap": (["loss.min_gap=-1"], "loss.min_gap=-1.0 must be >= 0"),
 }
 
 

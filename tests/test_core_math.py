@@ -199,7 +199,7 @@ def test_time_weight_finite_at_the_ends():
 def test_kernel_weightings_for_euler_fm():
     par = parameterization.get("euler_fm", sigma_data=0.5)
     t, s = f64(0.9, 0.5, 0.2), f64(0.1, 0.45, 0.0)
-    assert torch.allclose(objective.kernel_weight("seed", par, s, t), 1 / (t - s))  # the seed code
+    assert torch.allclose(objective.kernel_weight("inv_stride", par, s, t), 1 / (t - s))  # the seed code
     assert torch.allclose(objective.kernel_weight("paper", par, s, t), 1 / ((t - s) * 0.5))  # 1/|c_out|
     assert torch.allclose(objective.kernel_weight("unit", par, s, t), torch.ones(3, dtype=torch.float64))
     sedm = parameterization.get("simple_edm", schedule="fm")

@@ -7,22 +7,9 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 
-TINY = [
-    "train.steps=30",
-    "train.batch_size=64",
-    "arch.width=32",
-    "arch.depth=1",
-    "eval.every=0",
-    "eval.n_samples=200",
-    "eval.steps=[1]",
-    "data.n_train=2000",
-    "data.n_heldout=200",
-    "train.log_every=10",
-    "train.threads=1",
-    "tracking.enabled=false",
-]
+TINY = ["debug=toy", "train.steps=30", "tracking.enabled=false"]  # conf/debug/toy.yaml
 TOLERANCE = 1e-5  # float reduction order (all-reduce sum / 2 vs one mean) over 30 AdamW steps
 
 

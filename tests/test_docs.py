@@ -8,7 +8,7 @@ import re
 import subprocess
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"

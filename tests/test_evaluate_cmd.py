@@ -9,9 +9,9 @@ import json
 
 import pytest
 import torch
-from conftest import compose_cfg
+from conftest import DIGITS
+from helpers import compose_cfg, compose_task, launch, one_thread_env
 from mlflow.tracking import MlflowClient
-from test_sample_cmd import DIGITS, compose_task, digits, launch, toy  # noqa: F401  (the module-scoped checkpoint fixtures)
 
 from imm import factory
 from imm.config import ConfigError
@@ -58,7 +58,7 @@ def test_point_evaluation_repeats_the_training_numbers_and_lands_in_its_run(toy,
 def test_point_energy_is_the_mean_over_draws_and_the_first_draw_is_unchanged(toy):
     from imm.core import sampling
     from imm.evaluation import metrics
-    from imm.tasks.sample import restore
+    from imm.tasks.common import restore
 
     r = restore(toy.ckpt)
     bundle = r.bundle(need_data=True)
@@ -173,7 +173,7 @@ def test_missing_inception_weights_exit_2_with_the_message(digits, tmp_path):
         f"tracking.uri={digits.uri}",
         "eval.allow_download=false",
         "eval.n_samples=16",
-        env={"TORCH_HOME": str(torch_home), "XDG_CACHE_HOME": str(tmp_path / "xdg")},
+        env=one_thread_env({"TORCH_HOME": str(torch_home), "XDG_CACHE_HOME": str(tmp_path / "xdg")}),
     )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out[-3000:]

@@ -16,7 +16,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import compose_cfg
+from helpers import compose_cfg
 from mlflow.tracking import MlflowClient
 from PIL import Image
 

@@ -22,50 +22,34 @@ import sys
 import time
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 import torch
+from helpers import LAUNCH, ROOT, one_thread_env
 from mlflow.tracking import MlflowClient
 
 from imm.training import checkpoint
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
 INJECT = ROOT / "tests" / "faults" / "inject.py"
-# A run of a few seconds on one thread: the 2-D checkerboard, a 1-block MLP of width 32.
-SMALL = (
-    "train.threads=1",
-    "train.batch_size=64",
-    "data.n_train=2000",
-    "data.n_heldout=200",
-    "eval.n_samples=200",
-    "eval.steps=[1]",
-    "eval.every=0",
-    "optim.warmup_steps=10",
-)
-TINY = (*SMALL, "arch.width=32", "arch.depth=1")
+# A run of a few seconds on one thread: the 2-D checkerboard, a 1-block MLP of width 32 (conf/debug/toy.yaml).
+TINY = ("debug=toy", "train.log_every=100", "optim.warmup_steps=10")
 
 
 # -- helpers -------------------------------------------------------------------------------------
 def _command(overrides, fault):
-    script = INJECT if fault else ROOT / "launch.py"
-    return [sys.executable, str(script), *overrides]
+    return [sys.executable, str(INJECT if fault else LAUNCH), *overrides]
 
 
 def _env(fault):
-    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "IMM_FAULT")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    if fault:
-        env["IMM_FAULT"] = fault
-    return env
+    return one_thread_env({"IMM_FAULT": fault} if fault else None)
 
 
 def launch(cwd, *overrides, fault=None, timeout=400) -> subprocess.CompletedProcess:
     """`python launch.py overrides...` in cwd (through tests/faults/inject.py when a fault is given)."""
-    return subprocess.run(
-        _command(overrides, fault), cwd=cwd, env=_env(fault), capture_output=True, text=True, timeout=timeout
-    )
+    return helpers.launch(cwd, *overrides, env=_env(fault), timeout=timeout, script=INJECT if fault else LAUNCH)
 
 
 class Started:
@@ -400,7 +384,7 @@ INVALID = {
 def test_invalid_config_exits_2_with_one_sentence_before_data_or_mlflow(tmp_path, case):
     overrides, expected = INVALID[case]
     run_dir = tmp_path / "run"
-    proc = launch(tmp_path, *SMALL, *MISSING_DATA, *overrides, f"hydra.run.dir={run_dir}")
+    proc = launch(tmp_path, *MISSING_DATA, *overrides, f"hydra.run.dir={run_dir}")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert one_error_line(proc.stderr) == expected
     assert mlflow_runs(tmp_path) == [] and not (tmp_path / "mlflow.db").exists()
@@ -467,7 +451,7 @@ BAD_DATA = [
 def test_bad_data_exits_2_with_one_sentence_and_no_mlflow_run(tmp_path, case):
     overrides, needles = _bad_data(tmp_path, case)
     run_dir = tmp_path / "run"
-    proc = launch(tmp_path, *SMALL, *overrides, f"hydra.run.dir={run_dir}")
+    proc = launch(tmp_path, *overrides, f"hydra.run.dir={run_dir}")
     assert proc.returncode == 2, proc.stderr[-3000:]
     msg = one_error_line(proc.stderr)
     assert_one_sentence(msg)

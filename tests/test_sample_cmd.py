@@ -5,16 +5,12 @@ MLflow store; the sample configs are composed by Hydra from conf/sample.yaml.
 """
 
 import json
-import os
-import subprocess
-import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from conftest import CONF, ROOT, compose_cfg
-from hydra import compose, initialize_config_dir
+from conftest import TOY
+from helpers import compose_cfg, compose_task, launch
 from mlflow.tracking import MlflowClient
 
 from imm import factory
@@ -24,73 +20,14 @@ from imm.data.points import Standardizer
 from imm.tasks import sample as sample_task
 from imm.tracking.mlflow_run import TrackingError
 from imm.training import checkpoint
-from imm.training.loop import train
 
-TOY = (
-    "train.steps=20",
-    "train.batch_size=64",
-    "arch.width=32",
-    "arch.depth=1",
-    "eval.every=0",
-    "eval.n_samples=200",
-    "eval.steps=[1]",
-    "data.n_train=2000",
-    "data.n_heldout=200",
-    "train.ckpt_every=20",
-    "train.log_every=10",
-)
-DIGITS = (
-    "experiment=digits",
-    "arch.hidden_size=32",
-    "arch.depth=1",
-    "arch.num_heads=2",
-    "train.steps=4",
-    "train.batch_size=16",
-    "train.ckpt_every=4",
-    "train.log_every=2",
-    "eval.every=0",
-    "eval.steps=[1]",
-    "eval.n_samples=8",
-)
 UNIFORM_4 = [0.994, 0.7455, 0.497, 0.2485, 0.0]  # spec section 4
 EDM_8 = [0.994, 0.98486, 0.95674, 0.86056, 0.56413, 0.14731, 0.01001, 8e-05, 0.0]
-
-
-def trained(root, *overrides, name):
-    """A finished tiny training run: its checkpoint, MLflow store and run id."""
-    uri = f"sqlite:///{root}/mlflow.db"
-    train(compose_cfg(*overrides), root / "run", tracking_uri=uri, run_name=name)
-    ckpt = checkpoint.list_checkpoints(root / "run")[-1]
-    run_id = checkpoint.load(ckpt)["mlflow_run_id"]
-    assert run_id
-    return SimpleNamespace(root=root, run_dir=root / "run", ckpt=ckpt, uri=uri, run_id=run_id)
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return trained(tmp_path_factory.mktemp("toy"), *TOY, name="toy")
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    return trained(tmp_path_factory.mktemp("digits"), *DIGITS, name="digits")
-
-
-def compose_task(name, *overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        return compose(name, overrides=list(overrides))
 
 
 def sample(run, out, *overrides):
     cfg = compose_task("sample", f"ckpt={run.ckpt}", f"tracking.uri={run.uri}", f"out={out}", *overrides)
     return sample_task.run(cfg, launch_dir=run.root)
-
-
-def launch(cwd, *args, env=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env
-    )
 
 
 @pytest.fixture
@@ -283,7 +220,7 @@ def test_refusals(toy, digits, tmp_path):
     refused(ConfigError, "no 4-step grid", toy, "steps=1", "grid=eta", "compare_steps=[1,4]")
     refused(ConfigError, "sampler='euler' is not allowed", toy, "sampler=euler")
     cfg = compose_task("sample", f"ckpt={tmp_path}/nowhere.pt", f"out={tmp_path}")
-    with pytest.raises(sample_task.CheckpointError, match="does not exist"):
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
         sample_task.run(cfg)
     # the checkpoint's run is not in the store the command looks at: say so instead of logging elsewhere
     cfg = compose_task("sample", f"ckpt={toy.ckpt}", f"out={tmp_path}", "n=5")

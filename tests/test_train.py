@@ -1,12 +1,10 @@
 """Short CPU trainings through the real loop: objectives, MLflow records, resume."""
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, compose_cfg
+from helpers import compose_cfg, launch
 from mlflow.tracking import MlflowClient
 
 from imm import factory
@@ -44,7 +42,7 @@ def initial_energy(cfg, N):
 # Each objective is checked where it is meant to work: IMM at 1 step; flow matching at 8 Euler steps.
 # FM's 1-step sample is E[x | x_T], a collapsed blob that is further from the data than an untrained
 # net's near-Gaussian output: the failure IMM exists to fix, asserted below as the contrast.
-@pytest.mark.parametrize("loss,N", [("default", 1), ("fm", 8)])
+@pytest.mark.parametrize("loss,N", [("imm", 1), ("fm", 8)])
 def test_short_training_improves_samples(tmp_path, loss, N):
     cfg = compose_cfg(f"loss={loss}", *SMALL)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -80,24 +78,14 @@ def test_short_training_improves_samples(tmp_path, loss, N):
     assert run.data.tags["git.commit"] and run.data.tags["device"] == "cpu"
 
 
-def launch(cwd, *overrides, check=True):
-    """python launch.py in a subprocess, as a user would run it."""
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), *overrides], cwd=cwd, capture_output=True, text=True, timeout=600
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"launch.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
 @pytest.mark.slow
 def test_relaunch_resumes_the_same_run_and_mlflow_run(tmp_path):
     run_dir = tmp_path / "run"
     common = [*SMALL, "eval.steps=[1]", f"hydra.run.dir={run_dir}", "train.ckpt_every=100"]
-    launch(tmp_path, *common, "train.steps=200")
+    launch(tmp_path, *common, "train.steps=200", check=True)
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
     assert ckpts[-1] == "step-00000200.pt"
-    out = launch(tmp_path, *common, "train.steps=300")  # the same command with more steps resumes
+    out = launch(tmp_path, *common, "train.steps=300", check=True)  # the same command with more steps resumes
     assert "resumed" in out.stderr.lower() or "step-00000200" in out.stderr
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
@@ -118,6 +106,7 @@ def test_relaunch_resumes_the_same_run_and_mlflow_run(tmp_path):
         f"hydra.run.dir={other}",
         "train.steps=400",
         f"resume={run_dir / 'checkpoints' / 'step-00000300.pt'}",
+        check=True,
     )
     assert (other / "checkpoints" / "step-00000400.pt").exists()
 
@@ -125,9 +114,7 @@ def test_relaunch_resumes_the_same_run_and_mlflow_run(tmp_path):
 @pytest.mark.slow
 def test_resume_refuses_a_different_experiment(tmp_path):
     run_dir = tmp_path / "run"
-    launch(tmp_path, *SMALL, "eval.steps=[1]", f"hydra.run.dir={run_dir}", "train.steps=100")
-    proc = launch(
-        tmp_path, *SMALL, "eval.steps=[1]", f"hydra.run.dir={run_dir}", "train.steps=200", "loss.k=13", check=False
-    )
+    launch(tmp_path, *SMALL, "eval.steps=[1]", f"hydra.run.dir={run_dir}", "train.steps=100", check=True)
+    proc = launch(tmp_path, *SMALL, "eval.steps=[1]", f"hydra.run.dir={run_dir}", "train.steps=200", "loss.k=13")
     assert proc.returncode == 2
     assert "different config (loss.k was '12', now '13')" in proc.stderr

@@ -10,7 +10,7 @@ for ``slurm_fixture``; ``tests`` itself is not a package).  Typical use::
     with ui.mlflow_server(f"sqlite:///{tmp}/mlflow.db", tmp / "artifacts") as base, \\
          ui.chromium_driver(tmp / "shots") as driver:
         ui.open_experiment(driver, base, exp_id, expected_runs=4)
-        ui.show_param_column(driver, "kernel.weighting", ["paper", "seed", "unit"])
+        ui.show_param_column(driver, "kernel.weighting", ["paper", "inv_stride", "unit"])
         ui.open_compare(driver, base, child_ids, exp_id, param_key="kernel.weighting")
         ui.open_artifact(driver, base, exp_id, child_ids[0], "figures/samples.png")
 

@@ -1,0 +1,52 @@
+"""What the tests share: the repository paths, a real Hydra compose of conf/, and launch.py run as a
+user runs it (a subprocess). Fixtures live in tests/conftest.py; tiny runs use the `debug=toy` option
+(conf/debug/toy.yaml) instead of override lists copied into each test file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+from imm.config import register
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF = ROOT / "conf"
+LAUNCH = ROOT / "launch.py"
+
+register()
+
+
+def compose_cfg(*overrides: str, config_name: str = "config"):
+    """The config launch.py would build for these command-line overrides."""
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose(config_name, overrides=list(overrides))
+
+
+def compose_task(name: str, *overrides: str):
+    """The config of the command `launch.py --config-name NAME` (sample, evaluate) for these overrides."""
+    return compose_cfg(*overrides, config_name=name)
+
+
+def one_thread_env(extra: dict | None = None) -> dict:
+    """The environment for a subprocess on the 2 shared cores: one BLAS/OpenMP thread."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "IMM_FAULT")}
+    return {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(extra or {})}
+
+
+def launch(cwd, *args, env: dict | None = None, timeout: float = 600, check: bool = False, script=LAUNCH):
+    """`python launch.py args...` in cwd, output captured; with check=True a failure raises with its output."""
+    proc = subprocess.run(
+        [sys.executable, str(script), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env if env is not None else one_thread_env(),
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"launch.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
