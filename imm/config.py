@@ -374,6 +374,9 @@ def validate(cfg, world_size: int = 1) -> None:
         fail(f"optim.grad_clip={cfg.optim.grad_clip} must be positive, or null to disable clipping.")
     if not cfg.eval.steps or any(int(n) != n or n < 1 for n in cfg.eval.steps):
         fail(f"eval.steps={list(cfg.eval.steps)} must be a non-empty list of positive integers.")
+    from imm.evaluation.evaluate import time_grids  # imports this module
+
+    time_grids("eval.steps", cfg.eval.steps, cfg.eval, schedule=cfg.schedule.name, T=loss_T(cfg), eps=cfg.loss.eps)
     if cfg.train.max_nonfinite < 1:
         fail(f"train.max_nonfinite={cfg.train.max_nonfinite} must be >= 1.")
 

@@ -373,6 +373,11 @@ INVALID = {
         ["eval.guidance=2"],
         "eval.guidance=2.0 needs class-conditional data, but data.name='points' is unconditional; use eval.guidance=1.",
     ),
+    "a sampling grid the eval options cannot give": (
+        ["eval.grid=eta", "eval.steps=[1,4]"],
+        "eval.steps: no 4-step grid: the eta grid needs N - 1 = 3 explicit eta points for N=4 steps (only N=2 has"
+        " a default, eta=1.4).",
+    ),
     "image architecture on 2-D data": (
         ["arch=dit_s_4"],
         "arch.name='dit_s_4' does not fit 2-D/point data data.name='points'; use arch=mlp.",

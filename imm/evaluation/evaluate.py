@@ -269,8 +269,8 @@ class Evaluator:
 
     @classmethod
     def from_config(cls, cfg, bundle, param, *, device="cpu", **overrides) -> "Evaluator":
-        """The evaluator a training config asks for: from_options with its `eval` node, loss.T/eps and data.root."""
-        time_grids("eval.steps", cfg.eval.steps, cfg.eval, schedule=param.schedule, T=loss_T(cfg), eps=cfg.loss.eps)
+        """The evaluator a training config asks for: from_options with its `eval` node, loss.T/eps and data.root
+        (imm.config.validate has checked its grids)."""
         return cls.from_options(
             cfg.eval,
             bundle,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imm.nets.embeddings import check_time_inputs, resolve_labels, sinusoidal_embedding
+from imm.nets.embeddings import check_inputs, sinusoidal_embedding
 
 
 def _init_weight(weight: torch.Tensor, scale: float) -> None:
@@ -275,11 +275,8 @@ class DDPMpp(nn.Module):
         noise_s: torch.Tensor,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        expected = (self.in_channels, self.img_resolution, self.img_resolution)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"DDPM++ expects x of shape [B, {expected}], got {tuple(x.shape)}.")
-        check_time_inputs(noise_t, noise_s, x.shape[0])
-        labels = resolve_labels(labels, self.num_classes, x.shape[0], x.device)
+        shape = (self.in_channels, self.img_resolution, self.img_resolution)
+        labels = check_inputs("DDPM++", x, shape, noise_t, noise_s, labels, self.num_classes)
 
         channels_last = self.channels_last_on_cpu and x.device.type == "cpu"
         if channels_last:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imm.nets.embeddings import LabelEmbedder, TimeEmbedder, check_time_inputs, resolve_labels
+from imm.nets.embeddings import LabelEmbedder, TimeEmbedder, check_inputs
 
 # Sizes of the DiT paper (Table 1); the suffix is the patch size.
 DIT_PRESETS: dict[str, dict[str, int]] = {
@@ -199,11 +199,8 @@ class DiT(nn.Module):
         noise_s: torch.Tensor,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        expected = (self.in_channels, self.input_size, self.input_size)
-        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
-            raise ValueError(f"DiT expects x of shape [B, {expected}], got {tuple(x.shape)}.")
-        check_time_inputs(noise_t, noise_s, x.shape[0])
-        labels = resolve_labels(labels, self.num_classes, x.shape[0], x.device)
+        shape = (self.in_channels, self.input_size, self.input_size)
+        labels = check_inputs("DiT", x, shape, noise_t, noise_s, labels, self.num_classes)
 
         tokens = self.x_embedder(x)
         tokens = tokens + self.pos_embed.to(tokens.dtype)

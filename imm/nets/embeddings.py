@@ -110,6 +110,24 @@ def check_time_inputs(noise_t: torch.Tensor, noise_s: torch.Tensor, batch_size: 
             raise ValueError(f"{name} must have shape [{batch_size}] (one value per sample), got {tuple(value.shape)}.")
 
 
+def check_inputs(
+    net: str,
+    x: torch.Tensor,
+    sample_shape: tuple,
+    noise_t: torch.Tensor,
+    noise_s: torch.Tensor,
+    labels: torch.Tensor | None,
+    num_classes: int,
+) -> torch.Tensor | None:
+    """The call contract of every network: x [B, *sample_shape], one time value per sample for each
+    time input, and the labels resolved by resolve_labels. Returns the labels to embed."""
+    if tuple(x.shape[1:]) != tuple(sample_shape) or x.ndim != len(sample_shape) + 1:
+        dims = ", ".join(map(str, sample_shape))
+        raise ValueError(f"{net} expects x of shape [B, {dims}], got {list(x.shape)}.")
+    check_time_inputs(noise_t, noise_s, x.shape[0])
+    return resolve_labels(labels, num_classes, x.shape[0], x.device)
+
+
 def silu_sum(*parts: torch.Tensor | None) -> torch.Tensor:
     """SiLU of the sum of the non-None embeddings (the conditioning vector of every net)."""
     total = None

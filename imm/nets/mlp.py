@@ -13,8 +13,7 @@ from torch import nn
 from imm.nets.embeddings import (
     LabelEmbedder,
     TimeEmbedder,
-    check_time_inputs,
-    resolve_labels,
+    check_inputs,
     silu_sum,
 )
 
@@ -81,10 +80,7 @@ class MLP(nn.Module):
         noise_s: torch.Tensor,
         labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"MLP expects x of shape [B, {self.dim}], got {tuple(x.shape)}.")
-        check_time_inputs(noise_t, noise_s, x.shape[0])
-        labels = resolve_labels(labels, self.num_classes, x.shape[0], x.device)
+        labels = check_inputs("MLP", x, (self.dim,), noise_t, noise_s, labels, self.num_classes)
         label_emb = self.label_embedder(labels) if labels is not None else None
         emb = silu_sum(self.t_embedder(noise_t), self.s_embedder(noise_s), label_emb)
         h = self.inp(x)

@@ -95,6 +95,8 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     # a job requeued before its first checkpoint reopens its run too
     run_id = _read_run_id(run_dir) or (saved or {}).get("mlflow_run_id")
 
+    # missing FID weights fail here, before any MLflow run exists
+    evaluator = Evaluator.from_config(cfg, bundle, objective.param, device=device) if env.is_main else None
     stop = StopFlag()  # before the MLflow run exists: a signal from here on ends it KILLED, never RUNNING
     tracker = Tracker.disabled()
     if env.is_main and cfg.tracking.enabled:
@@ -102,7 +104,6 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
         if ckpt_path is not None:
             tags[f"resumed_from_step_{step}"] = str(ckpt_path)
         tracker = _open_tracker(cfg, run_dir, tracking_uri, run_name, run_id, tags)
-    evaluator = Evaluator.from_config(cfg, bundle, objective.param, device=device) if env.is_main else None
     if env.is_main:
         _log_start(cfg, run_dir, net, tracker, tracking_uri, step)
     extras = _checkpoint_extras(cfg, bundle, tracker)
