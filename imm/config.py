@@ -102,9 +102,9 @@ class DataConfig:
     hflip: bool = False
     use_labels: bool = True  # false: train unconditionally on a labelled set (the paper's CIFAR-10)
     class_subfolders: Optional[bool] = None  # folder: null = subfolders are classes when all images sit in one
-    n_train: int = 100_000  # toy sets
-    n_heldout: int = 5000
-    heldout_fraction: float = 0.1  # points files
+    n_train: int = data_mod.DEFAULT_TOY_TRAIN  # toy sets
+    n_heldout: int = data_mod.DEFAULT_TOY_HELDOUT
+    heldout_fraction: float = data_mod.DEFAULT_HELDOUT_FRACTION  # points files
     seed: int = 0
     num_workers: int = 0
     pin_memory: bool = True

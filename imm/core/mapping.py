@@ -139,18 +139,6 @@ def check_time_range(eps: float, T: float) -> None:
         )
 
 
-def r_of(
-    name: str,
-    s,
-    t,
-    *,
-    schedule="fm",
-    k: float = 12,
-    eps: float = 0.0,
-    T: float = 0.994,
-    eta_max: float | None = None,
-    eta_min: float | None = None,
-    min_gap: float = 0.0,
-) -> Tensor:
-    """Functional form of Mapping(name, ...)(s, t)."""
-    return Mapping(name, schedule=schedule, k=k, eps=eps, T=T, eta_max=eta_max, eta_min=eta_min, min_gap=min_gap)(s, t)
+def r_of(name: str, s, t, **options) -> Tensor:
+    """Functional form of Mapping(name, **options)(s, t) (the same keyword options as Mapping)."""
+    return Mapping(name, **options)(s, t)

@@ -43,7 +43,10 @@ from imm.data.points import Standardizer, load_points  # noqa: E402
 
 IMAGE_NAMES = ["digits", "mnist", "cifar10", "folder"]
 DATASET_NAMES = [*toy.NAMES, "points", *IMAGE_NAMES]
+# The library's defaults, which the config schema (imm.config.DataConfig) takes as its own.
 DEFAULT_TOY_TRAIN = 100_000
+DEFAULT_TOY_HELDOUT = 5000
+DEFAULT_HELDOUT_FRACTION = 0.1
 
 
 @dataclass
@@ -81,9 +84,9 @@ def build_dataset(
     *,
     root: str | None = None,
     path: str | None = None,
-    n_train: int | None = None,
-    n_heldout: int = 5000,
-    heldout_fraction: float = 0.1,
+    n_train: int = DEFAULT_TOY_TRAIN,
+    n_heldout: int = DEFAULT_TOY_HELDOUT,
+    heldout_fraction: float = DEFAULT_HELDOUT_FRACTION,
     seed: int = 0,
     resolution: int | None = None,
     download: bool = False,
@@ -98,7 +101,7 @@ def build_dataset(
             or ``folder`` (a directory of images at ``root``).
         root: directory for ``mnist``/``cifar10`` files or the ``folder`` images.
         path: the ``.npy`` file for ``points``.
-        n_train: toy sets only: number of training points (default 100_000).
+        n_train: toy sets only: number of training points.
             Other datasets use all their training data.
         n_heldout: toy sets only: number of held-out points, drawn with a different seed.
         heldout_fraction: ``points`` only: fraction of rows held out (deterministic given seed).
@@ -114,8 +117,6 @@ def build_dataset(
     """
     key = str(name).lower().replace("-", "_")
     if key in toy.NAMES:
-        if n_train is None:
-            n_train = DEFAULT_TOY_TRAIN
         train = toy.make(key, n_train, seed)
         heldout = toy.make(key, n_heldout, _derived_seed(seed, 1))
         return _points_bundle(key, train, heldout)
