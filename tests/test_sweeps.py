@@ -2,15 +2,13 @@
 a SLURM job requeued mid-training resumes and finishes as one child. The sweeps are inline (`-m key=a,b`),
 so the research presets in sweeps/ can change freely (tests/test_presets.py composes each of their jobs)."""
 
-import os
 import subprocess
-import sys
 import time
 
 import helpers
 import pytest
 from conftest import KERNELS
-from helpers import CONF, ROOT
+from helpers import CONF
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
@@ -97,24 +95,15 @@ def squeue_ids():
 
 @pytest.mark.slow
 def test_slurm_job_requeued_mid_training_resumes_as_one_child(slurm_cluster, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    sweep = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "launch.py"),
-            "-m",
-            "train.seed=0",
-            "train.steps=1500",
-            "train.ckpt_every=100",
-            *TINY,
-            *slurm_overrides(tmp_path),
-            f"hydra.sweep.dir={tmp_path}/sweep",
-        ],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    sweep = helpers.start(
+        tmp_path,
+        "-m",
+        "train.seed=0",
+        "train.steps=1500",
+        "train.ckpt_every=100",
+        *TINY,
+        *slurm_overrides(tmp_path),
+        f"hydra.sweep.dir={tmp_path}/sweep",
     )
     try:
         ckpts = tmp_path / "sweep" / "0" / "checkpoints"
@@ -145,22 +134,7 @@ def test_slurm_preemption_signal_checkpoints_requeues_and_matches_an_uninterrupt
 
     common = ["train.seed=3", "train.steps=600", "train.ckpt_every=100000", *TINY]
     launch(tmp_path, *common, f"hydra.run.dir={tmp_path}/reference", "tracking.enabled=false")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    sweep = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "launch.py"),
-            "-m",
-            *common,
-            *slurm_overrides(tmp_path),
-            f"hydra.sweep.dir={tmp_path}/sweep",
-        ],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    sweep = helpers.start(tmp_path, "-m", *common, *slurm_overrides(tmp_path), f"hydra.sweep.dir={tmp_path}/sweep")
     log = tmp_path / "sweep" / "0" / "launch.log"
     try:
         wait_for(lambda: log.is_file() and "step 100/600" in log.read_text(), 300, "training to be under way")

@@ -50,3 +50,15 @@ def launch(cwd, *args, env: dict | None = None, timeout: float = 600, check: boo
     if check and proc.returncode != 0:
         raise AssertionError(f"launch.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def start(cwd, *args, env: dict | None = None) -> subprocess.Popen:
+    """`python launch.py args...` started in the background in cwd, stdout and stderr together in one pipe."""
+    return subprocess.Popen(
+        [sys.executable, str(LAUNCH), *args],
+        cwd=cwd,
+        env=env if env is not None else one_thread_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
