@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from imm import factory
-from imm.config import POINT_DATA, ConfigError, loss_T
+from imm.config import POINT_DATA, ConfigError, loss_T, not_allowed
 from imm.data import DataBundle
 from imm.evaluation.evaluate import LABEL_MODES, time_grids
 from imm.tracking.mlflow_run import Tracker, TrackingError, check_reachable, default_uri, flatten
@@ -208,9 +208,8 @@ class ResultsRun:
         else:
             from mlflow.tracking import MlflowClient
 
-            self.tracker = Tracker(
-                MlflowClient(tracking_uri=self.uri), self.restored.run_id
-            )  # its status is left alone
+            # the training run: logged into, its status left alone
+            self.tracker = Tracker(MlflowClient(tracking_uri=self.uri), self.restored.run_id)
         return self.tracker
 
     def close(self, status: str = "FINISHED") -> None:
@@ -235,7 +234,7 @@ def check_choices(pairs) -> None:
     """(key, value, allowed) triples: the first value not allowed raises ConfigError naming its key."""
     for key, value, allowed in pairs:
         if value not in allowed:
-            raise ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(allowed)}.")
+            raise not_allowed(key, value, allowed)
 
 
 def resolve_guidance(value, restored: Restored, key: str) -> float:
