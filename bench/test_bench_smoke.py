@@ -22,7 +22,15 @@ def run(script, *args, timeout=600):
 
 
 @pytest.mark.parametrize(
-    "script", ["step_cost.py", "precision_compile.py", "few_step_quality.py", "sampling_throughput.py"]
+    "script",
+    [
+        "step_cost.py",
+        "precision_compile.py",
+        "few_step_quality.py",
+        "sampling_throughput.py",
+        "threads.py",
+        "accumulation.py",
+    ],
 )
 def test_help(script):
     assert "usage" in run(script, "--help")
@@ -172,3 +180,24 @@ def test_few_step_quality_through_the_loop(tmp_path):
     assert set(r["runs"]) == {"rings/imm/seed0", "rings/fm/seed0"}
     assert all(row["ed_ratio"] > 0 for row in r["tables"]["rows"])
     assert "IMM vs flow matching" in text
+
+
+def test_threads(tmp_path):
+    out = tmp_path / "threads.json"
+    tiny = ["--set", "arch.width=32", "--set", "arch.depth=1", "--set", "train.batch_size=64"]
+    text = run("threads.py", "--repeats", "1", "--steps", "20", "--log-every", "10", *tiny, "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["case"] for r in rows] == ["old (torch default)", "new (platform default)"]
+    assert rows[1]["threads"] == 1 and rows[1]["threads_from"] == "arch=mlp"
+    assert all(r["alone"] > 0 and r["competitor"] > 0 for r in rows)
+    assert "target:" in text and "| new (platform default) |" in out.with_suffix(".md").read_text()
+
+
+def test_accumulation(tmp_path):
+    out = tmp_path / "accumulation.json"
+    tiny = [f"--arch-override={o}" for o in ("hidden_size=32", "depth=1", "num_heads=2")]
+    text = run("accumulation.py", *tiny, "--resolution", "8", "--batch", "16", "--micro", "16,8,4", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["micro_batch"], r["n_micro"]) for r in rows] == [(16, 1), (8, 2), (4, 4)]
+    assert all(r["peak_mb"] > 0 and r["step_ms"] > 0 for r in rows)
+    assert "| 4 | 4 |" in text and "| 4 | 4 |" in out.with_suffix(".md").read_text()

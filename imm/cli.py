@@ -3,8 +3,8 @@
 Errors a user can fix (config, data, checkpoint, tracking) are printed as one sentence and the
 process exits with status 2, before any data is loaded or any MLflow run is created. A run stopped
 by non-finite values (train.max_nonfinite in a row) prints one line and exits with 1 (MLflow run
-FAILED); one stopped by SIGINT/SIGTERM prints one line and exits with 128 + the signal number (130,
-143; MLflow run KILLED), after saving a checkpoint at the step it stopped.
+FAILED); one stopped by SIGINT/SIGTERM prints one line with the command that resumes it and exits with
+128 + the signal number (130, 143; MLflow run KILLED), after saving a checkpoint at the step it stopped.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from imm.config import ConfigError
 from imm.data import DataError
 from imm.tracking.mlflow_run import TrackingError, check_reachable, default_uri
 from imm.training.checkpoint import CheckpointError
+from imm.training.rundir import resume_command
 from imm.training.signals import Interrupted, in_submitit_job
 
 log = logging.getLogger("imm")
@@ -93,7 +94,8 @@ def run(cfg):
         from imm.training.checkpoint import resolve
 
         latest = resolve(None, hc.runtime.output_dir)
-        log.error("training %s; checkpoint %s; run the same command again to resume.", e, latest)
-        if in_submitit_job():
+        if in_submitit_job():  # a requeued job resumes by itself
+            log.error("training %s; checkpoint %s.", e, latest)
             raise
+        log.error("training %s; checkpoint %s; resume with: %s", e, latest, resume_command(sys.argv))
         sys.exit(128 + e.signum)  # the shell's convention for a process ended by that signal

@@ -15,7 +15,6 @@ The option lists (CHOICES) come from the code that implements the options.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -28,12 +27,43 @@ from imm.core import mapping, objective, parameterization, sampling, schedules
 from imm.core.sampling import TWO_STEP_ETA
 from imm.core.util import ArgumentError
 
-# `${imm.pid:}` in conf/config.yaml's run and sweep directories: the launching process's id, so two
-# runs started in the same microsecond never share a directory. Cached like Hydra's `${now:}`: the
-# value resolved by the launching process travels with the config to every job of a sweep (also to a
+# Keys that may differ when a run is resumed (longer training, other logging, another machine): the
+# resume check (training/loop.py) lets them change, and they do not enter a run directory's experiment
+# hash (training/rundir.py).
+RESUMABLE_KEYS = (
+    "resume",
+    "fresh",
+    "train.steps",
+    "train.log_every",
+    "train.ckpt_every",
+    "train.snapshot_every",
+    "train.keep_last",
+    "train.micro_batch",
+    "train.device",
+    "train.threads",
+    "train.compile",
+    "eval.",
+    "tracking.",
+    "data.num_workers",
+    "data.root",
+    "data.path",
+    "data.download",
+    "hydra",
+)
+
+
+def _run_dir(base, name, overrides, fresh):
+    from imm.training.rundir import run_dir
+
+    return run_dir(base, name, overrides, fresh)
+
+
+# `${imm.run_dir:runs,NAME,${hydra.overrides.task},${fresh}}` in conf/config.yaml: the run (or sweep)
+# directory named after the experiment (training/rundir.py). Cached like Hydra's `${now:}`: the value
+# resolved by the launching process travels with the config to every job of a sweep (also to a
 # requeued one), so they all agree on the sweep directory. Registered at import: a submitit job
 # process imports this module when it unpickles the schema, before it resolves its directory.
-OmegaConf.register_new_resolver("imm.pid", os.getpid, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("imm.run_dir", _run_dir, use_cache=True, replace=True)
 
 
 class ConfigError(ValueError):
@@ -127,14 +157,16 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 4000
     batch_size: int = 512  # global batch; divisible by M x world size
+    micro_batch: Optional[int] = None  # samples per rank per forward/backward (gradient accumulation); null: the share
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # CHOICES["train.precision"]; all but fp32 on CUDA only
     compile: bool = False
-    threads: Optional[int] = None  # torch CPU threads; null: torch's default
+    threads: Optional[int] = None  # torch CPU threads; null: chosen (imm/training/threads.py torch_threads)
     log_every: int = 100
     ckpt_every: int = 1000
-    keep_last: int = 3  # checkpoints kept besides the latest
+    snapshot_every: int = 1000  # steps between EMA-weight snapshots (never pruned; also the last step); 0: none
+    keep_last: int = 3  # training states kept besides the latest (snapshots are never pruned)
     max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
 
 
@@ -196,6 +228,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     resume: Optional[str] = None  # a checkpoint file or run directory to resume from
+    fresh: bool = False  # true: a new run directory of this experiment, not its newest (training/rundir.py)
 
 
 # -- architectures: one schema per family -----------------------------------------------------
@@ -361,6 +394,13 @@ def validate(cfg, world_size: int = 1) -> None:
             f"train.batch_size={B} must be divisible by loss.M x world size = {M} x {world_size} ="
             f" {M * world_size}, so every group of M particles stays on one process."
         )
+    micro, share = cfg.train.micro_batch, B // world_size
+    if micro is not None and (micro < 1 or share % micro or micro % M):
+        fail(
+            f"train.micro_batch={micro} must divide each process's share of the batch (train.batch_size / world size"
+            f" = {B} / {world_size} = {share}) and be a multiple of loss.M={M}, so no group of M particles is split;"
+            " use a divisor of the share that M divides, or null for no accumulation."
+        )
     if not 1 <= cfg.loss.k <= 24:
         fail(f"loss.k={cfg.loss.k} is out of range; use 1 <= k <= 24 (the paper uses 12 to 15).")
     if cfg.loss.a not in (1, 2):
@@ -379,6 +419,8 @@ def validate(cfg, world_size: int = 1) -> None:
     time_grids("eval.steps", cfg.eval.steps, cfg.eval, schedule=cfg.schedule.name, T=loss_T(cfg), eps=cfg.loss.eps)
     if cfg.train.max_nonfinite < 1:
         fail(f"train.max_nonfinite={cfg.train.max_nonfinite} must be >= 1.")
+    if cfg.train.snapshot_every < 0:
+        fail(f"train.snapshot_every={cfg.train.snapshot_every} must be >= 0 (0: no snapshots).")
 
     points = cfg.data.name in POINT_DATA
     if points != (cfg.arch.name in nets.POINT_ARCHS):

@@ -15,6 +15,7 @@ import math
 import os
 import random
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -29,7 +30,7 @@ import torch
 from helpers import LAUNCH, ROOT, one_thread_env
 from mlflow.tracking import MlflowClient
 
-from imm.training import checkpoint
+from imm.training import checkpoint, rundir
 
 pytestmark = pytest.mark.slow
 
@@ -123,6 +124,11 @@ def metric_history(cwd, run, key) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
 
 
+def run_dirs(cwd) -> list[Path]:
+    """The training run directories under <cwd>/runs (runs/<experiment>/<hash>[-N])."""
+    return sorted(p for p in (Path(cwd) / "runs").glob("*/*") if p.is_dir())
+
+
 def checkpoint_names(run_dir) -> list[str]:
     d = checkpoint.ckpt_dir(run_dir)
     return sorted(p.name for p in d.iterdir()) if d.is_dir() else []
@@ -174,10 +180,14 @@ def test_kill_9_then_relaunch_resumes_bit_exactly(tmp_path):
         "target=ema",
         "eval.every=200",
     ]
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    ok(launch(tmp_path, *common, f"hydra.run.dir={ref}"))
+    # the same command in two launch directories: one uninterrupted, one killed and relaunched
+    ref_cwd, cut_cwd = tmp_path / "ref", tmp_path / "cut"
+    ref_cwd.mkdir(), cut_cwd.mkdir()
+    ok(launch(ref_cwd, *common))
+    (ref,) = run_dirs(ref_cwd)
 
-    run = Started(tmp_path, *common, f"hydra.run.dir={cut}")
+    run = Started(cut_cwd, *common)
+    cut = cut_cwd / ref.relative_to(ref_cwd)  # runs/toy/<hash>: named after the experiment, not the launch
     run.wait_for(lambda: checkpoint.list_checkpoints(cut), what="the first checkpoint")
     time.sleep(random.uniform(0.0, 1.0))  # a random step after it
     assert run.proc.poll() is None, "the run finished before it could be killed"
@@ -187,8 +197,9 @@ def test_kill_9_then_relaunch_resumes_bit_exactly(tmp_path):
     killed_at = checkpoint.load(last)["step"]
     assert 100 <= killed_at < 800, killed_at
 
-    out = ok(launch(tmp_path, *common, f"hydra.run.dir={cut}"))
+    out = ok(launch(cut_cwd, *common))  # the same command: it lands in the same directory and resumes
     assert f"resumed from {last} at step {killed_at}" in out.stderr
+    assert run_dirs(cut_cwd) == [cut]
 
     final_ref = checkpoint.load(ref / "checkpoints" / "step-00000800.pt")
     final_cut = checkpoint.load(cut / "checkpoints" / "step-00000800.pt")
@@ -198,9 +209,9 @@ def test_kill_9_then_relaunch_resumes_bit_exactly(tmp_path):
     for key in ("model", "ema", "target_ema", "optimizer", "rng"):
         assert any(True for _ in tensors(final_ref[key])), key  # each compared part holds tensors
 
-    runs = {r.data.tags["run_dir"]: r for r in mlflow_runs(tmp_path)}
-    resumed = runs[str(cut.resolve())]
+    resumed = only_run(cut_cwd)  # the killed run was continued, not started again
     assert resumed.info.status == "FINISHED" and f"resumed_from_step_{killed_at}" in resumed.data.tags
+    assert resumed.data.tags["run_dir"] == str(cut.resolve())
 
 
 # -- 2. atomic checkpoints -----------------------------------------------------------------------
@@ -363,6 +374,18 @@ INVALID = {
         ["train.batch_size=66"],
         "train.batch_size=66 must be divisible by loss.M x world size = 4 x 1 = 4, so every"
         " group of M particles stays on one process.",
+    ),
+    "micro-batch not dividing the share": (
+        ["train.micro_batch=24"],
+        "train.micro_batch=24 must divide each process's share of the batch (train.batch_size / world size ="
+        " 512 / 1 = 512) and be a multiple of loss.M=4, so no group of M particles is split; use a divisor of the"
+        " share that M divides, or null for no accumulation.",
+    ),
+    "micro-batch splitting a group of M": (
+        ["train.micro_batch=2"],
+        "train.micro_batch=2 must divide each process's share of the batch (train.batch_size / world size ="
+        " 512 / 1 = 512) and be a multiple of loss.M=4, so no group of M particles is split; use a divisor of the"
+        " share that M divides, or null for no accumulation.",
     ),
     "euler_fm with cosine": (
         ["schedule=cosine", "schedule.param=euler_fm"],
@@ -533,8 +556,9 @@ def test_a_signal_mid_training_checkpoints_at_that_step_and_ends_killed(tmp_path
 
     msg = one_error_line(run.stderr)
     name = signal.Signals(signum).name
-    m = re.fullmatch(rf"training stopped by {name}; checkpoint (\S+); run the same command again to resume\.", msg)
+    m = re.fullmatch(rf"training stopped by {name}; checkpoint (\S+); resume with: python (\S+) (.*)", msg)
     assert m, msg
+    assert m[2] == str(LAUNCH) and shlex.split(m[3]) == [*common, "train.steps=100000"]  # the command as given
     saved = Path(m[1])
     assert saved == checkpoint.list_checkpoints(run_dir)[-1]  # the newest checkpoint ...
     stop_step = checkpoint.load(saved)["step"]
@@ -607,27 +631,30 @@ def test_a_tracking_server_that_is_down_fails_fast_or_falls_back_to_the_local_st
 
 
 # -- 8. disk and paths ---------------------------------------------------------------------------
-def test_runs_and_sweeps_started_together_get_their_own_directories(tmp_path):
+def test_fresh_runs_and_sweeps_started_together_get_their_own_directories(tmp_path):
+    """fresh=true claims a new directory of the experiment with mkdir: two launches of one command
+    started together never share one (runs/toy/<hash> and <hash>-2), and a later launch of the same
+    command without fresh=true continues the newest."""
     quick = [*TINY, "train.steps=20", "train.log_every=10"]
-    runs = [Started(tmp_path, *quick, name=f"run{i}") for i in range(2)]
+    runs = [Started(tmp_path, *quick, "fresh=true", name=f"run{i}") for i in range(2)]
     for r in runs:
         assert r.wait() == 0, r.stderr[-3000:]
-    dirs = sorted(p for p in (tmp_path / "runs").glob("*/*") if p.is_dir())
-    assert len(dirs) == 2, dirs
-    # runs/<date>/<H-M-S-microseconds>-<pid>: the launching process's id keeps them apart
-    assert sorted(d.name.rsplit("-", 1)[1] for d in dirs) == sorted(str(r.proc.pid) for r in runs)
+    first = tmp_path / "runs" / "toy" / rundir.experiment_hash(quick)
+    dirs = run_dirs(tmp_path)
+    assert dirs == [first, first.with_name(first.name + "-2")], dirs
     for d in dirs:
         assert checkpoint_names(d) == ["step-00000020.pt"] and (d / ".hydra" / "config.yaml").is_file()
     finished = mlflow_runs(tmp_path)
     assert sorted(r.data.tags["run_dir"] for r in finished) == [str(d.resolve()) for d in dirs]
     assert all(r.info.status == "FINISHED" for r in finished)
+    out = ok(launch(tmp_path, *quick, "train.steps=30"))  # train.steps does not change the experiment
+    assert f"resumed from {dirs[1] / 'checkpoints' / 'step-00000020.pt'} at step 20" in out.stderr
 
-    sweeps = [Started(tmp_path, "-m", "train.seed=1,2", *quick, name=f"sweep{i}") for i in range(2)]
+    sweeps = [Started(tmp_path, "-m", "train.seed=1,2", *quick, "fresh=true", name=f"sweep{i}") for i in range(2)]
     for s in sweeps:
         assert s.wait() == 0, s.stderr[-3000:]
     sweep_dirs = sorted(p for p in (tmp_path / "multirun").glob("*/*") if p.is_dir())
     assert len(sweep_dirs) == 2, sweep_dirs
-    assert sorted(d.name.rsplit("-", 1)[1] for d in sweep_dirs) == sorted(str(s.proc.pid) for s in sweeps)
     for d in sweep_dirs:
         for job in ("0", "1"):
             assert checkpoint_names(d / job) == ["step-00000020.pt"], (d, job)
@@ -636,12 +663,13 @@ def test_runs_and_sweeps_started_together_get_their_own_directories(tmp_path):
 def test_sweep_jobs_in_their_own_processes_share_the_launchers_sweep_directory(tmp_path):
     """With submitit (here its local executor) every job runs in a process of its own, as a requeued
     job does: each resolves the sweep directory from the config the launching process pickled, so all
-    jobs land in the one directory named after the launching process, not after their own pids."""
+    jobs land in the one directory multirun/<experiment>/<hash of the sweep's overrides>."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    sweep = Started(tmp_path, "-m", "hydra/launcher=local", "train.seed=1,2", *TINY, "train.steps=20")
+    overrides = ["hydra/launcher=local", "train.seed=1,2", *TINY, "train.steps=20"]
+    sweep = Started(tmp_path, "-m", *overrides)
     assert sweep.wait(timeout=600) == 0, sweep.stderr[-3000:]
     (sweep_dir,) = [p for p in (tmp_path / "multirun").glob("*/*") if p.is_dir()]
-    assert sweep_dir.name.endswith(f"-{sweep.proc.pid}")
+    assert sweep_dir == tmp_path / "multirun" / "toy" / rundir.experiment_hash(overrides)
     for job in ("0", "1"):
         assert checkpoint_names(sweep_dir / job) == ["step-00000020.pt"], job
 
@@ -669,3 +697,102 @@ def test_a_finished_run_directory_is_never_overwritten_by_another_experiment(tmp
     assert digest() == before
     run = only_run(tmp_path)
     assert run.info.status == "FINISHED" and math.isfinite(run.data.metrics["final/loss"])
+
+
+# -- 9. the same command resumes; one process per run directory; a sweep relaunches ----------------
+def test_ctrl_c_then_the_same_command_resumes_into_the_same_mlflow_run(tmp_path):
+    """No hydra.run.dir: Ctrl-C (SIGINT) prints the command that resumes; running it lands in the same
+    run directory and continues the same MLflow run, which ends FINISHED: one run, not two."""
+    common = [*TINY, "train.ckpt_every=100", "train.steps=3000"]
+    run = Started(tmp_path, *common)
+    run.wait_for(lambda: any(checkpoint.list_checkpoints(d) for d in run_dirs(tmp_path)), what="the first checkpoint")
+    run.proc.send_signal(signal.SIGINT)
+    assert run.wait() == 130, run.stderr[-3000:]
+    m = re.fullmatch(
+        r"training stopped by SIGINT; checkpoint (\S+); resume with: python (\S+) (.*)", one_error_line(run.stderr)
+    )
+    assert m, run.stderr[-2000:]
+    stop_step = checkpoint.load(m[1])["step"]
+    killed = only_run(tmp_path)
+    assert killed.info.status == "KILLED"
+
+    out = ok(launch(tmp_path, *shlex.split(m[3])))  # the printed command, as a user would paste it
+    assert f"resumed from {m[1]} at step {stop_step}" in out.stderr
+    (run_dir,) = run_dirs(tmp_path)
+    assert checkpoint.list_checkpoints(run_dir)[-1].name == "step-00003000.pt"
+    finished = only_run(tmp_path)
+    assert finished.info.run_id == killed.info.run_id and finished.info.status == "FINISHED"
+    assert not (run_dir / rundir.LOCK_FILE).exists()
+
+    # the same command once more: nothing to do, said in one line, the run untouched
+    out = ok(launch(tmp_path, *common))
+    assert f"{run_dir}: already FINISHED at step 3000; nothing to do" in out.stderr
+    assert only_run(tmp_path).info.status == "FINISHED"
+
+
+def test_a_second_process_on_a_held_run_directory_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
+    common = [*TINY, "train.ckpt_every=100", "train.steps=100000"]
+    holder = Started(tmp_path, *common)
+    holder.wait_for(lambda: any(checkpoint.list_checkpoints(d) for d in run_dirs(tmp_path)), what="a checkpoint")
+    (run_dir,) = run_dirs(tmp_path)
+    second = launch(tmp_path, *common)
+    assert second.returncode == 2
+    msg = one_error_line(second.stderr)
+    assert msg == (
+        f"run directory {run_dir} is in use by process {holder.proc.pid} on {socket.gethostname()}; wait for it to"
+        " end or stop it, or start a new run of this experiment with fresh=true."
+    )
+    assert holder.proc.poll() is None and len(mlflow_runs(tmp_path)) == 1  # the holder trains on, one MLflow run
+
+    holder.proc.send_signal(signal.SIGKILL)  # its lock stays behind, naming a dead process
+    holder.wait()
+    assert (run_dir / rundir.LOCK_FILE).exists()
+    killed_at = checkpoint.load(checkpoint.list_checkpoints(run_dir)[-1])["step"]
+    out = ok(launch(tmp_path, *TINY, "train.ckpt_every=100", f"train.steps={killed_at + 20}"))
+    assert f"at step {killed_at}" in out.stderr and not (run_dir / rundir.LOCK_FILE).exists()
+
+    # a lock from another host (a shared file system): live while its heartbeat is fresh, stale after
+    lock = run_dir / rundir.LOCK_FILE
+    lock.write_text('{"pid": 4242, "host": "node-elsewhere", "start": null, "slurm_job": "77"}')
+    proc = launch(tmp_path, *TINY, "train.ckpt_every=100", f"train.steps={killed_at + 40}")
+    assert proc.returncode == 2 and "in use by process 4242 on node-elsewhere;" in one_error_line(proc.stderr)
+    old = time.time() - rundir.STALE_AFTER_S - 60
+    os.utime(lock, (old, old))
+    ok(launch(tmp_path, *TINY, "train.ckpt_every=100", f"train.steps={killed_at + 40}"))
+    assert checkpoint.list_checkpoints(run_dir)[-1].name == f"step-{killed_at + 40:08d}.pt"
+
+
+def test_a_sweep_interrupted_after_one_of_three_jobs_relaunches_only_the_other_two(tmp_path):
+    """Ctrl-C during the second of three jobs; the same sweep command again reuses the sweep directory
+    and the MLflow parent run, skips the FINISHED job, resumes the interrupted one from its checkpoint
+    and starts the third, saying so in one line per job; the parent ends FINISHED with three children."""
+    overrides = [*TINY, "train.steps=400", "train.ckpt_every=100", "train.seed=1,2,3"]
+    sweep_dir = tmp_path / "multirun" / "toy" / rundir.experiment_hash(overrides)
+    first = Started(tmp_path, "-m", *overrides, name="first")
+    first.wait_for(lambda: checkpoint.list_checkpoints(sweep_dir / "1"), what="job 1's first checkpoint")
+    first.proc.send_signal(signal.SIGINT)
+    assert first.wait() == 130, first.stderr[-3000:]
+    done = {n: checkpoint_names(sweep_dir / n) for n in ("0", "1")}
+    assert done["0"][-1] == "step-00000400.pt" and not (sweep_dir / "2").exists()
+    stopped_at = checkpoint.load(checkpoint.list_checkpoints(sweep_dir / "1")[-1])["step"]
+    job0_bytes = (sweep_dir / "0" / "checkpoints" / "step-00000400.pt").read_bytes()
+    parents = [r for r in mlflow_runs(tmp_path) if r.data.tags.get("sweep.role") == "parent"]
+    assert [p.info.status for p in parents] == ["KILLED"]
+
+    again = Started(tmp_path, "-m", *overrides, name="again")
+    assert again.wait() == 0, again.stderr[-3000:]
+    said = again.out.read_text().splitlines()  # the launching process logs through Hydra's logger (stdout)
+    lines = [ln.split("] ", 1)[1] for ln in said if re.search(r"\] job \d ", ln)]
+    assert lines == [
+        "job 0 train.seed=1: skipped (FINISHED at step 400 before)",
+        f"job 1 train.seed=2: resumed from step {stopped_at}, FINISHED at step 400",
+        "job 2 train.seed=3: started, FINISHED at step 400",
+    ], again.stderr[-3000:]
+    assert (sweep_dir / "0" / "checkpoints" / "step-00000400.pt").read_bytes() == job0_bytes  # not run again
+    runs = mlflow_runs(tmp_path)
+    (parent,) = [r for r in runs if r.data.tags.get("sweep.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("sweep.role") == "child"]
+    assert parent.info.run_id == parents[0].info.run_id and parent.info.status == "FINISHED"
+    assert parent.data.tags["sweep.children"] == "3"
+    assert sorted(c.data.tags["sweep.id"] for c in children) == [parent.info.run_id] * 3
+    assert all(c.info.status == "FINISHED" for c in children)

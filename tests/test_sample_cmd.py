@@ -57,7 +57,11 @@ def test_sample_command_writes_files_and_logs_into_the_training_run(toy, tmp_pat
     (out,) = (toy.root / "runs" / "samples").glob("*/*")  # the Hydra run directory, under the launch directory
     assert {"samples.npy", "samples.png", "steps.png", "sample.json", ".hydra"} <= {p.name for p in out.iterdir()}
     record = json.loads((out / "sample.json").read_text())
-    assert record["ckpt"] == str(toy.ckpt) and record["step"] == 20 and record["weights"] == "ema"
+    assert (
+        record["ckpt"] == str(toy.run_dir / "snapshots" / "snapshot-00000020.pt")
+        and record["step"] == 20
+        and record["weights"] == "ema"
+    )
     assert record["grid"] == pytest.approx([0.994, 1.4 / 2.4, 0.0])  # 2 steps: the paper's eta = 1.4
     points = np.load(out / "samples.npy")
     assert points.shape == (300, 2) and np.isfinite(points).all()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -131,12 +132,47 @@ def imm_loss_from_outputs(
 # --------------------------------------------------------------------------------------------
 # the objectives
 # --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Draws:
+    """One step's random draws for this rank's share of the global batch (`draw`), consumed by `loss`.
+
+    `times` hold one entry per group of `group` particles (IMM: (t, s, r) per group of M; FM: (t, s)
+    per sample), `noise` and the labels one entry per sample. `draws[a:b]` are the draws of samples
+    a..b-1 (a micro-batch; a and b multiples of `group`, so a group is never split).
+    """
+
+    times: tuple[Tensor, ...]
+    noise: Tensor
+    labels_student: Tensor | None
+    labels_target: Tensor | None
+    group: int = 1
+
+    def __len__(self) -> int:
+        return self.noise.shape[0]
+
+    def __getitem__(self, samples: slice) -> Draws:
+        a, b, step = samples.indices(len(self))
+        if step != 1 or a % self.group or b % self.group:
+            raise ValueError(f"a micro-batch [{a}:{b}] must hold whole groups of {self.group} samples")
+
+        def cut(v):
+            return None if v is None else v[a:b]
+
+        g = slice(a // self.group, b // self.group)
+        times = tuple(v[g] for v in self.times)
+        return Draws(times, self.noise[a:b], cut(self.labels_student), cut(self.labels_target), self.group)
+
+
 class _Objective:
     """Random draws shared by both objectives.
 
     Every draw is made for the GLOBAL batch (world_size ranks x local batch) from `generator` and
     this rank keeps its contiguous slice, so a DDP run and a single-process run with the same
     global batch and seed see identical noise, times and label drops.
+
+    `draw(x, labels, generator)` makes one step's draws for this rank's share x; `loss(net, x, draws)`
+    evaluates the loss on the share or on a micro-batch of it (`draws[a:b]`, gradient accumulation);
+    calling the objective does both on the whole share.
     """
 
     def __init__(
@@ -188,6 +224,16 @@ class _Objective:
     def _interpolate(self, x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """x_t = alpha_t x + sigma_t eps (the same eps gives x_r = DDIM(x_t, x, r, t), App. C.2)."""
         return bcast(self.schedule.alpha(t), x) * x + bcast(self.schedule.sigma(t), x) * noise
+
+    def __call__(self, net, x: Tensor, labels: Tensor | None = None, *, target=None, generator=None, **draw_options):
+        """(loss, diagnostics) for a local batch x [B, ...]: this step's draws (`draw_options`: IMM's
+        `times`), then the loss on all of x."""
+        return self.loss(net, x, self.draw(x, labels, generator, **draw_options), target=target)
+
+    @staticmethod
+    def _check_draws(x: Tensor, draws: Draws) -> None:
+        if x.shape[0] != len(draws):
+            raise ValueError(f"{x.shape[0]} samples but draws for {len(draws)}; slice the draws like the batch")
 
 
 class IMMObjective(_Objective):
@@ -249,21 +295,33 @@ class IMMObjective(_Objective):
         s = self.eps + (t - self.eps) * self._rand(n_groups, generator, device)
         return t, s, self.mapping(s, t)
 
-    def __call__(self, net, x: Tensor, labels: Tensor | None = None, *, target=None, generator=None, times=None):
-        """(loss, diagnostics) for a local batch x [B, ...] with B divisible by M.
+    def draw(self, x: Tensor, labels: Tensor | None = None, generator=None, times=None) -> Draws:
+        """This step's draws for the local batch x [B, ...], B divisible by M: (t, s, r) per group, then
+        noise, then label drops, each for the global batch (the order fixes every result).
 
         `times` = (t, s, r), each [B / M], evaluates the loss at chosen times instead of drawing them.
         """
         B, M = x.shape[0], self.M
         if B % M:
             raise ValueError(f"the batch ({B}) must be divisible by M ({M})")
-        G = B // M
         t, s, r = (
-            (f64(v).to(x.device) for v in times) if times is not None else self.sample_times(G, generator, x.device)
+            (f64(v).to(x.device) for v in times)
+            if times is not None
+            else self.sample_times(B // M, generator, x.device)
         )
         noise = self._noise(x, generator)
         labels_student = self._drop_labels(labels, generator)
         labels_target = labels_student if self.drop_target_labels else labels
+        return Draws((t, s, r), noise, labels_student, labels_target, group=M)
+
+    def loss(self, net, x: Tensor, draws: Draws, *, target=None):
+        """(loss, diagnostics) for samples x [B, ...] (the share or a micro-batch of whole groups) and
+        their draws: the mean over its groups of w(s, t) MMD^2."""
+        self._check_draws(x, draws)
+        M = self.M
+        G = x.shape[0] // M
+        t, s, r = draws.times
+        noise, labels_student, labels_target = draws.noise, draws.labels_student, draws.labels_target
         t_b, s_b, r_b = (v.repeat_interleave(M) for v in (t, s, r))  # every particle of a group shares them
         x_t = self._interpolate(x, noise, t_b)
         x_r = self._interpolate(x, noise, r_b)
@@ -307,12 +365,19 @@ class FMObjective(_Objective):
     def __init__(self, param, *, eps: float = 0.0, T: float = 0.994, **kw):
         super().__init__(param, eps=eps, T=T, **kw)
 
-    def __call__(self, net, x: Tensor, labels: Tensor | None = None, *, target=None, generator=None):
+    def draw(self, x: Tensor, labels: Tensor | None = None, generator=None) -> Draws:
+        """This step's draws for the local batch x: (t, s) per sample, then noise, then label drops."""
         B = x.shape[0]
         t = self.eps + (self.T - self.eps) * self._rand(B, generator, x.device)
         s = self.eps + (t - self.eps) * self._rand(B, generator, x.device)
         noise = self._noise(x, generator)
         labels = self._drop_labels(labels, generator)
+        return Draws((t, s), noise, labels, labels)
+
+    def loss(self, net, x: Tensor, draws: Draws, *, target=None):
+        """(loss, diagnostics) for samples x (the share or a micro-batch) and their draws."""
+        self._check_draws(x, draws)
+        (t, s), noise, labels = draws.times, draws.noise, draws.labels_student
         x_t = self._interpolate(x, noise, t)
         G = self.param.net_output(net, x_t, s, t, labels)
         # G* = A x + B_noise eps with float64 coefficients (t floored: euler_fm's g_c_out(0) = 0).

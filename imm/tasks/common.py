@@ -88,12 +88,18 @@ def _training_config(text: str):
 
 
 def restore(ckpt, *, weights: str = "ema", device: str = "auto", data=None) -> Restored:
-    """Load the checkpoint `ckpt` names (a file, a run directory or its checkpoints/ folder; weights_only)
-    and rebuild its network with the EMA or the online weights; `data`: where the training data live now."""
+    """Load the file `ckpt` names (an EMA snapshot or a training state, or a run directory: its newest of
+    either; weights_only) and rebuild its network with the EMA or, from a training state, the online weights;
+    `data`: where the training data live now. Of a training state only the weights are used."""
     check_choices([("weights", weights, WEIGHTS)])
     dev = factory.device(device, key="device")
-    path = checkpoint.resolve(require_ckpt(ckpt), key="ckpt")
-    state = checkpoint.load(path, required=(*checkpoint.REQUIRED_KEYS, "shape", "num_classes"))
+    path = checkpoint.resolve(require_ckpt(ckpt), key="ckpt", snapshots=True)
+    state = checkpoint.load(path, required=checkpoint.SAMPLING_KEYS)
+    if weights == "online" and state.get("kind") == checkpoint.SNAPSHOT:
+        raise CheckpointError(
+            f"{path} is an EMA snapshot, which holds no online weights; for weights=online give a training state"
+            f" (a step-XXXXXXXX.pt file in the run's {checkpoint.CKPT_DIR}/), or use weights=ema."
+        )
     cfg = _training_config(state["config"])
     for key in ("root", "path"):  # the data moved since training
         if data is not None and data.get(key):
@@ -106,7 +112,9 @@ def restore(ckpt, *, weights: str = "ema", device: str = "auto", data=None) -> R
         if not weights_sd:
             raise CheckpointError(f"{path} holds no EMA weights (no ema_model.* keys); use weights=online")
     else:
-        weights_sd = state["model"]
+        weights_sd = state.get("model")
+        if not weights_sd:
+            raise CheckpointError(f"{path} holds no online weights (no model key); use weights=ema")
     try:
         net.load_state_dict(weights_sd)
     except RuntimeError as e:

@@ -41,12 +41,18 @@ def swept_keys(config: DictConfig) -> list[str]:
 
 
 class MLflowSweepCallback(Callback):
-    """Hydra callback: on_multirun_start opens the parent run; on_multirun_end closes it."""
+    """Hydra callback: on_multirun_start opens the parent run (or, when the same sweep command runs
+    again, reopens the one its sweep.json names); on_multirun_end closes it and says, in one line per
+    job, what each job did (started, resumed, rerun, skipped) and how it ended."""
 
     def __init__(self):
-        self.client, self.run_id = None, None
+        self.client, self.run_id, self.sweep_dir, self.started = None, None, None, 0.0
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        import time
+
+        self.sweep_dir, self.started = Path(config.hydra.sweep.dir), time.time()
+        atexit.register(self._report)
         if not config.tracking.enabled:
             return
 
@@ -54,38 +60,72 @@ class MLflowSweepCallback(Callback):
 
         uri = config.tracking.uri or default_uri(config.hydra.runtime.cwd)
         ensure_store(uri)
-        sweep_dir = Path(config.hydra.sweep.dir)
+        sweep_dir = self.sweep_dir
         sweep_dir.mkdir(parents=True, exist_ok=True)
         keys = swept_keys(config)
+        parent = sweep_info(sweep_dir).get("parent_run_id")
         choices = config.hydra.runtime.choices
-        name = f"sweep {choices.get('sweep') or ','.join(keys)} {sweep_dir.name}"
         tracker = Tracker.open(
             uri,
             config.tracking.experiment,
-            run_name=name,
+            run_name=f"sweep {choices.get('sweep') or ','.join(keys)} {sweep_dir.name}",
             params={},
             tags={"sweep.dir": str(sweep_dir.resolve()), "sweep.keys": ",".join(keys), "sweep.role": "parent"},
+            run_id=parent if parent and _exists(uri, parent) else None,
         )
         tracker.set_tags({"sweep.id": tracker.run_id})
         self.client, self.run_id = tracker.client, tracker.run_id
         (sweep_dir / SWEEP_FILE).write_text(json.dumps({"parent_run_id": tracker.run_id, "keys": keys}) + "\n")
         # Hydra raises out of the sweep when a job fails, skipping on_multirun_end: never leave RUNNING.
-        atexit.register(self._end, "FAILED")
-        log.info("MLflow parent run %s for the sweep over %s in %s", tracker.run_id, ", ".join(keys), uri)
+        atexit.register(self._end, None)
+        again = "relaunched: reopened" if tracker.run_id == parent else "opened"
+        log.info(
+            "sweep over %s in %s: %s MLflow parent run %s in %s", ", ".join(keys), sweep_dir, again, tracker.run_id, uri
+        )
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if self.client is None:
             return
-        children = self.client.search_runs(
-            [self.client.get_run(self.run_id).info.experiment_id],
-            filter_string=f"tags.`sweep.id` = '{self.run_id}' and tags.`sweep.role` = 'child'",
-        )
-        statuses = [r.info.status for r in children]
+        statuses = [r.info.status for r in self._children()]
         self.client.set_tag(self.run_id, "sweep.children", str(len(statuses)))
         failed = sum(s != "FINISHED" for s in statuses)
         self._end("FAILED" if failed else "FINISHED")
         log.info("sweep finished: %d child runs, %d not FINISHED", len(statuses), failed)
 
-    def _end(self, status: str) -> None:
-        if self.client is not None and self.client.get_run(self.run_id).info.status == "RUNNING":
-            self.client.set_terminated(self.run_id, status=status)
+    def _children(self):
+        return self.client.search_runs(
+            [self.client.get_run(self.run_id).info.experiment_id],
+            filter_string=f"tags.`sweep.id` = '{self.run_id}' and tags.`sweep.role` = 'child'",
+        )
+
+    def _end(self, status: str | None) -> None:
+        """End the parent run; status None (the sweep stopped early): KILLED if a child was, else FAILED."""
+        if self.client is None or self.client.get_run(self.run_id).info.status != "RUNNING":
+            return
+        if status is None:
+            status = "KILLED" if any(r.info.status == "KILLED" for r in self._children()) else "FAILED"
+        self.client.set_terminated(self.run_id, status=status)
+
+    def _report(self) -> None:
+        """One line per job directory: what its attempt in this launch did, or that it did not run."""
+        from imm.training.rundir import describe, read_status
+
+        found = self.sweep_dir.iterdir() if self.sweep_dir.is_dir() else ()
+        for job in sorted((p for p in found if p.name.isdigit() and p.is_dir()), key=lambda p: int(p.name)):
+            status = read_status(job)
+            if not status or status.get("time", 0) < self.started:
+                what = "did not finish in this launch" + (f" (last: {describe(status)})" if status else "")
+            else:
+                what = describe(status)
+            log.info("job %s %s: %s", job.name, status.get("name") or "", what)
+
+
+def _exists(uri: str, run_id: str) -> bool:
+    """The parent run named in sweep.json is in this store (a sweep relaunched against another store: a new one)."""
+    from imm.tracking.mlflow_run import client_for
+
+    try:
+        client_for(uri).get_run(run_id)
+    except Exception:  # noqa: BLE001  mlflow raises MlflowException for a missing run
+        return False
+    return True

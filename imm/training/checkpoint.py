@@ -1,12 +1,18 @@
-"""Atomic, resumable checkpoints.
+"""Atomic, resumable checkpoints, and EMA snapshots kept apart from them.
 
-A checkpoint is one file `<run_dir>/checkpoints/step-XXXXXXXX.pt` holding only state_dicts, tensors
+A training state is one file `<run_dir>/checkpoints/step-XXXXXXXX.pt` holding only state_dicts, tensors
 and plain Python values (the resolved config as YAML text), so it loads with
 `torch.load(weights_only=True)`: a file that would run code when unpickled is refused.
 Writes go to a temporary file in the same directory, are fsynced, then renamed over the final name:
 a kill at any moment leaves either the previous checkpoint set or the new file, never a partial
 file under a checkpoint name (a killed write leaves a `.tmp-*.part` file, which nothing loads and the
-next save removes). The newest K + 1 files are kept.
+next save removes). The newest K + 1 training states are kept.
+
+A snapshot (edm2's network snapshot) is `<run_dir>/snapshots/snapshot-XXXXXXXX.pt`: the EMA's state_dict
+under the key `ema` (the same layout as a training state's `ema`) with what sampling needs (step, config,
+shape, num_classes, standardizer, mlflow_run_id) and `kind: snapshot`; it is written the same atomic way,
+loads with weights_only=True too, and is never pruned. Sample and evaluate take either kind; resuming
+training takes training states only.
 """
 
 from __future__ import annotations
@@ -22,9 +28,13 @@ import torch
 
 CKPT_DIR = "checkpoints"
 PATTERN = re.compile(r"^step-(\d{8,})\.pt$")
+SNAPSHOT_DIR = "snapshots"
+SNAPSHOT_PATTERN = re.compile(r"^snapshot-(\d{8,})\.pt$")
+SNAPSHOT = "snapshot"  # the value of a snapshot's `kind` key (a training state has no `kind`)
 PARTIAL_PREFIX, PARTIAL_SUFFIX = ".tmp-", ".part"  # a write in progress, or one a kill interrupted
-# What every consumer of a checkpoint reads (sample and evaluate too); resuming also needs the
-# objects the loop's CheckpointIO names.
+# What sample and evaluate read from either kind of file (weights=online also reads a state's `model`).
+SAMPLING_KEYS = ("step", "config", "ema", "shape", "num_classes")
+# What every training state holds; resuming also needs the objects the loop's CheckpointIO names.
 REQUIRED_KEYS = ("step", "config", "model", "ema")
 _UMASK = os.umask(0o022)  # read the process umask (there is no getter) and put it back
 os.umask(_UMASK)
@@ -50,6 +60,10 @@ class CheckpointIO:
         state = {name: None if obj is None else obj.state_dict() for name, obj in self.objects.items()}
         return {**state, "rng": rng_state(device), **values}
 
+    def snapshot_dict(self, **values) -> dict:
+        """The EMA weights alone (the `ema` object's state_dict, as in a training state) beside plain values."""
+        return {"kind": SNAPSHOT, "ema": self.objects["ema"].state_dict(), **values}
+
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         """Load every object; the global RNG last (call after any seeding, it continues the saved stream)."""
         for name, obj in self.objects.items():
@@ -69,26 +83,50 @@ def ckpt_dir(run_dir) -> Path:
     return Path(run_dir) / CKPT_DIR
 
 
-def list_checkpoints(run_dir) -> list[Path]:
-    """Checkpoint files of a run, oldest first (temporary files never match the pattern)."""
-    d = ckpt_dir(run_dir)
+def snapshot_dir(run_dir) -> Path:
+    return Path(run_dir) / SNAPSHOT_DIR
+
+
+def _numbered(d: Path, pattern: re.Pattern) -> list[tuple[int, Path]]:
+    """(step, file) of the files in d whose names match pattern, oldest first (temporary files never match)."""
     if not d.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := PATTERN.match(p.name))]
-    return [p for _, p in sorted(found)]
+    return sorted((int(m.group(1)), p) for p in d.iterdir() if (m := pattern.match(p.name)))
+
+
+def list_checkpoints(run_dir) -> list[Path]:
+    """Training-state files of a run, oldest first."""
+    return [p for _, p in _numbered(ckpt_dir(run_dir), PATTERN)]
+
+
+def list_snapshots(run_dir) -> list[Path]:
+    """Snapshot files of a run, oldest first."""
+    return [p for _, p in _numbered(snapshot_dir(run_dir), SNAPSHOT_PATTERN)]
 
 
 def save(state: dict, run_dir, step: int, keep_last: int = 3) -> Path:
-    """Write `state` atomically as the checkpoint of `step`; keep the newest keep_last + 1 files."""
-    d = ckpt_dir(run_dir)
+    """Write `state` atomically as the training state of `step`; keep the newest keep_last + 1 states."""
+    final = _write_atomic(state, ckpt_dir(run_dir) / f"step-{step:08d}.pt")
+    for old in list_checkpoints(run_dir)[: -(keep_last + 1)]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def save_snapshot(snapshot: dict, run_dir, step: int) -> Path:
+    """Write `snapshot` (CheckpointIO.snapshot_dict) atomically as the snapshot of `step`; nothing is pruned."""
+    return _write_atomic(snapshot, snapshot_dir(run_dir) / f"snapshot-{step:08d}.pt")
+
+
+def _write_atomic(obj: dict, final: Path) -> Path:
+    """torch.save `obj` to a temporary file beside `final`, fsync it, rename it over `final`, fsync the folder."""
+    d = final.parent
     d.mkdir(parents=True, exist_ok=True)
-    final = d / f"step-{step:08d}.pt"
-    remove_partial(run_dir)  # left by a write that a kill interrupted (only the main process saves)
+    _remove_partial(d)  # left by a write that a kill interrupted (only the main process saves)
     fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=PARTIAL_SUFFIX, dir=d)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; a checkpoint is as readable as any file
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -96,14 +134,15 @@ def save(state: dict, run_dir, step: int, keep_last: int = 3) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    for old in list_checkpoints(run_dir)[: -(keep_last + 1)]:
-        old.unlink(missing_ok=True)
     return final
 
 
 def remove_partial(run_dir) -> list[Path]:
-    """Delete temporary files of checkpoint writes that never finished; returns what was removed."""
-    d = ckpt_dir(run_dir)
+    """Delete temporary files of checkpoint and snapshot writes that never finished; returns what was removed."""
+    return [*_remove_partial(ckpt_dir(run_dir)), *_remove_partial(snapshot_dir(run_dir))]
+
+
+def _remove_partial(d: Path) -> list[Path]:
     found = [p for p in d.glob(f"{PARTIAL_PREFIX}*{PARTIAL_SUFFIX}") if p.is_file()] if d.is_dir() else []
     for p in found:
         p.unlink(missing_ok=True)
@@ -146,6 +185,11 @@ def load(path, map_location="cpu", required=REQUIRED_KEYS) -> dict:
             f" ({type(e).__name__}: {detail.rstrip('.')})."
         ) from None
     missing = [k for k in required if k not in state] if isinstance(state, dict) else list(required)
+    if missing and state.get("kind") == SNAPSHOT:
+        raise CheckpointError(
+            f"{path} is an EMA snapshot, which holds the EMA weights only (not {', '.join(missing)}); resuming"
+            f" training and weights=online need a training state, a step-XXXXXXXX.pt file from the run's {CKPT_DIR}/."
+        )
     if missing:
         raise CheckpointError(
             f"{path} is not a training checkpoint of this project (it lacks"
@@ -154,19 +198,43 @@ def load(path, map_location="cpu", required=REQUIRED_KEYS) -> dict:
     return state
 
 
-def resolve(path, run_dir=None, *, key: str = "resume") -> Path | None:
-    """The checkpoint the option `key`=`path` names: a checkpoint file, the newest checkpoint of a run
-    directory or of a run's checkpoints/ folder; without `path`, run_dir's newest (None: there is none).
-    Training resumes through it (resume=), sample and evaluate read their ckpt= through it."""
-    if path:
-        p = Path(str(path)).expanduser()
-        if p.is_file():
-            return p
-        if p.is_dir():
-            found = list_checkpoints(p) or (list_checkpoints(p.parent) if p.name == CKPT_DIR else [])
-            if not found:
-                raise CheckpointError(f"{key}={path} is a directory without checkpoints in {ckpt_dir(p)}.")
-            return found[-1]
+def resolve(path, run_dir=None, *, key: str = "resume", snapshots: bool = False) -> Path | None:
+    """The file the option `key`=`path` names: a file, the newest of a run directory, or the newest of a
+    run's checkpoints/ (or snapshots/) folder; without `path`, run_dir's newest (None: there is none).
+    snapshots=False (training's resume=): training states only, a snapshot file is refused.
+    snapshots=True (sample's and evaluate's ckpt=): a snapshot or a state, a run directory meaning the one of
+    the higher step (on a tie the snapshot, the smaller file)."""
+    if not path:
+        return _newest(run_dir, snapshots) if run_dir is not None else None
+    p = Path(str(path)).expanduser()
+    if p.is_file():
+        if not snapshots and SNAPSHOT_PATTERN.match(p.name):
+            raise CheckpointError(
+                f"{key}={path} is an EMA snapshot (EMA weights only), which cannot resume training; give a"
+                f" training state (a step-XXXXXXXX.pt file in the run's {CKPT_DIR}/) or the run directory."
+            )
+        return p
+    if not p.is_dir():
         raise CheckpointError(f"{key}={path} does not exist; give a checkpoint file or a run directory.")
-    found = list_checkpoints(run_dir) if run_dir is not None else []
-    return found[-1] if found else None
+    found = _newest(p, snapshots)
+    if found is None and p.name == CKPT_DIR:
+        found = _newest(p.parent, snapshots=False)
+    if found is None and p.name == SNAPSHOT_DIR and snapshots:
+        found = next(reversed(list_snapshots(p.parent)), None)
+    if found is not None:
+        return found
+    if snapshots:
+        raise CheckpointError(
+            f"{key}={path} is a directory without training states in {ckpt_dir(p)} or snapshots in {snapshot_dir(p)}."
+        )
+    only_snapshots = list_snapshots(p) or (list_snapshots(p.parent) if p.name == SNAPSHOT_DIR else [])
+    why = " (its snapshots hold EMA weights only and cannot resume training)" if only_snapshots else ""
+    raise CheckpointError(f"{key}={path} is a directory without training states in {ckpt_dir(p)}{why}.")
+
+
+def _newest(run_dir, snapshots: bool) -> Path | None:
+    """run_dir's newest training state or, with `snapshots`, snapshot: the higher step, on a tie the snapshot."""
+    found = [(step, 0, p) for step, p in _numbered(ckpt_dir(run_dir), PATTERN)]
+    if snapshots:
+        found += [(step, 1, p) for step, p in _numbered(snapshot_dir(run_dir), SNAPSHOT_PATTERN)]
+    return max(found)[2] if found else None

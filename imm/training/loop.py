@@ -8,6 +8,7 @@ Relaunching the same command in the same run directory resumes where the last ch
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -20,36 +21,18 @@ from ema_pytorch import EMA
 from omegaconf import OmegaConf
 
 from imm import factory
-from imm.config import ConfigError, validate
+from imm.config import RESUMABLE_KEYS, ConfigError, validate
 from imm.data import ResumableBatches
 from imm.evaluation.evaluate import Evaluator
 from imm.evaluation.metrics import lower_is_better
 from imm.tracking.mlflow_run import Tracker, check_reachable, flatten, git_tags
-from imm.training import checkpoint, distributed
+from imm.training import checkpoint, distributed, rundir
 from imm.training.signals import Interrupted, StopFlag
+from imm.training.threads import torch_threads
 
 log = logging.getLogger("imm.train")
 
 RUN_ID_FILE = "mlflow_run_id"
-
-# Keys that may differ when a run is resumed (longer training, other logging, another machine).
-RESUMABLE_KEYS = (
-    "resume",
-    "train.steps",
-    "train.log_every",
-    "train.ckpt_every",
-    "train.keep_last",
-    "train.device",
-    "train.threads",
-    "train.compile",
-    "eval.",
-    "tracking.",
-    "data.num_workers",
-    "data.root",
-    "data.path",
-    "data.download",
-    "hydra",
-)
 
 
 def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", extra_tags=None) -> dict:
@@ -61,10 +44,26 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     validate(cfg, env.world_size)
     device = factory.device(cfg.train.device, local_rank=env.local_rank)
     _configure_precision(cfg.train.precision, device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    n_threads, threads_from = torch_threads(cfg.train.threads, cfg.arch.name)
+    torch.set_num_threads(n_threads)
+    log.info("torch threads: %d (%s)", n_threads, threads_from)
     if env.is_main and cfg.tracking.enabled:
         check_reachable(tracking_uri)  # a dead server costs seconds, not a queued job
+    lock = rundir.RunLock.acquire(run_dir) if env.is_main else None  # a second process is refused
+    last = rundir.read_status(run_dir)  # how the last attempt in this directory ended
+    if rundir.finished(last, cfg.train.steps):
+        if (newest := checkpoint.resolve(None, run_dir)) is not None:  # another experiment is refused, not skipped
+            _check_same_run(cfg, checkpoint.load(newest)["config"], newest)
+        log.info(
+            "%s: already FINISHED at step %d; nothing to do (raise train.steps to train on, or fresh=true for a"
+            " new run)",
+            run_dir,
+            last["step"],
+        )
+        if env.is_main:
+            rundir.write_status(run_dir, **{**last, "action": "skipped"})
+            lock.release()
+        return last.get("summary", {})
 
     # -- data, network, objective, optimizer (all before any run is created) -------------------
     bundle = factory.dataset(cfg)
@@ -92,6 +91,9 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
         state.load_state_dict(saved, device)
         step = saved["step"]
         log.info("resumed from %s at step %d", ckpt_path, step)
+    action, start_step = rundir.action(last, resumed=saved is not None), step
+    if action == "rerun":
+        log.info("the last attempt in %s FAILED at step %s; running again from step %d", run_dir, last["step"], step)
     # a job requeued before its first checkpoint reopens its run too
     run_id = _read_run_id(run_dir) or (saved or {}).get("mlflow_run_id")
 
@@ -125,9 +127,19 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
             for group in optimizer.param_groups:
                 group["lr"] = factory.lr_at(cfg, step)
             with autocast:
-                loss, diag = objective(student, x, labels, target=target, generator=generator)
+                draws = objective.draw(x, labels, generator)  # for the whole share, whatever train.micro_batch
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            micro_batches = _micro_batches(student, x.shape[0], cfg.train.micro_batch, env.enabled)
+            losses, diags = [], []
+            for samples, sync in micro_batches:  # gradient accumulation: the mean of the micro losses
+                with sync:
+                    with autocast:
+                        loss, diag = objective.loss(student, x[samples], draws[samples], target=target)
+                    scaler.scale(loss / len(micro_batches)).backward()
+                losses.append(loss.detach())
+                diags.append(diag)
+            loss = torch.stack(losses).mean()
+            diag = {k: torch.stack([d[k] for d in diags]).mean() for k in diag}
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip or math.inf)
             finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | scaler.is_enabled())
@@ -149,11 +161,15 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
                 _track_best(best, _evaluate(evaluator, ema.ema_model, tracker, run_dir, step))
             if step % cfg.train.ckpt_every == 0 and step < cfg.train.steps:
                 _save(state, device, run_dir, env, cfg, step, extras)
+            if cfg.train.snapshot_every and step % cfg.train.snapshot_every == 0 and step < cfg.train.steps:
+                _snapshot(state, run_dir, env, step, extras)
             if stop_signum is not None:
                 stop.request(stop_signum)
                 _save(state, device, run_dir, env, cfg, step, extras)
                 stop.hand_over()  # submitit requeues on preemption; otherwise raises Interrupted
         _save(state, device, run_dir, env, cfg, step, extras)
+        if cfg.train.snapshot_every:
+            _snapshot(state, run_dir, env, step, extras)
         final = _evaluate(evaluator, ema.ema_model, tracker, run_dir, step)
         _track_best(best, final)
         summary.update({f"final/{k[5:]}": v for k, v in final.items()})
@@ -170,6 +186,10 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
         tracker.end(status)
         distributed.shutdown(env)
         if env.is_main:
+            rundir.write_status(
+                run_dir, status=status, step=step, action=action, from_step=start_step, name=run_name, summary=summary
+            )
+            lock.release()
             _where(run_dir, tracking_uri if tracker.enabled else None, tracker.run_id, status)
 
 
@@ -266,6 +286,16 @@ def _read_run_id(run_dir: Path) -> str | None:
     return p.read_text().strip() or None if p.is_file() else None
 
 
+def _micro_batches(student, n: int, micro: int | None, ddp: bool) -> list:
+    """(samples, context) for each micro-batch of train.micro_batch of this rank's n samples (one when
+    null); under DDP all but the last run in no_sync, so the gradients are all-reduced once per step."""
+    size = micro or n
+    return [
+        (slice(a, a + size), student.no_sync() if ddp and a + size < n else contextlib.nullcontext())
+        for a in range(0, n, size)
+    ]
+
+
 def _step_seed(seed: int, step: int) -> int:
     digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
@@ -286,6 +316,7 @@ def _open_tracker(cfg, run_dir: Path, uri: str, run_name: str, run_id: str | Non
     if run_id is None:
         tracker.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
         tracker.log_text(str(checkpoint.ckpt_dir(run_dir).resolve()) + "\n", "checkpoints.txt")
+        tracker.log_text(str(checkpoint.snapshot_dir(run_dir).resolve()) + "\n", "snapshots.txt")
     return tracker
 
 
@@ -315,6 +346,12 @@ def _save(state: checkpoint.CheckpointIO, device, run_dir: Path, env, cfg, step:
         path = checkpoint.save(state.state_dict(device, step=step, **extras), run_dir, step, cfg.train.keep_last)
         log.info("checkpoint %s", path)
     distributed.barrier(env)
+
+
+def _snapshot(state: checkpoint.CheckpointIO, run_dir: Path, env, step: int, extras: dict) -> None:
+    """The EMA weights at `step` with what sampling needs (main process; small, so no rank waits for it)."""
+    if env.is_main:
+        log.info("snapshot %s", checkpoint.save_snapshot(state.snapshot_dict(step=step, **extras), run_dir, step))
 
 
 def _evaluate(evaluator: Evaluator | None, model, tracker: Tracker, run_dir: Path, step: int) -> dict:

@@ -1,0 +1,232 @@
+"""What a run directory is: where the same command lands, which process holds it, and how it ended.
+
+- Identity. The default run directory is `runs/<experiment>/<hash>` (a sweep's `multirun/<sweep>/<hash>`),
+  where <hash> is a short hash of the command-line overrides that change the experiment: keys that may
+  change when a run is resumed (config.RESUMABLE_KEYS: train.steps, logging, evaluation, device, data
+  location, tracking, hydra.*) do not enter it. So the same command lands in the same directory and
+  resumes there, into the same MLflow run. `fresh=true` claims a new directory `<hash>-2`, `<hash>-3`,
+  ...; without it a command lands in the newest of them.
+- A lock. The main process of a training holds `<run_dir>/.lock` (pid, host, process start time, SLURM
+  job id) and touches it every HEARTBEAT_S seconds. A second process is refused while the holder lives;
+  a lock whose process is gone (same host), whose SLURM job is this one (a requeue on another node), or
+  whose heartbeat is older than STALE_AFTER_S (another host) is taken over.
+- Status. `<run_dir>/status.json` records how the last attempt ended (FINISHED, KILLED, FAILED), at which
+  step, what it did when it started (started, resumed, rerun, skipped) and its final metrics, so a
+  relaunched command or sweep job skips a finished run and says what it did, in one line per job.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import shlex
+import socket
+import threading
+import time
+from pathlib import Path
+
+from imm.config import RESUMABLE_KEYS, ConfigError
+
+LOCK_FILE, STATUS_FILE = ".lock", "status.json"
+HEARTBEAT_S, STALE_AFTER_S = 30.0, 300.0  # another host's lock untouched this long is stale
+FRESH_KEY = "fresh"  # fresh=true: a new run directory for the same experiment
+
+
+class RunDirError(ConfigError):
+    """The run directory is held by another live process; the message names it."""
+
+
+# -- identity -----------------------------------------------------------------------------------------
+def experiment_overrides(overrides) -> list[str]:
+    """The command-line overrides that define the experiment, normalised and sorted (order does not matter)."""
+    kept = []
+    for o in overrides:
+        o = str(o).lstrip("+")
+        key = o.lstrip("~").partition("=")[0]
+        if key != FRESH_KEY and not key.startswith(RESUMABLE_KEYS):
+            kept.append(o)
+    return sorted(kept)
+
+
+def experiment_hash(overrides) -> str:
+    """8 hex digits of sha256 over the experiment's overrides (the same for every order of them)."""
+    return hashlib.sha256("\n".join(experiment_overrides(overrides)).encode()).hexdigest()[:8]
+
+
+def run_dir(base: str, name, overrides, fresh) -> str:
+    """`<base>/<name>/<hash>[-N]`: the newest existing attempt of this experiment, or with `fresh` a new one.
+
+    The resolver `${imm.run_dir:...}` in conf/config.yaml calls it once per launch (cached: the value
+    travels with the config to every job of a sweep and to a requeued job). A fresh directory is
+    claimed with mkdir, so two fresh launches of one command started together never share one.
+    """
+    first = Path(base) / str(name or "default") / experiment_hash(overrides or [])
+    attempts = _attempts(first)
+    if not _truthy(fresh):
+        return str(attempts[-1] if attempts else first)
+    n = len(attempts) + 1 if attempts else 1
+    while True:
+        candidate = first if n == 1 else first.with_name(f"{first.name}-{n}")
+        try:
+            candidate.mkdir(parents=True)
+            return str(candidate)
+        except FileExistsError:
+            n += 1
+
+
+def _attempts(first: Path) -> list[Path]:
+    """first, first-2, first-3, ... that exist, oldest first."""
+    found = [(1, first)] if first.is_dir() else []
+    if first.parent.is_dir():
+        for p in first.parent.glob(f"{first.name}-*"):
+            suffix = p.name[len(first.name) + 1 :]
+            if p.is_dir() and suffix.isdigit():
+                found.append((int(suffix), p))
+    return [p for _, p in sorted(found)]
+
+
+def _truthy(value) -> bool:
+    return str(value).lower() in ("true", "1", "yes")
+
+
+def resume_command(argv) -> str:
+    """The command that resumes this run: the one given, without fresh= (which would start yet another
+    run) or resume= (the run directory now holds its own checkpoints)."""
+    keep = [a for a in argv[1:] if a.lstrip("+~").partition("=")[0] not in (FRESH_KEY, "resume")]
+    return shlex.join(["python", argv[0], *keep])
+
+
+# -- the lock ------------------------------------------------------------------------------------------
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of pid (field 22 of /proc/<pid>/stat), so a reused pid is not the holder."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    now = _process_start(pid)
+    return start is None or now is None or now == start
+
+
+class RunLock:
+    """The main process's hold on a run directory (see the module docstring)."""
+
+    def __init__(self, path: Path, info: dict):
+        self.path, self.info = path, info
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="imm-run-lock", daemon=True)
+        self._thread.start()
+        atexit.register(self.release)
+
+    @classmethod
+    def acquire(cls, directory) -> "RunLock":
+        """Hold `directory` or raise RunDirError naming the live holder."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / LOCK_FILE
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "start": _process_start(os.getpid()),
+            "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        }
+        for _ in range(3):  # another process may take over or release it in between
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = _read_json(path)
+                if holder is not None and not _stale(holder, path, info):
+                    raise RunDirError(
+                        f"run directory {directory} is in use by process {holder.get('pid')} on"
+                        f" {holder.get('host')}; wait for it to end or stop it, or start a new run of this"
+                        " experiment with fresh=true."
+                    ) from None
+                path.unlink(missing_ok=True)  # stale (or unreadable): take it over
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(info, f)
+            return cls(path, info)
+        raise RunDirError(f"run directory {directory}: could not take its lock {path}; try again.")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                os.utime(self.path)
+            except OSError:
+                return
+
+    def release(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if _read_json(self.path) == self.info:  # never remove a lock another process took over
+            self.path.unlink(missing_ok=True)
+
+
+def _stale(holder: dict, path: Path, me: dict) -> bool:
+    if holder.get("slurm_job") and holder.get("slurm_job") == me["slurm_job"]:
+        return True  # this SLURM job, requeued (perhaps on another node)
+    if holder.get("host") == me["host"]:
+        if holder.get("pid") == me["pid"]:
+            return True  # this process, after an earlier training in it stopped on an error
+        return not _alive(int(holder.get("pid", 0)), holder.get("start"))
+    try:
+        age = time.time() - path.stat().st_mtime
+    except OSError:
+        return True
+    return age > STALE_AFTER_S
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# -- status ------------------------------------------------------------------------------------------
+def read_status(directory) -> dict:
+    """{"status", "step", "action", "from_step", "name", "summary", "time"} of the last attempt ({} if none)."""
+    return _read_json(Path(directory) / STATUS_FILE) or {}
+
+
+def write_status(directory, **values) -> None:
+    """Replace status.json atomically (a reader never sees half a file)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{STATUS_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({**values, "time": time.time()}, indent=1, default=float) + "\n")
+    os.replace(tmp, directory / STATUS_FILE)
+
+
+def finished(status: dict, steps: int) -> bool:
+    """The last attempt FINISHED at `steps` or beyond: a relaunch has nothing to do."""
+    return status.get("status") == "FINISHED" and int(status.get("step", 0)) >= steps
+
+
+def action(status: dict, *, resumed: bool) -> str:
+    """What this attempt does: `rerun` after a FAILED one, `resumed` from a checkpoint, else `started`."""
+    if status.get("status") == "FAILED":
+        return "rerun"
+    return "resumed" if resumed else "started"
+
+
+def describe(status: dict) -> str:
+    """One line for what an attempt did and how it ended, e.g. `resumed from step 200, FINISHED at step 400`."""
+    action, end = status.get("action", "started"), f"{status.get('status')} at step {status.get('step')}"
+    if action == "skipped":
+        return f"skipped (FINISHED at step {status.get('step')} before)"
+    if action == "started":
+        return f"started, {end}"
+    return f"{action} from step {status.get('from_step', 0)}, {end}"
