@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -256,6 +257,24 @@ def proc_status_kb(field: str) -> int:
     except OSError:
         pass
     return -1
+
+
+def memory_child(script, child_arg: str, env: dict | None = None) -> dict:
+    """Run `script` again with this command line plus `--child child_arg` (a fresh process, so its peak is
+    its own) and return the dict it prints on its last `MEMORY {json}` line."""
+    cmd = [sys.executable, str(Path(script).resolve()), *sys.argv[1:], "--child", child_arg]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory child {child_arg} failed:\n{proc.stderr[-3000:]}")
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY ")][-1]
+    return json.loads(line[len("MEMORY ") :])
+
+
+def memory_mb(m: dict, device: torch.device) -> float:
+    """A memory child's peak in MB: CUDA's max allocated, or on CPU the peak RSS above the libraries' RSS."""
+    if device.type == "cuda":
+        return m["cuda_peak_bytes"] / 2**20
+    return (m["peak_rss_kb"] - m["library_rss_kb"]) / 1024
 
 
 # -- output --------------------------------------------------------------------------------------

@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import _common as C
@@ -102,18 +100,11 @@ def child(args) -> None:
     print("MEMORY " + json.dumps(out), flush=True)
 
 
-def peak_mb(args, micro: int, device) -> float:
-    cmd = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--child", str(micro)]
+def peak_mb(micro: int, device) -> float:
     # glibc's adaptive mmap threshold otherwise keeps freed activations in the heap, and from the second step
     # on the peak RSS of every setting is that of the largest micro-batch; a fixed threshold returns them
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory child --micro {micro} failed:\n{proc.stderr[-3000:]}")
-    m = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY ")][-1][len("MEMORY ") :])
-    if device.type == "cuda":
-        return m["cuda_peak_bytes"] / 2**20
-    return (m["peak_rss_kb"] - m["library_rss_kb"]) / 1024
+    return C.memory_mb(C.memory_child(__file__, str(micro), env=env), device)
 
 
 def main(argv=None):
@@ -131,7 +122,7 @@ def main(argv=None):
         cases, device, repeats=args.repeats, warmup=args.warmup, iters=C.default_iters(args.iters, device), log=C.log
     )
     key = C.primary_key(device)
-    memory = {m: peak_mb(args, m, device) for m in args.micro}
+    memory = {m: peak_mb(m, device) for m in args.micro}
     full = args.micro[0]
     rows = [
         {

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -229,21 +228,6 @@ def child(args) -> None:
     print("MEMORY " + json.dumps(out), flush=True)
 
 
-def measure_memory(args, kind: str) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--child", kind]  # writes no file
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory child {kind} failed:\n{proc.stderr[-3000:]}")
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("MEMORY ")][-1]
-    return json.loads(line[len("MEMORY ") :])
-
-
-def memory_mb(m: dict, device) -> float:
-    if device.type == "cuda":
-        return m["cuda_peak_bytes"] / 2**20
-    return (m["peak_rss_kb"] - m["library_rss_kb"]) / 1024
-
-
 # -- main --------------------------------------------------------------------------------------------
 def main(argv=None):
     args = parse_args(argv)
@@ -338,8 +322,8 @@ def main(argv=None):
         }
 
     if not args.no_memory:
-        mem = {kind: measure_memory(args, kind) for kind in ("none", "imm", "fm")}
-        result["memory"] = {k: {**v, "mb": memory_mb(v, device)} for k, v in mem.items()}
+        mem = {kind: C.memory_child(__file__, kind) for kind in ("none", "imm", "fm")}
+        result["memory"] = {k: {**v, "mb": C.memory_mb(v, device)} for k, v in mem.items()}
         result["imm_over_fm_memory"] = result["memory"]["imm"]["mb"] / result["memory"]["fm"]["mb"]
         if device.type == "cpu":
             # the same ratio without the setup (weights, batch): what the step itself adds

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import time
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -49,8 +50,6 @@ class MLflowSweepCallback(Callback):
         self.client, self.run_id, self.sweep_dir, self.started = None, None, None, 0.0
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        import time
-
         self.sweep_dir, self.started = Path(config.hydra.sweep.dir), time.time()
         atexit.register(self._report)
         if not config.tracking.enabled:

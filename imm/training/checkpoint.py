@@ -185,7 +185,7 @@ def load(path, map_location="cpu", required=REQUIRED_KEYS) -> dict:
             f" ({type(e).__name__}: {detail.rstrip('.')})."
         ) from None
     missing = [k for k in required if k not in state] if isinstance(state, dict) else list(required)
-    if missing and state.get("kind") == SNAPSHOT:
+    if missing and isinstance(state, dict) and state.get("kind") == SNAPSHOT:
         raise CheckpointError(
             f"{path} is an EMA snapshot, which holds the EMA weights only (not {', '.join(missing)}); resuming"
             f" training and weights=online need a training state, a step-XXXXXXXX.pt file from the run's {CKPT_DIR}/."
