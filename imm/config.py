@@ -81,8 +81,12 @@ class ScheduleConfig:
 
 @dataclass
 class KernelConfig:
+    """The MMD kernel (imm/core/objective.py kernel_matrix); the defaults are the paper's Laplace kernel."""
+
     weighting: str = MISSING  # w~(s,t): paper = 1/|c_out(s,t)|, inv_stride = 1/(t-s), unit = 1
     function: str = "laplace"  # or rbf
+    ref_dim: Optional[int] = None  # Laplace: distances / sqrt(D ref_dim), /D's bandwidth at D = ref_dim; null: / D
+    kappa: float = 0.0  # Laplace cusp smoothing: pseudo-Huber width kappa x the particles' input gap; 0: none
 
 
 @dataclass
@@ -114,10 +118,13 @@ class TargetConfig:
 
 @dataclass
 class EMAConfig:
-    """The evaluation EMA (ema-pytorch), separate from the target choice."""
+    """The evaluation EMA (ema-pytorch), separate from the target choice. Its decay at update n is
+    min(decay, 1 - (1 + n / inv_gamma)^-power): with power = inv_gamma = 1 that is min(decay, 1 - 1/(n+1)),
+    the plain mean of the weights so far until the EMA's window 1/(1 - decay) is full (update
+    1/(1 - decay) - 1), then `decay` itself; the run logs the decay in use as train/ema_decay."""
 
-    decay: float = 0.999  # beta; the paper uses 0.9999 for long runs
-    power: float = 0.6667  # warm-up: decay_n = min(decay, 1 - (1 + n / inv_gamma)^-power)
+    decay: float = 0.999  # the paper uses 0.9999 (Table 5) for 400K+ steps
+    power: float = 1.0  # warm-up exponent (ema-pytorch's default 2/3 reaches 0.999 only after 31,622 updates)
     inv_gamma: float = 1.0
     update_every: int = 1
 
@@ -290,6 +297,8 @@ ARG_KEYS = {
     "second_time": "schedule.second_time",
     "kernel": "kernel.function",
     "weighting": "kernel.weighting",
+    "ref_dim": "kernel.ref_dim",
+    "kappa": "kernel.kappa",
     "mapping": "loss.mapping",
     "M": "loss.M",
     "eps": "loss.eps",
@@ -310,6 +319,8 @@ POSITIVE = (
     "eval.draws",
     "schedule.sigma_data",
     "schedule.time_scale",
+    "ema.power",
+    "ema.inv_gamma",
 )
 
 

@@ -76,6 +76,8 @@ def imm_objective(cfg, **common) -> objective_mod.IMMObjective:
         b=lo.b,
         kernel=cfg.kernel.function,
         weighting=cfg.kernel.weighting,
+        ref_dim=cfg.kernel.ref_dim,
+        kappa=cfg.kernel.kappa,
         drop_target_labels=lo.drop_target_labels,
         target_fp32=lo.target_fp32,
         share_dropout=lo.share_dropout,

@@ -62,6 +62,34 @@ def time_weight(schedule, t, a: float, b: float) -> Tensor:
     return elbo * alpha**a / (alpha**2 + sigma**2)
 
 
+def kernel_norm(D: int, ref_dim: int | None = None) -> float:
+    """The distance normaliser N of the Laplace kernel exp(-w~ ||x - y|| / N) (spec section 1.4).
+
+    - ref_dim = None: N = D, the paper's ||x - y|| / D (App. C.8).
+    - ref_dim = D_ref: N = sqrt(D D_ref), the same RELATIVE bandwidth at any D that the paper's /D
+      has at D_ref: the distance between two samples grows like sqrt(D), so ||x - y|| / D shrinks
+      like 1/sqrt(D) and the paper's kernel is sqrt(D_ref / D) times narrower, relative to the
+      data, at D than at D_ref (39x at D = 2 against CIFAR-10's D_ref = 3072). N = D at D = D_ref.
+    """
+    if ref_dim is None:
+        return float(D)
+    return math.sqrt(float(D) * float(ref_dim))
+
+
+def cusp_width(kappa: float, schedule, w_tilde, r, t, D: int, norm: float, sigma_data: float = 0.5) -> Tensor:
+    """h = kappa w~(s,t) sigma_d sqrt(D ((alpha_t - alpha_r)^2 + (sigma_t - sigma_r)^2)) / N, one per group
+    (float64): kappa times the typical input gap ||x_t - x_r|| of a particle's two passes (x and eps
+    independent with per-element std sigma_d), in the units of the kernel's exponent w~ ||.|| / N.
+
+    OT-FM with Euler-FM (w~ = 1/((t - s) sigma_d)): h = kappa (t - r)/(t - s) sqrt(2D) / N, i.e.
+    kappa (t - r)/(t - s) at D = N = 2. kappa = 0: h = 0, the paper's kernel.
+    """
+    sch = schedules.get(schedule)
+    r, t = f64(r), f64(t)
+    gap = torch.sqrt(D * ((sch.alpha(t) - sch.alpha(r)) ** 2 + (sch.sigma(t) - sch.sigma(r)) ** 2))
+    return kappa * f64(w_tilde) * sigma_data * gap / norm
+
+
 def _distances(x: Tensor, y: Tensor) -> Tensor:
     """Pairwise L2 distances [G, M, M] in float32, floored at 1e-8.
 
@@ -74,37 +102,48 @@ def _distances(x: Tensor, y: Tensor) -> Tensor:
     return d.clamp(min=DIST_FLOOR)
 
 
-def kernel_matrix(x: Tensor, y: Tensor, w_tilde: Tensor, kernel: str = "laplace") -> Tensor:
+def kernel_matrix(
+    x: Tensor, y: Tensor, w_tilde: Tensor, kernel: str = "laplace", *, ref_dim: int | None = None, width=None
+) -> Tensor:
     """k(x_j, y_k) for every pair within each group: [G, M, M].
 
-    Laplace (default): exp(-w~ max(||x - y||, 1e-8) / D); RBF: exp(-1/2 w~ ||x - y||^2 / D).
-    The norm is over all D elements of a sample and divided by D, not sqrt(D) (App. C.8).
+    Laplace (default): exp(-u) with u = w~ max(||x - y||, 1e-8) / N, N = kernel_norm(D, ref_dim) (the
+    paper: N = D, not sqrt(D); App. C.8). With a cusp width h > 0 per group (`width`, see cusp_width)
+    the smoothed Laplace exp(-(sqrt(u^2 + h^2) - h)): the pseudo-Huber of u, ~ u^2 / (2h) for u << h
+    (a squared loss, whose minimiser is the mean) and u - h for u >> h (the Laplace kernel times e^h).
+    It is positive definite in every dimension (exp(-sqrt(c + ||.||^2)) is completely monotone in
+    ||.||^2), has k(x, x) = 1 and a zero gradient at zero distance; h = 0 is the Laplace kernel.
+    RBF: exp(-1/2 w~ ||x - y||^2 / D) (its exponent already scales with D as the data do).
     """
     D = math.prod(x.shape[2:])
     d = _distances(x, y)
     w = w_tilde.to(device=d.device, dtype=d.dtype).reshape(-1, 1, 1)
     if kernel == "laplace":
-        return torch.exp(-w * d / D)
+        u = w * d / kernel_norm(D, ref_dim)
+        if width is None:
+            return torch.exp(-u)
+        h = torch.as_tensor(width).to(device=d.device, dtype=d.dtype).reshape(-1, 1, 1)
+        return torch.exp(h - torch.sqrt(u.square() + h.square()))
     if kernel == "rbf":
         return torch.exp(-0.5 * w * d.square() / D)
     raise ValueError(f"unknown kernel {kernel!r}; choose one of {list(KERNELS)}")
 
 
-def mmd_terms(y_st: Tensor, y_sr: Tensor, w_tilde: Tensor, kernel: str = "laplace"):
+def mmd_terms(y_st: Tensor, y_sr: Tensor, w_tilde: Tensor, kernel: str = "laplace", **options):
     """Per-group V-statistic MMD^2 [G] (Eq. 67) and the mean of each kernel matrix [G] x 3.
 
     MMD^2_i = 1/M^2 sum_{j,k} [k(y_st^j, y_st^k) + k(y_sr^j, y_sr^k) - 2 k(y_st^j, y_sr^k)], the
-    diagonals included.
+    diagonals included; `options` (ref_dim, width) go to kernel_matrix, one kernel for all three.
     """
-    K_tt = kernel_matrix(y_st, y_st, w_tilde, kernel).mean((1, 2))
-    K_rr = kernel_matrix(y_sr, y_sr, w_tilde, kernel).mean((1, 2))
-    K_tr = kernel_matrix(y_st, y_sr, w_tilde, kernel).mean((1, 2))
+    K_tt = kernel_matrix(y_st, y_st, w_tilde, kernel, **options).mean((1, 2))
+    K_rr = kernel_matrix(y_sr, y_sr, w_tilde, kernel, **options).mean((1, 2))
+    K_tr = kernel_matrix(y_st, y_sr, w_tilde, kernel, **options).mean((1, 2))
     return K_tt + K_rr - 2.0 * K_tr, (K_tt, K_rr, K_tr)
 
 
-def group_mmd(y_st: Tensor, y_sr: Tensor, w_tilde: Tensor, kernel: str = "laplace") -> Tensor:
+def group_mmd(y_st: Tensor, y_sr: Tensor, w_tilde: Tensor, kernel: str = "laplace", **options) -> Tensor:
     """Per-group MMD^2 [G] between particles y_st, y_sr shaped [G, M, ...] with kernel weights [G]."""
-    return mmd_terms(y_st, y_sr, w_tilde, kernel)[0]
+    return mmd_terms(y_st, y_sr, w_tilde, kernel, **options)[0]
 
 
 def imm_loss_from_outputs(
@@ -113,20 +152,47 @@ def imm_loss_from_outputs(
     s,
     t,
     *,
+    r=None,
     schedule="fm",
     param="euler_fm",
     kernel: str = "laplace",
     weighting: str = "paper",
+    ref_dim: int | None = None,
+    kappa: float = 0.0,
     a: float = 1.0,
     b: float = 5.0,
     sigma_data: float = 0.5,
 ) -> Tensor:
-    """L = mean_i w(s_i, t_i) MMD^2_i for outputs already computed (y [G, M, ...], s and t [G])."""
+    """L = mean_i w(s_i, t_i) MMD^2_i for outputs already computed (y [G, M, ...], s, t and, with
+    kappa > 0, r [G])."""
     sch = schedules.get(schedule)
     par = parameterization_mod.get(param, schedule=sch, sigma_data=sigma_data)
     w_tilde = kernel_weight(weighting, par, s, t)
     w = time_weight(sch, t, a, b).to(device=y_st.device, dtype=torch.float32)
-    return (w * group_mmd(y_st, y_sr, w_tilde, kernel)).mean()
+    options = kernel_options(sch, w_tilde, r, t, math.prod(y_st.shape[2:]), ref_dim, kappa, sigma_data)
+    return (w * group_mmd(y_st, y_sr, w_tilde, kernel, **options)).mean()
+
+
+def kernel_options(schedule, w_tilde, r, t, D: int, ref_dim: int | None, kappa: float, sigma_data: float) -> dict:
+    """kernel_matrix's ref_dim and width (the cusp width per group, None for kappa = 0)."""
+    if not kappa:
+        return {"ref_dim": ref_dim}
+    width = cusp_width(kappa, schedule, w_tilde, r, t, D, kernel_norm(D, ref_dim), sigma_data)
+    return {"ref_dim": ref_dim, "width": width}
+
+
+def check_kernel(kernel: str, ref_dim: int | None, kappa: float) -> None:
+    """The kernel options: a listed function, ref_dim a positive dimension, kappa >= 0, and both only
+    with the Laplace kernel (the RBF's exponent already scales with D, and it has no cusp)."""
+    check_choice("kernel", kernel, KERNELS, "kernel")
+    if ref_dim is not None and ref_dim < 1:
+        raise ArgumentError(f"{{ref_dim}}={ref_dim} must be a positive dimension (null: the paper's /D)", "ref_dim")
+    if not kappa >= 0:
+        raise ArgumentError(f"{{kappa}}={kappa} must be >= 0 (0: the paper's Laplace kernel)", "kappa")
+    for arg, value, off in (("ref_dim", ref_dim, None), ("kappa", kappa, 0.0)):
+        if value != off and kernel != "laplace":
+            message = f"{{{arg}}}={value} applies to the Laplace kernel, not {{kernel}}={kernel}"
+            raise ArgumentError(message, arg, "kernel")
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,6 +327,8 @@ class IMMObjective(_Objective):
         b: float = 5.0,
         kernel: str = "laplace",
         weighting: str = "paper",
+        ref_dim: int | None = None,
+        kappa: float = 0.0,
         label_dropout: float = 0.0,
         num_classes: int = 0,
         drop_target_labels: bool = False,
@@ -282,10 +350,10 @@ class IMMObjective(_Objective):
             raise ValueError("the mapping and the parameterization must use the same schedule")
         if M < 1:
             raise ArgumentError(f"{{M}}={M} must be positive (particles per group)", "M")
-        check_choice("kernel", kernel, KERNELS, "kernel")
+        check_kernel(kernel, ref_dim, kappa)
         check_choice("weighting", weighting, WEIGHTINGS, "kernel weighting")
         self.mapping, self.M, self.a, self.b = mapping, int(M), float(a), float(b)
-        self.kernel, self.weighting = kernel, weighting
+        self.kernel, self.weighting, self.ref_dim, self.kappa = kernel, weighting, ref_dim, float(kappa)
         self.drop_target_labels, self.target_fp32 = drop_target_labels, target_fp32
         self.share_dropout = share_dropout
 
@@ -335,7 +403,11 @@ class IMMObjective(_Objective):
         w_tilde = kernel_weight(self.weighting, self.param, s, t)
         w = time_weight(self.schedule, t, self.a, self.b).to(device=x.device, dtype=torch.float32)
         shape = (G, M, *x.shape[1:])
-        mmd, (K_tt, K_rr, K_tr) = mmd_terms(y_st.reshape(shape), y_sr.detach().reshape(shape), w_tilde, self.kernel)
+        D = math.prod(x.shape[1:])
+        options = kernel_options(self.schedule, w_tilde, r, t, D, self.ref_dim, self.kappa, self.sigma_data)
+        mmd, (K_tt, K_rr, K_tr) = mmd_terms(
+            y_st.reshape(shape), y_sr.detach().reshape(shape), w_tilde, self.kernel, **options
+        )
         loss = (w * mmd).mean()
         diagnostics = {
             "t": t.mean(),

@@ -112,7 +112,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
 
     # -- the loop -----------------------------------------------------------------------------------
     status, summary, best = "FAILED", {}, {}
-    meter = _Meter(cfg, env, tracker, step, device)
+    meter = _Meter(cfg, env, tracker, step, device, ema)
     generator = torch.Generator(device)
     precision = cfg.train.precision
     autocast = torch.autocast(
@@ -220,9 +220,31 @@ def _check_guidance(cfg, bundle) -> None:
     raise ConfigError(f"eval.guidance={cfg.eval.guidance} needs class-conditional data, but {why}; use {fix}.")
 
 
+def ema_decay_at(update: int, decay: float, power: float, inv_gamma: float) -> float:
+    """The decay ema-pytorch applies at its `update`-th update (0: the copy that starts it):
+    min(decay, 1 - (1 + (update - 1) / inv_gamma)^-power) (imm.config.EMAConfig)."""
+    if update < 1:
+        return 0.0
+    return min(decay, 1.0 - (1.0 + (update - 1) / inv_gamma) ** -power)
+
+
 def _emas(cfg, net) -> tuple[EMA, EMA | None]:
     """The evaluation EMA (ema.*) and, with target.kind=ema, the EMA that serves as theta^-."""
     e = cfg.ema
+    full = math.ceil(e.inv_gamma * ((1.0 - e.decay) ** (-1.0 / e.power) - 1.0) - 1e-6) + 1  # first update at ema.decay
+    if full >= cfg.train.steps:  # the stated decay is never used: say which one is
+        log.warning(
+            "ema.decay=%g is reached after %d updates (ema.power=%g, ema.inv_gamma=%g), not within train.steps=%d;"
+            " the last update uses %.6g",
+            e.decay,
+            full,
+            e.power,
+            e.inv_gamma,
+            cfg.train.steps,
+            ema_decay_at(cfg.train.steps - 1, e.decay, e.power, e.inv_gamma),
+        )
+    else:
+        log.info("evaluation EMA: decay %g from update %d of %d", e.decay, full, cfg.train.steps)
     ema = EMA(
         net,
         beta=e.decay,
@@ -382,8 +404,8 @@ class _Meter:
     """The loss and step counts between log lines, samples/s, non-finite steps, and the progress display
     (a tqdm bar on a terminal, a log line every train.log_every steps otherwise)."""
 
-    def __init__(self, cfg, env, tracker: Tracker, step: int, device):
-        self.cfg, self.env, self.tracker = cfg, env, tracker
+    def __init__(self, cfg, env, tracker: Tracker, step: int, device, ema: EMA):
+        self.cfg, self.env, self.tracker, self.ema = cfg, env, tracker, ema
         self.loss_sum, self.n_good, self.nonfinite_run, self.n_skipped = torch.zeros((), device=device), 0, 0, 0
         self.t_last, self.samples = time.perf_counter(), 0
         self.bar = None
@@ -430,6 +452,7 @@ class _Meter:
             "train/loss": distributed.mean(self.env, self.loss_sum / max(self.n_good, 1)).item(),
             "train/grad_norm": grad_norm.item(),
             "train/lr": optimizer.param_groups[0]["lr"],
+            "train/ema_decay": self.ema.get_current_decay(),  # the decay of the last update (imm.config.EMAConfig)
             "train/skipped_steps": self.n_skipped,
             "train/samples_per_s": self.samples / (now - self.t_last),
             **{f"diag/{k}": v.item() for k, v in diag.items()},
