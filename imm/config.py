@@ -141,7 +141,7 @@ class DataConfig:
     class_subfolders: Optional[bool] = None  # folder: null = subfolders are classes when all images sit in one
     n_train: int = data_mod.DEFAULT_TOY_TRAIN  # toy sets
     n_heldout: int = data_mod.DEFAULT_TOY_HELDOUT
-    heldout_fraction: float = data_mod.DEFAULT_HELDOUT_FRACTION  # points files
+    heldout_fraction: float = data_mod.DEFAULT_HELDOUT_FRACTION  # points files and digits (conf/data/digits.yaml: 0.2)
     seed: int = 0
     num_workers: int = 0
     pin_memory: bool = True

@@ -20,6 +20,7 @@ from imm.data import (
     ResumableBatches,
     Standardizer,
     build_dataset,
+    images,
     load_points,
     toy,
 )
@@ -264,8 +265,13 @@ def test_mnist_conversion_and_resize(tmp_path, monkeypatch):
 
 
 def test_digits():
-    bundle = build_dataset("digits")
-    assert bundle.shape == (1, 16, 16) and bundle.num_classes == 10 and len(bundle.train) == 1797
+    bundle = build_dataset("digits", heldout_fraction=0.2, seed=0)
+    assert bundle.shape == (1, 16, 16) and bundle.num_classes == 10
+    assert (len(bundle.train), len(bundle.heldout)) == (1438, 359)  # 20% of the 1797 held out
+    both = torch.cat([bundle.train.data, bundle.heldout.data]).flatten(1)
+    assert len(both.unique(dim=0)) == len(images.digits().data.flatten(1).unique(dim=0))  # a partition
+    again = build_dataset("digits", heldout_fraction=0.2, seed=0)
+    assert torch.equal(again.heldout.data, bundle.heldout.data)  # deterministic given data.seed
     data = bundle.train.data
     assert data.dtype == torch.float32 and data.min() >= -1 and data.max() <= 1
     assert data.min() == -1 and data.max() > 0.9

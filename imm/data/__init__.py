@@ -57,7 +57,9 @@ class DataBundle:
         name: dataset name as given to :func:`build_dataset`.
         kind: ``"points"`` or ``"images"``.
         train: torch Dataset of ``(x, label)``; label -1 when unconditional.
-        heldout: point data only: scaled held-out points ``[n, D]``; ``None`` for images.
+        heldout: points: scaled held-out points ``[n, D]``; images: the held-out split (a Dataset
+            the run never trains on: a ``heldout_fraction`` of ``digits``, MNIST's test set) where
+            the data have one, else ``None``.
         shape: shape of one sample, e.g. ``(2,)`` or ``(3, 32, 32)``.
         num_classes: 0 for unconditional data.
         standardizer: point data only, else ``None``; save ``standardizer.state_dict()``
@@ -67,7 +69,7 @@ class DataBundle:
     name: str
     kind: str
     train: torch.utils.data.Dataset
-    heldout: torch.Tensor | None
+    heldout: torch.Tensor | torch.utils.data.Dataset | None
     shape: tuple[int, ...]
     num_classes: int
     standardizer: Standardizer | None = None
@@ -104,8 +106,8 @@ def build_dataset(
         n_train: toy sets only: number of training points.
             Other datasets use all their training data.
         n_heldout: toy sets only: number of held-out points, drawn with a different seed.
-        heldout_fraction: ``points`` only: fraction of rows held out (deterministic given seed).
-        seed: seed for toy sampling and the ``points`` train/held-out split.
+        heldout_fraction: ``points`` and ``digits``: fraction of rows held out (deterministic given seed).
+        seed: seed for toy sampling and the ``points`` and ``digits`` train/held-out splits.
         resolution: image side length; required for ``folder``; optional elsewhere
             (``digits`` 16, ``mnist`` 28, ``cifar10`` 32 by default; other sizes are resized
             bilinearly once at load time).
@@ -130,12 +132,16 @@ def build_dataset(
             "cifar10": lambda: images.cifar10(root, download=download, resolution=resolution, hflip=hflip),
             "folder": lambda: images.ImageFolder(root, resolution, hflip=hflip, class_subfolders=class_subfolders),
         }
-        dataset = builders[key]()
+        dataset, heldout = builders[key](), None
+        if key == "digits":
+            dataset, heldout = images.split_heldout(dataset, heldout_fraction, seed)
+        if key == "mnist":  # the test set: read with the training files (MNIST_FILES)
+            heldout = images.mnist(root, download=download, resolution=resolution, train=False)
         return DataBundle(
             name=key,
             kind="images",
             train=dataset,
-            heldout=None,
+            heldout=heldout,
             shape=tuple(dataset.shape),
             num_classes=dataset.num_classes,
         )

@@ -62,6 +62,17 @@ def digits(resolution: int | None = None, hflip: bool = False) -> InMemoryDatase
     return InMemoryDataset(x.clamp(-1.0, 1.0).contiguous(), torch.from_numpy(bunch.target), num_classes=10, hflip=hflip)
 
 
+def split_heldout(dataset: InMemoryDataset, fraction: float, seed: int) -> tuple[InMemoryDataset, InMemoryDataset]:
+    """(train, held-out): the rows of an in-memory image set shuffled with `seed`, `fraction` of them held out."""
+    from imm.data.points import split_points
+
+    train, heldout = split_points(torch.arange(len(dataset)), fraction, seed)
+    return tuple(
+        InMemoryDataset(dataset.data[rows], dataset.labels[rows], dataset.num_classes, dataset.hflip)
+        for rows in (train, heldout)
+    )
+
+
 def cifar10(
     root: str | Path | None, *, download: bool = False, resolution: int | None = None, hflip: bool = False
 ) -> UInt8Images:
@@ -88,9 +99,15 @@ def cifar10(
 
 
 def mnist(
-    root: str | Path | None, *, download: bool = False, resolution: int | None = None, hflip: bool = False
+    root: str | Path | None,
+    *,
+    download: bool = False,
+    resolution: int | None = None,
+    hflip: bool = False,
+    train: bool = True,
 ) -> UInt8Images:
-    """The 60,000 MNIST training images via torchvision, 1x28x28 (or ``resolution``), 10 classes."""
+    """The 60,000 MNIST training images (train=False: the 10,000 test images) via torchvision, 1x28x28
+    (or ``resolution``), 10 classes."""
     root = _dataset_root(root, "mnist")
     resolution = 28 if resolution is None else _positive_resolution(resolution)
     raw = root / "MNIST" / "raw"
@@ -101,7 +118,7 @@ def mnist(
     from torchvision.datasets import MNIST
 
     try:
-        dataset = MNIST(str(root), train=True, download=download)
+        dataset = MNIST(str(root), train=train, download=download)
     except (RuntimeError, OSError, ValueError) as err:
         raise DataNotFoundError(_missing_message("MNIST", root, where, download, err)) from None
     data = torch.as_tensor(dataset.data, dtype=torch.uint8)[:, None]
