@@ -198,6 +198,7 @@ class EvalOptions(SamplingOptions):
 
     steps: List[int] = field(default_factory=lambda: [1, 2, 4, 8])
     draws: int = 8  # points: the energy distance is the mean over this many noise draws of n_samples, as its floor
+    classifier: bool = True  # labelled images with a held-out split (digits, MNIST): the classifier metric
     fid_cache: Optional[str] = None  # reference statistics cache; null: ~/.cache/imm/fid
     inception_weights: Optional[str] = None  # a local Inception weights file (offline machines)
 

@@ -72,6 +72,7 @@ DIGITS = (
     "eval.every=0",
     "eval.steps=[1]",
     "eval.n_samples=8",
+    "eval.classifier=false",  # the classifier metric has its own tests (tests/test_classifier_metric.py)
 )
 
 
@@ -92,6 +93,18 @@ def trained(root, *overrides, name):
 def toy(tmp_path_factory):
     """A 20-step toy run (debug=toy)."""
     return trained(tmp_path_factory.mktemp("toy"), *TOY, name="toy")
+
+
+@pytest.fixture(scope="session")
+def classifier_cache(tmp_path_factory):
+    """A directory for eval.fid_cache holding digits' evaluation classifier (trained once per session)."""
+    from imm.data import build_dataset
+    from imm.evaluation.classifier import ClassifierMetric
+    from imm.evaluation.evaluate import fid_cache_file, fid_dataset_key
+
+    bundle = build_dataset("digits", heldout_fraction=0.2)
+    key, cache = fid_dataset_key(bundle), tmp_path_factory.mktemp("classifier")
+    return cache, bundle, ClassifierMetric(bundle, 5000, fid_cache_file(cache, key, "classifier"), key)
 
 
 @pytest.fixture(scope="module")

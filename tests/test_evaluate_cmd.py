@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from imm import factory
 from imm.config import ConfigError
-from imm.evaluation.evaluate import Evaluator, TinyRandomFeatures, count_tag, fid_metric
+from imm.evaluation.evaluate import Evaluator, TinyRandomFeatures, count_tag, fid_metric, metric_name, ratio_family
 from imm.evaluation.fid import FIDEvaluator
 from imm.tasks import evaluate as evaluate_task
 
@@ -29,22 +29,26 @@ def test_metric_names():
     assert [count_tag(n) for n in (50_000, 5000, 64, 1500, 10_000)] == ["50k", "5k", "64", "1500", "10k"]
     assert fid_metric(50_000, 2) == "eval/fid50k_2step"
     assert fid_metric(50_000, 1, 1.5) == "eval/fid50k_1step_w1.5" and fid_metric(100, 8, 1.0) == "eval/fid100_8step"
+    assert metric_name(ratio_family("energy", 5000), 1) == "eval/energy_ratio5k_1step"  # a ratio names its n
+    assert metric_name(ratio_family("fd", 1438), 2, 1.5, "evaluate") == "evaluate/fd_ratio1438_2step_w1.5"
 
 
 def test_point_evaluation_repeats_the_training_numbers_and_lands_in_its_run(toy, tmp_path, capsys):
     results = evaluate(toy, tmp_path, "eval.steps=[1,2]")
-    for k in ("energy", "sw2", "precision", "recall", "energy_ratio"):
-        assert {f"eval/{k}_1step", f"eval/{k}_2step"} <= set(results)
-    assert {"eval/energy_floor", "eval/recall_floor"} <= set(results)
+    for k in ("energy", "sw2", "precision", "recall", "energy_ratio200"):  # n = the 200 held-out points
+        assert {f"evaluate/{k}_1step", f"evaluate/{k}_2step"} <= set(results)
+    assert {"evaluate/energy_floor", "evaluate/recall_floor"} <= set(results)
     client = MlflowClient(tracking_uri=toy.uri)
-    history = client.get_metric_history(toy.run_id, "eval/energy_1step")
-    # the training's final evaluation (200 samples, seed 1234) and this one, both at the checkpoint's step 20
-    assert [m.step for m in history] == [20, 20]
-    assert history[1].value == pytest.approx(history[0].value, rel=1e-9)  # the same code, the same number
-    assert results["eval/energy_1step"] == pytest.approx(history[0].value, rel=1e-9)
-    assert [m.step for m in client.get_metric_history(toy.run_id, "eval/sw2_2step")] == [20]
+    # the training's final evaluation (200 samples, seed 1234) at the checkpoint's step 20, left as it was
+    (trained,) = client.get_metric_history(toy.run_id, "eval/energy_1step")
+    (evaluated,) = client.get_metric_history(toy.run_id, "evaluate/energy_1step")
+    assert trained.step == evaluated.step == 20
+    assert evaluated.value == pytest.approx(trained.value, rel=1e-9)  # the same code, the same number
+    assert results["evaluate/energy_1step"] == pytest.approx(trained.value, rel=1e-9)
+    assert [m.step for m in client.get_metric_history(toy.run_id, "evaluate/sw2_2step")] == [20]
+    assert [m.step for m in client.get_metric_history(toy.run_id, "eval/energy_ratio200_1step")] == [20]
     table = capsys.readouterr().out
-    assert "1 step" in table and "2 steps" in table and "floor" in table and "energy_ratio" in table
+    assert "1 step" in table and "2 steps" in table and "floor" in table and "energy_ratio200" in table
     assert (tmp_path / "results.txt").read_text().splitlines()[1:] == table.strip().splitlines()[1:]
     assert json.loads((tmp_path / "results.json").read_text())["results"] == pytest.approx(results)
     label = "step00000020-ema"
@@ -52,7 +56,8 @@ def test_point_evaluation_repeats_the_training_numbers_and_lands_in_its_run(toy,
     assert f"evaluations/{label}/steps.png" in logged and f"evaluate.{label}" in client.get_run(toy.run_id).data.tags
 
     online = evaluate(toy, tmp_path / "online", "eval.steps=[1]", "weights=online", "eval.n_samples=100")
-    assert "eval_online/energy_1step" in online and not any(k.startswith("eval/") for k in online)
+    assert "evaluate_online/energy_ratio100_1step" in online
+    assert all(k.startswith("evaluate_online/") for k in online)
 
 
 def test_point_energy_is_the_mean_over_draws_and_the_first_draw_is_unchanged(toy):
@@ -75,7 +80,7 @@ def test_point_energy_is_the_mean_over_draws_and_the_first_draw_is_unchanged(toy
         assert res3[f"eval/energy_{N}step"] == pytest.approx(sum(energies) / 3, rel=1e-9)
         assert res3[f"eval/energy_sd_{N}step"] == pytest.approx(torch.tensor(energies).std().item(), rel=1e-6)
         assert f"eval/energy_sd_{N}step" not in res1
-        assert res3[f"eval/energy_ratio_{N}step"] == pytest.approx(
+        assert res3[f"eval/energy_ratio300_{N}step"] == pytest.approx(
             res3[f"eval/energy_{N}step"] / res3["eval/energy_floor"]
         )
     assert res3["eval/energy_floor"] == res1["eval/energy_floor"]
@@ -118,11 +123,13 @@ def test_fid_command_end_to_end_logs_into_the_checkpoint_run(digits, tmp_path):
     assert "fid40 w=1.5" in proc.stdout and "2 steps" in proc.stdout
     assert len(list(cache.glob("digits-*-tiny_random.pt"))) == 1
     run = MlflowClient(tracking_uri=digits.uri).get_run(digits.run_id)
-    names = {"eval/fid40_1step", "eval/fid40_2step", "eval/fid40_1step_w1.5", "eval/fid40_2step_w1.5"}
+    names = {f"evaluate/fid40_{n}step{w}" for n in (1, 2) for w in ("", "_w1.5")}
+    names |= {f"evaluate/{m}_{n}step{w}" for m in ("fd_ratio40", "accuracy") for n in (1, 2) for w in ("", "_w1.5")}
     assert names <= set(run.data.metrics)
-    assert all(run.data.metrics[k] > 0 for k in names)  # 4 training steps: far from the data
+    assert all(run.data.metrics[k] > 0 for k in names if "accuracy" not in k)  # 4 training steps: far from the data
+    assert len(list(cache.glob("digits-*-classifier.pt"))) == 1  # the classifier metric's network, cached beside
     client = MlflowClient(tracking_uri=digits.uri)
-    assert [m.step for m in client.get_metric_history(digits.run_id, "eval/fid40_2step_w1.5")] == [4]
+    assert [m.step for m in client.get_metric_history(digits.run_id, "evaluate/fid40_2step_w1.5")] == [4]
 
 
 def test_fid_reference_statistics_come_from_the_cache_the_second_time(digits, tmp_path, caplog):
@@ -131,6 +138,7 @@ def test_fid_reference_statistics_come_from_the_cache_the_second_time(digits, tm
         "eval.n_samples=16",
         "eval.steps=[1]",
         f"eval.fid_cache={tmp_path}/c",
+        "eval.classifier=false",
         "tracking.enabled=false",
     )
     with caplog.at_level("INFO", logger="imm.evaluate"):
@@ -138,12 +146,12 @@ def test_fid_reference_statistics_come_from_the_cache_the_second_time(digits, tm
         second = evaluate(digits, tmp_path / "b", *common)
     sources = [r.getMessage() for r in caplog.records if "reference statistics" in r.getMessage()]
     assert sources[0].startswith("FID reference statistics: computed") and "cache" in sources[1].split()[3]
-    assert set(first) == {"eval/fid16_1step_w1.5"}  # the training run's eval.guidance (1.5) by default
+    assert set(first) == {"evaluate/fid16_1step_w1.5"}  # the training run's eval.guidance (1.5) by default
     assert second == pytest.approx(first)  # same seed, same noise, same statistics
 
 
 def test_training_evaluator_adds_fid_when_eval_fid_is_true(digits, tmp_path):
-    cfg = compose_cfg(*DIGITS, "eval.fid=true", "eval.steps=[1,2]")
+    cfg = compose_cfg(*DIGITS, "eval.fid=true", "eval.steps=[1,2]", "eval.classifier=false")
     bundle = factory.dataset(cfg)
     torch.manual_seed(0)
     net = factory.net(cfg, bundle.shape, bundle.num_classes)
@@ -153,7 +161,7 @@ def test_training_evaluator_adds_fid_when_eval_fid_is_true(digits, tmp_path):
     results, figs, samples = ev(net)
     assert set(results) == {"eval/fid24_1step_w1.5", "eval/fid24_2step_w1.5"} and "figures/steps.png" in figs
     assert samples[1].shape == (8, 1, 16, 16)  # the figure's fixed noise (eval.n_samples=8)
-    off = Evaluator.from_config(compose_cfg(*DIGITS), bundle, factory.parameterization(cfg))
+    off = Evaluator.from_config(compose_cfg(*DIGITS, "eval.classifier=false"), bundle, factory.parameterization(cfg))
     assert off.fid_evaluator is None and off(net)[0] == {}
     missing = compose_cfg(*DIGITS, "eval.fid=true", f"eval.inception_weights={tmp_path}/none.pth")
     with pytest.raises(ConfigError, match="Inception-v3 weights for FID not found"):  # before training starts

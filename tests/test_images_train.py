@@ -115,7 +115,7 @@ def test_few_steps_lower_the_imm_loss_on_a_fixed_batch(arch, data, png_folder):
 TINY_DIT = ("arch.hidden_size=32", "arch.depth=1", "arch.num_heads=2")
 
 
-def test_train_end_to_end_on_digits_with_tracking_and_the_step_figure(tmp_path, caplog):
+def test_train_end_to_end_on_digits_with_tracking_and_the_step_figure(tmp_path, caplog, classifier_cache):
     cfg = compose_cfg(
         "experiment=digits",
         *TINY_DIT,
@@ -125,6 +125,7 @@ def test_train_end_to_end_on_digits_with_tracking_and_the_step_figure(tmp_path, 
         "train.ckpt_every=3",
         "eval.every=3",
         "eval.n_samples=16",
+        f"eval.fid_cache={classifier_cache[0]}",
     )
     assert cfg.eval.guidance == 1.5 and list(cfg.eval.steps) == [1, 2, 4, 8]  # the experiment's own setting
     uri = uri_of(tmp_path)
@@ -142,6 +143,10 @@ def test_train_end_to_end_on_digits_with_tracking_and_the_step_figure(tmp_path, 
     assert run.info.status == "FINISHED" and run.info.run_name == "digits-test"
     assert run.data.metrics["model/parameters"] == n_params
     assert run.data.params["data.name"] == "digits" and run.data.params["arch.name"] == "dit_s_4"
+    for N in (1, 2, 4, 8):  # the classifier metric at every step count (imm/evaluation/classifier.py)
+        assert {f"eval/fd_ratio16_{N}step_w1.5", f"eval/accuracy_{N}step_w1.5"} <= set(run.data.metrics)
+    assert {"eval/fd_floor", "eval/accuracy_floor", "best/fd_ratio16_1step_w1.5"} <= set(run.data.metrics)
+    assert (run_dir / "snapshots" / "best-8step_w1.5.pt").is_symlink()  # the 8-step best, by its classifier FD
     client = MlflowClient(tracking_uri=uri)
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2, 4, 6]
     figures = sorted(a.path for a in client.list_artifacts(run.info.run_id, "figures"))

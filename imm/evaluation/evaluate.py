@@ -10,6 +10,7 @@ checkpoint with the same settings are the same number.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import os
 import re
@@ -21,6 +22,8 @@ from torch import nn
 from imm.config import ConfigError, EvalConfig, loss_T
 from imm.core import sampling
 from imm.evaluation import figures, metrics
+
+log = logging.getLogger("imm.evaluate")
 
 FEATURE_NETS = ("inception", "tiny_random")
 LABEL_MODES = ("cycle", "uncond")
@@ -59,9 +62,20 @@ def guidance_tag(w: float) -> str:
     return "" if float(w) == 1.0 else f"_w{float(w):g}"
 
 
+def metric_name(family: str, steps: int, guidance: float = 1.0, prefix: str = "eval") -> str:
+    """eval/energy_1step, eval/fd_2step_w1.5, ...: a metric at a step count (and guidance scale)."""
+    return f"{prefix}/{family}_{steps}step{guidance_tag(guidance)}"
+
+
 def fid_metric(n: int, steps: int, guidance: float = 1.0, prefix: str = "eval") -> str:
     """eval/fid50k_2step, eval/fid50k_2step_w1.5, ..."""
-    return f"{prefix}/fid{count_tag(n)}_{steps}step{guidance_tag(guidance)}"
+    return metric_name(f"fid{count_tag(n)}", steps, guidance, prefix)
+
+
+def ratio_family(family: str, n: int) -> str:
+    """energy_ratio5k, fd_ratio1438: a metric over its noise floor, labelled with the n both were measured at
+    (a ratio at n = 500 reads far better than the same model's at n = 5000; metrics.MIN_POINT_SAMPLES)."""
+    return f"{family}_ratio{count_tag(n)}"
 
 
 def default_fid_cache() -> Path:
@@ -79,6 +93,11 @@ def fid_cache_file(cache_dir, dataset_key: str, feature_net: str) -> Path:
     slug = re.sub(r"[^A-Za-z0-9.=-]+", "-", dataset_key.split("|root=")[0]).strip("-")
     digest = hashlib.sha1(dataset_key.encode()).hexdigest()[:8]
     return Path(cache_dir).expanduser() / f"{slug}-{digest}-{feature_net}.pt"
+
+
+def has_classifier_metric(bundle) -> bool:
+    """Labelled images with a held-out split (digits, MNIST) get the classifier metric."""
+    return bundle.kind == "images" and bundle.heldout is not None and bundle.num_classes > 0
 
 
 class TinyRandomFeatures(nn.Module):
@@ -172,6 +191,8 @@ class Evaluator:
         feature_net: str = "inception",
         allow_download: bool = True,
         dataset_key: str | None = None,
+        classifier: bool = False,
+        classifier_n_samples: int | None = None,
     ):
         if int(draws) < 1:
             raise ValueError(f"draws must be a positive integer, got {draws}")
@@ -180,6 +201,13 @@ class Evaluator:
         self.T, self.eps, self.grid, self.two_step_eta = T, eps, grid, two_step_eta
         self.etas = None if etas is None else [float(e) for e in etas]
         self.grids = {N: self.grid_for(N) for N in self.steps}
+        self.classifier = None
+        if classifier and has_classifier_metric(bundle):  # before the cap below: its count is n_samples
+            from imm.evaluation.classifier import ClassifierMetric
+
+            key = dataset_key or fid_dataset_key(bundle)
+            cache = fid_cache_file(fid_cache or default_fid_cache(), key, "classifier")
+            self.classifier = ClassifierMetric(bundle, classifier_n_samples or n_samples, cache, key)
         if bundle.kind == "images" and max_images is not None:
             n_samples = min(n_samples, max_images)  # a picture, not a metric; FID has its own count
         self.seed, self.batch_size, self.label_spec = seed, batch_size, labels
@@ -189,7 +217,16 @@ class Evaluator:
         self.labels = self.labels_for(0, n_samples)
         self.floor, self.floor_reported = None, False
         if bundle.kind == "points":  # the floor at the samples' size: reference draws of the training data
-            self.floor = noise_floor(bundle, min(max(n_samples, 16), len(bundle.train)), g)  # k-NN needs > k = 5
+            self.floor_n = min(max(n_samples, 16), len(bundle.train))  # k-NN needs > k = 5
+            self.floor = noise_floor(bundle, self.floor_n, g)
+            if n_samples < metrics.MIN_POINT_SAMPLES:
+                log.warning(
+                    "%d samples per evaluation: below %d the energy distance's noise floor swamps the model's"
+                    " distance and k-NN recall is inflated, so ED/floor and recall read better than at"
+                    " eval.n_samples=5000 (docs/results.md#how-many-samples)",
+                    n_samples,
+                    metrics.MIN_POINT_SAMPLES,
+                )
         # further noise draws for the mean energy distance (drawn after the floor: draw 0 and the floor
         # do not depend on `draws`)
         self.more_noise = (
@@ -252,6 +289,8 @@ class Evaluator:
         )
         fid = bool(overrides.pop("fid", option("fid", False))) and bundle.kind == "images"
         kwargs["fid"] = fid
+        if option("classifier", False) and has_classifier_metric(bundle):
+            kwargs.update(classifier=True, fid_cache=option("fid_cache", default_fid_cache()))
         if fid:
             kwargs.update(
                 fid_n_samples=option("fid_n_samples", _DEFAULT.fid_n_samples),
@@ -369,9 +408,10 @@ class Evaluator:
                 energies.append(metrics.energy_distance(y.float(), self.bundle.heldout))
             m["energy"] = mean = sum(energies) / len(energies)
             m["energy_sd"] = math.sqrt(sum((e - mean) ** 2 for e in energies) / (len(energies) - 1))
-        results = {f"eval/{k}_{N}step": v for k, v in m.items()}
-        results[f"eval/energy_ratio_{N}step"] = m["energy"] / max(self.floor["energy"], 1e-12)
-        return results, {"ED/floor": results[f"eval/energy_ratio_{N}step"], "recall": m["recall"]}
+        results = {metric_name(k, N): v for k, v in m.items()}
+        ratio = m["energy"] / max(self.floor["energy"], 1e-12)
+        results[metric_name(ratio_family("energy", self.floor_n), N)] = ratio
+        return results, {f"ED/floor n={count_tag(self.floor_n)}": ratio, "recall": m["recall"]}
 
     def fid_results(self, net, steps=None, guidances=None) -> dict:
         """{eval/fid<n>_<N>step[_w<g>]: FID} over fid_n_samples images per step count and scale."""
@@ -390,6 +430,26 @@ class Evaluator:
                     stream.close()
                 results[fid_metric(self.fid_n_samples, N, w)] = value  # NaN (with a warning) for non-finite samples
         return results
+
+    def classifier_results(self, net, steps=None, guidances=None) -> dict:
+        """{eval/fd_<N>step, eval/fd_ratio<n>_<N>step, eval/accuracy_<N>step (with _w<g>)}: the classifier
+        metric (imm/evaluation/classifier.py) of n samples from the fixed seed per step count and scale."""
+        cm, results = self.classifier, {}
+        labels = self.labels_for(0, cm.n)
+        for w in [self.guidance] if guidances is None else guidances:
+            for N in self.steps if steps is None else steps:
+                x = torch.cat([b.cpu() for b in self._decode(net, N, self._fresh_batches(cm.n), float(w))])
+                for family, value in cm.results(x, labels).items():
+                    family = ratio_family("fd", cm.n) if family == "fd_ratio" else family
+                    results[metric_name(family, N, w)] = value
+        return results
+
+    def floors(self) -> dict:
+        """{eval/<metric>_floor: value}: what the same metrics give for data against data."""
+        out = {f"eval/{k}_floor": v for k, v in (self.floor or {}).items()}
+        if self.classifier is not None:
+            out.update({f"eval/{k}_floor": v for k, v in self.classifier.floor.items()})
+        return out
 
     def _reference_batches(self):
         """The training images (unflipped) in batches, read only when the cache has no statistics."""
@@ -411,9 +471,11 @@ class Evaluator:
             if self.bundle.kind == "points":
                 r, panel_text[N] = self.point_results(x, N, net)
                 results.update(r)
-        if self.floor is not None and not self.floor_reported:  # the noise floor is logged once
-            results.update({f"eval/{k}_floor": v for k, v in self.floor.items()})
+        if not self.floor_reported:  # the noise floors are logged once
+            results.update(self.floors())
             self.floor_reported = True
+        if self.classifier is not None:
+            results.update(self.classifier_results(net))
         if self.fid_evaluator is not None:
             results.update(self.fid_results(net))
         return results, self.figures(by_steps, panel_text), by_steps

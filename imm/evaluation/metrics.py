@@ -22,17 +22,36 @@ _BLOCK_ELEMENTS = 1 << 22
 ArrayLike = np.ndarray | torch.Tensor
 
 # Metric families (the part of "eval/<family>_<N>step[_w<scale>]" before the step count) where lower
-# is better: the training run tracks their best value per step count. FID's family carries its sample
-# count (fid5k, fid50k). Precision and recall (higher is better), the floors and the energy's sd are
-# not tracked.
-LOWER_IS_BETTER = ("energy", "energy_ratio", "sw2")
-_METRIC_NAME = re.compile(r"^[^/]+/(?P<family>.+?)_\d+step(_w[^_/]+)?$")
+# is better: the training run tracks their best value per step count. A family may carry the sample
+# count it was measured at (fid5k, energy_ratio5k, fd_ratio1438). Precision, recall and accuracy (higher
+# is better), the floors and the energy's sd are not tracked.
+_LOWER_IS_BETTER = re.compile(r"(energy|sw2|fd)|(energy_ratio|fd_ratio|fid)\d+k?")
+# The metric that picks a step count's best checkpoint, by preference: the one each kind of data has.
+PRIMARY = ("energy_ratio", "fd_ratio", "fid")
+_METRIC_NAME = re.compile(r"^[^/]+/(?P<family>.+?)_(?P<steps>\d+)step(?P<w>_w[^_/]+)?$")
+# Point data: below this many samples per evaluation the ED floor (about 2 E|X - X'| / n) swamps a
+# model's distance and k-NN recall is inflated; measured in docs/results.md#how-many-samples.
+MIN_POINT_SAMPLES = 2000
 
 
 def lower_is_better(name: str) -> bool:
-    """True for eval/energy_ratio_2step, eval/fid5k_2step_w1.5; False for eval/recall_1step, eval/energy_floor."""
+    """True for eval/energy_ratio5k_2step, eval/fid5k_2step_w1.5; False for eval/recall_1step, eval/energy_floor."""
     m = _METRIC_NAME.match(name)
-    return m is not None and (m["family"] in LOWER_IS_BETTER or re.fullmatch(r"fid\d+k?", m["family"]) is not None)
+    return m is not None and _LOWER_IS_BETTER.fullmatch(m["family"]) is not None
+
+
+def primary_metrics(results: dict) -> dict[str, str]:
+    """{"<N>step[_w<g>]": the name of its PRIMARY metric} for the step counts (and scales) in `results`."""
+    found = {}
+    for name in results:
+        m = _METRIC_NAME.match(name)
+        if m is None:
+            continue
+        rank = next((i for i, p in enumerate(PRIMARY) if re.fullmatch(rf"{p}\d+k?", m["family"])), None)
+        key = f"{m['steps']}step{m['w'] or ''}"
+        if rank is not None and (key not in found or rank < found[key][0]):
+            found[key] = (rank, name)
+    return {key: name for key, (_, name) in found.items()}
 
 
 def _as_pair(x: ArrayLike, y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,3 +216,24 @@ def noise_floor(
     Use the same sample sizes as for the model evaluation, since all metrics depend on n.
     """
     return point_metrics(data_a, data_b, k=k, n_projections=n_projections, seed=seed)
+
+
+def gaussian_stats(features: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean [F], covariance [F, F]) of features [n, F] in float64 (unbiased covariance, n - 1)."""
+    f = torch.as_tensor(features).double()
+    if f.dim() != 2 or f.shape[0] < 2:
+        raise ValueError(f"features must have shape [n, F] with n >= 2, got {tuple(f.shape)}")
+    mu = f.mean(0)
+    centred = f - mu
+    return mu, centred.T @ centred / (f.shape[0] - 1)
+
+
+def frechet_distance(mu1, cov1, mu2, cov2) -> float:
+    """||mu1 - mu2||^2 + tr(cov1 + cov2 - 2 (cov1 cov2)^(1/2)): the Fréchet (W2^2) distance of two Gaussians
+    (the formula of FID). tr (cov1 cov2)^(1/2) = sum of sqrt(eigenvalues of cov1^(1/2) cov2 cov1^(1/2)),
+    a symmetric PSD matrix, so the square roots are of clipped eigenvalues of symmetric matrices."""
+    mu1, mu2, cov1, cov2 = (torch.as_tensor(v).double() for v in (mu1, mu2, cov1, cov2))
+    e, v = torch.linalg.eigh(cov1)
+    root1 = (v * e.clamp(min=0).sqrt()) @ v.T
+    cross = torch.linalg.eigvalsh(root1 @ cov2 @ root1).clamp(min=0).sqrt().sum()
+    return float((mu1 - mu2).square().sum() + cov1.trace() + cov2.trace() - 2 * cross)

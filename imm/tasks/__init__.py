@@ -62,6 +62,7 @@ class EvaluateOptions(EvalOptions):
 
     guidance: Any = None  # a scale or a list of scales; null: [the training run's eval.guidance]
     n_samples: Optional[int] = None  # null: 50000 for images (FID-50k, the paper), the held-out size for points
+    fid: bool = True  # images: FID (false: only the classifier metric of digits and MNIST, and the figure)
     allow_download: bool = True  # false: never download the Inception weights
     feature_net: str = "inception"  # inception | tiny_random (a small fixed-seed conv net: FOR TESTS ONLY)
 
@@ -69,7 +70,7 @@ class EvaluateOptions(EvalOptions):
 @dataclass
 class EvaluateConfig:
     ckpt: str = MISSING
-    weights: str = "ema"  # ema | online (online metrics are logged as eval_online/...)
+    weights: str = "ema"  # ema | online; metrics are logged as evaluate/... (online: evaluate_online/...)
     device: str = "auto"
     out: Optional[str] = None  # null: the Hydra run directory (runs/evaluations/<date>/<time>)
     eval: EvaluateOptions = field(default_factory=EvaluateOptions)

@@ -2,15 +2,19 @@
 
 - Images: FID against the training set for every step count in eval.steps and guidance scale in
   eval.guidance, on eval.n_samples generated images (50000 by default, as in the paper), named
-  eval/fid50k_2step (eval/fid50k_2step_w1.5 with guidance). The training set's Inception statistics
-  are cached in eval.fid_cache. Offline, point eval.inception_weights at a local weights file.
+  evaluate/fid50k_2step (evaluate/fid50k_2step_w1.5 with guidance); eval.fid=false skips it. The
+  training set's Inception statistics are cached in eval.fid_cache. Offline, point
+  eval.inception_weights at a local weights file. Labelled sets with a held-out split (digits, MNIST)
+  also get the classifier metric (imm/evaluation/classifier.py) on eval.n_samples capped at the
+  training split's size.
 - Points: energy distance (the mean over eval.draws noise draws), sliced W2 and k-NN
   precision/recall (k = 5) against the held-out data for every step count, and the same metrics
   between two data samples (the noise floor).
 
 Sampling and metrics are the trainer's Evaluator's, so with the same settings the numbers repeat
 those logged during training. The metrics are logged to the checkpoint's MLflow run at the
-checkpoint's step (online weights as eval_online/...), printed as a table and written to `out`
+checkpoint's step under their own prefix, evaluate/... (online weights: evaluate_online/...), so they
+never overwrite the training's eval/... history; they are printed as a table and written to `out`
 (results.json, results.txt, steps.png).
 """
 
@@ -27,7 +31,7 @@ from omegaconf import OmegaConf
 from imm.config import ConfigError
 from imm.core.sampling import GRIDS, SAMPLERS
 from imm.evaluation import figures
-from imm.evaluation.evaluate import FEATURE_NETS, Evaluator
+from imm.evaluation.evaluate import FEATURE_NETS, Evaluator, has_classifier_metric
 from imm.report import render
 from imm.tasks.common import (
     WEIGHTS,
@@ -43,6 +47,20 @@ from imm.tasks.common import (
 log = logging.getLogger("imm.evaluate")
 FID_N_DEFAULT = 50_000  # FID-50k, as every reported number in the paper
 _NAME = re.compile(r"^(?P<prefix>[^/]+)/(?P<metric>.+?)_(?P<steps>\d+)step(?P<w>_w[0-9.e+-]+)?$")
+
+
+PREFIXES = {"ema": "evaluate/", "online": "evaluate_online/"}
+
+
+def _what(n: int, guidances, feature_net, classifier, n_heldout: int) -> str:
+    """What is measured, for the log line and the results header."""
+    if classifier is None and feature_net is None:
+        return f"{n} samples against {n_heldout} held-out points"
+    scales = ", ".join(f"{w:g}" for w in guidances)
+    parts = [f"FID of {n} images ({feature_net} features)"] if feature_net else []
+    if classifier is not None:
+        parts.append(f"classifier metric of {classifier.n} images against {classifier.n_heldout} held-out images")
+    return f"{' and '.join(parts)}, guidance {scales}"
 
 
 def _validate(cfg) -> None:
@@ -81,7 +99,7 @@ def _guidances(cfg, restored) -> list[float]:
 
 def table(results: dict, floor_prefix: str = "eval") -> str:
     """The results as rows (metric, guidance) by columns (step counts, then the noise floor)."""
-    rows, columns, cells = [], set(), {}
+    rows, columns, cells = {}, set(), {}  # rows: {row label: its metric family}
     floors = {}
     for name, value in results.items():
         m = _NAME.match(name)
@@ -90,15 +108,15 @@ def table(results: dict, floor_prefix: str = "eval") -> str:
                 floors[name.split("/", 1)[1][: -len("_floor")]] = value
             continue
         row = m["metric"] + (m["w"] or "").replace("_w", " w=")
-        if row not in rows:
-            rows.append(row)
+        rows.setdefault(row, m["metric"])
         columns.add(int(m["steps"]))
         cells[row, int(m["steps"])] = value
     columns = sorted(columns)
     header = ["metric"] + [f"{n} step" + "s" * (n > 1) for n in columns] + (["floor"] if floors else [])
     lines = [header]
-    for row in rows:
-        lines.append([row] + [_fmt(cells.get((row, n))) for n in columns] + ([_fmt(floors.get(row))] if floors else []))
+    for row, family in rows.items():
+        floor = [_fmt(floors.get(family))] if floors else []
+        lines.append([row] + [_fmt(cells.get((row, n))) for n in columns] + floor)
     return render(lines[0], lines[1:], right=range(1, len(header)), rule=False)
 
 
@@ -117,7 +135,8 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     guidances = _guidances(cfg, restored)
     restored.time_grids("eval.steps", ev_cfg.steps, ev_cfg)
     images = restored.kind == "images"
-    if images and ev_cfg.feature_net == "inception":  # a missing weights file fails before any work
+    fid = images and ev_cfg.fid
+    if fid and ev_cfg.feature_net == "inception":  # a missing weights file fails before any work
         from imm.evaluation.fid import MissingInceptionWeights, resolve_inception_weights
 
         try:
@@ -126,29 +145,34 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
             raise ConfigError(str(e)) from None
     if not images and guidances != [1.0]:
         raise ConfigError(f"eval.guidance={guidances} is for class-conditional image models; use eval.guidance=1.")
-    results_run = ResultsRun(cfg, restored, launch_dir, "evaluate")
     bundle = restored.bundle(need_data=True)
+    classifier = images and ev_cfg.classifier and has_classifier_metric(bundle)
+    if images and not (fid or classifier):
+        why = (
+            "with eval.classifier=false"
+            if not ev_cfg.classifier
+            else f"as data.name={restored.cfg.data.name!r} has no classifier metric (labelled digits or mnist)"
+        )
+        raise ConfigError(f"eval.fid=false leaves nothing to measure {why}; use eval.fid=true.")
+    results_run = ResultsRun(cfg, restored, launch_dir, "evaluate")
     n = ev_cfg.n_samples or (FID_N_DEFAULT if images else len(bundle.heldout))
     common = dict(T=restored.T, eps=restored.eps, device=restored.device, guidance=guidances[0])
-    if images:  # n is the FID's count; the 64 fixed-noise images are the figure's
+    if images:  # n is the FID's (and the classifier metric's) count; the 64 fixed-noise images are the figure's
         evaluator = Evaluator.from_options(
             ev_cfg,
             bundle,
             restored.param,
             data_root=restored.cfg.data.get("root", None),
             n_samples=64,
-            fid=True,
+            fid=fid,
             fid_n_samples=n,
             fid_guidances=guidances,
+            classifier_n_samples=n,
             **common,
         )
     else:
         evaluator = Evaluator.from_options(ev_cfg, bundle, restored.param, n_samples=n, **common)
-    what = (
-        f"FID of {n} images (guidance {', '.join(f'{w:g}' for w in guidances)}, {ev_cfg.feature_net} features)"
-        if images
-        else f"{n} samples against {len(bundle.heldout)} held-out points"
-    )
+    what = _what(n, guidances, ev_cfg.feature_net if fid else None, evaluator.classifier, len(bundle.heldout))
     log.info(
         "evaluating %s (step %d, %s weights): %s at %s steps",
         restored.path,
@@ -159,15 +183,17 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     )
     t0 = time.perf_counter()
     results, figs, _ = evaluator(restored.net)
+    if classifier:
+        results.update(evaluator.classifier_results(restored.net, guidances=guidances[1:]))
     seconds = time.perf_counter() - t0
-    if images:
+    if fid:
         log.info(
             "FID reference statistics: %s (%s)",
             evaluator.fid_evaluator.reference_source,
             evaluator.fid_evaluator.reference_cache,
         )
-    if restored.weights == "online":
-        results = {k.replace("eval/", "eval_online/", 1): v for k, v in results.items()}
+    prefix = PREFIXES[restored.weights]  # never the training's eval/: its history at this step stays as logged
+    results = {prefix + k.split("/", 1)[1]: v for k, v in results.items()}
 
     out.mkdir(parents=True, exist_ok=True)
     text = table(results)
@@ -191,7 +217,7 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         "two_step_eta": ev_cfg.two_step_eta,
         "seed": ev_cfg.seed,
         "seconds": round(seconds, 2),
-        "feature_net": ev_cfg.feature_net if images else None,
+        "feature_net": ev_cfg.feature_net if fid else None,
         "results": results,
     }
     (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")

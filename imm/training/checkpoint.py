@@ -12,11 +12,13 @@ A snapshot (edm2's network snapshot) is `<run_dir>/snapshots/snapshot-XXXXXXXX.p
 under the key `ema` (the same layout as a training state's `ema`) with what sampling needs (step, config,
 shape, num_classes, standardizer, mlflow_run_id) and `kind: snapshot`; it is written the same atomic way,
 loads with weights_only=True too, and is never pruned. Sample and evaluate take either kind; resuming
-training takes training states only.
+training takes training states only. `snapshots/best-<N>step.pt` is a link to the snapshot of the
+evaluation with the best primary metric at N sampling steps (`best.json` beside it holds the best values).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -114,7 +116,39 @@ def save(state: dict, run_dir, step: int, keep_last: int = 3) -> Path:
 
 def save_snapshot(snapshot: dict, run_dir, step: int) -> Path:
     """Write `snapshot` (CheckpointIO.snapshot_dict) atomically as the snapshot of `step`; nothing is pruned."""
-    return _write_atomic(snapshot, snapshot_dir(run_dir) / f"snapshot-{step:08d}.pt")
+    return _write_atomic(snapshot, snapshot_path(run_dir, step))
+
+
+def snapshot_path(run_dir, step: int) -> Path:
+    return snapshot_dir(run_dir) / f"snapshot-{step:08d}.pt"
+
+
+BEST_FILE = "best.json"
+
+
+def link_best(run_dir, key: str, snapshot: Path) -> Path:
+    """Point snapshots/best-<key>.pt (key: "1step", "2step_w1.5") at `snapshot` (a relative symlink, replaced
+    atomically), so `ckpt=<run>/snapshots/best-1step.pt` samples the 1-step best."""
+    link = snapshot_dir(run_dir) / f"best-{key}.pt"
+    tmp = link.with_name(f"{PARTIAL_PREFIX}{link.name}{PARTIAL_SUFFIX}")
+    tmp.unlink(missing_ok=True)
+    os.symlink(Path(snapshot).name, tmp)
+    os.replace(tmp, link)
+    return link
+
+
+def read_best(run_dir) -> dict:
+    """The best values (and steps) a run has recorded in snapshots/best.json; {} when there are none."""
+    path = snapshot_dir(run_dir) / BEST_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_best(run_dir, best: dict) -> None:
+    path = snapshot_dir(run_dir) / BEST_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{PARTIAL_PREFIX}{BEST_FILE}{PARTIAL_SUFFIX}")
+    tmp.write_text(json.dumps(best, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def _write_atomic(obj: dict, final: Path) -> Path:

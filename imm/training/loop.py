@@ -24,7 +24,7 @@ from imm import factory
 from imm.config import RESUMABLE_KEYS, ConfigError, validate
 from imm.data import ResumableBatches
 from imm.evaluation.evaluate import Evaluator
-from imm.evaluation.metrics import lower_is_better
+from imm.evaluation.metrics import lower_is_better, primary_metrics
 from imm.tracking.mlflow_run import Tracker, check_reachable, flatten, git_tags
 from imm.training import checkpoint, distributed, rundir
 from imm.training.signals import Interrupted, StopFlag
@@ -33,6 +33,7 @@ from imm.training.threads import torch_threads
 log = logging.getLogger("imm.train")
 
 RUN_ID_FILE = "mlflow_run_id"
+SHOWN = ("energy_ratio", "recall", "fd_ratio", "accuracy")  # the metrics of the evaluation's log line
 
 
 def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", extra_tags=None) -> dict:
@@ -111,7 +112,18 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     extras = _checkpoint_extras(cfg, bundle, tracker)
 
     # -- the loop -----------------------------------------------------------------------------------
-    status, summary, best = "FAILED", {}, {}
+    status, summary = "FAILED", {}
+    best = checkpoint.read_best(run_dir)  # the bests of the evaluations before a resume
+
+    def snapshot(at: int) -> Path | None:
+        """This step's EMA snapshot for a best to link to (written if train.snapshot_every did not); None:
+        snapshots are off (train.snapshot_every=0)."""
+        if not cfg.train.snapshot_every:
+            return None
+        if not checkpoint.snapshot_path(run_dir, at).is_file():
+            _snapshot(state, run_dir, env, at, extras)
+        return checkpoint.snapshot_path(run_dir, at)
+
     meter = _Meter(cfg, env, tracker, step, device, ema)
     generator = torch.Generator(device)
     precision = cfg.train.precision
@@ -157,12 +169,13 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
 
             if (metrics := meter.tick(step, grad_norm, optimizer, diag)) is not None:
                 summary["final/loss"] = metrics["train/loss"]
+            if cfg.train.snapshot_every and step % cfg.train.snapshot_every == 0 and step < cfg.train.steps:
+                _snapshot(state, run_dir, env, step, extras)  # before the evaluation: a best links to it
             if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
-                _track_best(best, _evaluate(evaluator, ema.ema_model, tracker, run_dir, step))
+                results = _evaluate(evaluator, ema.ema_model, tracker, run_dir, step)
+                _track_best(best, results, step, tracker, run_dir, snapshot)
             if step % cfg.train.ckpt_every == 0 and step < cfg.train.steps:
                 _save(state, device, run_dir, env, cfg, step, extras)
-            if cfg.train.snapshot_every and step % cfg.train.snapshot_every == 0 and step < cfg.train.steps:
-                _snapshot(state, run_dir, env, step, extras)
             if stop_signum is not None:
                 stop.request(stop_signum)
                 _save(state, device, run_dir, env, cfg, step, extras)
@@ -171,7 +184,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
         if cfg.train.snapshot_every:
             _snapshot(state, run_dir, env, step, extras)
         final = _evaluate(evaluator, ema.ema_model, tracker, run_dir, step)
-        _track_best(best, final)
+        _track_best(best, final, step, tracker, run_dir, snapshot)
         summary.update({f"final/{k[5:]}": v for k, v in final.items()})
         summary.update(best)
         tracker.log_metrics(summary, step)
@@ -387,17 +400,29 @@ def _evaluate(evaluator: Evaluator | None, model, tracker: Tracker, run_dir: Pat
         fig_path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(fig_path, dpi=110)
         tracker.log_artifact(fig_path, "figures")
-    shown = ", ".join(f"{k[5:]}={v:.4g}" for k, v in results.items() if "energy_ratio" in k or "recall" in k)
+    shown = ", ".join(f"{k[5:]}={v:.4g}" for k, v in results.items() if k.split("/")[1].startswith(SHOWN))
     log.info("eval @ %d: %s", step, shown)
     return results
 
 
-def _track_best(best: dict, results: dict) -> None:
-    """best/<metric>: the lowest value so far of each lower-is-better metric (per step count)."""
+def _track_best(best: dict, results: dict, step: int, tracker: Tracker, run_dir: Path, snapshot) -> None:
+    """best/<metric>: the lowest value so far of each lower-is-better metric (per step count). A new best
+    of a step count's primary metric (metrics.primary_metrics: ED/floor for points, the classifier metric or
+    FID for images) links snapshots/best-<N>step.pt to this step's EMA snapshot (`snapshot(step)`) and
+    logs best_step/<metric>: the 1-step best and the 8-step best are different checkpoints."""
+    if not results:
+        return
+    primary = {name: key for key, name in primary_metrics(results).items()}  # {metric: "2step", "1step_w1.5"}
     for k, v in results.items():
-        if lower_is_better(k):
-            name = f"best/{k[5:]}"
-            best[name] = min(best.get(name, math.inf), v)
+        name = f"best/{k[5:]}"
+        if not lower_is_better(k) or v >= best.get(name, math.inf):
+            continue
+        best[name] = v
+        if k in primary and (path := snapshot(step)) is not None:
+            best[f"best_step/{k[5:]}"] = step
+            checkpoint.link_best(run_dir, primary[k], path)
+            tracker.log_metrics({f"best_step/{k[5:]}": step}, step)
+    checkpoint.write_best(run_dir, best)
 
 
 class _Meter:
