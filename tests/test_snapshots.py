@@ -99,3 +99,50 @@ def test_online_weights_and_resume_refuse_a_snapshot_in_one_sentence(run, tmp_pa
     renamed.write_bytes(snap.read_bytes())
     with pytest.raises(checkpoint.CheckpointError, match="is an EMA snapshot, which holds the EMA weights only"):
         checkpoint.load(renamed, required=checkpoint.REQUIRED_KEYS)
+
+
+def test_best_snapshot_per_step_count(tmp_path):
+    """The 1-step best and the 8-step best are different evaluations, so different snapshots."""
+    from imm.tracking.mlflow_run import Tracker
+    from imm.training.loop import _track_best
+
+    def snapshot(step):
+        path = checkpoint.snapshot_path(tmp_path, step)
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(str(step).encode())
+        return path
+
+    best = {}
+    first = {"eval/energy_ratio5k_1step": 2.0, "eval/energy_ratio5k_8step": 9.0, "eval/recall_1step": 0.9}
+    _track_best(best, first, 10, Tracker.disabled(), tmp_path, snapshot)
+    _track_best(
+        best,
+        {"eval/energy_ratio5k_1step": 2.5, "eval/energy_ratio5k_8step": 4.0},
+        20,
+        Tracker.disabled(),
+        tmp_path,
+        snapshot,
+    )
+    links = {n: tmp_path / "snapshots" / f"best-{n}step.pt" for n in (1, 8)}
+    assert links[1].resolve().name == "snapshot-00000010.pt" and links[1].read_bytes() == b"10"
+    assert links[8].resolve().name == "snapshot-00000020.pt"
+    assert best == {
+        "best/energy_ratio5k_1step": 2.0,
+        "best/energy_ratio5k_8step": 4.0,
+        "best_step/energy_ratio5k_1step": 10,
+        "best_step/energy_ratio5k_8step": 20,
+    }
+    assert checkpoint.read_best(tmp_path) == best  # what a resumed run starts from
+    # no snapshots (train.snapshot_every=0): the best values, no links
+    _track_best(best, {"eval/energy_ratio5k_1step": 1.0}, 30, Tracker.disabled(), tmp_path, lambda step: None)
+    assert best["best/energy_ratio5k_1step"] == 1.0 and best["best_step/energy_ratio5k_1step"] == 10
+
+
+def test_the_run_links_its_best_snapshot_and_sampling_takes_it(run):
+    root, run_dir, _ = run
+    link = run_dir / "snapshots" / "best-1step.pt"  # debug=toy evaluates once, at the end
+    assert link.is_symlink() and link.resolve().name == "snapshot-00000030.pt"
+    assert checkpoint.list_snapshots(run_dir)[-1].name == "snapshot-00000030.pt"  # links are not snapshots
+    assert checkpoint.resolve(link, key="ckpt", snapshots=True) == link
+    assert checkpoint.load(link, required=checkpoint.SAMPLING_KEYS)["step"] == 30
+    assert json.loads((run_dir / "snapshots" / "best.json").read_text())["best_step/energy_ratio200_1step"] == 30

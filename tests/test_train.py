@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 from imm import factory
 from imm.config import loss_T
 from imm.evaluation.evaluate import Evaluator
-from imm.training.loop import train
+from imm.training.loop import _emas, ema_decay_at, train
 
 SMALL = (
     "train.steps=400",
@@ -26,6 +26,31 @@ SMALL = (
     "data.n_heldout=1000",
     "optim.warmup_steps=20",
 )
+
+
+def test_ema_decay_is_the_stated_one_after_its_window(caplog):
+    """power = inv_gamma = 1: the mean of the weights so far, then ema.decay from step 1/(1 - decay) on."""
+    net = torch.nn.Linear(2, 2)
+    with caplog.at_level("INFO", logger="imm.train"):
+        ema, _ = _emas(compose_cfg("ema.decay=0.99", "train.steps=400"), net)
+    assert "evaluation EMA: decay 0.99 from step 100 of 400" in caplog.text
+    used = []
+    for _ in range(300):
+        ema.update()
+        used.append(ema.get_current_decay())
+    assert used[1:] == pytest.approx([ema_decay_at(j, 0.99, 1.0, 1.0) for j in range(1, 300)], abs=1e-7)
+    assert used[98] < 0.99 and used[99:] == [pytest.approx(0.99)] * 201  # step 100 on
+    assert used[9] == pytest.approx(0.9)  # before: 1 - 1/(j + 1), the running mean
+    # ema-pytorch's own warm-up (power 2/3) would leave the paper's 0.9999 at 0.99982 after 400K steps
+    assert ema_decay_at(400_000 - 1, 0.9999, 2 / 3, 1.0) == pytest.approx(0.999816, abs=1e-6)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="imm.train"):
+        _emas(compose_cfg("experiment=cifar10_paper"), net)
+        _emas(compose_cfg("ema.decay=0.999", "train.steps=500"), net)
+    assert "decay 0.9999 from step 10000 of 400000" in caplog.text
+    assert (
+        "ema.decay=0.999 is reached at step 1000 (ema.power=1, ema.inv_gamma=1), after train.steps=500" in caplog.text
+    )
 
 
 def initial_energy(cfg, N):
@@ -68,6 +93,7 @@ def test_short_training_improves_samples(tmp_path, loss, N):
         "best/energy_1step",
         "model/parameters",
         "eval/energy_sd_1step",
+        "train/ema_decay",
     ):  # sd over the 8 draws
         assert key in run.data.metrics, key
     assert not any(k.startswith("best/energy_sd") for k in run.data.metrics)
@@ -97,6 +123,11 @@ def test_relaunch_resumes_the_same_run_and_mlflow_run(tmp_path):
     assert steps == list(range(50, 301, 50))
     assert "resumed_from_step_200" in run.data.tags
     assert (run_dir / "checkpoints" / "step-00000300.pt").exists()
+    # the best of step 200 (before the resume) still counts (snapshots/best.json)
+    ratios = [m.value for m in client.get_metric_history(run.info.run_id, "eval/energy_ratio1k_1step")]
+    assert len(ratios) == 2 and run.data.metrics["best/energy_ratio1k_1step"] == min(ratios)
+    linked = (run_dir / "snapshots" / "best-1step.pt").resolve().name
+    assert linked == f"snapshot-{(200, 300)[ratios.index(min(ratios))]:08d}.pt"
 
     # resume=PATH continues from an explicit checkpoint into a new run directory
     other = tmp_path / "other"

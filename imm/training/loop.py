@@ -234,30 +234,35 @@ def _check_guidance(cfg, bundle) -> None:
 
 
 def ema_decay_at(update: int, decay: float, power: float, inv_gamma: float) -> float:
-    """The decay ema-pytorch applies at its `update`-th update (0: the copy that starts it):
-    min(decay, 1 - (1 + (update - 1) / inv_gamma)^-power) (imm.config.EMAConfig)."""
+    """The decay ema-pytorch applies at its `update`-th update, counted from 0 (update 0 copies the weights,
+    training step 1): min(decay, 1 - (1 + update / inv_gamma)^-power) (imm.config.EMAConfig)."""
     if update < 1:
         return 0.0
-    return min(decay, 1.0 - (1.0 + (update - 1) / inv_gamma) ** -power)
+    return min(decay, 1.0 - (1.0 + update / inv_gamma) ** -power)
+
+
+def _say_ema(e, steps: int) -> None:
+    """Log the step from which the evaluation EMA uses ema.decay; warn when the run ends before it."""
+    full = math.ceil(e.inv_gamma * ((1.0 - e.decay) ** (-1.0 / e.power) - 1.0) - 1e-6) + 1  # the step it begins
+    if full > steps:  # the stated decay is never used: say which one is
+        log.warning(
+            "ema.decay=%g is reached at step %d (ema.power=%g, ema.inv_gamma=%g), after train.steps=%d;"
+            " the last step uses %.6g",
+            e.decay,
+            full,
+            e.power,
+            e.inv_gamma,
+            steps,
+            ema_decay_at(steps - 1, e.decay, e.power, e.inv_gamma),
+        )
+    else:
+        log.info("evaluation EMA: decay %g from step %d of %d", e.decay, full, steps)
 
 
 def _emas(cfg, net) -> tuple[EMA, EMA | None]:
     """The evaluation EMA (ema.*) and, with target.kind=ema, the EMA that serves as theta^-."""
     e = cfg.ema
-    full = math.ceil(e.inv_gamma * ((1.0 - e.decay) ** (-1.0 / e.power) - 1.0) - 1e-6) + 1  # first update at ema.decay
-    if full >= cfg.train.steps:  # the stated decay is never used: say which one is
-        log.warning(
-            "ema.decay=%g is reached after %d updates (ema.power=%g, ema.inv_gamma=%g), not within train.steps=%d;"
-            " the last update uses %.6g",
-            e.decay,
-            full,
-            e.power,
-            e.inv_gamma,
-            cfg.train.steps,
-            ema_decay_at(cfg.train.steps - 1, e.decay, e.power, e.inv_gamma),
-        )
-    else:
-        log.info("evaluation EMA: decay %g from update %d of %d", e.decay, full, cfg.train.steps)
+    _say_ema(e, cfg.train.steps)
     ema = EMA(
         net,
         beta=e.decay,
