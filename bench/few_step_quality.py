@@ -158,10 +158,10 @@ def main(argv=None):
                 "overrides": overrides_for(args, d, v, s),
                 "summary": summary,
             }
-            C.log(
-                f"done {run_key(d, v, s)} in {seconds:.0f}s: ED/floor 1 step "
-                f"{summary.get('final/energy_ratio_1step', float('nan')):.3g}"
+            ed1 = next(
+                (v for k, v in summary.items() if k.startswith("final/energy_ratio") and k.endswith("_1step")), None
             )
+            C.log(f"done {run_key(d, v, s)} in {seconds:.0f}s: ED/floor 1 step {ed1 or float('nan'):.3g}")
             save()
     save()
     report(results, args, info)

@@ -31,6 +31,10 @@ def test_metric_names():
     assert fid_metric(50_000, 1, 1.5) == "eval/fid50k_1step_w1.5" and fid_metric(100, 8, 1.0) == "eval/fid100_8step"
     assert metric_name(ratio_family("energy", 5000), 1) == "eval/energy_ratio5k_1step"  # a ratio names its n
     assert metric_name(ratio_family("fd", 1438), 2, 1.5, "evaluate") == "evaluate/fd_ratio1438_2step_w1.5"
+    # the evaluate command's own prefixes: never the training's eval/, and one per weights, sampler and grid
+    assert evaluate_task.metric_prefix("ema", compose_task("evaluate", "ckpt=x").eval) == "evaluate"
+    other = compose_task("evaluate", "ckpt=x", "eval.sampler=restart", "eval.grid=edm").eval
+    assert evaluate_task.metric_prefix("online", other) == "evaluate_online_restart_edm"
 
 
 def test_point_evaluation_repeats_the_training_numbers_and_lands_in_its_run(toy, tmp_path, capsys):

@@ -13,9 +13,9 @@
 
 Sampling and metrics are the trainer's Evaluator's, so with the same settings the numbers repeat
 those logged during training. The metrics are logged to the checkpoint's MLflow run at the
-checkpoint's step under their own prefix, evaluate/... (online weights: evaluate_online/...), so they
-never overwrite the training's eval/... history; they are printed as a table and written to `out`
-(results.json, results.txt, steps.png).
+checkpoint's step under their own prefix, evaluate/... (online weights: evaluate_online/..., another
+sampler or grid: evaluate_restart_edm/...; metric_prefix), so they never add to the training's eval/...
+history; they are printed as a table and written to `out` (results.json, results.txt, steps.png).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from imm.core.sampling import GRIDS, SAMPLERS
 from imm.evaluation import figures
 from imm.evaluation.evaluate import FEATURE_NETS, Evaluator, has_classifier_metric
 from imm.report import render
+from imm.tasks import EvaluateOptions
 from imm.tasks.common import (
     WEIGHTS,
     ResultsRun,
@@ -49,7 +50,13 @@ FID_N_DEFAULT = 50_000  # FID-50k, as every reported number in the paper
 _NAME = re.compile(r"^(?P<prefix>[^/]+)/(?P<metric>.+?)_(?P<steps>\d+)step(?P<w>_w[0-9.e+-]+)?$")
 
 
-PREFIXES = {"ema": "evaluate/", "online": "evaluate_online/"}
+def metric_prefix(weights: str, options) -> str:
+    """evaluate (EMA weights, pushforward sampler, uniform grid), evaluate_online, evaluate_restart_edm, ...:
+    the prefix of the evaluate command's metrics, apart from the training's eval/ and from each other's."""
+    parts = ["evaluate"] + (["online"] if weights == "online" else [])
+    defaults = EvaluateOptions()
+    parts += [getattr(options, k) for k in ("sampler", "grid") if getattr(options, k) != getattr(defaults, k)]
+    return "_".join(parts)
 
 
 def _what(n: int, guidances, feature_net, classifier, n_heldout: int) -> str:
@@ -192,8 +199,8 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
             evaluator.fid_evaluator.reference_source,
             evaluator.fid_evaluator.reference_cache,
         )
-    prefix = PREFIXES[restored.weights]  # never the training's eval/: its history at this step stays as logged
-    results = {prefix + k.split("/", 1)[1]: v for k, v in results.items()}
+    prefix = metric_prefix(restored.weights, ev_cfg)  # never the training's eval/: its history stays as logged
+    results = {f"{prefix}/{k.split('/', 1)[1]}": v for k, v in results.items()}
 
     out.mkdir(parents=True, exist_ok=True)
     text = table(results)
