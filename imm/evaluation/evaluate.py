@@ -221,9 +221,9 @@ class Evaluator:
             self.floor = noise_floor(bundle, self.floor_n, g)
             if n_samples < metrics.MIN_POINT_SAMPLES:
                 log.warning(
-                    "%d samples per evaluation: below %d the energy distance's noise floor swamps the model's"
-                    " distance and k-NN recall is inflated, so ED/floor and recall read better than at"
-                    " eval.n_samples=5000 (docs/results.md#how-many-samples)",
+                    "%d samples per evaluation: below %d the energy distance's noise floor (which grows like"
+                    " 1/n) swamps the model's own distance, so ED/floor reads far better than at"
+                    " eval.n_samples=5000; compare ratios at equal n only (docs/results.md#how-many-samples)",
                     n_samples,
                     metrics.MIN_POINT_SAMPLES,
                 )

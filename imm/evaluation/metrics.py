@@ -29,8 +29,9 @@ _LOWER_IS_BETTER = re.compile(r"(energy|sw2|fd)|(energy_ratio|fd_ratio|fid)\d+k?
 # The metric that picks a step count's best checkpoint, by preference: the one each kind of data has.
 PRIMARY = ("energy_ratio", "fd_ratio", "fid")
 _METRIC_NAME = re.compile(r"^[^/]+/(?P<family>.+?)_(?P<steps>\d+)step(?P<w>_w[^_/]+)?$")
-# Point data: below this many samples per evaluation the ED floor (about 2 E|X - X'| / n) swamps a
-# model's distance and k-NN recall is inflated; measured in docs/results.md#how-many-samples.
+# Point data: below this many samples per evaluation the ED floor (about E|X - X'| (1/n + 1/m)) swamps
+# a model's distance: its ratio keeps less than half of its excess over 1 at n = m = 5000
+# (docs/results.md#how-many-samples).
 MIN_POINT_SAMPLES = 2000
 
 
