@@ -30,6 +30,7 @@ def run(script, *args, timeout=600):
         "sampling_throughput.py",
         "threads.py",
         "accumulation.py",
+        "sweep_table.py",
     ],
 )
 def test_help(script):
@@ -201,3 +202,31 @@ def test_accumulation(tmp_path):
     assert [(r["micro_batch"], r["n_micro"]) for r in rows] == [(16, 1), (8, 2), (4, 4)]
     assert all(r["peak_mb"] > 0 and r["step_ms"] > 0 for r in rows)
     assert "| 4 | 4 |" in text and "| 4 | 4 |" in out.with_suffix(".md").read_text()
+
+
+def test_sweep_table_averages_seeds_and_adds_the_evaluate_runs(tmp_path):
+    """A real 4-job sweep (kernel.kappa x train.seed, debug=toy), one run evaluated again with the restart sampler."""
+    env = {"PATH": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(BENCH.parent)}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+
+    def launch(*args):
+        proc = subprocess.run(
+            [sys.executable, str(BENCH.parent / "launch.py"), *args, f"tracking.uri={uri}"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+            env=env,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    tiny = ["debug=toy", "train.steps=10", "eval.steps=[1,2]"]
+    launch("-m", *tiny, "kernel.kappa=0,1", "train.seed=0,1", f"hydra.sweep.dir={tmp_path}/sweep")
+    launch("--config-name", "evaluate", f"ckpt={tmp_path}/sweep/0", "eval.sampler=restart", "eval.steps=[1,2]")
+    out = tmp_path / "t.json"
+    text = run("sweep_table.py", str(tmp_path / "sweep"), "--tracking-uri", uri, "--steps", "1", "2", "--out", str(out))
+    assert "| kernel.kappa | sampling | seeds | ED/floor 1 | ED/floor 2 |" in text
+    means = json.loads(out.read_text())["means"]
+    assert set(means) == {"0.0 | pushforward, uniform", "1.0 | pushforward, uniform", "0.0 | restart, uniform"}
+    assert "| 0.0 | pushforward, uniform | 2 |" in text and "| 0.0 | restart, uniform | 1 |" in text
+    assert all(v["ED/floor 1"] > 0 for v in means.values())
