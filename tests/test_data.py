@@ -252,16 +252,19 @@ def test_cifar10_archive_is_unpacked_and_converted(tmp_path, monkeypatch):
 
 
 def test_mnist_conversion_and_resize(tmp_path, monkeypatch):
-    class FakeMNIST:
+    class FakeMNIST:  # torchvision's reader without the files: 5 training images, 3 test images
         def __init__(self, root, train, download):
-            self.data = torch.zeros(5, 28, 28, dtype=torch.uint8)
-            self.targets = torch.arange(5)
+            n = 5 if train else 3
+            self.data = torch.zeros(n, 28, 28, dtype=torch.uint8)
+            self.targets = torch.arange(n)
 
     monkeypatch.setattr("torchvision.datasets.MNIST", FakeMNIST)
     assert build_dataset("mnist", root=tmp_path).shape == (1, 28, 28)
     bundle = build_dataset("mnist", root=tmp_path, resolution=32)
     x, label = bundle.train[3]
     assert bundle.shape == (1, 32, 32) and x.shape == (1, 32, 32) and label == 3 and x.eq(-1).all()
+    assert len(bundle.train) == 5 and len(bundle.heldout) == 3  # the test set: the classifier metric's held-out split
+    assert bundle.heldout.shape == (1, 32, 32)
 
 
 def test_digits():
