@@ -41,7 +41,7 @@ class DataOverrideConfig:
 class SampleConfig(SamplingOptions):
     """`--config-name sample`: the sampling options (imm.config.SamplingOptions) at the top level."""
 
-    ckpt: str = MISSING  # a checkpoint file, or a run directory (its newest checkpoint)
+    ckpt: str = MISSING  # a snapshot or training-state file, or a run directory (its newest of either)
     weights: str = "ema"  # ema | online
     steps: int = 1  # sampling steps N (one count here; the evaluations take a list)
     etas: Optional[List[float]] = None  # explicit intermediate eta points (steps - 1 of them), e.g. [1.4]
@@ -68,7 +68,7 @@ class EvaluateOptions(EvalOptions):
 
 @dataclass
 class EvaluateConfig:
-    ckpt: str = MISSING
+    ckpt: str = MISSING  # a snapshot or training-state file, or a run directory (its newest of either)
     weights: str = "ema"  # ema | online (online metrics are logged as eval_online/...)
     device: str = "auto"
     out: Optional[str] = None  # null: the Hydra run directory (runs/evaluations/<date>/<time>)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict, read_write
 
 from imm.tracking.mlflow_run import default_uri, ensure_store
 
@@ -52,6 +52,7 @@ class MLflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self.sweep_dir, self.started = Path(config.hydra.sweep.dir), time.time()
         atexit.register(self._report)
+        _cap_parallel_jobs(config)
         if not config.tracking.enabled:
             return
 
@@ -117,6 +118,21 @@ class MLflowSweepCallback(Callback):
             else:
                 what = describe(status)
             log.info("job %s %s: %s", job.name, status.get("name") or "", what)
+
+
+def _cap_parallel_jobs(config: DictConfig) -> None:
+    """On the local launcher, run at most parallel_jobs() jobs at once (hydra.sweeper.max_batch_size, when it
+    is null): a launcher preset cannot set a sweeper key, but Hydra builds the sweeper from this config right
+    after on_multirun_start."""
+    from imm.training.threads import parallel_jobs
+
+    sweeper = config.hydra.sweeper
+    if "max_batch_size" not in sweeper or sweeper.max_batch_size is not None:
+        return
+    if (n := parallel_jobs(config.hydra.launcher)) is not None:
+        with open_dict(config), read_write(config):
+            sweeper.max_batch_size = n
+        log.info("local launcher: at most %d job(s) at a time (hydra.sweeper.max_batch_size=%d)", n, n)
 
 
 def _exists(uri: str, run_id: str) -> bool:
