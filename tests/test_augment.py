@@ -312,7 +312,7 @@ def test_sampling_passes_no_augmentation_labels(resumed_runs, tmp_path, monkeypa
         "sample", f"ckpt={resumed_runs / 'straight'}", f"out={tmp_path}", "n=8", "steps=2", "tracking.enabled=false"
     )
     sample_task.run(cfg, launch_dir=tmp_path)
-    assert calls and all(labels is None for labels in calls)
+    assert calls and all(value is None for value in calls)
     images = np.load(tmp_path / "samples.npz")
     assert all(np.isfinite(images[k]).all() for k in images.files)
 

@@ -177,10 +177,9 @@ class _Objective:
     evaluates the loss on the share or on a micro-batch of it (`draws[a:b]`, gradient accumulation);
     calling the objective does both on the whole share.
 
-    `augment` (optional; imm.data.augment.Augment for EDM's augmentation) transforms the clean samples x
-    before anything else: `augment.draw(n, generator, device)` gives n parameter rows, `augment(x, rows)`
-    the transformed x and the labels the network is conditioned on. Its draws come last, so a run
-    without augmentation draws exactly what it drew before augmentation existed.
+    `augment` (optional, imm.data.augment.Augment): `augment.draw(n, generator, device)` gives n parameter
+    rows, `augment(x, rows)` the transformed clean samples and the labels the network is conditioned on.
+    Drawn last, so a run without it draws exactly what it drew before augmentation existed.
     """
 
     def __init__(
@@ -274,12 +273,10 @@ class IMMObjective(_Objective):
     RNG state so both passes use the same dropout masks; `drop_target_labels` feeds the target the
     same dropped labels as the student (default: the undropped labels, as in OS-code).
 
-    With `augment`, one transform is drawn per group and applied to all M clean samples of the group;
-    x_t and x_r are built from the transformed x and both passes get its labels. Each group's MMD then
-    compares two distributions conditioned on the same augmentation, so the loss vanishes only when the
-    model is self-consistent for every augmentation, the un-augmented one (labels 0, what sampling uses)
-    included; with a transform per particle it would compare mixtures over transforms, which can agree
-    while a conditional does not (docs/images.md, "EDM augmentation").
+    With `augment`, one transform per group, applied to its M clean samples; x_t and x_r come from the
+    transformed x and both passes get its labels. Each group's MMD then compares distributions given one
+    augmentation, so the loss vanishes only if the model is self-consistent for each, the un-augmented one
+    that sampling uses included (per particle it would compare mixtures; docs/images.md, EDM augmentation).
     """
 
     def __init__(

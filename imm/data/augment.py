@@ -132,7 +132,7 @@ def labels(params: Tensor) -> Tensor:
 
 def apply(x: Tensor, params: Tensor) -> Tensor:
     """x [n, C, H, W] with each image's flips, then its geometric transform (only images that have one are
-    resampled), in float32 outside autocast."""
+    resampled), in x's dtype whatever the autocast around it (the clean data are not rounded to bf16)."""
     with torch.autocast(x.device.type, enabled=False):
         p = params.to(x.device)
         flip = p[:, [XFLIP, YFLIP]].bool()
