@@ -130,6 +130,7 @@ class DataConfig:
     download: bool = False
     resolution: Optional[int] = None
     hflip: bool = False
+    augment_p: float = 0.0  # EDM's augmentation (imm/data/augment.py), each transform with this probability; 0: off
     use_labels: bool = True  # false: train unconditionally on a labelled set (the paper's CIFAR-10)
     class_subfolders: Optional[bool] = None  # folder: null = subfolders are classes when all images sit in one
     n_train: int = data_mod.DEFAULT_TOY_TRAIN  # toy sets
@@ -298,6 +299,7 @@ ARG_KEYS = {
     "eta_min": "loss.eta_min",
     "min_gap": "loss.min_gap",
     "label_dropout": "loss.label_dropout",
+    "augment_p": "data.augment_p",
 }
 POSITIVE = (
     "optim.lr",
@@ -381,7 +383,8 @@ def validate(cfg, world_size: int = 1) -> None:
         if key not in core_checked and _get(cfg, key) not in allowed:
             raise not_allowed(key, _get(cfg, key), allowed)
     try:
-        factory.imm_objective(cfg, label_dropout=cfg.loss.label_dropout or 0.0, num_classes=1)
+        label_dropout = cfg.loss.label_dropout or 0.0
+        factory.imm_objective(cfg, label_dropout=label_dropout, num_classes=1, augment=factory.augment(cfg))
     except ArgumentError as e:  # num_classes=1: whether the data have labels is known once they are loaded
         raise from_core(e) from None
     for key in POSITIVE:
@@ -428,6 +431,11 @@ def validate(cfg, world_size: int = 1) -> None:
         fail(
             f"arch.name={cfg.arch.name!r} does not fit {kind} data data.name={cfg.data.name!r}; use"
             f" {'arch=mlp' if points else 'an image architecture (dit_*, ddpmpp)'}."
+        )
+    if cfg.data.augment_p > 0 and points:
+        fail(
+            f"data.augment_p={cfg.data.augment_p} augments images, but data.name={cfg.data.name!r} is point data;"
+            " use data.augment_p=0."
         )
     if cfg.data.name == "points" and not cfg.data.path:
         fail("data.path is missing; data=points needs data.path=/path/to/file.npy holding an [N, D] array.")

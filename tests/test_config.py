@@ -116,6 +116,8 @@ BAD = {
     "eta range": (["loss.eta_min=2", "loss.eta_max=1"], "loss.eta_max > loss.eta_min >= 0"),
     "zero M with the fm objective": (["loss=fm", "loss.M=0"], "loss.M=0"),
     "negative min_gap": (["loss.min_gap=-1"], "loss.min_gap=-1.0 must be >= 0"),
+    "augmentation probability 1": (["data=digits", "arch=dit_s_4", "data.augment_p=1"], "data.augment_p=1.0 must be"),
+    "augmenting point data": (["data.augment_p=0.1"], "data.augment_p=0.1 augments images, but data.name="),
 }
 
 
