@@ -127,6 +127,9 @@ def test_encode_refuses_bad_options_before_any_work(world, tmp_path):
         assert message in str(e.value)
     with pytest.raises(ConfigError, match="out is missing; set out="):
         encode.run(compose_task("encode", f"data.root={src}", f"vae={vae}"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="out=.*file is a file; set out to a folder"):
+        run_encode(src, vae, tmp_path / "file")
     assert not (tmp_path / "x").exists()
 
 
@@ -244,8 +247,10 @@ def test_the_codec_decodes_with_the_encoding_vae_only(world, tmp_path):
         other.decode(x)
 
 
-def test_evaluator_decodes_for_the_figure_and_measures_fid_against_the_encoded_images(world, tmp_path):
+def test_evaluator_decodes_for_the_figure_and_measures_fid_against_the_encoded_images(world, tmp_path, monkeypatch):
     _, vae_dir, src, out, _ = world
+    loads, load = [], vae_mod.load
+    monkeypatch.setattr(vae_mod, "load", lambda *a, **k: loads.append(a) or load(*a, **k))  # counts, then loads
     cfg = compose_cfg(
         "data=latents", f"data.root={out}", "arch=dit_s_2", "arch.hidden_size=32", "arch.depth=1", "arch.num_heads=2"
     )
@@ -266,8 +271,10 @@ def test_evaluator_decodes_for_the_figure_and_measures_fid_against_the_encoded_i
         fid_cache=tmp_path,
         guidance=1.5,
     )
-    assert bundle.latents._model is not None  # the VAE is loaded when the evaluator is built, before any work
+    assert len(loads) == 1  # the VAE is loaded when the evaluator is built, before any work
     results, figs, by_steps = ev(net)
+    ev(net)
+    assert len(loads) == 1  # and only then
     assert by_steps[1].shape == (4, 4, 8, 8) and "figures/steps.png" in figs  # latents in, a picture out
     assert results["eval/nfe_1step_w1.5"] == 2 and results["eval/nfe_2step_w1.5"] == 4
     # the reference statistics are those of the encoded images themselves, at their resolution
@@ -296,8 +303,20 @@ def test_moved_source_images_are_refused_before_any_fid_work(world, tmp_path):
 
 # -- the commands through launch.py -------------------------------------------------------------------------
 @pytest.mark.slow
-def test_encode_killed_mid_shard_continues_to_the_bytes_of_an_uninterrupted_encode(world, tmp_path):
+def test_encode_offline_exits_2_and_killed_mid_shard_continues_to_the_bytes_of_an_uninterrupted_one(world, tmp_path):
     _, vae, src, _, _ = world
+    offline = launch(
+        tmp_path,
+        "--config-name",
+        "encode",
+        f"data.root={src}",
+        f"out={tmp_path / 'none'}",
+        env=one_thread_env({"HF_HUB_OFFLINE": "1"}),
+    )  # the paper's VAE by default, which is not here
+    out = offline.stdout + offline.stderr
+    assert offline.returncode == 2 and "Traceback" not in out, out[-3000:]
+    assert "The VAE 'stabilityai/sd-vae-ft-ema' (vae) is not in the Hugging Face cache" in out
+    assert not (tmp_path / "none").exists()
     args = ("--config-name", "encode", *encode_args(src, vae, tmp_path / "lat", "shard_size=5", "batch_size=2"))
     reference = ("--config-name", "encode", *encode_args(src, vae, tmp_path / "ref", "shard_size=5", "batch_size=2"))
     launch(tmp_path, *reference, check=True)

@@ -19,12 +19,15 @@ as a :class:`DataBundle`.  Conventions shared by every dataset:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
 SIGMA_DATA = 0.5
+
+if TYPE_CHECKING:
+    from imm.data.latents import LatentCodec
 
 
 class DataError(ValueError):
@@ -75,7 +78,7 @@ class DataBundle:
     shape: tuple[int, ...]
     num_classes: int
     standardizer: Standardizer | None = None
-    latents: Any = None
+    latents: LatentCodec | None = None
 
     def to_images(self, x: torch.Tensor) -> torch.Tensor:
         """Image samples [N, C, H, W] in [-1, 1]: decoded by the VAE for latents, else x itself."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ import torch
 from imm.data import SIGMA_DATA, DataError, DataNotFoundError
 from imm.data.loader import BaseDataset
 
+log = logging.getLogger("imm.data")
 MANIFEST = "manifest.json"
 FORMAT = 1
 DECODE_BATCH = 32  # latents per VAE decoder call: at 256 x 256 its activations take ~0.2 GB per image
@@ -157,6 +159,7 @@ class LatentCodec:
                     f" (weight hash {sha}, not {self.vae_sha256}); point data.vae at that VAE."
                 )
             self._model = model
+            log.info("VAE %s (weights %s) loaded on %s to decode the latents", self.vae, self.vae_sha256, device)
         return self._model.to(device)
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:

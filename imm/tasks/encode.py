@@ -37,6 +37,8 @@ SAME_ENCODE = ("vae_sha256", "resolution", "latent_shape", "dtype", "hflip", "sh
 def _validate(cfg) -> None:
     if OmegaConf.is_missing(cfg, "out") or not str(cfg.out).strip():
         raise ConfigError("out is missing; set out=/path/to/latents (the folder data=latents reads as data.root).")
+    if Path(cfg.out).expanduser().exists() and not Path(cfg.out).expanduser().is_dir():
+        raise ConfigError(f"out={cfg.out} is a file; set out to a folder (new, or an encode to continue).")
     check_choices([("dtype", cfg.dtype, DTYPES)])
     if cfg.data.name not in IMAGE_DATA or cfg.data.name == "latents":
         raise not_allowed("data", cfg.data.name, [n for n in IMAGE_DATA if n != "latents"])
@@ -143,28 +145,7 @@ def run(cfg) -> dict:
         size,
         f"; continuing after shard {first}" if first else "",
     )
-    shards = [range(k * size, min((k + 1) * size, n)) for k in range(first, manifest["n_shards"])]
-    batches = [list(r[i : i + cfg.batch_size]) for r in shards for i in range(0, len(r), cfg.batch_size)]
-    loader = torch.utils.data.DataLoader(_Images(bundle.train), batch_sampler=batches, num_workers=cfg.data.num_workers)
-    from tqdm import tqdm
-
-    bar = tqdm(total=n, initial=first * size, unit="img", desc="encode", disable=not sys.stderr.isatty())
-    pending, t0, done0 = {"latents": [], "flipped": [], "labels": []}, time.perf_counter(), first * size
-    k = first
-    for images, labels in loader:
-        if images.shape[1] == 1:  # grey images: the VAE takes RGB
-            images = images.expand(-1, 3, -1, -1)
-        pending["latents"].append(vae_mod.encode(vae, images).cpu().numpy())
-        if manifest["hflip"]:
-            pending["flipped"].append(vae_mod.encode(vae, images.flip(-1)).cpu().numpy())
-        pending["labels"].append(labels.numpy().astype(np.int64) if bundle.num_classes else np.full(len(labels), -1))
-        bar.update(len(images))
-        if sum(len(b) for b in pending["labels"]) == len(shards[k - first]):
-            _write_shard(out, manifest, k, pending)
-            pending = {key: [] for key in pending}
-            k += 1
-            _progress(bar, k, manifest, time.perf_counter() - t0, done0)
-    bar.close()
+    _encode_shards(out, manifest, bundle, vae, cfg)
     stats = manifest["stats"]
     manifest["mean"] = stats["mean"]
     manifest["std"] = [math.sqrt(m2 / stats["count"]) for m2 in stats["m2"]]
@@ -180,6 +161,32 @@ def run(cfg) -> dict:
         out,
     )
     return manifest
+
+
+def _encode_shards(out: Path, manifest: dict, bundle, vae, cfg) -> None:
+    """Every shard the manifest does not list yet, in order, batches of cfg.batch_size within each shard."""
+    n, size, first = manifest["count"], manifest["shard_size"], len(manifest["shards"])
+    shards = [range(k * size, min((k + 1) * size, n)) for k in range(first, manifest["n_shards"])]
+    batches = [list(r[i : i + cfg.batch_size]) for r in shards for i in range(0, len(r), cfg.batch_size)]
+    loader = torch.utils.data.DataLoader(_Images(bundle.train), batch_sampler=batches, num_workers=cfg.data.num_workers)
+    from tqdm import tqdm
+
+    bar = tqdm(total=n, initial=first * size, unit="img", desc="encode", disable=not sys.stderr.isatty())
+    pending, t0, k = {"latents": [], "flipped": [], "labels": []}, time.perf_counter(), first
+    for images, labels in loader:
+        if images.shape[1] == 1:  # grey images: the VAE takes RGB
+            images = images.expand(-1, 3, -1, -1)
+        pending["latents"].append(vae_mod.encode(vae, images).cpu().numpy())
+        if manifest["hflip"]:
+            pending["flipped"].append(vae_mod.encode(vae, images.flip(-1)).cpu().numpy())
+        pending["labels"].append(labels.numpy().astype(np.int64) if bundle.num_classes else np.full(len(labels), -1))
+        bar.update(len(images))
+        if sum(len(b) for b in pending["labels"]) == len(shards[k - first]):
+            _write_shard(out, manifest, k, pending)
+            pending = {key: [] for key in pending}
+            k += 1
+            _progress(bar, k, manifest, time.perf_counter() - t0, first * size)
+    bar.close()
 
 
 def _write_shard(out: Path, manifest: dict, k: int, pending: dict) -> None:
