@@ -213,19 +213,15 @@ class LatentCodec:
     @classmethod
     def from_state_dict(cls, state: dict, *, vae: str | None = None, source_root: str | None = None) -> "LatentCodec":
         """A checkpoint's codec; `vae`, `source_root`: where the VAE and the source images are now."""
-        source = {**state["source"], **({"root": _absolute(source_root)} if source_root else {})}
+        source = {**state["source"], **({"root": str(Path(source_root).expanduser().resolve())} if source_root else {})}
         return cls(
-            state["vae"] if vae is None else str(vae),
+            str(vae) if vae else state["vae"],
             state["vae_sha256"],
             state["mean"],
             state["std"],
             source,
             state["scale"],
         )
-
-
-def _absolute(root) -> str:
-    return str(Path(root).expanduser().resolve())
 
 
 def load(
@@ -269,8 +265,8 @@ def load(
     if min(std) <= 0:
         raise DataError(f"data.latent_std={std} must be positive in every channel.")
     dataset = LatentShards(root, manifest, mean, std, hflip)
-    source = dict(manifest["source"])
-    if source_root:
-        source["root"] = _absolute(source_root)
-    codec = LatentCodec(vae or manifest["vae"], manifest["vae_sha256"], mean, std, source)
+    encoded = {"vae": manifest["vae"], "vae_sha256": manifest["vae_sha256"], "source": manifest["source"]}
+    codec = LatentCodec.from_state_dict(
+        {**encoded, "mean": mean, "std": std, "scale": SIGMA_DATA}, vae=vae, source_root=source_root
+    )
     return dataset, codec
