@@ -67,7 +67,7 @@ def run(cfg):
 
     hc = HydraConfig.get()
     try:
-        if hc.job.config_name in ("sample", "evaluate"):  # launch.py --config-name sample|evaluate ckpt=...
+        if hc.job.config_name in ("sample", "evaluate", "encode"):  # launch.py --config-name sample|evaluate|encode ...
             from importlib import import_module
 
             return import_module(f"imm.tasks.{hc.job.config_name}").run(cfg)

@@ -48,6 +48,8 @@ RESUMABLE_KEYS = (
     "data.root",
     "data.path",
     "data.download",
+    "data.vae",
+    "data.source_root",
     "hydra",
 )
 
@@ -133,6 +135,11 @@ class DataConfig:
     augment_p: float = 0.0  # EDM's augmentation (imm/data/augment.py), each transform with this probability; 0: off
     use_labels: bool = True  # false: train unconditionally on a labelled set (the paper's CIFAR-10)
     class_subfolders: Optional[bool] = None  # folder: null = subfolders are classes when all images sit in one
+    # data=latents (root: the out= of --config-name encode; imm/data/latents.py):
+    vae: Optional[str] = None  # the VAE that decodes samples (hub id or folder); null: the one that encoded
+    latent_mean: Optional[List[float]] = None  # per-channel mean of the raw latents; null: the manifest's measured
+    latent_std: Optional[List[float]] = None  # per-channel std of the raw latents; null: the manifest's measured
+    source_root: Optional[str] = None  # where the encoded images (the FID reference) are now; null: as encoded
     n_train: int = data_mod.DEFAULT_TOY_TRAIN  # toy sets
     n_heldout: int = data_mod.DEFAULT_TOY_HELDOUT
     heldout_fraction: float = data_mod.DEFAULT_HELDOUT_FRACTION  # points files
@@ -441,6 +448,8 @@ def validate(cfg, world_size: int = 1) -> None:
         fail("data.path is missing; data=points needs data.path=/path/to/file.npy holding an [N, D] array.")
     if cfg.data.name == "folder" and not cfg.data.root:
         fail("data.root is missing; data=folder needs data.root=/path/to/images.")
+    if cfg.data.name == "latents" and not cfg.data.root:
+        fail("data.root is missing; data=latents needs data.root=/path/to/latents (the out= of --config-name encode).")
     if cfg.eval.guidance != 1.0 and points:
         fail(
             f"eval.guidance={cfg.eval.guidance} needs class-conditional data, but data.name="

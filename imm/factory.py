@@ -117,6 +117,10 @@ def dataset(cfg) -> DataBundle:
         download=d.download,
         hflip=d.hflip,
         class_subfolders=d.class_subfolders,
+        vae=d.vae,
+        latent_mean=d.latent_mean,
+        latent_std=d.latent_std,
+        source_root=d.source_root,
     )
     if not d.use_labels:  # the batches then carry no labels and the net is built unconditional
         bundle.num_classes = bundle.train.num_classes = 0

@@ -10,7 +10,7 @@ from imm import factory
 from imm.config import ConfigError, validate
 
 GROUPS = ["arch", "schedule", "kernel", "loss", "target", "data", "optim", "train", "tracking", "experiment"]
-IMAGE_DATA = {"digits", "mnist", "cifar10", "folder"}
+IMAGE_DATA = {"digits", "mnist", "cifar10", "folder", "latents"}
 
 
 def options(group):
@@ -26,7 +26,7 @@ def fitting_overrides(group, option):
         extra = ["arch=dit_s_4"]
     if group == "data" and option == "points":
         extra = ["data.path=/nonexistent.npy"]
-    if group == "data" and option == "folder":
+    if (group == "data" and option in ("folder", "latents")) or (group, option[:11]) == ("experiment", "imagenet256"):
         extra += ["data.root=/nonexistent"]
     return extra
 

@@ -12,17 +12,22 @@ as a :class:`DataBundle`.  Conventions shared by every dataset:
   for unconditional datasets and a LongTensor ``[b]`` otherwise.
 * ``bundle.unscale(x)`` maps model-space samples back to data space: the
   original coordinates for points, pixel values in [0, 255] for images.
+* ``bundle.to_images(x)``: image samples in [-1, 1]; for ``latents`` (VAE latents of images,
+  :mod:`imm.data.latents`) the VAE decodes them, everywhere else they already are images.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
 SIGMA_DATA = 0.5
+
+if TYPE_CHECKING:
+    from imm.data.latents import LatentCodec
 
 
 class DataError(ValueError):
@@ -41,7 +46,7 @@ from imm.data import images, points, toy  # noqa: E402
 from imm.data.loader import InMemoryDataset, ResumableBatches  # noqa: E402
 from imm.data.points import Standardizer, load_points  # noqa: E402
 
-IMAGE_NAMES = ["digits", "mnist", "cifar10", "folder"]
+IMAGE_NAMES = ["digits", "mnist", "cifar10", "folder", "latents"]
 DATASET_NAMES = [*toy.NAMES, "points", *IMAGE_NAMES]
 # The library's defaults, which the config schema (imm.config.DataConfig) takes as its own.
 DEFAULT_TOY_TRAIN = 100_000
@@ -62,6 +67,8 @@ class DataBundle:
         num_classes: 0 for unconditional data.
         standardizer: point data only, else ``None``; save ``standardizer.state_dict()``
             in checkpoints to undo the scaling later.
+        latents: ``latents`` only, else ``None``: the normalisation and the VAE that decodes
+            (:class:`imm.data.latents.LatentCodec`); checkpoints save ``latents.state_dict()``.
     """
 
     name: str
@@ -71,6 +78,11 @@ class DataBundle:
     shape: tuple[int, ...]
     num_classes: int
     standardizer: Standardizer | None = None
+    latents: LatentCodec | None = None
+
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Image samples [N, C, H, W] in [-1, 1]: decoded by the VAE for latents, else x itself."""
+        return x if self.latents is None else self.latents.decode(x)
 
     def unscale(self, x: torch.Tensor) -> torch.Tensor:
         """Map model-space samples to data space (points: original units; images: [0, 255] floats)."""
@@ -92,6 +104,10 @@ def build_dataset(
     download: bool = False,
     hflip: bool = False,
     class_subfolders: bool | None = None,
+    vae: str | None = None,
+    latent_mean=None,
+    latent_std=None,
+    source_root: str | None = None,
 ) -> DataBundle:
     """Build the dataset called ``name`` (one of :data:`DATASET_NAMES`).
 
@@ -123,6 +139,19 @@ def build_dataset(
     if key in ("points", "npy"):
         train, heldout = points.split_points(load_points(path), heldout_fraction, seed)
         return _points_bundle("points", train, heldout)
+    if key == "latents":
+        from imm.data import latents
+
+        dataset, codec = latents.load(
+            root,
+            resolution=resolution,
+            hflip=hflip,
+            vae=vae,
+            latent_mean=latent_mean,
+            latent_std=latent_std,
+            source_root=source_root,
+        )
+        return DataBundle(key, "images", dataset, None, dataset.shape, dataset.num_classes, latents=codec)
     if key in IMAGE_NAMES:
         builders: dict[str, Callable[..., Any]] = {
             "digits": lambda: images.digits(resolution=resolution, hflip=hflip),

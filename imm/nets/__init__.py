@@ -25,6 +25,7 @@ Build nets with :func:`build`, which checks that the architecture fits the data 
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from typing import Any
 
@@ -46,6 +47,7 @@ __all__ = [
     "build",
     "count_parameters",
     "count_parameters_of",
+    "module_fingerprint",
 ]
 
 POINT_ARCHS = ["mlp"]
@@ -131,3 +133,13 @@ def count_parameters_of(name: str, shape: tuple[int, ...], **kwargs: Any) -> int
     """Parameter count of an architecture without allocating it (built on the meta device)."""
     with torch.device("meta"):
         return count_parameters(build(name, shape, **kwargs))
+
+
+def module_fingerprint(net: nn.Module) -> str:
+    """Hash of the architecture name and all weights (a changed net invalidates what was keyed by it)."""
+    h = hashlib.sha256(type(net).__qualname__.encode())
+    for name, tensor in net.state_dict().items():
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

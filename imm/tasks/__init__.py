@@ -1,11 +1,12 @@
-"""Commands that work on a training checkpoint: `--config-name sample` and `--config-name evaluate`.
+"""The commands besides training: `--config-name sample` and `--config-name evaluate` (on a training
+checkpoint) and `--config-name encode` (an image dataset into VAE latents, for data=latents).
 
 This module holds only their typed schemas (registered through `imm.config.register`, so a typo in
 `conf/sample.yaml`, `conf/evaluate.yaml` or on the command line fails while Hydra composes), built on
 the sampling options the training config's `eval` node uses (imm.config.SamplingOptions, EvalOptions):
 one name and one default per key. The commands themselves are `imm.tasks.sample.run` and
-`imm.tasks.evaluate.run`, which `imm.cli.run` picks by the config name; the helpers both use are in
-`imm.tasks.common`.
+`imm.tasks.evaluate.run` and `imm.tasks.encode.run`, which `imm.cli.run` picks by the config name; the
+helpers sample and evaluate share are in `imm.tasks.common`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING
 
-from imm.config import EvalOptions, SamplingOptions
+from imm.config import DataConfig, EvalOptions, SamplingOptions
+from imm.data.vae import PAPER_VAE
 
 
 @dataclass
@@ -35,6 +37,8 @@ class DataOverrideConfig:
 
     root: Optional[str] = None  # image datasets (mnist, cifar10, folder)
     path: Optional[str] = None  # data=points: the .npy file
+    vae: Optional[str] = None  # data=latents: the VAE that decodes (hub id or folder)
+    source_root: Optional[str] = None  # data=latents: the images the latents were encoded from (FID reference)
 
 
 @dataclass
@@ -77,10 +81,24 @@ class EvaluateConfig:
     tracking: TaskTrackingConfig = field(default_factory=TaskTrackingConfig)
 
 
+@dataclass
+class EncodeConfig:
+    """`--config-name encode`: the images of `data` (any image dataset option, as in training) as VAE latents."""
+
+    out: str = MISSING  # the latents folder (data.root of data=latents); an unfinished encode there continues
+    vae: str = PAPER_VAE  # hub id or local folder of a diffusers AutoencoderKL
+    batch_size: int = 64  # images per VAE call
+    shard_size: int = 10000  # images per shard file; a killed encode resumes after its last complete shard
+    dtype: str = "float32"  # of the stored latents: float32 | float16 (half the disk)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)  # data.hflip=true also encodes flipped copies
+
+
 def register_schemas(cs=None) -> None:
-    """Store the schemas `conf/sample.yaml` and `conf/evaluate.yaml` build on."""
+    """Store the schemas `conf/sample.yaml`, `conf/evaluate.yaml` and `conf/encode.yaml` build on."""
     from hydra.core.config_store import ConfigStore
 
     cs = cs or ConfigStore.instance()
     cs.store(name="sample_schema", node=SampleConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="encode_schema", node=EncodeConfig)

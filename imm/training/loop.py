@@ -337,6 +337,7 @@ def _checkpoint_extras(cfg, bundle, tracker: Tracker) -> dict:
         "shape": list(bundle.shape),
         "num_classes": bundle.num_classes,
         "standardizer": bundle.standardizer.state_dict() if bundle.standardizer else None,
+        "latents": bundle.latents.state_dict() if bundle.latents else None,  # data=latents: how to decode
     }
 
 

@@ -14,6 +14,8 @@ Faults (steps count the training steps of this process, 0-based; these tests use
   signal_after_open:SIG the process sends itself SIG (e.g. SIGTERM) right after the MLflow run is
                         created, before the first training step
   raise_after_open      an exception right after the MLflow run is created, before the first step
+  kill_in_encode:K      `--config-name encode` sends itself SIGKILL while it commits its K-th shard of this
+                        process: the shard's files are written, the manifest does not list them yet
 
 Everything else is launch.py unchanged: Hydra parses the same command line and runs the same task.
 """
@@ -133,7 +135,22 @@ def raise_after_open(_: str = "") -> None:
     _after_open(fail)
 
 
-FAULTS = {f.__name__: f for f in (kill_in_save, nan_loss, nan_grad, signal_after_open, raise_after_open)}
+def kill_in_encode(k: str) -> None:
+    from imm.data import latents
+
+    real_write, calls = latents.write_manifest, itertools.count(1)
+
+    def write_manifest(root, manifest):
+        if next(calls) == int(k):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_write(root, manifest)
+
+    latents.write_manifest = write_manifest
+
+
+FAULTS = {
+    f.__name__: f for f in (kill_in_save, nan_loss, nan_grad, signal_after_open, raise_after_open, kill_in_encode)
+}
 
 
 def main() -> None:
