@@ -27,7 +27,8 @@ from imm.evaluation.evaluate import Evaluator
 from imm.evaluation.metrics import lower_is_better
 from imm.tracking.mlflow_run import Tracker, check_reachable, flatten, git_tags
 from imm.training import checkpoint, distributed, rundir
-from imm.training.signals import Interrupted, StopFlag
+from imm.training.progress import Progress, summary_text
+from imm.training.signals import Interrupted, StopFlag, in_submitit_job
 from imm.training.threads import torch_threads
 
 log = logging.getLogger("imm.train")
@@ -37,7 +38,7 @@ RUN_ID_FILE = "mlflow_run_id"
 
 def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", extra_tags=None) -> dict:
     """Train according to `cfg`, writing checkpoints and figures under run_dir; returns final metrics."""
-    run_dir = Path(run_dir)
+    run_dir, started = Path(run_dir), time.time()
     env = distributed.detect()
     if not env.is_main:  # one process owns the logs, files and MLflow
         logging.getLogger("imm").setLevel(logging.WARNING)
@@ -112,7 +113,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
 
     # -- the loop -----------------------------------------------------------------------------------
     status, summary, best = "FAILED", {}, {}
-    meter = _Meter(cfg, env, tracker, step, device)
+    progress = Progress(cfg, env, tracker, step, device)
     generator = torch.Generator(device)
     precision = cfg.train.precision
     autocast = torch.autocast(
@@ -150,12 +151,12 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
                 ema.update()
                 if target_ema is not None:
                     target_ema.update()
-                meter.good(loss)
+                progress.good(loss)
             else:
-                meter.skipped(step, loss, diag, net, run_dir)  # raises after train.max_nonfinite in a row
+                progress.skipped(step, loss, diag, net, run_dir)  # raises after train.max_nonfinite in a row
             step += 1
 
-            if (metrics := meter.tick(step, grad_norm, optimizer, diag)) is not None:
+            if (metrics := progress.tick(step, grad_norm, optimizer, diag)) is not None:
                 summary["final/loss"] = metrics["train/loss"]
             if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
                 _track_best(best, _evaluate(evaluator, ema.ema_model, tracker, run_dir, step))
@@ -167,12 +168,15 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
                 stop.request(stop_signum)
                 _save(state, device, run_dir, env, cfg, step, extras)
                 stop.hand_over()  # submitit requeues on preemption; otherwise raises Interrupted
+        progress.close()  # the finished bar stays on screen once; the lines below print under it
         _save(state, device, run_dir, env, cfg, step, extras)
         if cfg.train.snapshot_every:
             _snapshot(state, run_dir, env, step, extras)
         final = _evaluate(evaluator, ema.ema_model, tracker, run_dir, step)
         _track_best(best, final)
         summary.update({f"final/{k[5:]}": v for k, v in final.items()})
+        if evaluator is not None and evaluator.floor:  # logged at the first evaluation only; the summary shows it
+            summary.update({f"final/{k}_floor": v for k, v in evaluator.floor.items()})
         summary.update(best)
         tracker.log_metrics(summary, step)
         status = "FINISHED"
@@ -182,7 +186,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
         raise
     finally:
         stop.restore()
-        meter.close()
+        progress.close()
         tracker.end(status)
         distributed.shutdown(env)
         if env.is_main:
@@ -190,7 +194,21 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
                 run_dir, status=status, step=step, action=action, from_step=start_step, name=run_name, summary=summary
             )
             lock.release()
-            _where(run_dir, tracking_uri if tracker.enabled else None, tracker.run_id, status)
+            log.info(
+                "%s",
+                summary_text(
+                    status=status,
+                    start_step=start_step,
+                    step=step,
+                    steps=cfg.train.steps,
+                    seconds=time.time() - started,
+                    summary=summary,
+                    run_dir=run_dir,
+                    uri=tracking_uri if tracker.enabled else None,
+                    run_id=tracker.run_id,
+                    resume=_resume_hint(status, cfg.train.steps),
+                ),
+            )
 
 
 # -- set-up ---------------------------------------------------------------------------------------
@@ -378,93 +396,8 @@ def _track_best(best: dict, results: dict) -> None:
             best[name] = min(best.get(name, math.inf), v)
 
 
-class _Meter:
-    """The loss and step counts between log lines, samples/s, non-finite steps, and the progress display
-    (a tqdm bar on a terminal, a log line every train.log_every steps otherwise)."""
-
-    def __init__(self, cfg, env, tracker: Tracker, step: int, device):
-        self.cfg, self.env, self.tracker = cfg, env, tracker
-        self.loss_sum, self.n_good, self.nonfinite_run, self.n_skipped = torch.zeros((), device=device), 0, 0, 0
-        self.t_last, self.samples = time.perf_counter(), 0
-        self.bar = None
-        if env.is_main and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=cfg.train.steps, initial=step, dynamic_ncols=True, desc="train")
-
-    def good(self, loss: torch.Tensor) -> None:
-        self.loss_sum += loss.detach()  # on the device: no host sync per step
-        self.n_good += 1
-        self.nonfinite_run = 0
-
-    def skipped(self, step: int, loss, diag: dict, net, run_dir: Path) -> None:
-        """Count a skipped step; after train.max_nonfinite in a row raise FloatingPointError naming the terms."""
-        self.nonfinite_run += 1
-        self.n_skipped += 1
-        bad = "loss" if not torch.isfinite(loss) else "gradient norm"
-        log.warning("step %d: non-finite %s, step skipped (%d in a row)", step, bad, self.nonfinite_run)
-        self.tracker.log_metrics({"train/skipped_steps": self.n_skipped}, step + 1)
-        if self.nonfinite_run < self.cfg.train.max_nonfinite:
-            return
-        terms = [k for k, v in diag.items() if not torch.isfinite(v)] or [
-            f"the gradient of {n}"
-            for n, p in net.named_parameters()
-            if p.grad is not None and not torch.isfinite(p.grad).all()
-        ][:1]
-        raise FloatingPointError(
-            f"step {step}: the {bad} went non-finite {self.nonfinite_run} steps in a row"
-            f" (train.max_nonfinite={self.cfg.train.max_nonfinite}); non-finite terms:"
-            f" {', '.join(terms) or 'none on this process'}; the last good checkpoint is"
-            f" {checkpoint.resolve(None, run_dir) or 'none yet'}; lower optim.lr or check the data."
-        )
-
-    def tick(self, step: int, grad_norm, optimizer, diag: dict) -> dict | None:
-        """After each step: advance the bar; every train.log_every steps (and at the end) log and reset."""
-        self.samples += self.cfg.train.batch_size
-        if self.bar is not None:
-            self.bar.update(1)
-        if step % self.cfg.train.log_every and step != self.cfg.train.steps:
-            return None
-        now = time.perf_counter()
-        metrics = {
-            "train/loss": distributed.mean(self.env, self.loss_sum / max(self.n_good, 1)).item(),
-            "train/grad_norm": grad_norm.item(),
-            "train/lr": optimizer.param_groups[0]["lr"],
-            "train/skipped_steps": self.n_skipped,
-            "train/samples_per_s": self.samples / (now - self.t_last),
-            **{f"diag/{k}": v.item() for k, v in diag.items()},
-        }
-        self.tracker.log_metrics(metrics, step)
-        self._show(step, metrics)
-        self.loss_sum.zero_()
-        self.n_good, self.t_last, self.samples = 0, now, 0
-        return metrics
-
-    def _show(self, step: int, m: dict) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{m['train/loss']:.4g}", sps=f"{m['train/samples_per_s']:.0f}")
-            return
-        log.info(
-            "step %d/%d loss %.5g grad %.3g lr %.3g %.0f samples/s",
-            step,
-            self.cfg.train.steps,
-            m["train/loss"],
-            m["train/grad_norm"],
-            m["train/lr"],
-            m["train/samples_per_s"],
-        )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _where(run_dir: Path, uri, run_id, status: str) -> None:
-    lines = [
-        f"run {status.lower()}: checkpoints in {checkpoint.ckpt_dir(run_dir).resolve()},"
-        f" figures in {(run_dir / 'figures').resolve()}"
-    ]
-    if uri:
-        lines.append(f"MLflow run {run_id} in {uri}; open the UI with: mlflow ui --backend-store-uri {uri}")
-    for line in lines:
-        log.info(line)
+def _resume_hint(status: str, steps: int) -> str:
+    """The command that continues this run (to twice its steps when it FINISHED); a sweep job's is its sweep's."""
+    if in_submitit_job():
+        return "run the sweep command again"
+    return rundir.resume_command(sys.argv, steps=2 * steps if status == "FINISHED" else None)

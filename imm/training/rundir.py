@@ -91,11 +91,13 @@ def _truthy(value) -> bool:
     return str(value).lower() in ("true", "1", "yes")
 
 
-def resume_command(argv) -> str:
+def resume_command(argv, steps: int | None = None) -> str:
     """The command that resumes this run: the one given, without fresh= (which would start yet another
-    run) or resume= (the run directory now holds its own checkpoints)."""
-    keep = [a for a in argv[1:] if a.lstrip("+~").partition("=")[0] not in (FRESH_KEY, "resume")]
-    return shlex.join(["python", argv[0], *keep])
+    run) or resume= (the run directory now holds its own checkpoints); with `steps`, one that trains on
+    to train.steps=steps."""
+    drop = (FRESH_KEY, "resume") + (("train.steps",) if steps is not None else ())
+    keep = [a for a in argv[1:] if a.lstrip("+~").partition("=")[0] not in drop]
+    return shlex.join(["python", argv[0], *keep, *([f"train.steps={steps}"] if steps is not None else [])])
 
 
 # -- the lock ------------------------------------------------------------------------------------------
