@@ -212,6 +212,9 @@ class TrackingConfig:
     experiment: str = "imm"
     run_name: Optional[str] = None  # null: from the command-line overrides
     fallback_local: bool = False  # an unreachable server: fall back to the local SQLite store
+    system_metrics: bool = True  # system/* metrics (CPU, memory, disk, network; GPU with nvidia-ml-py)
+    system_metrics_every: float = 10.0  # seconds between system metric samples
+    log_weights: bool = False  # the final EMA snapshot as an artifact (weights/)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import conftest
 import pytest
-from helpers import ROOT
+from helpers import LAUNCH, ROOT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from browser import ui  # noqa: E402
@@ -28,7 +28,9 @@ def test_sweep_runs_carry_names_params_tags_metrics_and_figures(toy_sweep):
         tags = run.data.tags
         assert tags["sweep.id"] == parent.info.run_id == tags["mlflow.parentRunId"]
         assert tags["hydra.job.num"] in {"0", "1", "2"} and tags["device"] == "cpu" and tags["world_size"] == "1"
-        assert len(tags["git.commit"]) == 40
+        assert len(tags["mlflow.source.git.commit"]) == 40 and tags["mlflow.source.name"] == str(LAUNCH)
+        assert tags["mlflow.note.content"].startswith(f"`python {LAUNCH} {name} ")  # this job alone, as one run
+        assert any(k.startswith("system/") for k in run.data.metrics)
         for key in (
             "train/loss",
             "train/grad_norm",

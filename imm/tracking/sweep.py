@@ -12,20 +12,22 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import shlex
+import sys
 import time
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from imm.tracking.mlflow_run import default_uri, ensure_store
+from imm.tracking.mlflow_run import default_uri, ensure_store, note_tag, source_tags
 
 log = logging.getLogger("imm.sweep")
 SWEEP_FILE = "sweep.json"
 
 
 def sweep_info(sweep_dir) -> dict:
-    """{"parent_run_id": ..., "keys": [...]} written by the launching process ({} if none)."""
+    """{"parent_run_id": ..., "keys": [...], "argv": [...]} written by the launching process ({} if none)."""
     p = Path(sweep_dir) / SWEEP_FILE
     return json.loads(p.read_text()) if p.is_file() else {}
 
@@ -69,12 +71,19 @@ class MLflowSweepCallback(Callback):
             config.tracking.experiment,
             run_name=f"sweep {choices.get('sweep') or ','.join(keys)} {sweep_dir.name}",
             params={},
-            tags={"sweep.dir": str(sweep_dir.resolve()), "sweep.keys": ",".join(keys), "sweep.role": "parent"},
+            tags={
+                "sweep.dir": str(sweep_dir.resolve()),
+                "sweep.keys": ",".join(keys),
+                "sweep.role": "parent",
+                **source_tags(sys.argv[0]),
+                **note_tag(f"`{shlex.join(['python', *sys.argv])}`\n\nA sweep over {', '.join(keys)}."),
+            },
             run_id=parent if parent and _exists(uri, parent) else None,
         )
         tracker.set_tags({"sweep.id": tracker.run_id})
         self.client, self.run_id = tracker.client, tracker.run_id
-        (sweep_dir / SWEEP_FILE).write_text(json.dumps({"parent_run_id": tracker.run_id, "keys": keys}) + "\n")
+        info = {"parent_run_id": tracker.run_id, "keys": keys, "argv": sys.argv}  # argv: the jobs' source and command
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps(info) + "\n")
         # Hydra raises out of the sweep when a job fails, skipping on_multirun_end: never leave RUNNING.
         atexit.register(self._end, None)
         again = "relaunched: reopened" if tracker.run_id == parent else "opened"

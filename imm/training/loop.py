@@ -23,11 +23,12 @@ from omegaconf import OmegaConf
 from imm import factory
 from imm.config import RESUMABLE_KEYS, ConfigError, validate
 from imm.data import ResumableBatches
+from imm.data import digest as data_digest
 from imm.evaluation.evaluate import Evaluator
 from imm.evaluation.metrics import lower_is_better
-from imm.tracking.mlflow_run import Tracker, check_reachable, flatten, git_tags
+from imm.tracking.mlflow_run import Tracker, check_reachable, flatten, note_tag, source_tags
 from imm.training import checkpoint, distributed, rundir
-from imm.training.progress import Progress, summary_text
+from imm.training.progress import Progress, describe, log_file, summary_text
 from imm.training.signals import Interrupted, StopFlag, in_submitit_job
 from imm.training.threads import torch_threads
 
@@ -36,8 +37,10 @@ log = logging.getLogger("imm.train")
 RUN_ID_FILE = "mlflow_run_id"
 
 
-def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", extra_tags=None) -> dict:
-    """Train according to `cfg`, writing checkpoints and figures under run_dir; returns final metrics."""
+def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", extra_tags=None, command=None) -> dict:
+    """Train according to `cfg`, writing checkpoints and figures under run_dir; returns final metrics.
+    `command` (argv, the script first; default sys.argv) is the command that reproduces this run, for
+    its MLflow description and source."""
     run_dir, started = Path(run_dir), time.time()
     env = distributed.detect()
     if not env.is_main:  # one process owns the logs, files and MLflow
@@ -103,10 +106,17 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     stop = StopFlag()  # before the MLflow run exists: a signal from here on ends it KILLED, never RUNNING
     tracker = Tracker.disabled()
     if env.is_main and cfg.tracking.enabled:
-        tags = {**_run_tags(run_dir, device, env), **(extra_tags or {}), **resumed_tags}
+        command = list(command or sys.argv)
+        tags = {
+            **_run_tags(run_dir, device, env),
+            **source_tags(command[0]),
+            **note_tag(describe(cfg, bundle, net, command)),
+            **(extra_tags or {}),
+            **resumed_tags,
+        }
         if ckpt_path is not None:
             tags[f"resumed_from_step_{step}"] = str(ckpt_path)
-        tracker = _open_tracker(cfg, run_dir, tracking_uri, run_name, run_id, tags)
+        tracker = _open_tracker(cfg, run_dir, tracking_uri, run_name, run_id, tags, bundle)
     if env.is_main:
         _log_start(cfg, run_dir, net, tracker, tracking_uri, step)
     extras = _checkpoint_extras(cfg, bundle, tracker)
@@ -170,8 +180,10 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
                 stop.hand_over()  # submitit requeues on preemption; otherwise raises Interrupted
         progress.close()  # the finished bar stays on screen once; the lines below print under it
         _save(state, device, run_dir, env, cfg, step, extras)
-        if cfg.train.snapshot_every:
+        if cfg.train.snapshot_every or cfg.tracking.log_weights:
             _snapshot(state, run_dir, env, step, extras)
+        if cfg.tracking.log_weights and tracker.enabled:  # the final EMA weights, what `sample` and `evaluate` load
+            tracker.log_artifact(checkpoint.list_snapshots(run_dir)[-1], "weights")
         final = _evaluate(evaluator, ema.ema_model, tracker, run_dir, step)
         _track_best(best, final)
         summary.update({f"final/{k[5:]}": v for k, v in final.items()})
@@ -187,13 +199,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     finally:
         stop.restore()
         progress.close()
-        tracker.end(status)
-        distributed.shutdown(env)
-        if env.is_main:
-            rundir.write_status(
-                run_dir, status=status, step=step, action=action, from_step=start_step, name=run_name, summary=summary
-            )
-            lock.release()
+        if env.is_main:  # before the MLflow run ends, so that its launch.log artifact holds the summary
             log.info(
                 "%s",
                 summary_text(
@@ -209,6 +215,13 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
                     resume=_resume_hint(status, cfg.train.steps),
                 ),
             )
+        tracker.end(status, log_file=log_file(run_dir))
+        distributed.shutdown(env)
+        if env.is_main:
+            rundir.write_status(
+                run_dir, status=status, step=step, action=action, from_step=start_step, name=run_name, summary=summary
+            )
+            lock.release()
 
 
 # -- set-up ---------------------------------------------------------------------------------------
@@ -321,11 +334,11 @@ def _step_seed(seed: int, step: int) -> int:
 
 # -- tracking and outputs ---------------------------------------------------------------------------
 def _run_tags(run_dir: Path, device, env) -> dict[str, str]:
-    return {"run_dir": str(run_dir.resolve()), "device": str(device), "world_size": str(env.world_size), **git_tags()}
+    return {"run_dir": str(run_dir.resolve()), "device": str(device), "world_size": str(env.world_size)}
 
 
-def _open_tracker(cfg, run_dir: Path, uri: str, run_name: str, run_id: str | None, tags: dict) -> Tracker:
-    """Create the MLflow run (or reopen run_id) and record its id in the run directory."""
+def _open_tracker(cfg, run_dir: Path, uri: str, run_name: str, run_id: str | None, tags: dict, bundle) -> Tracker:
+    """Create the MLflow run (or reopen run_id), record its id in the run directory, and start its system metrics."""
     tracker = Tracker.open(
         uri, cfg.tracking.experiment, run_name=run_name, run_id=run_id, params=flatten(cfg), tags=tags
     )
@@ -335,6 +348,16 @@ def _open_tracker(cfg, run_dir: Path, uri: str, run_name: str, run_id: str | Non
         tracker.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
         tracker.log_text(str(checkpoint.ckpt_dir(run_dir).resolve()) + "\n", "checkpoints.txt")
         tracker.log_text(str(checkpoint.snapshot_dir(run_dir).resolve()) + "\n", "snapshots.txt")
+        tracker.log_dataset(
+            name=bundle.name,
+            digest=data_digest(bundle),
+            source=cfg.data.path or cfg.data.root or f"imm.data.build_dataset({bundle.name!r})",
+            shape=bundle.shape,
+            rows=len(bundle.train),
+            num_classes=bundle.num_classes,
+        )
+    if cfg.tracking.system_metrics:
+        tracker.start_system_metrics(uri, cfg.tracking.system_metrics_every, resume=run_id is not None)
     return tracker
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -205,3 +206,33 @@ def summary_text(
         where.append(("train on" if status == "FINISHED" else "resume", resume))
     width = max(len(label) for label, _ in where)
     return "\n  ".join([*lines, *(f"{label.ljust(width)}  {value}" for label, value in where)])
+
+
+def describe(cfg, bundle, net, command) -> str:
+    """The MLflow run description (markdown): the command that reproduces the run, then what it trains."""
+    loss = cfg.loss
+    if loss.objective == "imm":
+        method = (
+            f"IMM (k={loss.k}, a={loss.a:g}, b={loss.b:g}, M={loss.M}, mapping {loss.mapping}, kernel"
+            f" {cfg.kernel.weighting}/{cfg.kernel.function}, target {cfg.target.kind})"
+        )
+    else:
+        method = "flow matching (the baseline)"
+    classes = f", {bundle.num_classes} classes" if bundle.num_classes else ""
+    n_params = sum(p.numel() for p in net.parameters())
+    return (
+        f"`{shlex.join(['python', *map(str, command)])}`\n\n"
+        f"{method} on {bundle.name} ({len(bundle.train)} samples of shape {tuple(bundle.shape)}{classes}) with"
+        f" {cfg.arch.name} ({n_params / 1e6:.2f}M parameters), schedule {cfg.schedule.name} ({cfg.schedule.param});"
+        f" {cfg.train.steps} steps of batch {cfg.train.batch_size}, {cfg.optim.name} lr {cfg.optim.lr:g}."
+    )
+
+
+def log_file(run_dir: Path) -> Path | None:
+    """The log file Hydra writes in run_dir (launch.log), flushed; None when logging goes elsewhere (tests)."""
+    run_dir = run_dir.resolve()
+    for handler in logging.root.handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir:
+            handler.flush()
+            return Path(handler.baseFilename)
+    return None
