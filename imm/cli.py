@@ -71,6 +71,10 @@ def run(cfg):
             from importlib import import_module
 
             return import_module(f"imm.tasks.{hc.job.config_name}").run(cfg)
+        if cfg.dry_run:
+            from imm import dry_run
+
+            return dry_run.run(cfg, hc)
         uri = tracking_uri(cfg, hc.runtime.cwd)
         name = cfg.tracking.run_name or run_name_from_overrides(hc.overrides.task, hc.runtime.choices.get("experiment"))
         tags, command = {}, sys.argv

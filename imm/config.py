@@ -33,6 +33,7 @@ from imm.core.util import ArgumentError
 RESUMABLE_KEYS = (
     "resume",
     "fresh",
+    "dry_run",
     "train.steps",
     "train.log_every",
     "train.ckpt_every",
@@ -52,10 +53,10 @@ RESUMABLE_KEYS = (
 )
 
 
-def _run_dir(base, name, overrides, fresh):
+def _run_dir(base, name, overrides, fresh, dry_run=False):
     from imm.training.rundir import run_dir
 
-    return run_dir(base, name, overrides, fresh)
+    return run_dir(base, name, overrides, fresh, claim=not dry_run)
 
 
 # `${imm.run_dir:runs,NAME,${hydra.overrides.task},${fresh}}` in conf/config.yaml: the run (or sweep)
@@ -64,6 +65,10 @@ def _run_dir(base, name, overrides, fresh):
 # requeued one), so they all agree on the sweep directory. Registered at import: a submitit job
 # process imports this module when it unpickles the schema, before it resolves its directory.
 OmegaConf.register_new_resolver("imm.run_dir", _run_dir, use_cache=True, replace=True)
+# `${imm.if:${dry_run},A,B}`: A in a dry run, else B (conf/config.yaml: a dry run writes no .hydra/ or launch.log).
+OmegaConf.register_new_resolver(
+    "imm.if", lambda condition, then, otherwise: then if condition else otherwise, replace=True
+)
 
 
 class ConfigError(ValueError):
@@ -232,6 +237,9 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     resume: Optional[str] = None  # a checkpoint file or run directory to resume from
     fresh: bool = False  # true: a new run directory of this experiment, not its newest (training/rundir.py)
+    dry_run: bool = (
+        False  # true: check everything a launch checks, print what it would do, train nothing (imm/dry_run.py)
+    )
 
 
 # -- architectures: one schema per family -----------------------------------------------------

@@ -52,6 +52,8 @@ class MLflowSweepCallback(Callback):
         self.client, self.run_id, self.sweep_dir, self.started = None, None, None, 0.0
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if config.dry_run:  # the sweeper checks the jobs and launches none (imm/dry_run.py)
+            return
         self.sweep_dir, self.started = Path(config.hydra.sweep.dir), time.time()
         atexit.register(self._report)
         if not config.tracking.enabled:

@@ -57,7 +57,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     last = rundir.read_status(run_dir)  # how the last attempt in this directory ended
     if rundir.finished(last, cfg.train.steps):
         if (newest := checkpoint.resolve(None, run_dir)) is not None:  # another experiment is refused, not skipped
-            _check_same_run(cfg, checkpoint.load(newest)["config"], newest)
+            check_same_run(cfg, checkpoint.load(newest)["config"], newest)
         log.info(
             "%s: already FINISHED at step %d; nothing to do (raise train.steps to train on, or fresh=true for a"
             " new run)",
@@ -70,8 +70,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
         return last.get("summary", {})
 
     # -- data, network, objective, optimizer (all before any run is created) -------------------
-    bundle = factory.dataset(cfg)
-    _check_guidance(cfg, bundle)
+    bundle = load_data(cfg)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     net = factory.net(cfg, bundle.shape, bundle.num_classes).to(device)
     objective = factory.objective(cfg, bundle.num_classes, env.rank, env.world_size)
@@ -88,7 +87,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     # -- restore ----------------------------------------------------------------------------------
     ckpt_path = checkpoint.resolve(cfg.resume, run_dir)
     saved = checkpoint.load(ckpt_path, required=state.required) if ckpt_path is not None else None
-    resumed_tags = _check_same_run(cfg, saved["config"], ckpt_path) if saved else {}
+    resumed_tags = check_same_run(cfg, saved["config"], ckpt_path) if saved else {}
     torch.manual_seed(cfg.train.seed + 1000 * env.rank)  # dropout streams differ per rank
     step = 0
     if saved:
@@ -225,16 +224,28 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
 
 
 # -- set-up ---------------------------------------------------------------------------------------
-def _configure_precision(precision: str, device: torch.device) -> None:
-    """Mixed precision and TF32 are CUDA-only; TF32 is on for tf32/bf16/fp16 (the paper trains in TF32)."""
-    if precision != "fp32" and device.type != "cuda":
+def check_precision(precision: str, device) -> None:
+    """Mixed precision and TF32 are CUDA-only."""
+    if precision != "fp32" and torch.device(device).type != "cuda":
         raise ConfigError(
             f"train.precision={precision} needs a CUDA device, but this run is on {device}; use train.precision=fp32."
         )
+
+
+def _configure_precision(precision: str, device: torch.device) -> None:
+    """TF32 is on for tf32/bf16/fp16 (the paper trains in TF32)."""
+    check_precision(precision, device)
     if device.type == "cuda":
         tf32 = precision != "fp32"
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
+
+
+def load_data(cfg):
+    """The dataset, and the check that needs it (guidance needs labels): the data step of a launch's checks."""
+    bundle = factory.dataset(cfg)
+    _check_guidance(cfg, bundle)
+    return bundle
 
 
 def _check_guidance(cfg, bundle) -> None:
@@ -297,7 +308,7 @@ def _student_and_target(cfg, net, target_ema, env, device):
     return student, torch.compile(net) if cfg.train.compile else net
 
 
-def _check_same_run(cfg, saved_yaml: str, path) -> dict[str, str]:
+def check_same_run(cfg, saved_yaml: str, path) -> dict[str, str]:
     """Resuming must continue the same experiment: only RESUMABLE_KEYS may differ. Returns those that
     did, as tags (MLflow params are logged once, when the run is created, and cannot change)."""
     saved = flatten(OmegaConf.create(saved_yaml))

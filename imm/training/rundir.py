@@ -55,12 +55,13 @@ def experiment_hash(overrides) -> str:
     return hashlib.sha256("\n".join(experiment_overrides(overrides)).encode()).hexdigest()[:8]
 
 
-def run_dir(base: str, name, overrides, fresh) -> str:
+def run_dir(base: str, name, overrides, fresh, *, claim: bool = True) -> str:
     """`<base>/<name>/<hash>[-N]`: the newest existing attempt of this experiment, or with `fresh` a new one.
 
     The resolver `${imm.run_dir:...}` in conf/config.yaml calls it once per launch (cached: the value
     travels with the config to every job of a sweep and to a requeued job). A fresh directory is
-    claimed with mkdir, so two fresh launches of one command started together never share one.
+    claimed with mkdir, so two fresh launches of one command started together never share one;
+    claim=False (a dry run) names the one it would claim.
     """
     first = Path(base) / str(name or "default") / experiment_hash(overrides or [])
     attempts = _attempts(first)
@@ -69,6 +70,8 @@ def run_dir(base: str, name, overrides, fresh) -> str:
     n = len(attempts) + 1 if attempts else 1
     while True:
         candidate = first if n == 1 else first.with_name(f"{first.name}-{n}")
+        if not claim:
+            return str(candidate)
         try:
             candidate.mkdir(parents=True)
             return str(candidate)
