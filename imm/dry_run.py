@@ -112,7 +112,8 @@ def sweep(hydra_context, config, launcher, jobs, *, first_job: int = 0, keys=Non
 
     from imm.cli import USER_ERRORS, tracking_uri
 
-    world_size, device = _launcher_target(launcher)
+    world_size, device = launcher_target(launcher)
+    str(config.hydra.sweep.dir)  # resolved (and cached) in the launching config, which every job's copies
     print(
         f"dry run of {len(jobs)} job(s) on {type(launcher).__name__} (world size {world_size}, {device});"
         " nothing is trained, logged to MLflow or queued.",
@@ -152,7 +153,7 @@ def sweep(hydra_context, config, launcher, jobs, *, first_job: int = 0, keys=Non
     return []
 
 
-def _launcher_target(launcher) -> tuple[int, str]:
+def launcher_target(launcher) -> tuple[int, str]:
     """The world size and device type of one job on this launcher (submitit: its nodes x tasks per node,
     on the GPUs it asks for; Hydra's basic launcher: this process)."""
     name = type(launcher).__module__ + "." + type(launcher).__name__

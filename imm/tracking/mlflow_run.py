@@ -140,9 +140,9 @@ def note_tag(text: str) -> dict[str, str]:
 class Tracker:
     """Logs one training run. `Tracker.disabled()` does nothing (other ranks, tracking.enabled=false)."""
 
-    def __init__(self, client=None, run_id: str | None = None):
+    def __init__(self, client=None, run_id: str | None = None, *, end_at_exit: bool = True):
         self.client, self.run_id, self.monitor = client, run_id, None
-        if client is not None:  # never RUNNING after this process exits, whatever way it exits
+        if client is not None and end_at_exit:  # never RUNNING after this process exits, whatever way it exits
             atexit.register(self._end_at_exit)
 
     @classmethod
@@ -159,18 +159,20 @@ class Tracker:
         params: dict[str, str],
         tags: dict[str, str],
         run_id: str | None = None,
+        end_at_exit: bool = True,
     ) -> "Tracker":
-        """Create a run (logging params once) or, with run_id, reopen that run as RUNNING."""
+        """Create a run (logging params once) or, with run_id, reopen that run as RUNNING. end_at_exit=False: the
+        caller ends it (a sweep's parent run, which the last of its sweeper processes ends)."""
         client = client_for(uri)
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
-            tracker = cls(client, run_id)
+            tracker = cls(client, run_id, end_at_exit=end_at_exit)
             tracker.set_tags(tags)
             return tracker
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else _create_experiment(client, experiment, uri)
         run = client.create_run(exp_id, run_name=run_name, tags=tags)
-        tracker = cls(client, run.info.run_id)
+        tracker = cls(client, run.info.run_id, end_at_exit=end_at_exit)
         tracker.log_params(params)
         return tracker
 
@@ -267,7 +269,7 @@ class Tracker:
         self.client.set_terminated(self.run_id, status=status)
 
     def _end_at_exit(self) -> None:
-        try:  # only a run still RUNNING (a sweep's parent run is ended by its callback, not by end())
+        try:  # only a run still RUNNING (one ended by end() is not)
             if self.client.get_run(self.run_id).info.status == "RUNNING":
                 self.client.set_terminated(self.run_id, status="FAILED")
         except Exception:  # noqa: BLE001  the store may be gone at exit; nothing left to do

@@ -124,6 +124,22 @@ def _alive(pid: int, start: str | None) -> bool:
     return start is None or now is None or now == start
 
 
+def this_process() -> dict:
+    """pid, host, kernel start time and SLURM job id of this process: who holds a run directory or takes part
+    in a sweep."""
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "start": _process_start(os.getpid()),
+        "slurm_job": os.environ.get("SLURM_JOB_ID"),
+    }
+
+
+def alive_here(info: dict) -> bool:
+    """The process `info` (this_process() of some process) is running on this host."""
+    return info.get("host") == socket.gethostname() and _alive(int(info.get("pid", 0)), info.get("start"))
+
+
 class RunLock:
     """The main process's hold on a run directory (see the module docstring)."""
 
@@ -140,12 +156,7 @@ class RunLock:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / LOCK_FILE
-        info = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "start": _process_start(os.getpid()),
-            "slurm_job": os.environ.get("SLURM_JOB_ID"),
-        }
+        info = this_process()
         for _ in range(3):  # another process may take over or release it in between
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
