@@ -131,8 +131,15 @@ def test_mlflow_ui_shows_the_sweep_in_a_real_browser(toy_sweep, tmp_path, monkey
             paths.append(ui.open_artifact(driver, base, exp_id, run_ids[0], figure))
             (img,) = [i for i in ui.rendered_images(driver) if i["alt"] == figure]
             assert img["natural"][0] > 200, img
+            # the run page: the description (command line, what it trains), system metrics, the dataset
+            child = children[NAMES[0]]
+            command, summary = child.data.tags["mlflow.note.content"].split("\n\n")
+            shown = [command.strip("`"), summary[:60], "System metrics", "system/cpu_utilization_percentage"]
+            paths.append(ui.open_run(driver, base, exp_id, child.info.run_id, [*shown, "checkerboard"]))
+            run_shot = paths[-1]
     for p in paths:
         _nontrivial_png(p)
     print("screenshots:", *map(str, paths), sep="\n  ")
-    if os.environ.get("IMM_UPDATE_DOCS"):  # regenerate the README's screenshot from this test
+    if os.environ.get("IMM_UPDATE_DOCS"):  # regenerate the docs' screenshots from this test
         shutil.copy(compare_shot, ROOT / "docs" / "figures" / "mlflow_compare.png")
+        shutil.copy(run_shot, ROOT / "docs" / "figures" / "mlflow_run.png")
