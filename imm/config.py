@@ -279,8 +279,14 @@ ARCH_SCHEMAS = {"arch_mlp": MLPArch, "arch_dit": DiTArch, "arch_ddpmpp": DDPMppA
 
 
 def register() -> None:
+    import warnings
+
     from omegaconf import OmegaConf
 
+    # conf/hydra/sweeper/basic.yaml replaces Hydra's `basic` sweeper option with its subclass (a dry run added;
+    # hydra_plugins/imm_sweepers/grid.py); Hydra validates it against its own schema of that name, as wanted,
+    # and warns that this matching by name is deprecated.
+    warnings.filterwarnings("ignore", message=r"\s*'hydra/sweeper/basic' is validated against ConfigStore schema")
     # ${imm.max:1,${.gpus_per_node}}: one task per GPU, at least one (launcher presets)
     OmegaConf.register_new_resolver("imm.max", lambda *values: max(values), replace=True)
     cs = ConfigStore.instance()

@@ -127,7 +127,8 @@ def sweep(hydra_context, config, launcher, jobs, *, first_job: int = 0, keys=Non
         print(f"tracking: {e}", flush=True)
         failed += 1
     for num, overrides in enumerate(jobs, first_job):
-        shown = " ".join(o for o in overrides if keys is None or o.lstrip("+~").partition("=")[0] in keys)
+        swept = [o for o in overrides if keys is None or o.lstrip("+~").partition("=")[0] in keys]
+        shown = " ".join(swept or overrides)
         try:
             cfg = hydra_context.config_loader.load_sweep_config(config, list(overrides))
             with open_dict(cfg.hydra.job):
