@@ -156,7 +156,8 @@ def _run(sweeper, arguments) -> list:
         try:
             sweeper.launcher.launch([job_overrides(fixed, t.params) for t in trials], initial_job_idx=trials[0].number)
         except (Exception, SystemExit) as e:  # a failed job: its trial is FAIL below, the search goes on
-            log.info("a job of trials %s failed: %s", ", ".join(str(t.number) for t in trials), str(e).splitlines()[0])
+            why = f"exit status {e.code}" if isinstance(e, SystemExit) else (str(e).splitlines() or [repr(e)])[0]
+            log.info("a job of trials %s failed: %s", ", ".join(str(t.number) for t in trials), why)
         for trial in trials:  # the result is the run's own record: status.json in its job directory
             _tell(study, trial, rundir.read_status(sweep_dir / str(trial.number)), started, opts["metric"])
     _report_best(study, opts["metric"], config)

@@ -117,3 +117,12 @@ def test_a_space_that_reaches_a_bad_value_fails_before_any_trial(tmp_path):
         " where loss.k=29 is out of range; use 1 <= k <= 24 (the paper uses 12 to 15)."
     )
     assert not list(tmp_path.glob("multirun/*/*/0")) and not (tmp_path / "optuna.db").exists()
+
+
+@pytest.mark.slow
+def test_a_failing_trial_is_fail_and_the_search_goes_on(tmp_path):
+    proc = launch(tmp_path, "+sweep=search", "hydra.sweeper.n_trials=2", *TINY, "optim.lr=choice(1e30)", check=True)
+    assert "trial 0 " in proc.stdout + proc.stderr and "FAIL (FAILED at step 5)" in proc.stdout + proc.stderr
+    assert [t.state.name for t in study_of(tmp_path).trials] == ["FAIL", "FAIL"]  # both ran, both diverged
+    (parent,), children = runs(tmp_path)
+    assert parent.info.status == "FAILED" and [c.info.status for c in children] == ["FAILED", "FAILED"]
