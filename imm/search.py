@@ -26,7 +26,6 @@ How this one works:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from imm.config import ConfigError, validate
+from imm.tracking.mlflow_run import sqlite_lock
 from imm.training import rundir
 
 log = logging.getLogger("imm.search")
@@ -195,31 +195,12 @@ def _study(opts: dict, storage: str, study_name: str):
     )
     # several sweeper processes write one SQLite file: wait for its lock instead of failing at once
     rdb = optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": {"timeout": 60}})
-    with _storage_lock(storage):
+    with sqlite_lock(storage):  # one sweeper process at a time creates the study and fails stale trials
         study = optuna.create_study(
             storage=rdb, study_name=study_name, direction=opts["direction"], sampler=sampler, load_if_exists=True
         )
         _fail_stale(study)
     return study
-
-
-@contextlib.contextmanager
-def _storage_lock(storage: str):
-    """One sweeper process at a time creates the study or asks for trials (a lock file beside an SQLite
-    storage), so each process's batch gets consecutive trial numbers: its jobs' numbers."""
-    import fcntl
-
-    if not storage.startswith("sqlite:///"):
-        yield
-        return
-    path = Path(storage[len("sqlite:///") :])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _fail_stale(study) -> None:
@@ -248,7 +229,7 @@ def _counted(study) -> int:
 
 def _ask(study, storage: str, space: dict, opts: dict) -> list:
     """The next batch (at most n_jobs, up to the study's n_trials), with consecutive trial numbers."""
-    with _storage_lock(storage):
+    with sqlite_lock(storage):  # consecutive trial numbers per batch: its jobs' numbers
         n = min(int(opts["n_jobs"]), int(opts["n_trials"]) - _counted(study))
         trials = [study.ask(space) for _ in range(max(n, 0))]
         for t in trials:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from imm.tracking.mlflow_run import file_lock
 from imm.training import rundir
 
 log = logging.getLogger("imm.sweep")
@@ -104,15 +105,6 @@ class SweepProcesses:
         self.entry.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
 def sweep_lock(sweep_dir):
-    """One launching process at a time opens or reopens the sweep's MLflow parent run (a file lock)."""
-    import fcntl
-
-    Path(sweep_dir).mkdir(parents=True, exist_ok=True)
-    with open(Path(sweep_dir) / ".sweep.lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    """One launching process at a time opens, reopens or ends the sweep's MLflow parent run."""
+    return file_lock(Path(sweep_dir) / ".sweep.lock")

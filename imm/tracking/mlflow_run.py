@@ -43,18 +43,12 @@ def artifact_root(uri: str) -> str | None:
 
 
 @contextlib.contextmanager
-def _store_lock(uri: str):
-    """One process at a time creates or migrates a SQLite store: MLflow's schema migration is not safe
-    against a second process doing the same (two runs started together on a fresh store: one dies with
-    `sqlite3.OperationalError: duplicate column name: step`). A lock file beside the database."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
+def file_lock(path):
+    """Hold an exclusive lock on the file `path` (created if missing) for the block: one process at a time."""
     import fcntl
 
-    db = Path(uri[len("sqlite:///") :])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.parent / f".{db.name}.lock", "a") as f:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -62,11 +56,24 @@ def _store_lock(uri: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def sqlite_lock(uri: str):
+    """One process at a time in the block, for an SQLite database (a lock file beside it; other URIs: no lock).
+    MLflow's schema migration is not safe against a second process doing the same (two runs started
+    together on a fresh store: one dies with `sqlite3.OperationalError: duplicate column name: step`)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///") :])
+    with file_lock(db.parent / f".{db.name}.lock"):
+        yield
+
+
 def client_for(uri: str):
-    """An MlflowClient for uri; creating it creates (or migrates) the store, under _store_lock."""
+    """An MlflowClient for uri; creating it creates (or migrates) the store, under sqlite_lock."""
     from mlflow.tracking import MlflowClient
 
-    with _store_lock(uri):
+    with sqlite_lock(uri):
         return MlflowClient(tracking_uri=uri)
 
 
