@@ -106,7 +106,7 @@ def _remove_if_empty(run_dir: Path, launch_dir: Path) -> None:
 
 
 # -- a multirun ------------------------------------------------------------------------------------------
-def sweep(hydra_context, config, launcher, jobs, *, first_job: int = 0, keys=None) -> list:
+def sweep(hydra_context, config, launcher, jobs, *, keys=None) -> list:
     """`python launch.py -m ... dry_run=true`: check every job as its launcher would run it, one line each."""
     from hydra.errors import HydraException
 
@@ -126,7 +126,7 @@ def sweep(hydra_context, config, launcher, jobs, *, first_job: int = 0, keys=Non
     except USER_ERRORS as e:
         print(f"tracking: {e}", flush=True)
         failed += 1
-    for num, overrides in enumerate(jobs, first_job):
+    for num, overrides in enumerate(jobs):
         swept = [o for o in overrides if keys is None or o.lstrip("+~").partition("=")[0] in keys]
         shown = " ".join(swept or overrides)
         try:
@@ -146,7 +146,7 @@ def sweep(hydra_context, config, launcher, jobs, *, first_job: int = 0, keys=Non
             flush=True,
         )
         passed += 1
-    if type(launcher).__module__ + "." + type(launcher).__name__ == SUBMITIT + "SlurmLauncher":
+    if _launcher_name(launcher) == SUBMITIT + "SlurmLauncher":
         print(f"the sbatch script submitit would submit:\n{sbatch_script(launcher.params, len(jobs))}", flush=True)
     print(f"{passed} of {len(jobs)} job(s) passed the checks.", flush=True)
     if failed:
@@ -157,7 +157,7 @@ def sweep(hydra_context, config, launcher, jobs, *, first_job: int = 0, keys=Non
 def launcher_target(launcher) -> tuple[int, str]:
     """The world size and device type of one job on this launcher (submitit: its nodes x tasks per node,
     on the GPUs it asks for; Hydra's basic launcher: this process)."""
-    name = type(launcher).__module__ + "." + type(launcher).__name__
+    name = _launcher_name(launcher)
     if not name.startswith(SUBMITIT):
         return distributed.detect().world_size, "local"
     p = launcher.params
@@ -165,6 +165,10 @@ def launcher_target(launcher) -> tuple[int, str]:
     if name.endswith("SlurmLauncher"):
         return world_size, "cuda" if int(p.get("gpus_per_node") or 0) > 0 else "cpu"
     return world_size, "local"
+
+
+def _launcher_name(launcher) -> str:
+    return f"{type(launcher).__module__}.{type(launcher).__name__}"
 
 
 def _job_device(cfg, device: str):

@@ -34,12 +34,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from imm.config import ConfigError, validate
+from imm.config import ConfigError, not_allowed, validate
 from imm.tracking.mlflow_run import sqlite_lock
 from imm.training import rundir
 
 log = logging.getLogger("imm.search")
-SAMPLERS = ("tpe", "random")
+SAMPLERS = ("tpe", "random")  # optuna.samplers.TPESampler, RandomSampler (_study)
+DIRECTIONS = ("minimize", "maximize")
 PROCESS_ATTR = "sweeper_process"  # the trial's user attribute naming the sweeper process that runs it
 JOB_FAILED_ATTR = "job_failed"  # a FAIL trial whose job ran and failed (counts toward n_trials)
 
@@ -175,12 +176,9 @@ def _check_options(opts: dict, space: dict) -> None:
             f"hydra.sweeper.metric={opts['metric']} is not a result of a run; use a final/ or best/ metric such as"
             " final/energy_ratio_1step."
         )
-    if opts["direction"] not in ("minimize", "maximize"):
-        raise ConfigError(f"hydra.sweeper.direction={opts['direction']} is not allowed; choose minimize or maximize.")
-    if opts["sampler"] not in SAMPLERS:
-        raise ConfigError(
-            f"hydra.sweeper.sampler={opts['sampler']} is not allowed; choose one of {', '.join(SAMPLERS)}."
-        )
+    for key, allowed in (("direction", DIRECTIONS), ("sampler", SAMPLERS)):
+        if opts[key] not in allowed:
+            raise not_allowed(f"hydra.sweeper.{key}", opts[key], allowed)
     for key in ("n_trials", "n_jobs"):
         if not int(opts[key]) >= 1:
             raise ConfigError(f"hydra.sweeper.{key}={opts[key]} must be a positive integer.")
