@@ -71,9 +71,13 @@ def run(cfg):
             from importlib import import_module
 
             return import_module(f"imm.tasks.{hc.job.config_name}").run(cfg)
+        if cfg.dry_run:
+            from imm import dry_run
+
+            return dry_run.run(cfg, hc)
         uri = tracking_uri(cfg, hc.runtime.cwd)
         name = cfg.tracking.run_name or run_name_from_overrides(hc.overrides.task, hc.runtime.choices.get("experiment"))
-        tags = {}
+        tags, command = {}, sys.argv
         if hc.mode.name == "MULTIRUN":
             from imm.tracking.sweep import sweep_info
 
@@ -81,7 +85,8 @@ def run(cfg):
             tags = sweep_tags(hc, info)
             keys = info.get("keys") or list(hc.sweeper.get("params") or {})
             name = cfg.tracking.run_name or swept_run_name(hc.overrides.task, keys) or name
-        return train(cfg, hc.runtime.output_dir, tracking_uri=uri, run_name=name, extra_tags=tags)
+            command = [(info.get("argv") or sys.argv)[0], *hc.overrides.task]  # this job alone, as a single run
+        return train(cfg, hc.runtime.output_dir, tracking_uri=uri, run_name=name, extra_tags=tags, command=command)
     except USER_ERRORS as e:
         log.error("%s", e)
         sys.exit(2)

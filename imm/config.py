@@ -33,6 +33,7 @@ from imm.core.util import ArgumentError
 RESUMABLE_KEYS = (
     "resume",
     "fresh",
+    "dry_run",
     "train.steps",
     "train.log_every",
     "train.ckpt_every",
@@ -54,10 +55,10 @@ RESUMABLE_KEYS = (
 )
 
 
-def _run_dir(base, name, overrides, fresh):
+def _run_dir(base, name, overrides, fresh, dry_run=False):
     from imm.training.rundir import run_dir
 
-    return run_dir(base, name, overrides, fresh)
+    return run_dir(base, name, overrides, fresh, claim=not dry_run)
 
 
 # `${imm.run_dir:runs,NAME,${hydra.overrides.task},${fresh}}` in conf/config.yaml: the run (or sweep)
@@ -66,6 +67,10 @@ def _run_dir(base, name, overrides, fresh):
 # requeued one), so they all agree on the sweep directory. Registered at import: a submitit job
 # process imports this module when it unpickles the schema, before it resolves its directory.
 OmegaConf.register_new_resolver("imm.run_dir", _run_dir, use_cache=True, replace=True)
+# `${imm.if:${dry_run},A,B}`: A in a dry run, else B (conf/config.yaml: a dry run writes no .hydra/ or launch.log).
+OmegaConf.register_new_resolver(
+    "imm.if", lambda condition, then, otherwise: then if condition else otherwise, replace=True
+)
 
 
 class ConfigError(ValueError):
@@ -220,6 +225,9 @@ class TrackingConfig:
     experiment: str = "imm"
     run_name: Optional[str] = None  # null: from the command-line overrides
     fallback_local: bool = False  # an unreachable server: fall back to the local SQLite store
+    system_metrics: bool = True  # system/* metrics (CPU, memory, disk, network; GPU with nvidia-ml-py)
+    system_metrics_every: float = 10.0  # seconds between system metric samples
+    log_weights: bool = False  # the final EMA snapshot as an artifact (weights/)
 
 
 @dataclass
@@ -237,6 +245,9 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     resume: Optional[str] = None  # a checkpoint file or run directory to resume from
     fresh: bool = False  # true: a new run directory of this experiment, not its newest (training/rundir.py)
+    dry_run: bool = (
+        False  # true: check everything a launch checks, print what it would do, train nothing (imm/dry_run.py)
+    )
 
 
 # -- architectures: one schema per family -----------------------------------------------------
@@ -276,8 +287,14 @@ ARCH_SCHEMAS = {"arch_mlp": MLPArch, "arch_dit": DiTArch, "arch_ddpmpp": DDPMppA
 
 
 def register() -> None:
+    import warnings
+
     from omegaconf import OmegaConf
 
+    # conf/hydra/sweeper/basic.yaml replaces Hydra's `basic` sweeper option with its subclass (a dry run added;
+    # hydra_plugins/imm_sweepers/grid.py); Hydra validates it against its own schema of that name, as wanted,
+    # and warns that this matching by name is deprecated.
+    warnings.filterwarnings("ignore", message=r"\s*'hydra/sweeper/basic' is validated against ConfigStore schema")
     # ${imm.max:1,${.gpus_per_node}}: one task per GPU, at least one (launcher presets)
     OmegaConf.register_new_resolver("imm.max", lambda *values: max(values), replace=True)
     cs = ConfigStore.instance()

@@ -11,6 +11,7 @@ from imm import data, factory, nets
 from imm.config import CHOICES, ConfigError, loss_T, validate
 from imm.core import mapping, objective, parameterization, sampling, schedules
 from imm.nets.dit import DIT_PRESETS
+from imm.search import corners, job_overrides, search_space
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))
@@ -29,8 +30,13 @@ def test_every_experiment_preset_composes_and_validates(experiment):
 
 
 def sweep_jobs(path):
-    """The override lists of a sweep's jobs: the cartesian product of its params, as Hydra's basic sweeper."""
-    params = yaml.safe_load(path.read_text())["hydra"]["sweeper"]["params"]
+    """The override lists of a sweep's jobs: the cartesian product of its params, as Hydra's basic sweeper;
+    for a search (hydra/sweeper=optuna), the corners of its space, which reach every value it can take."""
+    preset = yaml.safe_load(path.read_text())
+    params = preset["hydra"]["sweeper"]["params"]
+    if {"override /hydra/sweeper": "optuna"} in preset.get("defaults", []):
+        space, _ = search_space(params, [])
+        return [tuple(job_overrides([], point)) for point in corners(space)]
     values = [[f"{key}={v.strip()}" for v in str(choices).split(",")] for key, choices in params.items()]
     return list(itertools.product(*values))
 

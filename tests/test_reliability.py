@@ -781,12 +781,17 @@ def test_a_sweep_interrupted_after_one_of_three_jobs_relaunches_only_the_other_t
 
     again = Started(tmp_path, "-m", *overrides, name="again")
     assert again.wait() == 0, again.stderr[-3000:]
-    said = again.out.read_text().splitlines()  # the launching process logs through Hydra's logger (stdout)
-    lines = [ln.split("] ", 1)[1] for ln in said if re.search(r"\] job \d ", ln)]
-    assert lines == [
-        "job 0 train.seed=1: skipped (FINISHED at step 400 before)",
-        f"job 1 train.seed=2: resumed from step {stopped_at}, FINISHED at step 400",
-        "job 2 train.seed=3: started, FINISHED at step 400",
+    # the launching process logs through Hydra's logger (stdout), and through the jobs' logging (stderr) while
+    # they run in it; one line per job as it ends, with its log
+    said = again.out.read_text().splitlines() + again.err.read_text().splitlines()
+    ended = sorted(
+        m[1] for ln in said if (m := re.search(r"\] (?:- )?(job \d .*; log .*)", ln)) and ": started; " not in ln
+    )
+    logs = [sweep_dir.relative_to(tmp_path) / n / "launch.log" for n in "012"]
+    assert ended == [
+        f"job 0 train.seed=1: skipped (FINISHED at step 400 before); log {logs[0]}",
+        f"job 1 train.seed=2: resumed from step {stopped_at}, FINISHED at step 400; log {logs[1]}",
+        f"job 2 train.seed=3: started, FINISHED at step 400; log {logs[2]}",
     ], again.stderr[-3000:]
     assert (sweep_dir / "0" / "checkpoints" / "step-00000400.pt").read_bytes() == job0_bytes  # not run again
     runs = mlflow_runs(tmp_path)

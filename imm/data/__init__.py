@@ -18,6 +18,7 @@ as a :class:`DataBundle`.  Conventions shared by every dataset:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -186,6 +187,20 @@ def _points_bundle(name: str, train: torch.Tensor, heldout: torch.Tensor) -> Dat
     )
 
 
+def digest(bundle: DataBundle) -> str:
+    """8 hex digits of sha256 over the training samples and labels as loaded (an image folder: its files'
+    relative paths and sizes): two runs on the same data share it (MLflow's dataset digest)."""
+    h = hashlib.sha256()
+    train = bundle.train
+    if hasattr(train, "files"):  # ImageFolder: decoding every image only to hash it would cost minutes
+        for f in train.files:
+            h.update(f"{f.relative_to(train.root)}\0{f.stat().st_size}\n".encode())
+    else:
+        h.update(train.data.contiguous().view(torch.uint8).numpy())
+    h.update(train.labels.contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()[:8]
+
+
 def _derived_seed(seed: int, stream: int) -> int:
     """An independent seed for a second random stream (e.g. held-out data) from one user seed."""
     return int(np.random.SeedSequence([seed % 2**64, stream]).generate_state(1)[0])
@@ -198,6 +213,7 @@ __all__ = [
     "DataNotFoundError",
     "DataBundle",
     "build_dataset",
+    "digest",
     "InMemoryDataset",
     "ResumableBatches",
     "Standardizer",

@@ -26,13 +26,20 @@ ArrayLike = np.ndarray | torch.Tensor
 # count (fid5k, fid50k). Precision and recall (higher is better), the floors and the energy's sd are
 # not tracked.
 LOWER_IS_BETTER = ("energy", "energy_ratio", "sw2")
-_METRIC_NAME = re.compile(r"^[^/]+/(?P<family>.+?)_\d+step(_w[^_/]+)?$")
+_METRIC_NAME = re.compile(r"^[^/]+/(?P<family>.+?)_(?P<steps>\d+)step(?:_w(?P<guidance>[^_/]+))?$")
+
+
+def metric_parts(name: str) -> tuple[str, int, str | None] | None:
+    """("energy_ratio", 2, None) for eval/energy_ratio_2step, ("fid5k", 2, "1.5") for eval/fid5k_2step_w1.5;
+    None for a name without a step count (eval/energy_floor, train/loss)."""
+    m = _METRIC_NAME.match(name)
+    return (m["family"], int(m["steps"]), m["guidance"]) if m else None
 
 
 def lower_is_better(name: str) -> bool:
     """True for eval/energy_ratio_2step, eval/fid5k_2step_w1.5; False for eval/recall_1step, eval/energy_floor."""
-    m = _METRIC_NAME.match(name)
-    return m is not None and (m["family"] in LOWER_IS_BETTER or re.fullmatch(r"fid\d+k?", m["family"]) is not None)
+    parts = metric_parts(name)
+    return parts is not None and (parts[0] in LOWER_IS_BETTER or re.fullmatch(r"fid\d+k?", parts[0]) is not None)
 
 
 def _as_pair(x: ArrayLike, y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import getpass
+import json
+import logging
+import os
 import subprocess
 import time
 import urllib.error
@@ -39,18 +43,12 @@ def artifact_root(uri: str) -> str | None:
 
 
 @contextlib.contextmanager
-def _store_lock(uri: str):
-    """One process at a time creates or migrates a SQLite store: MLflow's schema migration is not safe
-    against a second process doing the same (two runs started together on a fresh store: one dies with
-    `sqlite3.OperationalError: duplicate column name: step`). A lock file beside the database."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
+def file_lock(path):
+    """Hold an exclusive lock on the file `path` (created if missing) for the block: one process at a time."""
     import fcntl
 
-    db = Path(uri[len("sqlite:///") :])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.parent / f".{db.name}.lock", "a") as f:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -58,11 +56,24 @@ def _store_lock(uri: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def sqlite_lock(uri: str):
+    """One process at a time in the block, for an SQLite database (a lock file beside it; other URIs: no lock).
+    MLflow's schema migration is not safe against a second process doing the same (two runs started
+    together on a fresh store: one dies with `sqlite3.OperationalError: duplicate column name: step`)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///") :])
+    with file_lock(db.parent / f".{db.name}.lock"):
+        yield
+
+
 def client_for(uri: str):
-    """An MlflowClient for uri; creating it creates (or migrates) the store, under _store_lock."""
+    """An MlflowClient for uri; creating it creates (or migrates) the store, under sqlite_lock."""
     from mlflow.tracking import MlflowClient
 
-    with _store_lock(uri):
+    with sqlite_lock(uri):
         return MlflowClient(tracking_uri=uri)
 
 
@@ -95,32 +106,50 @@ def flatten(cfg) -> dict[str, str]:
     return out
 
 
-def git_tags() -> dict[str, str]:
-    """Commit and dirty flag of the source tree the package runs from (empty outside git)."""
+def _git(*args: str) -> str:
     root = Path(__file__).resolve().parents[2]
+    return subprocess.run(
+        ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
+    ).stdout.strip()
+
+
+def source_tags(entry_point: str) -> dict[str, str]:
+    """MLflow's standard tags for who ran what: user, source file and type, and the commit, branch and dirty
+    flag of the source tree the package runs from (no git tags outside git). MLflow's UI shows them in
+    its User, Source and Version columns."""
+    from mlflow.utils import mlflow_tags
+
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = str(os.getuid())
+    tags = {
+        mlflow_tags.MLFLOW_USER: user,
+        mlflow_tags.MLFLOW_SOURCE_NAME: str(Path(entry_point).resolve()),
+        mlflow_tags.MLFLOW_SOURCE_TYPE: "LOCAL",
+    }
+    try:
+        tags[mlflow_tags.MLFLOW_GIT_COMMIT] = _git("rev-parse", "HEAD")
+        tags[mlflow_tags.MLFLOW_GIT_BRANCH] = _git("rev-parse", "--abbrev-ref", "HEAD")
+        tags["git.dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()
     except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
+        pass
+    return tags
+
+
+def note_tag(text: str) -> dict[str, str]:
+    """The run's description (MLflow's `mlflow.note.content`, markdown, shown on the run page)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+    return {MLFLOW_RUN_NOTE: text}
 
 
 class Tracker:
     """Logs one training run. `Tracker.disabled()` does nothing (other ranks, tracking.enabled=false)."""
 
-    def __init__(self, client=None, run_id: str | None = None):
-        self.client, self.run_id = client, run_id
-        if client is not None:  # never RUNNING after this process exits, whatever way it exits
+    def __init__(self, client=None, run_id: str | None = None, *, end_at_exit: bool = True):
+        self.client, self.run_id, self.monitor = client, run_id, None
+        if client is not None and end_at_exit:  # never RUNNING after this process exits, whatever way it exits
             atexit.register(self._end_at_exit)
 
     @classmethod
@@ -137,18 +166,20 @@ class Tracker:
         params: dict[str, str],
         tags: dict[str, str],
         run_id: str | None = None,
+        end_at_exit: bool = True,
     ) -> "Tracker":
-        """Create a run (logging params once) or, with run_id, reopen that run as RUNNING."""
+        """Create a run (logging params once) or, with run_id, reopen that run as RUNNING. end_at_exit=False: the
+        caller ends it (a sweep's parent run, which the last of its sweeper processes ends)."""
         client = client_for(uri)
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
-            tracker = cls(client, run_id)
+            tracker = cls(client, run_id, end_at_exit=end_at_exit)
             tracker.set_tags(tags)
             return tracker
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else _create_experiment(client, experiment, uri)
         run = client.create_run(exp_id, run_name=run_name, tags=tags)
-        tracker = cls(client, run.info.run_id)
+        tracker = cls(client, run.info.run_id, end_at_exit=end_at_exit)
         tracker.log_params(params)
         return tracker
 
@@ -195,13 +226,57 @@ class Tracker:
         else:
             self.client.log_image(self.run_id, figure, artifact_file)
 
-    def end(self, status: str = "FINISHED") -> None:
-        if self.enabled:
-            atexit.unregister(self._end_at_exit)
-            self.client.set_terminated(self.run_id, status=status)
+    def log_dataset(self, *, name: str, digest: str, source: str, shape, rows: int, num_classes: int) -> None:
+        """The training data as the run's input (MLflow's Datasets column): name, digest, source, and the
+        sample shape and row count as its schema and profile."""
+        if not self.enabled:
+            return
+        import numpy as np
+        from mlflow.data.schema import TensorDatasetSchema
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.types.schema import Schema, TensorSpec
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        labels = Schema([TensorSpec(np.dtype("int64"), (-1,), "label")]) if num_classes else None
+        schema = TensorDatasetSchema(Schema([TensorSpec(np.dtype("float32"), (-1, *shape), "x")]), labels)
+        local = Path(source).expanduser()
+        kind, where = (
+            ("local", {"uri": str(local.resolve())}) if local.exists() else ("code", {"tags": {"data": source}})
+        )
+        profile = {"num_rows": rows, "sample_shape": list(shape), "num_classes": num_classes}
+        dataset = Dataset(name, digest, kind, json.dumps(where), json.dumps(schema.to_dict()), json.dumps(profile))
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "train")])])
+
+    def start_system_metrics(self, uri: str, every: float, *, resume: bool) -> None:
+        """CPU, memory, disk and network (psutil), and GPU (nvidia-ml-py, on CUDA machines) every `every`
+        seconds as system/* metrics, from a thread, until end()."""
+        if not self.enabled:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        except ImportError as e:  # psutil missing: the run goes on without them
+            logging.getLogger("imm.train").warning("no system metrics (%s); pip install psutil", e)
+            return
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop lines
+        self.monitor = SystemMetricsMonitor(
+            self.run_id, sampling_interval=every, resume_logging=resume, tracking_uri=uri
+        )
+        self.monitor.start()
+
+    def end(self, status: str = "FINISHED", log_file=None) -> None:
+        """Stop the system metrics, upload log_file (launch.log) and end the run with `status`."""
+        if not self.enabled:
+            return
+        if self.monitor is not None:
+            self.monitor.finish()
+            self.monitor = None
+        if log_file is not None and Path(log_file).is_file():
+            self.log_artifact(log_file)
+        atexit.unregister(self._end_at_exit)
+        self.client.set_terminated(self.run_id, status=status)
 
     def _end_at_exit(self) -> None:
-        try:  # only a run still RUNNING (a sweep's parent run is ended by its callback, not by end())
+        try:  # only a run still RUNNING (one ended by end() is not)
             if self.client.get_run(self.run_id).info.status == "RUNNING":
                 self.client.set_terminated(self.run_id, status="FAILED")
         except Exception:  # noqa: BLE001  the store may be gone at exit; nothing left to do

@@ -12,20 +12,23 @@ from __future__ import annotations
 import atexit
 import json
 import logging
+import shlex
+import sys
 import time
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
-from imm.tracking.mlflow_run import default_uri, ensure_store
+from imm.tracking.jobs import JobWatcher, SweepProcesses, sweep_lock
+from imm.tracking.mlflow_run import default_uri, ensure_store, note_tag, source_tags
 
 log = logging.getLogger("imm.sweep")
 SWEEP_FILE = "sweep.json"
 
 
 def sweep_info(sweep_dir) -> dict:
-    """{"parent_run_id": ..., "keys": [...]} written by the launching process ({} if none)."""
+    """{"parent_run_id": ..., "keys": [...], "argv": [...]} written by the launching process ({} if none)."""
     p = Path(sweep_dir) / SWEEP_FILE
     return json.loads(p.read_text()) if p.is_file() else {}
 
@@ -48,21 +51,31 @@ class MLflowSweepCallback(Callback):
 
     def __init__(self):
         self.client, self.run_id, self.sweep_dir, self.started = None, None, None, 0.0
+        self.watcher, self.processes = None, None
+
+    def __getstate__(self) -> dict:  # submitit pickles the launcher with Hydra's callbacks; the thread stays here
+        return {**self.__dict__, "watcher": None}
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        if config.dry_run:  # the sweeper checks the jobs and launches none (imm/dry_run.py)
+            return
         self.sweep_dir, self.started = Path(config.hydra.sweep.dir), time.time()
+        keys = swept_keys(config)
+        self.watcher = JobWatcher(self.sweep_dir, self.started, keys).start()  # a line per job as it starts and ends
         atexit.register(self._report)
         _cap_parallel_jobs(config)
         if not config.tracking.enabled:
             return
-
-        from imm.tracking.mlflow_run import Tracker
-
         uri = config.tracking.uri or default_uri(config.hydra.runtime.cwd)
         ensure_store(uri)
+        with sweep_lock(self.sweep_dir):  # several sweeper processes of one search share one parent (imm/search.py)
+            self._open_parent(config, uri, keys)
+
+    def _open_parent(self, config: DictConfig, uri: str, keys: list[str]) -> None:
+        from imm.tracking.mlflow_run import Tracker
+
         sweep_dir = self.sweep_dir
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        keys = swept_keys(config)
+        self.processes = SweepProcesses(sweep_dir)
         parent = sweep_info(sweep_dir).get("parent_run_id")
         choices = config.hydra.runtime.choices
         tracker = Tracker.open(
@@ -70,12 +83,20 @@ class MLflowSweepCallback(Callback):
             config.tracking.experiment,
             run_name=f"sweep {choices.get('sweep') or ','.join(keys)} {sweep_dir.name}",
             params={},
-            tags={"sweep.dir": str(sweep_dir.resolve()), "sweep.keys": ",".join(keys), "sweep.role": "parent"},
+            tags={
+                "sweep.dir": str(sweep_dir.resolve()),
+                "sweep.keys": ",".join(keys),
+                "sweep.role": "parent",
+                **source_tags(sys.argv[0]),
+                **note_tag(f"`{shlex.join(['python', *sys.argv])}`\n\nA sweep over {', '.join(keys)}."),
+            },
             run_id=parent if parent and _exists(uri, parent) else None,
+            end_at_exit=False,  # _end ends it, when no other sweeper process of this sweep runs
         )
         tracker.set_tags({"sweep.id": tracker.run_id})
         self.client, self.run_id = tracker.client, tracker.run_id
-        (sweep_dir / SWEEP_FILE).write_text(json.dumps({"parent_run_id": tracker.run_id, "keys": keys}) + "\n")
+        info = {"parent_run_id": tracker.run_id, "keys": keys, "argv": sys.argv}  # argv: the jobs' source and command
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps(info) + "\n")
         # Hydra raises out of the sweep when a job fails, skipping on_multirun_end: never leave RUNNING.
         atexit.register(self._end, None)
         again = "relaunched: reopened" if tracker.run_id == parent else "opened"
@@ -84,13 +105,17 @@ class MLflowSweepCallback(Callback):
         )
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()  # the last jobs' lines before the sweep's own
         if self.client is None:
             return
         statuses = [r.info.status for r in self._children()]
         self.client.set_tag(self.run_id, "sweep.children", str(len(statuses)))
         failed = sum(s != "FINISHED" for s in statuses)
-        self._end("FAILED" if failed else "FINISHED")
-        log.info("sweep finished: %d child runs, %d not FINISHED", len(statuses), failed)
+        if self._end("FAILED" if failed else "FINISHED"):
+            log.info("sweep finished: %d child runs, %d not FINISHED", len(statuses), failed)
+        else:
+            log.info("this sweeper process is done; another one of this sweep still runs and ends the parent run")
 
     def _children(self):
         return self.client.search_runs(
@@ -98,20 +123,31 @@ class MLflowSweepCallback(Callback):
             filter_string=f"tags.`sweep.id` = '{self.run_id}' and tags.`sweep.role` = 'child'",
         )
 
-    def _end(self, status: str | None) -> None:
-        """End the parent run; status None (the sweep stopped early): KILLED if a child was, else FAILED."""
-        if self.client is None or self.client.get_run(self.run_id).info.status != "RUNNING":
-            return
-        if status is None:
-            status = "KILLED" if any(r.info.status == "KILLED" for r in self._children()) else "FAILED"
-        self.client.set_terminated(self.run_id, status=status)
+    def _end(self, status: str | None) -> bool:
+        """End the parent run, unless another sweeper process of this sweep still runs (the last one ends it);
+        status None (the sweep stopped early): KILLED if a child was, else FAILED. False: left to another."""
+        if self.client is None:
+            return True
+        with sweep_lock(self.sweep_dir):
+            self.processes.leave()
+            if self.processes.others_alive():
+                return False
+            if self.client.get_run(self.run_id).info.status == "RUNNING":
+                if status is None:
+                    status = "KILLED" if any(r.info.status == "KILLED" for r in self._children()) else "FAILED"
+                self.client.set_terminated(self.run_id, status=status)
+        return True
 
     def _report(self) -> None:
-        """One line per job directory: what its attempt in this launch did, or that it did not run."""
+        """One line per job directory the watcher did not see end: what its attempt in this launch did, or that
+        it did not run."""
         from imm.training.rundir import describe, read_status
 
+        self.watcher.stop()
         found = self.sweep_dir.iterdir() if self.sweep_dir.is_dir() else ()
         for job in sorted((p for p in found if p.name.isdigit() and p.is_dir()), key=lambda p: int(p.name)):
+            if job.name in self.watcher.ended:
+                continue
             status = read_status(job)
             if not status or status.get("time", 0) < self.started:
                 what = "did not finish in this launch" + (f" (last: {describe(status)})" if status else "")

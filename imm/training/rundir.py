@@ -55,12 +55,13 @@ def experiment_hash(overrides) -> str:
     return hashlib.sha256("\n".join(experiment_overrides(overrides)).encode()).hexdigest()[:8]
 
 
-def run_dir(base: str, name, overrides, fresh) -> str:
+def run_dir(base: str, name, overrides, fresh, *, claim: bool = True) -> str:
     """`<base>/<name>/<hash>[-N]`: the newest existing attempt of this experiment, or with `fresh` a new one.
 
     The resolver `${imm.run_dir:...}` in conf/config.yaml calls it once per launch (cached: the value
     travels with the config to every job of a sweep and to a requeued job). A fresh directory is
-    claimed with mkdir, so two fresh launches of one command started together never share one.
+    claimed with mkdir, so two fresh launches of one command started together never share one;
+    claim=False (a dry run) names the one it would claim.
     """
     first = Path(base) / str(name or "default") / experiment_hash(overrides or [])
     attempts = _attempts(first)
@@ -69,6 +70,8 @@ def run_dir(base: str, name, overrides, fresh) -> str:
     n = len(attempts) + 1 if attempts else 1
     while True:
         candidate = first if n == 1 else first.with_name(f"{first.name}-{n}")
+        if not claim:
+            return str(candidate)
         try:
             candidate.mkdir(parents=True)
             return str(candidate)
@@ -91,11 +94,13 @@ def _truthy(value) -> bool:
     return str(value).lower() in ("true", "1", "yes")
 
 
-def resume_command(argv) -> str:
+def resume_command(argv, steps: int | None = None) -> str:
     """The command that resumes this run: the one given, without fresh= (which would start yet another
-    run) or resume= (the run directory now holds its own checkpoints)."""
-    keep = [a for a in argv[1:] if a.lstrip("+~").partition("=")[0] not in (FRESH_KEY, "resume")]
-    return shlex.join(["python", argv[0], *keep])
+    run) or resume= (the run directory now holds its own checkpoints); with `steps`, one that trains on
+    to train.steps=steps."""
+    drop = (FRESH_KEY, "resume") + (("train.steps",) if steps is not None else ())
+    keep = [a for a in argv[1:] if a.lstrip("+~").partition("=")[0] not in drop]
+    return shlex.join(["python", argv[0], *keep, *([f"train.steps={steps}"] if steps is not None else [])])
 
 
 # -- the lock ------------------------------------------------------------------------------------------
@@ -119,6 +124,22 @@ def _alive(pid: int, start: str | None) -> bool:
     return start is None or now is None or now == start
 
 
+def this_process() -> dict:
+    """pid, host, kernel start time and SLURM job id of this process: who holds a run directory or takes part
+    in a sweep."""
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "start": _process_start(os.getpid()),
+        "slurm_job": os.environ.get("SLURM_JOB_ID"),
+    }
+
+
+def alive_here(info: dict) -> bool:
+    """The process `info` (this_process() of some process) is running on this host."""
+    return info.get("host") == socket.gethostname() and _alive(int(info.get("pid", 0)), info.get("start"))
+
+
 class RunLock:
     """The main process's hold on a run directory (see the module docstring)."""
 
@@ -135,12 +156,7 @@ class RunLock:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / LOCK_FILE
-        info = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "start": _process_start(os.getpid()),
-            "slurm_job": os.environ.get("SLURM_JOB_ID"),
-        }
+        info = this_process()
         for _ in range(3):  # another process may take over or release it in between
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
