@@ -92,3 +92,21 @@ def test_a_pipe_gets_loss_lines_and_the_summary_and_launch_log_the_same_history(
     command = re.search(r"train on +(.*)", summary)[1]
     assert command == f"python {LAUNCH} {' '.join(RUN[:1] + RUN[2:])} hydra.run.dir={run_dir} train.steps=120"
     assert "MLflow       run " in summary and "mlflow ui --backend-store-uri sqlite:///" in summary
+
+
+def test_the_summary_table_puts_the_nfe_beside_a_guided_step_count_only():
+    """NFE = the step count without guidance (no column for it); with guidance it doubles and the row says so."""
+    from imm.training.progress import metric_table
+
+    table = metric_table(
+        {
+            "final/energy_1step": 0.02,
+            "final/energy_ratio_1step": 2.5,
+            "final/nfe_1step": 1,
+            "final/energy_floor": 0.008,
+            "final/fid5k_2step_w1.5": 12.0,
+            "final/nfe_2step_w1.5": 4,
+        }
+    )
+    assert table[0].split() == ["energy", "energy_ratio", "fid5k"]
+    assert [row.split("  ")[0] for row in table[1:]] == ["1 step", "2 steps w=1.5 (NFE 4)", "floor"]

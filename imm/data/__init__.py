@@ -188,13 +188,12 @@ def _points_bundle(name: str, train: torch.Tensor, heldout: torch.Tensor) -> Dat
 
 
 def digest(bundle: DataBundle) -> str:
-    """8 hex digits of sha256 over the training samples and labels as loaded (an image folder: its files'
-    relative paths and sizes): two runs on the same data share it (MLflow's dataset digest)."""
+    """8 hex digits of sha256 over the training samples and labels as loaded (files on disk: their relative
+    paths and sizes): two runs on the same data share it (MLflow's dataset digest)."""
     h = hashlib.sha256()
     train = bundle.train
-    if hasattr(train, "files"):  # ImageFolder: decoding every image only to hash it would cost minutes
-        for f in train.files:
-            h.update(f"{f.relative_to(train.root)}\0{f.stat().st_size}\n".encode())
+    if hasattr(train, "file_listing"):  # files on disk (image folder, latent shards): reading them all costs minutes
+        h.update(train.file_listing().encode())
     else:
         h.update(train.data.contiguous().view(torch.uint8).numpy())
     h.update(train.labels.contiguous().view(torch.uint8).numpy())

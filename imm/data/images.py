@@ -154,6 +154,10 @@ class ImageFolder(BaseDataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    def file_listing(self) -> str:
+        """Each image's path relative to the root and its size, one per line (imm.data.digest)."""
+        return "".join(f"{f.relative_to(self.root)}\0{f.stat().st_size}\n" for f in self.files)
+
     def get(self, index: int, flip: bool) -> tuple[torch.Tensor, int]:
         from PIL import Image
 

@@ -118,6 +118,11 @@ class LatentShards(BaseDataset):
     def __len__(self) -> int:
         return self.offsets[-1]
 
+    def file_listing(self) -> str:
+        """Each shard file's name and size, one per line (imm.data.digest)."""
+        paths = [p for pair in self.files for p in pair if p is not None]
+        return "".join(f"{p.relative_to(self.root)}\0{p.stat().st_size}\n" for p in paths)
+
     def __getstate__(self):
         return {**self.__dict__, "_maps": None}
 

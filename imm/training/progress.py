@@ -159,6 +159,12 @@ def metric_table(summary: dict) -> list[str]:
             continue
         if family != "energy_sd":  # the spread of the energy over noise draws: in MLflow, not in the table
             rows.setdefault(row, {})[family] = value
+    for (steps, label), cells in list(rows.items()):  # NFE beside the step count where guidance doubles it
+        nfe = cells.pop("nfe", steps)
+        if not cells:
+            del rows[steps, label]
+        elif nfe != steps:
+            rows[steps, f"{label} (NFE {nfe:g})"] = rows.pop((steps, label))
     if not rows:
         return []
     seen = list(dict.fromkeys(f for cells in rows.values() for f in cells))
