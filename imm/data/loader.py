@@ -169,7 +169,7 @@ class ResumableBatches:
             if self._iter is None:
                 self._sampler.start = (self.epoch, self.position)
                 self._iter = iter(self._loader)
-            x, labels = _split_batch(next(self._iter))
+            x, labels = _split_batch(_from_worker(lambda: next(self._iter)))
         self.position += 1
         if self.position == self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
@@ -289,6 +289,18 @@ class _ItemsWithFlips(Dataset):
     def __getitem__(self, item):
         index, flip = item
         return self.dataset.get(index, flip)
+
+
+def _from_worker(fetch):
+    """fetch(), with a DataError raised in a DataLoader worker said as its own sentence: torch re-raises it in
+    this process with the worker's traceback in the message ("Caught DataError in DataLoader worker ...")."""
+    try:
+        return fetch()
+    except DataError as e:
+        lines = str(e).strip().splitlines()
+        if len(lines) < 2 or not lines[-1].startswith(f"{DataError.__module__}.{DataError.__name__}: "):
+            raise
+        raise DataError(lines[-1].split(": ", 1)[1]) from None
 
 
 def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:

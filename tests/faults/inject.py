@@ -14,6 +14,8 @@ Faults (steps count the training steps of this process, 0-based; these tests use
   signal_after_open:SIG the process sends itself SIG (e.g. SIGTERM) right after the MLflow run is
                         created, before the first training step
   raise_after_open      an exception right after the MLflow run is created, before the first step
+  signal_in_data:SIG    the process sends itself SIG (e.g. SIGINT, a Ctrl-C) while the training data load,
+                        after the run directory's lock is taken and before any MLflow run exists
 
 Everything else is launch.py unchanged: Hydra parses the same command line and runs the same task.
 """
@@ -133,7 +135,21 @@ def raise_after_open(_: str = "") -> None:
     _after_open(fail)
 
 
-FAULTS = {f.__name__: f for f in (kill_in_save, nan_loss, nan_grad, signal_after_open, raise_after_open)}
+def signal_in_data(name: str) -> None:
+    from imm import factory
+
+    real_dataset = factory.dataset
+
+    def dataset(cfg):
+        os.kill(os.getpid(), getattr(signal, name))
+        return real_dataset(cfg)
+
+    factory.dataset = dataset
+
+
+FAULTS = {
+    f.__name__: f for f in (kill_in_save, nan_loss, nan_grad, signal_after_open, raise_after_open, signal_in_data)
+}
 
 
 def main() -> None:
