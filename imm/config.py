@@ -132,11 +132,11 @@ class Range:
                 raise ConfigError(f"{key}={value} is out of range; {key} must be {self.describe()}.")
             return
         items = list(value)
-        too_few = len(items) < self.min_items or (self.length is not None and len(items) != self.length)
-        bad = [x for x in items if not self.allows(x)]
-        if too_few or bad:
-            what = f"holds {bad[0]}, which is out of range" if bad and not too_few else f"holds {len(items)} values"
-            raise ConfigError(f"{key}={items} {what}; {key} must be {self.describe()}.")
+        n = len(items)
+        if n < self.min_items or (self.length is not None and n != self.length):
+            raise ConfigError(f"{key}={items} holds {n} value{'s' * (n != 1)}; {key} must be {self.describe()}.")
+        if bad := [x for x in items if not self.allows(x)]:
+            raise ConfigError(f"{key}={items} holds {bad[0]}, which is out of range; {key} must be {self.describe()}.")
 
 
 # Notes of fields whose range another rule owns (only finiteness is checked here).
@@ -221,7 +221,7 @@ class DataConfig:
     n_train: int = ranged(data_mod.DEFAULT_TOY_TRAIN, ">= 1")  # toy sets
     n_heldout: int = ranged(data_mod.DEFAULT_TOY_HELDOUT, f">= {MIN_POINTS}", KNN_NOTE)
     heldout_fraction: float = ranged(data_mod.DEFAULT_HELDOUT_FRACTION, "(0, 1)")  # points files
-    seed: int = ranged(0, note="any integer")
+    seed: int = ranged(0)
     num_workers: int = ranged(0, ">= 0", "0: load in the training process")
     pin_memory: bool = True
 
@@ -245,7 +245,7 @@ class TrainConfig:
     batch_size: int = ranged(512, ">= 1")  # global batch; divisible by M x world size
     # samples per rank per forward/backward (gradient accumulation)
     micro_batch: Optional[int] = ranged(None, ">= 1", "null: the whole share, no accumulation")
-    seed: int = ranged(0, note="any integer")
+    seed: int = ranged(0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # CHOICES["train.precision"]; all but fp32 on CUDA only
     compile: bool = False
@@ -270,7 +270,7 @@ class SamplingOptions:
     # 2 steps use eta(t_1) = 1.4 (App. I.2); null: 2 steps follow `grid`
     two_step_eta: Optional[float] = ranged(TWO_STEP_ETA, note=GRID_RULES)
     guidance: float = ranged(1.0, note="1: none")  # classifier-free guidance w (Eq. 14)
-    seed: int = ranged(1234, note="any integer")  # the fixed noise (and labels) every evaluation decodes
+    seed: int = ranged(1234)  # the fixed noise (and labels) every evaluation decodes
     # 500: one size for every command; FID pushes each batch through Inception-v3 at 299 x 299
     batch_size: int = ranged(500, ">= 1")
 

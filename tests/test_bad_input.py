@@ -170,7 +170,7 @@ CASES = {
         None,
         ["optim.betas=[0.9]"],
         2,
-        ["optim.betas=[0.9] holds 1 values; optim.betas must be a list of exactly 2 values, each in [0, 1)."],
+        ["optim.betas=[0.9] holds 1 value; optim.betas must be a list of exactly 2 values, each in [0, 1)."],
     ),
     # 2. what used to end in a traceback
     "threads negative": (None, ["train.threads=-1"], 2, ["train.threads=-1 is out of range"]),

@@ -50,7 +50,7 @@ class SampleConfig(SamplingOptions):
     # classifier-free guidance w
     guidance: Optional[float] = ranged(None, note="null: the training run's eval.guidance; 1: none")
     # not the evaluations' 1234: the README's documented samples were drawn with seed 0
-    seed: int = ranged(0, note="any integer")
+    seed: int = ranged(0)
     labels: Any = "cycle"  # cycle (all classes in turn) | uncond (the null label) | a list of class ids
     n: Optional[int] = ranged(None, ">= 1", "null: 64 images, 5000 points")  # number of samples
     device: str = "auto"  # auto | cpu | cuda | cuda:N
