@@ -19,9 +19,7 @@ import os
 import pickle
 import re
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -333,20 +331,13 @@ def test_help_says_each_keys_range(tmp_path):
 # -- Ctrl-C during start-up ------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_ctrl_c_while_torch_loads_is_one_line_and_exit_130(tmp_path):
-    proc = subprocess.Popen(
-        [sys.executable, str(helpers.LAUNCH), *TINY],
-        cwd=tmp_path,
-        env=one_thread_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    """SIGINT (a real signal, sent by tests/faults/inject.py as torch is imported) while the libraries load."""
+    proc = helpers.launch(
+        tmp_path, *TINY, env=one_thread_env({"IMM_FAULT": "sigint_in_import:torch"}), script=INJECT, timeout=300
     )
-    time.sleep(1.0)  # importing torch takes seconds: the signal lands in an import
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err[-3000:]
-    assert err.strip() == STOPPED and "Traceback" not in out + err
-    assert runs(tmp_path) == [] and checkpoints(tmp_path) == []
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert proc.stderr.strip() == STOPPED and "Traceback" not in proc.stdout
+    assert runs(tmp_path) == [] and checkpoints(tmp_path) == [] and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.slow

@@ -1,5 +1,10 @@
 """One MLflow run per training run, through the explicit MlflowClient (no global active-run state).
 
+A tracking URI that cannot work is found before any data is loaded (check_store: an HTTP server that
+does not answer, a folder, a SQLite file that is no database or cannot be written, a missing database
+driver); a store that fails when the run is created, or an experiment or run deleted in the UI, is
+Tracker.open's TrackingError. Either is one sentence and exit status 2, and no run is left behind.
+
 The run ends FINISHED, KILLED (signal) or FAILED (exception), never left RUNNING: the training
 loop ends it, and a process that exits without ending it (an exception before the loop's own
 try/finally) ends it FAILED at exit. Only SIGKILL leaves it RUNNING, until a relaunch resumes it.
@@ -101,9 +106,7 @@ def check_store(uri: str) -> None:
         try:
             client_for(uri).search_experiments(max_results=1)
         except Exception as e:  # noqa: BLE001  a missing driver, a refused connection, bad credentials, ...
-            raise TrackingError(
-                f"the MLflow tracking store tracking.uri={uri} cannot be used ({error_line(e)})."
-            ) from None
+            raise unusable(uri, e) from None
 
 
 def _check_sqlite(uri: str) -> None:
@@ -129,6 +132,11 @@ def _check_sqlite(uri: str) -> None:
             f"the MLflow store {db} (tracking.uri={uri}) cannot be written: {why}; launch from a folder you can"
             " write or set tracking.uri=sqlite:////writable/path/mlflow.db."
         )
+
+
+def unusable(uri: str, e: Exception) -> TrackingError:
+    """The one sentence for a store that fails in MLflow, SQLAlchemy or the OS (whatever they raise)."""
+    return TrackingError(f"the MLflow tracking store {uri} cannot be used ({error_line(e)}).")
 
 
 def error_line(e: BaseException) -> str:
@@ -221,7 +229,7 @@ class Tracker:
         except TrackingError:
             raise
         except Exception as e:  # noqa: BLE001  MLflow's, SQLAlchemy's and the OS's errors of a store
-            raise TrackingError(f"the MLflow tracking store {uri} cannot be used ({error_line(e)}).") from None
+            raise unusable(uri, e) from None
         tracker = cls(client, run.info.run_id)
         tracker.log_params(params)
         return tracker
@@ -310,4 +318,4 @@ def ensure_store(uri: str) -> None:
     try:
         client_for(uri).search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001  as in Tracker.open
-        raise TrackingError(f"the MLflow tracking store {uri} cannot be used ({error_line(e)}).") from None
+        raise unusable(uri, e) from None

@@ -20,7 +20,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from imm.tracking.mlflow_run import default_uri, ensure_store
-from imm.training.rundir import failed_since
+from imm.training.rundir import check_writable, describe, failed_since, read_status
 
 log = logging.getLogger("imm.sweep")
 SWEEP_FILE = "sweep.json"
@@ -95,7 +95,6 @@ class MLflowSweepCallback(Callback):
 
     def _start(self, config: DictConfig, config_name: str | None) -> None:
         from imm.config import ConfigError
-        from imm.training.rundir import check_writable
 
         jobs = sweep_jobs(config)
         invalid = invalid_jobs(config, config_name, jobs)
@@ -135,7 +134,8 @@ class MLflowSweepCallback(Callback):
         )
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        failed = [(num, status) for num, status in self._jobs() if not _finished(status, self.started)]
+        jobs = self._jobs()
+        failed = [(num, status) for num, status in jobs if not _finished(status, self.started)]
         if self.client is not None:
             statuses = [r.info.status for r in self._children()]
             self.client.set_tag(self.run_id, "sweep.children", str(len(statuses)))
@@ -143,7 +143,7 @@ class MLflowSweepCallback(Callback):
                 names = ", ".join(f"{num} {status.get('name') or ''}".strip() for num, status in failed)
                 self.client.set_tag(self.run_id, "sweep.failed_jobs", names)
             self._end("FAILED" if failed or any(s != "FINISHED" for s in statuses) else "FINISHED")
-        log.info("sweep finished: %d jobs, %d failed", len(self._jobs()), len(failed))
+        log.info("sweep finished: %d jobs, %d failed", len(jobs), len(failed))
         if failed:  # the sweep's exit status: 2 when a job failed on a user error, else 1
             sys.exit(max((failed_since(status, self.started) or {}).get("exit_status", 1) for _, status in failed))
 
@@ -163,15 +163,11 @@ class MLflowSweepCallback(Callback):
 
     def _jobs(self) -> list[tuple[int, dict]]:
         """(job number, its status.json) for each job directory of the sweep."""
-        from imm.training.rundir import read_status
-
         found = self.sweep_dir.iterdir() if self.sweep_dir.is_dir() else ()
         return sorted((int(p.name), read_status(p)) for p in found if p.name.isdigit() and p.is_dir())
 
     def _report(self) -> None:
         """One line per job directory: what its attempt in this launch did, or that it did not run."""
-        from imm.training.rundir import describe
-
         for num, status in self._jobs():
             error = failed_since(status, self.started)
             if status.get("time", 0) >= self.started:

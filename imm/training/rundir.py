@@ -12,7 +12,11 @@
   whose heartbeat is older than STALE_AFTER_S (another host) is taken over.
 - Status. `<run_dir>/status.json` records how the last attempt ended (FINISHED, KILLED, FAILED), at which
   step, what it did when it started (started, resumed, rerun, skipped) and its final metrics, so a
-  relaunched command or sweep job skips a finished run and says what it did, in one line per job.
+  relaunched command or sweep job skips a finished run and says what it did, in one line per job; a
+  sweep job that failed adds its error's sentence (record_error) for the sweep's report.
+- Writability. A run directory (and its checkpoints/, snapshots/, figures/) that cannot be written is
+  one sentence before Hydra creates it (RunDirCheck) or any data is loaded (check_writable), not a
+  traceback or a failure at the first save.
 """
 
 from __future__ import annotations
