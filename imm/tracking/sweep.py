@@ -69,7 +69,11 @@ def invalid_jobs(config: DictConfig, config_name: str | None, jobs) -> list[tupl
     keys, invalid = swept_keys(config), []
     for num, job in enumerate(jobs):
         try:
-            validate(compose(config_name=config_name, overrides=job), world_size)
+            cfg = compose(config_name=config_name, overrides=job)
+        except Exception:  # noqa: BLE001  a job that does not compose: Hydra's sweeper says so before any job runs
+            continue
+        try:
+            validate(cfg, world_size)
         except ConfigError as e:
             invalid.append((num, swept_run_name(job, keys), str(e)))
     return invalid
