@@ -554,6 +554,8 @@ def validate(cfg, world_size: int = 1) -> None:
         )
     if points:
         check_point_samples("eval.n_samples", cfg.eval.n_samples)
+    if cfg.tracking.enabled and not str(cfg.tracking.experiment).strip():
+        fail("tracking.experiment is empty; name the MLflow experiment the run goes to, e.g. tracking.experiment=imm.")
     if cfg.data.name == "points" and not cfg.data.path:
         fail("data.path is missing; data=points needs data.path=/path/to/file.npy holding an [N, D] array.")
     if cfg.data.name == "folder" and not cfg.data.root:

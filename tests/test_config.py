@@ -121,6 +121,7 @@ BAD = {
     "eta range": (["loss.eta_min=2", "loss.eta_max=1"], "loss.eta_max > loss.eta_min >= 0"),
     "zero M with the fm objective": (["loss=fm", "loss.M=0"], "loss.M=0"),
     "negative min_gap": (["loss.min_gap=-1"], "loss.min_gap=-1.0 must be >= 0"),
+    "empty experiment name": (["tracking.experiment="], "tracking.experiment is empty"),
 }
 
 
