@@ -492,9 +492,9 @@ def allowed_values(cfg) -> str:
 def _unknown_key(prefix: str, key: str, value, known) -> ConfigError:
     """`+loss.kk=3` (a key added to a schema node): name the nearest real key."""
     value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-    near = difflib.get_close_matches(key, known, n=1)
+    near = [prefix + k for k in difflib.get_close_matches(key, known, n=1)]
     node = prefix.rstrip(".") or "the config"
-    fix = f"did you mean {prefix}{near[0]}={value}?" if near else f"the keys of {node} are {', '.join(known)}."
+    fix = f"the nearest is {near[0]}: use {near[0]}={value}." if near else f"its keys are {', '.join(known)}."
     return ConfigError(
         f"{prefix}{key}={value} is not a key of {node} (a + override adds keys the schema does not have); {fix}"
     )

@@ -163,7 +163,7 @@ CASES = {
     ),
     "width zero": (None, ["arch.width=0"], 2, ["arch.width=0 is out of range; arch.width must be >= 1."]),
     "depth negative": (None, ["arch.depth=-1"], 2, ["arch.depth=-1 is out of range"]),
-    "appended key": (None, ["+loss.kk=3"], 2, ["loss.kk=3 is not a key of loss", "did you mean loss.k=3?"]),
+    "appended key": (None, ["+loss.kk=3"], 2, ["loss.kk=3 is not a key of loss", "nearest is loss.k: use loss.k=3."]),
     "betas of one value": (
         None,
         ["optim.betas=[0.9]"],

@@ -269,15 +269,13 @@ def test_every_ranged_key_refuses_a_value_outside_its_range_in_one_sentence(key,
     assert "\n" not in msg and msg.endswith("."), msg
 
 
+ADDS = "(a + override adds keys the schema does not have)"
 APPENDED = {
-    "+loss.kk=3": "loss.kk=3 is not a key of loss (a + override adds keys the schema does not have); did you mean"
-    " loss.k=3?",
-    "+train.stesp=30": "train.stesp=30 is not a key of train (a + override adds keys the schema does not have); did you"
-    " mean train.steps=30?",
-    "++arch.widht=64": "arch.widht=64 is not a key of arch (a + override adds keys the schema does not have); did you"
-    " mean arch.width=64?",
-    "+foo=1": "foo=1 is not a key of the config (a + override adds keys the schema does not have); the keys of the"
-    " config are arch, schedule, kernel, loss, target, ema, data, optim, train, eval, tracking, resume, fresh.",
+    "+loss.kk=3": f"loss.kk=3 is not a key of loss {ADDS}; the nearest is loss.k: use loss.k=3.",
+    "+train.stesp=30": f"train.stesp=30 is not a key of train {ADDS}; the nearest is train.steps: use train.steps=30.",
+    "++arch.widht=64": f"arch.widht=64 is not a key of arch {ADDS}; the nearest is arch.width: use arch.width=64.",
+    "+foo=1": f"foo=1 is not a key of the config {ADDS}; its keys are arch, schedule, kernel, loss, target, ema, data,"
+    " optim, train, eval, tracking, resume, fresh.",
 }
 
 
