@@ -146,112 +146,113 @@ class Payload:
         return os.system, ("true",)
 
 
-# case: (setup(tmp) -> more overrides, or None; overrides; exit status; substrings of the error sentence)
+# case: (setup(tmp) -> more overrides, or None; overrides (a tiny MLP run: TINY); exit status; substrings of the
+# error sentence)
 CASES = {
     # 1. nonsense that used to be accepted (a FINISHED run without a checkpoint, a constant network, ...)
     "keep_last negative": (
         None,
-        ["train.keep_last=-3"],
+        [*TINY, "train.keep_last=-3"],
         2,
         ["train.keep_last=-3 is out of range; train.keep_last must be >= 0."],
     ),
     "eval.every negative": (
         None,
-        ["eval.every=-1"],
+        [*TINY, "eval.every=-1"],
         2,
         ["eval.every=-1 is out of range; eval.every must be >= 0 (0: only at the end)."],
     ),
-    "width zero": (None, ["arch.width=0"], 2, ["arch.width=0 is out of range; arch.width must be >= 1."]),
-    "depth negative": (None, ["arch.depth=-1"], 2, ["arch.depth=-1 is out of range"]),
-    "appended key": (None, ["+loss.kk=3"], 2, ["loss.kk=3 is not a key of loss", "nearest is loss.k: use loss.k=3."]),
+    "width zero": (None, [*TINY, "arch.width=0"], 2, ["arch.width=0 is out of range; arch.width must be >= 1."]),
+    "depth negative": (None, [*TINY, "arch.depth=-1"], 2, ["arch.depth=-1 is out of range"]),
+    "appended key": (None, [*TINY, "+loss.kk=3"], 2, ["loss.kk=3 is not a key of loss", "use loss.k=3."]),
     "betas of one value": (
         None,
-        ["optim.betas=[0.9]"],
+        [*TINY, "optim.betas=[0.9]"],
         2,
         ["optim.betas=[0.9] holds 1 value; optim.betas must be a list of exactly 2 values, each in [0, 1)."],
     ),
     # 2. what used to end in a traceback
-    "threads negative": (None, ["train.threads=-1"], 2, ["train.threads=-1 is out of range"]),
-    "tracking uri without a scheme": (None, ["tracking.uri=foo"], 2, ["tracking.uri=foo is a folder"]),
+    "threads negative": (None, [*TINY, "train.threads=-1"], 2, ["train.threads=-1 is out of range"]),
+    "tracking uri without a scheme": (None, [*TINY, "tracking.uri=foo"], 2, ["tracking.uri=foo is a folder"]),
     "tracking uri a plain path": (
         lambda tmp: [f"tracking.uri={tmp / 'mlruns'}"],
-        [],
+        [*TINY],
         2,
         ["mlruns is a folder (MLflow's file store)", "tracking.uri=sqlite:////"],
     ),
     "tracking uri sqlite with two slashes": (
         None,
-        ["tracking.uri=sqlite://relative.db"],
+        [*TINY, "tracking.uri=sqlite://relative.db"],
         2,
         ["tracking.uri=sqlite://relative.db names no SQLite file"],
     ),
     "tracking uri database without its driver": (
         None,
-        ["tracking.uri=mssql+pyodbc://user@localhost/db"],
+        [*TINY, "tracking.uri=mssql+pyodbc://user@localhost/db"],
         2,
         ["the MLflow tracking store mssql+pyodbc://user@localhost/db cannot be used ("],
     ),
     "tracking store that is no database": (
         _file("mlflow.db", b"not a database" * 50),
-        [],
+        [*TINY],
         2,
         ["mlflow.db (tracking.uri=sqlite:///", "is not a SQLite database"],
     ),
     "experiment deleted in the UI": (
         _deleted_experiment,
-        [],
+        [*TINY],
         2,
         ["the MLflow experiment 'gone' in sqlite:///", "was deleted", "mlflow experiments restore"],
     ),
     "run deleted in the UI": (
         _deleted_run,
-        [],
+        [*TINY],
         2,
         ["this run logs to was deleted in sqlite:///", "fresh=true"],
     ),
     "run directory under a file": (
         _file("afile", "x", "hydra.run.dir={tmp}/afile/run"),
-        [],
+        [*TINY],
         2,
         ["the run directory", "afile/run cannot be written (", "afile is a file, not a folder)", "hydra.run.dir="],
     ),
     # 3. what used to fail late: at the first evaluation, at the first save, in a DataLoader worker
-    "held-out set too small for k-NN": (None, ["data.n_heldout=4"], 2, ["data.n_heldout=4 is out of range"]),
+    "held-out set too small for k-NN": (None, [*TINY, "data.n_heldout=4"], 2, ["data.n_heldout=4 is out of range"]),
     "evaluation samples too few for k-NN": (
         None,
-        ["eval.n_samples=5"],
+        [*TINY, "eval.n_samples=5"],
         2,
         ["eval.n_samples=5 is too few for point data", "use eval.n_samples >= 6."],
     ),
     "points file too small for both splits": (
         lambda tmp: ["data=points", f"data.path={_points(tmp, 10)}"],
-        [],
+        [*TINY],
         2,
         ["has shape (10, 2); at least 12 rows"],
     ),
     "checkpoints folder unwritable": (
         _file("run/checkpoints", "x", "hydra.run.dir={tmp}/run"),
-        [],
+        [*TINY],
         2,
         ["the run directory", "run/checkpoints is a file, not a folder"],
     ),
     "truncated jpeg in an image folder": (
-        lambda tmp: ["data=folder", "arch=dit_s_4", "data.resolution=8", f"data.root={_jpegs(tmp)}"],
-        ["data.num_workers=1"],
+        lambda tmp: [f"data.root={_jpegs(tmp)}"],
+        ["data=folder", "arch=dit_s_4", "data.resolution=8", "data.num_workers=1", "train.steps=2"],
         2,
         ["3.jpg' cannot be read (image file is truncated", "delete or replace it."],
     ),
     # 4. misleading messages
     "csv given as .npy": (
         _file("p.npy", "1,2\n3,4\n" * 20, "data=points", "data.path={path}"),
-        [],
+        [*TINY],
         2,
         ["p.npy' is a text file (CSV or similar), not a .npy array", "numpy.loadtxt("],
     ),
-    "truncated checkpoint": (_cut_checkpoint, [], 2, ["c.pt: it is a damaged or truncated PyTorch file"]),
+    "truncated checkpoint": (_cut_checkpoint, [*TINY], 2, ["c.pt: it is a damaged or truncated PyTorch file"]),
     "text file as checkpoint": (
         _file("c.pt", "hello", "resume={path}"),
-        [],
+        [*TINY],
         2,
         ["c.pt: it is not a PyTorch file (it begins b'hello')"],
     ),
@@ -281,7 +282,7 @@ def test_bad_input_gets_one_sentence_before_any_work(tmp_path, case):
     setup, overrides, status, needles = CASES[case]
     extra = setup(tmp_path) if setup else []
     runs_before = len(runs(tmp_path))  # a case's own store may hold a (deleted) run
-    proc = helpers.launch(tmp_path, *TINY, *overrides, *extra, timeout=300)
+    proc = helpers.launch(tmp_path, *overrides, *extra, timeout=300)
     assert proc.returncode == status, proc.stderr[-3000:]
     msg = the_error(proc)
     assert msg.endswith("."), msg
