@@ -107,16 +107,16 @@ def resume_command(argv) -> str:
 
 # -- writability ---------------------------------------------------------------------------------------
 def unwritable(directory) -> str | None:
-    """Why no file can be written in `directory` (created when missing), or None when one can."""
+    """Why no file can be written in `directory` (one that does not exist yet: created in its nearest existing
+    parent), or None when one can. A temporary file is written and removed; no folder is created."""
     d = Path(directory)
     existing = next(p for p in (d, *d.parents) if p.exists())
     if not existing.is_dir():
         return f"{existing} is a file, not a folder"
     try:
-        d.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=d).close()
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
-        return f"{e.strerror or e}: {e.filename or d}"
+        return f"{e.strerror or e}: {existing}"
     return None
 
 
