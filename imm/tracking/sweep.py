@@ -107,6 +107,7 @@ class MLflowSweepCallback(Callback):
         if invalid and len(invalid) == len(jobs):
             raise ConfigError(f"all {len(jobs)} jobs of this sweep are invalid (each said above); none was started.")
         check_writable(self.sweep_dir)
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)  # sweep.json goes there before any job starts
         atexit.register(self._report)
         if not config.tracking.enabled:
             return
