@@ -9,16 +9,14 @@ that names the key, the value and what is allowed, before any data is loaded or 
 One place per default: these dataclasses hold every default the options of a group share; a field
 whose value tells the options of a group apart (the schedule's name, a DiT's widths) is MISSING here
 and written in each conf/<group>/*.yaml; option files and conf/experiment/*.yaml hold only deltas.
-The option lists (CHOICES) come from the code that implements the options.
+The option lists (CHOICES) come from the code that implements the options. Each number's range is
+written beside its default too (`ranged(3, ">= 0")`, imm/ranges.py): validate checks it, `--help` prints it.
 """
 
 from __future__ import annotations
 
-import difflib
 import functools
-import math
-import re
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -30,6 +28,7 @@ from imm.core import mapping, objective, parameterization, sampling, schedules
 from imm.core.sampling import TWO_STEP_ETA
 from imm.core.util import ArgumentError
 from imm.evaluation.metrics import KNN_K, MIN_POINTS
+from imm.ranges import ConfigError, allowed_values, check_values, ranged
 
 # Keys that may differ when a run is resumed (longer training, other logging, another machine): the
 # resume check (training/loop.py) lets them change, and they do not enter a run directory's experiment
@@ -70,90 +69,10 @@ def _run_dir(base, name, overrides, fresh):
 OmegaConf.register_new_resolver("imm.run_dir", _run_dir, use_cache=True, replace=True)
 
 
-class ConfigError(ValueError):
-    """A configuration a user can fix; its message is one sentence."""
-
-
-# -- ranges: the values each number may take, written once beside its default ------------------------
-RANGE = "imm.range"  # the dataclass-field metadata key that holds a field's Range
-_INTERVAL = re.compile(
-    r"^(?:(?P<op>>=|>) *(?P<min>\S+)|(?P<left>[\[(]) *(?P<lo>[^,]+), *(?P<hi>[^\])]+)(?P<right>[\])]))$"
-)
-
-
-@dataclass(frozen=True)
-class Range:
-    """The values a number field (or each item of a list field) may take, in the notation `--help` prints:
-    `> 0`, `>= 1`, an interval `[0, 1)`, a set `{1, 2}`, or `any` (any finite number). `note` says what a
-    special value means (`0: none`); a list field also has `min_items` or an exact `length`. Null passes
-    where the field is Optional. `check_values` checks every field's Range; `describe` is what --help shows."""
-
-    text: str
-    note: str = ""
-    items: bool = False  # a list field: the range is each item's
-    min_items: int = 0
-    length: Optional[int] = None
-
-    def __post_init__(self):
-        self.allows(0)  # a typo in the notation fails at import, not when a value is checked
-
-    def allows(self, x) -> bool:
-        if not math.isfinite(x):
-            return False
-        if self.text == "any":
-            return True
-        if self.text.startswith("{"):
-            return x in {float(v) for v in self.text.strip("{}").split(",")}
-        m = _INTERVAL.match(self.text)
-        if m is None:
-            raise ValueError(f"unreadable range {self.text!r}")
-        if m["op"]:
-            return x >= float(m["min"]) if m["op"] == ">=" else x > float(m["min"])
-        lo, hi = float(m["lo"]), float(m["hi"])
-        return (x >= lo if m["left"] == "[" else x > lo) and (x <= hi if m["right"] == "]" else x < hi)
-
-    def describe(self) -> str:
-        """What a value must be: `>= 1`, `in [0, 1)`, `in {1, 2}`, `a finite number`, `a list of exactly 2 values,
-        each in [0, 1)`, with the note in parentheses."""
-        text = "a finite number" if self.text == "any" else self.text
-        text = f"in {text}" if text[0] in "[({" else text
-        if self.items:
-            n = self.length if self.length is not None else self.min_items
-            count = f"{'exactly' if self.length is not None else 'at least'} {n} value{'s' * (n != 1)}, " if n else ""
-            text = f"a list of {count or 'values, '}each {text}"
-        return f"{text} ({self.note})" if self.note else text
-
-    def check(self, key: str, value) -> None:
-        """Raise ConfigError (one sentence naming the key, the value and the range) unless value fits."""
-        if value is None:
-            return
-        if not OmegaConf.is_list(value) and not isinstance(value, (list, tuple)):
-            if not self.allows(value):
-                raise ConfigError(f"{key}={value} is out of range; {key} must be {self.describe()}.")
-            return
-        items = list(value)
-        n = len(items)
-        if n < self.min_items or (self.length is not None and n != self.length):
-            raise ConfigError(f"{key}={items} holds {n} value{'s' * (n != 1)}; {key} must be {self.describe()}.")
-        if bad := [x for x in items if not self.allows(x)]:
-            raise ConfigError(f"{key}={items} holds {bad[0]}, which is out of range; {key} must be {self.describe()}.")
-
-
 # Notes of fields whose range another rule owns (only finiteness is checked here).
 CORE = "imm.core checks the rest"
 GRID_RULES = "the time-grid rules check the rest"
 KNN_NOTE = f"the k-NN metrics compare each point with its k = {KNN_K} nearest"
-
-
-def ranged(
-    default=MISSING, text: str = "any", note: str = "", *, factory=None, items=None, min_items: int = 0, length=None
-):
-    """A schema field with its Range: `k: int = ranged(12, "[1, 24]")`; a list: `ranged(factory=..., ...)` (or
-    items=True for an Optional list whose default is None)."""
-    meta = {RANGE: Range(text, note, factory is not None if items is None else items, min_items, length)}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
@@ -364,7 +283,7 @@ def register() -> None:
     # ${imm.max:1,${.gpus_per_node}}: one task per GPU, at least one (launcher presets)
     OmegaConf.register_new_resolver("imm.max", lambda *values: max(values), replace=True)
     # ${imm.allowed:} in hydra.help.footer: `--help` ends with each key's range (allowed_values)
-    OmegaConf.register_new_resolver("imm.allowed", lambda *, _root_: allowed_values(_root_), replace=True)
+    OmegaConf.register_new_resolver("imm.allowed", lambda *, _root_: allowed_values(_root_, _choices()), replace=True)
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     # outside the arch group, so `--help` lists only real options; conf/arch/*.yaml: `- /arch_dit@_here_`
@@ -446,58 +365,6 @@ def from_core(e: ArgumentError) -> ConfigError:
     if e.allowed is not None:
         return not_allowed(ARG_KEYS.get(e.arg, e.arg), e.value, e.allowed)
     return ConfigError(e.render(ARG_KEYS) + ".")
-
-
-def _typed_nodes(cfg, prefix: str = ""):
-    """(prefix, node, {field name: field}) for `cfg` and each node below it typed by a schema dataclass."""
-    schema = OmegaConf.get_type(cfg)
-    if not is_dataclass(schema):
-        return
-    known = {f.name: f for f in fields(schema)}
-    yield prefix, cfg, known
-    for name in known:
-        if not OmegaConf.is_missing(cfg, name) and OmegaConf.is_dict(cfg[name]):
-            yield from _typed_nodes(cfg[name], f"{prefix}{name}.")
-
-
-def check_values(cfg) -> None:
-    """Every key of `cfg` is one its schema has and every number is in its Range, else ConfigError: the
-    training config, `sample`'s and `evaluate`'s alike."""
-    for prefix, node, known in _typed_nodes(cfg):
-        for key in node:
-            if key not in known:
-                raise _unknown_key(prefix, key, node[key], known)
-        for name, f in known.items():
-            if RANGE in f.metadata and not OmegaConf.is_missing(node, name):
-                f.metadata[RANGE].check(prefix + name, node[name])
-
-
-def allowed_values(cfg) -> str:
-    """What each key of `cfg` may be (its Range, or its option list), one key a line: `--help`'s last part."""
-    rows = []
-    for prefix, node, known in _typed_nodes(cfg):
-        for name, f in known.items():
-            key = prefix + name
-            if RANGE in f.metadata:
-                rows.append((key, f.metadata[RANGE].describe()))
-            elif key in _choices():
-                rows.append((key, "one of " + ", ".join(map(str, _choices()[key]))))
-    width = max(len(key) for key, _ in rows)
-    lines = [f"  {key:<{width}}  {what}" for key, what in rows]
-    return "\n".join(
-        ["== Allowed values ==", "A value outside these stops the command before any work (exit status 2).", ""] + lines
-    )
-
-
-def _unknown_key(prefix: str, key: str, value, known) -> ConfigError:
-    """`+loss.kk=3` (a key added to a schema node): name the nearest real key."""
-    value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-    near = [prefix + k for k in difflib.get_close_matches(key, known, n=1)]
-    node = prefix.rstrip(".") or "the config"
-    fix = f"the nearest is {near[0]}: use {near[0]}={value}." if near else f"its keys are {', '.join(known)}."
-    return ConfigError(
-        f"{prefix}{key}={value} is not a key of {node} (a + override adds keys the schema does not have); {fix}"
-    )
 
 
 def check_point_samples(key: str, n: int) -> None:

@@ -1,6 +1,6 @@
 """Bad input, as a new user types it, gets one sentence before any work (issue 15), in five kinds:
 
-1. nonsense values that used to be accepted (every number has its range: imm.config.Range),
+1. nonsense values that used to be accepted (every number has its range: imm.ranges.Range),
 2. things a user causes that used to end in a traceback (tracking URIs and stores, directories, Ctrl-C),
 3. failures that used to come late (after an MLflow run existed, or at the first save),
 4. misleading messages (what a file really is),

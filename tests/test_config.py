@@ -157,7 +157,7 @@ def test_lr_schedule():
     assert factory.lr_at(const, 57) == 0.5
 
 
-# -- ranges: every number's range is written once, beside its default (imm.config.Range) ----------------
+# -- ranges: every number's range is written once, beside its default (imm.ranges.Range) ----------------
 def _schemas():
     """Every schema dataclass: the training config's nodes, the architectures', sample's and evaluate's."""
     from dataclasses import fields, is_dataclass
@@ -178,7 +178,7 @@ def test_every_number_of_every_schema_has_its_range():
     """int, float and lists of them, Optional or not: none without a Range (a new knob must say its range)."""
     from dataclasses import fields
 
-    from imm.config import RANGE
+    from imm.ranges import RANGE
 
     numbers = {"int", "float", "List[int]", "List[float]"}
     unranged = []
@@ -203,7 +203,7 @@ def test_every_number_of_every_schema_has_its_range():
     ],
 )
 def test_range_notation_reference_values(text, inside, outside):
-    from imm.config import Range
+    from imm.ranges import Range
 
     r = Range(text)
     assert all(r.allows(x) for x in inside) and not any(r.allows(x) for x in outside)
@@ -225,7 +225,7 @@ def _outside(r, integer: bool):
 
 def _ranged_keys(*overrides):
     """(key, its Range, whether it is an integer) for every ranged key of the config these overrides compose."""
-    from imm.config import RANGE, _typed_nodes
+    from imm.ranges import RANGE, _typed_nodes
 
     return [
         (prefix + f.name, f.metadata[RANGE], "int" in str(f.type))

@@ -15,8 +15,9 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING
 
-from imm.config import GRID_RULES, EvalOptions, SamplingOptions, ranged
+from imm.config import GRID_RULES, EvalOptions, SamplingOptions
 from imm.evaluation.metrics import MIN_POINTS
+from imm.ranges import ranged
 
 
 @dataclass

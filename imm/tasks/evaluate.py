@@ -24,10 +24,11 @@ import time
 
 from omegaconf import OmegaConf
 
-from imm.config import ConfigError, check_point_samples, check_values
+from imm.config import ConfigError, check_point_samples
 from imm.core.sampling import GRIDS, SAMPLERS
 from imm.evaluation import figures
 from imm.evaluation.evaluate import FEATURE_NETS, Evaluator
+from imm.ranges import check_values
 from imm.report import render
 from imm.tasks.common import (
     WEIGHTS,

@@ -27,11 +27,12 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from imm.config import ConfigError, check_values
+from imm.config import ConfigError
 from imm.core.sampling import GRIDS, SAMPLERS, grid_spec
 from imm.evaluation import figures
 from imm.evaluation.evaluate import Evaluator, guidance_tag
 from imm.evaluation.metrics import MIN_POINTS
+from imm.ranges import check_values
 from imm.tasks.common import (
     WEIGHTS,
     ResultsRun,
