@@ -22,7 +22,7 @@ from omegaconf import OmegaConf, open_dict
 
 from imm import factory
 from imm.config import ConfigError, validate
-from imm.tracking.mlflow_run import check_reachable
+from imm.tracking.mlflow_run import check_store
 from imm.training import checkpoint, distributed, rundir
 
 SUBMITIT = "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
@@ -76,7 +76,7 @@ def run(cfg, hc) -> dict:
     try:
         uri = tracking_uri(cfg, hc.runtime.cwd)
         if cfg.tracking.enabled:
-            check_reachable(uri)
+            check_store(uri)
         found = check(cfg, world_size=env.world_size, device=factory.device(cfg.train.device), run_dir=run_dir)
     finally:
         _remove_if_empty(run_dir, Path(hc.runtime.cwd))
@@ -122,7 +122,7 @@ def sweep(hydra_context, config, launcher, jobs, *, keys=None) -> list:
     failed, passed = 0, 0
     try:
         if config.tracking.enabled:
-            check_reachable(tracking_uri(config, config.hydra.runtime.cwd))
+            check_store(tracking_uri(config, config.hydra.runtime.cwd))
     except USER_ERRORS as e:
         print(f"tracking: {e}", flush=True)
         failed += 1

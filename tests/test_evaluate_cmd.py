@@ -86,7 +86,7 @@ def test_point_energy_is_the_mean_over_draws_and_the_first_draw_is_unchanged(toy
 def test_point_evaluation_refuses_guidance_and_zero_draws(toy, tmp_path):
     with pytest.raises(ConfigError, match="needs a class-conditional model"):
         evaluate(toy, tmp_path, "eval.guidance=[1.0,1.5]")
-    with pytest.raises(ConfigError, match=r"eval.draws=0 must be a positive integer\.$"):
+    with pytest.raises(ConfigError, match=r"^eval.draws=0 is out of range; eval.draws must be >= 1\.$"):
         evaluate(toy, tmp_path, "eval.draws=0")
 
 

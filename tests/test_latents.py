@@ -117,7 +117,7 @@ def test_encode_refuses_bad_options_before_any_work(world, tmp_path):
     _, vae, src, _, _ = world
     cases = {
         ("dtype=float64",): "dtype='float64' is not allowed; choose one of float32, float16.",
-        ("batch_size=0",): "batch_size=0 must be a positive integer.",
+        ("batch_size=0",): "batch_size=0 is out of range; batch_size must be >= 1.",
         ("data=checkerboard",): "data='checkerboard' is not allowed; choose one of digits, mnist, cifar10, folder.",
         ("data.resolution=34",): "data.resolution=34 must be divisible by the VAE's downsampling factor 4",
     }

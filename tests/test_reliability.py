@@ -230,7 +230,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_last_good_checkpoint(tmp_path
     assert len(partial) == 1 and partial[0].startswith(".tmp-") and partial[0].endswith(".part"), names
     partial_file = checkpoint.ckpt_dir(run_dir) / partial[0]
     assert partial_file.stat().st_size > 0  # the fault really wrote part of the step-200 checkpoint
-    with pytest.raises(checkpoint.CheckpointError, match="corrupt or not a checkpoint"):
+    with pytest.raises(checkpoint.CheckpointError, match="it is a damaged or truncated PyTorch file"):
         checkpoint.load(partial_file)
     good = checkpoint.ckpt_dir(run_dir) / "step-00000100.pt"
     assert checkpoint.resolve(None, run_dir) == good
@@ -513,7 +513,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
         f"refusing to load {evil}: it is not a plain-tensor checkpoint and unpickling it could"
         " run code (torch.load with weights_only=True: "
     ), msg
-    assert "posix.system" in msg and msg.endswith("only resume from checkpoints this project wrote."), msg
+    assert "posix.system" in msg and msg.endswith("load only checkpoints this project wrote."), msg
     assert not marker.exists()
     assert mlflow_runs(tmp_path) == [] and checkpoint_names(run_dir) == []
 

@@ -18,6 +18,10 @@ import torch
 
 # Pairwise-distance blocks hold at most this many entries (32 MB in float64).
 _BLOCK_ELEMENTS = 1 << 22
+# The k of the k-NN precision/recall, and so the fewest points a set may hold (a point's k-th nearest
+# neighbour among the others): the held-out data and the samples of every point-data evaluation.
+KNN_K = 5
+MIN_POINTS = KNN_K + 1
 
 ArrayLike = np.ndarray | torch.Tensor
 
@@ -156,7 +160,7 @@ def _fraction_covered(queries: torch.Tensor, centers: torch.Tensor, radii: torch
 
 
 @torch.no_grad()
-def knn_precision_recall(real: ArrayLike, fake: ArrayLike, k: int = 5) -> tuple[float, float]:
+def knn_precision_recall(real: ArrayLike, fake: ArrayLike, k: int = KNN_K) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al., 2019).
 
     Each set's support is estimated as the union of balls reaching each sample's k-th
@@ -174,7 +178,7 @@ def knn_precision_recall(real: ArrayLike, fake: ArrayLike, k: int = 5) -> tuple[
 def point_metrics(
     samples: ArrayLike,
     heldout: ArrayLike,
-    k: int = 5,
+    k: int = KNN_K,
     n_projections: int = 256,
     seed: int = 0,
 ) -> dict[str, float]:
@@ -195,7 +199,7 @@ def point_metrics(
 def noise_floor(
     data_a: ArrayLike,
     data_b: ArrayLike,
-    k: int = 5,
+    k: int = KNN_K,
     n_projections: int = 256,
     seed: int = 0,
 ) -> dict[str, float]:

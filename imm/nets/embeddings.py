@@ -23,8 +23,7 @@ def sinusoidal_embedding(
     style) the last frequency stops one step short of 1/max_period; endpoint=True (EDM's
     PositionalEmbedding, used by DDPM++) reaches it exactly.
     """
-    if dim % 2:
-        raise ValueError(f"The sinusoidal embedding size must be even, got {dim}.")
+    _check_even(dim)
     half = dim // 2
     # float32 regardless of the input: the sampler may hand us float64 times, and under autocast
     # the sines of ~1000-valued arguments must not be taken in bf16/fp16.
@@ -33,6 +32,11 @@ def sinusoidal_embedding(
     freqs = torch.exp(-math.log(max_period) * steps)
     args = x.to(torch.float32)[:, None] * freqs[None, :]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def _check_even(dim: int) -> None:
+    if dim % 2:
+        raise ValueError(f"The sinusoidal embedding size must be even, got {dim}.")
 
 
 class TimeEmbedder(nn.Module):
@@ -50,6 +54,7 @@ class TimeEmbedder(nn.Module):
         endpoint: bool = False,
     ):
         super().__init__()
+        _check_even(freq_dim)  # when the network is built (before a run starts), not at its first forward
         self.freq_dim = freq_dim
         self.max_period = max_period
         self.endpoint = endpoint

@@ -17,7 +17,7 @@ from imm import factory
 from imm.config import POINT_DATA, ConfigError, loss_T, not_allowed
 from imm.data import DataBundle
 from imm.evaluation.evaluate import LABEL_MODES, time_grids
-from imm.tracking.mlflow_run import Tracker, TrackingError, check_reachable, default_uri, flatten
+from imm.tracking.mlflow_run import Tracker, TrackingError, check_store, default_uri, flatten
 from imm.training import checkpoint
 from imm.training.checkpoint import CheckpointError
 
@@ -185,7 +185,7 @@ class ResultsRun:
             return
         trained_uri = restored.cfg.tracking.get("uri", None)
         self.uri = self.cfg.uri or trained_uri or default_uri(launch_dir)
-        check_reachable(self.uri)
+        check_store(self.uri)
         self.new = self.cfg.new_run or not restored.run_id
         if not self.new:
             self._check_run_exists()
@@ -204,9 +204,14 @@ class ResultsRun:
         from mlflow.tracking import MlflowClient
 
         try:
-            MlflowClient(tracking_uri=uri).get_run(run_id)
+            run = MlflowClient(tracking_uri=uri).get_run(run_id)
         except MlflowException:
             raise TrackingError(f"the checkpoint's MLflow run {run_id} is not in {uri}; {hint}") from None
+        if run.info.lifecycle_stage == "deleted":
+            raise TrackingError(
+                f"the checkpoint's MLflow run {run_id} was deleted in {uri}; restore it (mlflow runs restore --run-id"
+                f" {run_id}) or set tracking.new_run=true to log into a new run."
+            )
 
     def open(self, params: dict) -> Tracker:
         """The tracker to log into (created only now, after the work succeeded)."""

@@ -26,6 +26,7 @@ from imm import factory
 from imm.config import IMAGE_DATA, ConfigError, not_allowed
 from imm.data import latents as latents_mod
 from imm.data import vae as vae_mod
+from imm.ranges import check_values
 from imm.tasks.common import check_choices
 
 log = logging.getLogger("imm.encode")
@@ -35,6 +36,7 @@ SAME_ENCODE = ("vae_sha256", "resolution", "latent_shape", "dtype", "hflip", "sh
 
 
 def _validate(cfg) -> None:
+    check_values(cfg)
     if OmegaConf.is_missing(cfg, "out") or not str(cfg.out).strip():
         raise ConfigError("out is missing; set out=/path/to/latents (the folder data=latents reads as data.root).")
     if Path(cfg.out).expanduser().exists() and not Path(cfg.out).expanduser().is_dir():
@@ -42,9 +44,6 @@ def _validate(cfg) -> None:
     check_choices([("dtype", cfg.dtype, DTYPES)])
     if cfg.data.name not in IMAGE_DATA or cfg.data.name == "latents":
         raise not_allowed("data", cfg.data.name, [n for n in IMAGE_DATA if n != "latents"])
-    for key in ("batch_size", "shard_size"):
-        if cfg[key] < 1:
-            raise ConfigError(f"{key}={cfg[key]} must be a positive integer.")
 
 
 class _Images(torch.utils.data.Dataset):

@@ -32,6 +32,8 @@ from imm.config import ConfigError
 from imm.core.sampling import GRIDS, SAMPLERS, grid_spec, nfe
 from imm.evaluation import figures
 from imm.evaluation.evaluate import Evaluator, guidance_tag, nfe_metric
+from imm.evaluation.metrics import MIN_POINTS
+from imm.ranges import check_values
 from imm.tasks.common import (
     WEIGHTS,
     ResultsRun,
@@ -53,14 +55,8 @@ GRID_PNG_MAX = 256  # samples.png shows at most this many images (all are in sam
 def _validate(cfg) -> None:
     if OmegaConf.is_missing(cfg, "ckpt"):
         require_ckpt(None)
+    check_values(cfg)
     check_choices([("weights", cfg.weights, WEIGHTS), ("sampler", cfg.sampler, SAMPLERS), ("grid", cfg.grid, GRIDS)])
-    for key in ("steps", "batch_size"):
-        if cfg[key] < 1:
-            raise ConfigError(f"{key}={cfg[key]} must be a positive integer.")
-    if cfg.n is not None and cfg.n < 1:
-        raise ConfigError(f"n={cfg.n} must be a positive integer.")
-    if any(n < 1 for n in cfg.compare_steps):
-        raise ConfigError(f"compare_steps={list(cfg.compare_steps)} must hold positive integers.")
     if cfg.etas is not None and len(cfg.etas) != cfg.steps - 1:
         raise ConfigError(
             f"etas={list(cfg.etas)} must hold steps - 1 = {cfg.steps - 1} eta points for steps={cfg.steps}."
@@ -160,7 +156,7 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         by_steps, text = {}, {}
         for n_steps in compare:
             by_steps[n_steps] = x[:k] if n_steps == N else ev.samples(restored.net, n_steps, n=k)
-            if restored.kind == "points" and k > 5:  # k-NN recall needs more than k = 5 points
+            if restored.kind == "points" and k >= MIN_POINTS:  # the k-NN recall needs that many
                 text[n_steps] = ev.point_results(by_steps[n_steps], n_steps)[1]
         fig = ev.figures(by_steps, text or None)["figures/steps.png"]
         figures.save_png(fig, out / "steps.png")

@@ -61,10 +61,9 @@ class JobWatcher:
             if job.name not in self.started and _newer(log_file, self.since):
                 self.started.add(job.name)
                 log.info("job %s %s: started; log %s", job.name, self._values(job), log_file)
-            status = rundir.read_status(job)
-            if job.name not in self.ended and status.get("time", 0) >= self.since:
+            if job.name not in self.ended and (ended := rundir.outcome(rundir.read_status(job), self.since)):
                 self.ended.add(job.name)
-                log.info("job %s %s: %s; log %s", job.name, self._values(job), rundir.describe(status), log_file)
+                log.info("job %s %s: %s; log %s", job.name, self._values(job), ended, log_file)
 
     def _values(self, job: Path) -> str:
         """The job's values of the swept keys, from the overrides Hydra saved in its directory."""

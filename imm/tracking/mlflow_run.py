@@ -1,5 +1,10 @@
 """One MLflow run per training run, through the explicit MlflowClient (no global active-run state).
 
+A tracking URI that cannot work is found before any data is loaded (check_store: an HTTP server that
+does not answer, a folder, a SQLite file that is no database or cannot be written, a missing database
+driver); a store that fails when the run is created, or an experiment or run deleted in the UI, is
+Tracker.open's TrackingError. Either is one sentence and exit status 2, and no run is left behind.
+
 The run ends FINISHED, KILLED (signal) or FAILED (exception), never left RUNNING: the training
 loop ends it, and a process that exits without ending it (an exception before the loop's own
 try/finally) ends it FAILED at exit. Only SIGKILL leaves it RUNNING, until a relaunch resumes it.
@@ -24,6 +29,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 PARAM_LIMIT = 6000  # MLflow's max param value length
+log = logging.getLogger("imm.tracking")
 
 
 class TrackingError(RuntimeError):
@@ -83,12 +89,70 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         return
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, ValueError) as e:  # ValueError: a malformed host (http://[::1)
         raise TrackingError(
             f"the MLflow tracking server at {uri} is not reachable ({e}); start it, fix"
             " tracking.uri, or set tracking.fallback_local=true to log to a local SQLite"
             " store."
         ) from None
+
+
+def check_store(uri: str) -> None:
+    """Fail fast on a tracking URI that cannot work, before any data is loaded and without creating a store: an
+    HTTP server that does not answer, a folder (MLflow's file store, which MLflow 3 refuses), a SQLite URI
+    whose file is no database or whose folder cannot be written, a database whose driver is not installed.
+    A store that fails later, when the run is created, is Tracker.open's TrackingError."""
+    scheme = uri.partition("://")[0] if "://" in uri else ("databricks" if uri == "databricks" else "")
+    if scheme in ("http", "https"):
+        check_reachable(uri)
+    elif scheme in ("", "file"):
+        raise TrackingError(
+            f"tracking.uri={uri} is a folder (MLflow's file store), which MLflow no longer writes runs to; use a"
+            " SQLite file, tracking.uri=sqlite:////absolute/path/mlflow.db, or a server, tracking.uri=http://host:port."
+        )
+    elif scheme == "sqlite":
+        _check_sqlite(uri)
+    else:  # another database or a hosted service: its client must load (the driver) and answer
+        try:
+            client_for(uri).search_experiments(max_results=1)
+        except Exception as e:  # noqa: BLE001  a missing driver, a refused connection, bad credentials, ...
+            raise unusable(uri, e) from None
+
+
+def _check_sqlite(uri: str) -> None:
+    from imm.training.rundir import unwritable
+
+    if not uri.startswith("sqlite:///") or uri == "sqlite:///":
+        raise TrackingError(
+            f"tracking.uri={uri} names no SQLite file; write sqlite:/// and the file's path"
+            " (sqlite:////absolute/path/mlflow.db or sqlite:///relative/path/mlflow.db)."
+        )
+    db = Path(uri[len("sqlite:///") :])
+    try:
+        head = db.read_bytes()[:16] if db.is_file() else b""
+    except OSError as e:
+        raise TrackingError(f"the MLflow store {db} (tracking.uri={uri}) cannot be read ({e.strerror}).") from None
+    if db.is_dir() or head not in (b"", b"SQLite format 3\x00"):
+        what = "a folder" if db.is_dir() else "not a SQLite database"
+        raise TrackingError(
+            f"the MLflow store {db} (tracking.uri={uri}) is {what}; move it away or point tracking.uri at another file."
+        )
+    if why := unwritable(db.parent):
+        raise TrackingError(
+            f"the MLflow store {db} (tracking.uri={uri}) cannot be written: {why}; launch from a folder you can"
+            " write or set tracking.uri=sqlite:////writable/path/mlflow.db."
+        )
+
+
+def unusable(uri: str, e: Exception) -> TrackingError:
+    """The one sentence for a store that fails in MLflow, SQLAlchemy or the OS (whatever they raise)."""
+    return TrackingError(f"the MLflow tracking store {uri} cannot be used ({error_line(e)}).")
+
+
+def error_line(e: BaseException) -> str:
+    """An exception as `Type: its first line`, for a one-sentence error."""
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {first.rstrip('.')}" if first else type(e).__name__
 
 
 def flatten(cfg) -> dict[str, str]:
@@ -168,17 +232,34 @@ class Tracker:
         run_id: str | None = None,
         end_at_exit: bool = True,
     ) -> "Tracker":
-        """Create a run (logging params once) or, with run_id, reopen that run as RUNNING. end_at_exit=False: the
-        caller ends it (a sweep's parent run, which the last of its sweeper processes ends)."""
-        client = client_for(uri)
-        if run_id is not None:
-            client.update_run(run_id, status="RUNNING")
-            tracker = cls(client, run_id, end_at_exit=end_at_exit)
-            tracker.set_tags(tags)
-            return tracker
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else _create_experiment(client, experiment, uri)
-        run = client.create_run(exp_id, run_name=run_name, tags=tags)
+        """Create a run (logging params once) or, with run_id, reopen that run as RUNNING. A store that fails,
+        or an experiment or run deleted in the UI, is TrackingError (one sentence), before any run exists.
+        end_at_exit=False: the caller ends it (a sweep's parent run, which the last of its sweeper processes ends)."""
+        try:
+            client = client_for(uri)
+            exp = client.get_experiment_by_name(experiment)
+            if exp is not None and exp.lifecycle_stage == "deleted":
+                raise TrackingError(
+                    f"the MLflow experiment {experiment!r} in {uri} was deleted (it is in the store's trash); restore"
+                    f" it (mlflow experiments restore --experiment-id {exp.experiment_id}) or set another"
+                    " tracking.experiment."
+                )
+            if run_id is not None and (found := _run_or_none(client, run_id, uri)) is not None:
+                if found.info.lifecycle_stage == "deleted":
+                    raise TrackingError(
+                        f"the MLflow run {run_id} this run logs to was deleted in {uri}; restore it (mlflow runs"
+                        f" restore --run-id {run_id}) or start a new run of this experiment with fresh=true."
+                    )
+                client.update_run(run_id, status="RUNNING")
+                tracker = cls(client, run_id, end_at_exit=end_at_exit)
+                tracker.set_tags(tags)
+                return tracker
+            exp_id = exp.experiment_id if exp else _create_experiment(client, experiment, uri)
+            run = client.create_run(exp_id, run_name=run_name, tags=tags)
+        except TrackingError:
+            raise
+        except Exception as e:  # noqa: BLE001  MLflow's, SQLAlchemy's and the OS's errors of a store
+            raise unusable(uri, e) from None
         tracker = cls(client, run.info.run_id, end_at_exit=end_at_exit)
         tracker.log_params(params)
         return tracker
@@ -283,6 +364,18 @@ class Tracker:
             pass
 
 
+def _run_or_none(client, run_id: str, uri: str):
+    """The run run_id, or None (with a warning: a new run is created) when this store does not hold it, as when
+    tracking.uri changed since the run directory's last attempt."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        log.warning("MLflow run %s is not in %s; logging to a new run there", run_id, uri)
+        return None
+
+
 def _create_experiment(client, name: str, uri: str) -> str:
     from mlflow.exceptions import MlflowException
 
@@ -295,5 +388,8 @@ def _create_experiment(client, name: str, uri: str) -> str:
 
 def ensure_store(uri: str) -> None:
     """Create or migrate the store once (sweeps call this before any job starts)."""
-    check_reachable(uri)
-    client_for(uri).search_experiments(max_results=1)
+    check_store(uri)
+    try:
+        client_for(uri).search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001  as in Tracker.open
+        raise unusable(uri, e) from None

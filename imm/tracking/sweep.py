@@ -22,6 +22,7 @@ from omegaconf import DictConfig, open_dict, read_write
 
 from imm.tracking.jobs import JobWatcher, SweepProcesses, sweep_lock
 from imm.tracking.mlflow_run import default_uri, ensure_store, note_tag, source_tags
+from imm.training.rundir import check_writable, describe, failed_since, outcome, read_status
 
 log = logging.getLogger("imm.sweep")
 SWEEP_FILE = "sweep.json"
@@ -44,10 +45,51 @@ def swept_keys(config: DictConfig) -> list[str]:
     return keys
 
 
+def sweep_jobs(config: DictConfig) -> list[list[str]]:
+    """Each job's overrides, in job-number order, as Hydra's basic sweeper (and our grid sweeper, its subclass)
+    expands the sweep ([] for another sweeper, which chooses its jobs as it goes)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.utils import get_class
+
+    if not issubclass(get_class(config.hydra.sweeper._target_), BasicSweeper):
+        return []
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    overrides = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
+    return BasicSweeper.split_arguments(overrides, None)[0]
+
+
+def invalid_jobs(config: DictConfig, config_name: str | None, jobs) -> list[tuple[int, str, str]]:
+    """(job number, its swept values, the sentence) for each of `jobs` whose config, composed as the job's will
+    be, validate() refuses."""
+    from hydra import compose
+
+    from imm.cli import swept_run_name  # imm.cli imports this module
+    from imm.config import ConfigError, validate
+
+    launcher = config.hydra.launcher
+    world_size = (launcher.get("tasks_per_node") or 1) * (launcher.get("nodes") or 1)
+    keys, invalid = swept_keys(config), []
+    for num, job in enumerate(jobs):
+        try:
+            cfg = compose(config_name=config_name, overrides=job)
+        except Exception:  # noqa: BLE001  a job that does not compose: Hydra's sweeper says so before any job runs
+            continue
+        try:
+            validate(cfg, world_size)
+        except ConfigError as e:
+            invalid.append((num, swept_run_name(job, keys), str(e)))
+    return invalid
+
+
 class MLflowSweepCallback(Callback):
-    """Hydra callback: on_multirun_start opens the parent run (or, when the same sweep command runs
-    again, reopens the one its sweep.json names); on_multirun_end closes it and says, in one line per
-    job, what each job did (started, resumed, rerun, skipped) and how it ended."""
+    """Hydra callback: on_multirun_start checks every job's config (an invalid job is said at once; a sweep of
+    only invalid jobs stops there) and opens the parent run (or, when the same sweep command runs again,
+    reopens the one its sweep.json names); while the jobs run, a line per job as it starts and ends
+    (imm.tracking.jobs.JobWatcher); on_multirun_end closes the parent, FAILED with the tag sweep.failed_jobs
+    when a job failed, and says in one line per job not reported yet what it did (started, resumed, rerun,
+    skipped) and how it ended (a failed job: its sentence). A failed job does not stop the others (imm.cli
+    records its error instead of exiting); the sweep then exits with its exit status (2 for a user error)."""
 
     def __init__(self):
         self.client, self.run_id, self.sweep_dir, self.started = None, None, None, 0.0
@@ -59,7 +101,23 @@ class MLflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if config.dry_run:  # the sweeper checks the jobs and launches none (imm/dry_run.py)
             return
+        from imm.cli import exit_on_user_error  # imm.cli imports this module
+
         self.sweep_dir, self.started = Path(config.hydra.sweep.dir), time.time()
+        with exit_on_user_error():
+            self._start(config, kwargs.get("config_name"))
+
+    def _start(self, config: DictConfig, config_name: str | None) -> None:
+        from imm.config import ConfigError
+
+        jobs = sweep_jobs(config)
+        invalid = invalid_jobs(config, config_name, jobs)
+        for num, name, why in invalid:
+            log.warning("job %d %s will fail: %s", num, name, why)
+        if invalid and len(invalid) == len(jobs):
+            raise ConfigError(f"all {len(jobs)} jobs of this sweep are invalid (each said above); none was started.")
+        check_writable(self.sweep_dir)
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)  # sweep.json goes there before any job starts
         keys = swept_keys(config)
         self.watcher = JobWatcher(self.sweep_dir, self.started, keys).start()  # a line per job as it starts and ends
         atexit.register(self._report)
@@ -107,15 +165,19 @@ class MLflowSweepCallback(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if self.watcher is not None:
             self.watcher.stop()  # the last jobs' lines before the sweep's own
-        if self.client is None:
-            return
-        statuses = [r.info.status for r in self._children()]
-        self.client.set_tag(self.run_id, "sweep.children", str(len(statuses)))
-        failed = sum(s != "FINISHED" for s in statuses)
-        if self._end("FAILED" if failed else "FINISHED"):
-            log.info("sweep finished: %d child runs, %d not FINISHED", len(statuses), failed)
-        else:
-            log.info("this sweeper process is done; another one of this sweep still runs and ends the parent run")
+        jobs = self._jobs()
+        failed = [(num, status) for num, status in jobs if not _finished(status, self.started)]
+        if self.client is not None:
+            statuses = [r.info.status for r in self._children()]
+            self.client.set_tag(self.run_id, "sweep.children", str(len(statuses)))
+            if failed:
+                names = ", ".join(f"{num} {status.get('name') or ''}".strip() for num, status in failed)
+                self.client.set_tag(self.run_id, "sweep.failed_jobs", names)
+            if not self._end("FAILED" if failed or any(s != "FINISHED" for s in statuses) else "FINISHED"):
+                log.info("this sweeper process is done; another one of this sweep still runs and ends the parent run")
+        log.info("sweep finished: %d jobs, %d failed", len(jobs), len(failed))
+        if failed:  # the sweep's exit status: 2 when a job failed on a user error, else 1
+            sys.exit(max((failed_since(status, self.started) or {}).get("exit_status", 1) for _, status in failed))
 
     def _children(self):
         return self.client.search_runs(
@@ -138,22 +200,28 @@ class MLflowSweepCallback(Callback):
                 self.client.set_terminated(self.run_id, status=status)
         return True
 
+    def _jobs(self) -> list[tuple[int, dict]]:
+        """(job number, its status.json) for each job directory of the sweep."""
+        found = self.sweep_dir.iterdir() if self.sweep_dir.is_dir() else ()
+        return sorted((int(p.name), read_status(p)) for p in found if p.name.isdigit() and p.is_dir())
+
     def _report(self) -> None:
         """One line per job directory the watcher did not see end: what its attempt in this launch did, or that
         it did not run."""
-        from imm.training.rundir import describe, read_status
-
-        self.watcher.stop()
-        found = self.sweep_dir.iterdir() if self.sweep_dir.is_dir() else ()
-        for job in sorted((p for p in found if p.name.isdigit() and p.is_dir()), key=lambda p: int(p.name)):
-            if job.name in self.watcher.ended:
+        if self.watcher is not None:
+            self.watcher.stop()
+        for num, status in self._jobs():
+            if self.watcher is not None and str(num) in self.watcher.ended:
                 continue
-            status = read_status(job)
-            if not status or status.get("time", 0) < self.started:
+            what = outcome(status, self.started, final=True)
+            if what is None:
                 what = "did not finish in this launch" + (f" (last: {describe(status)})" if status else "")
-            else:
-                what = describe(status)
-            log.info("job %s %s: %s", job.name, status.get("name") or "", what)
+            log.info("job %s %s: %s", num, status.get("name") or "", what)
+
+
+def _finished(status: dict, since: float) -> bool:
+    """The job's attempt in the launch that started at `since` FINISHED (or found its run FINISHED before)."""
+    return status.get("status") == "FINISHED" and status.get("time", 0) >= since and not failed_since(status, since)
 
 
 def _cap_parallel_jobs(config: DictConfig) -> None:
@@ -172,11 +240,11 @@ def _cap_parallel_jobs(config: DictConfig) -> None:
 
 
 def _exists(uri: str, run_id: str) -> bool:
-    """The parent run named in sweep.json is in this store (a sweep relaunched against another store: a new one)."""
+    """The parent run named in sweep.json is in this store and not deleted (a sweep relaunched against another
+    store, or whose parent was deleted in the UI: a new one)."""
     from imm.tracking.mlflow_run import client_for
 
     try:
-        client_for(uri).get_run(run_id)
+        return client_for(uri).get_run(run_id).info.lifecycle_stage != "deleted"
     except Exception:  # noqa: BLE001  mlflow raises MlflowException for a missing run
         return False
-    return True

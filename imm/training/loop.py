@@ -26,7 +26,7 @@ from imm.data import ResumableBatches
 from imm.data import digest as data_digest
 from imm.evaluation.evaluate import Evaluator
 from imm.evaluation.metrics import lower_is_better
-from imm.tracking.mlflow_run import Tracker, check_reachable, flatten, note_tag, source_tags
+from imm.tracking.mlflow_run import Tracker, check_store, flatten, note_tag, source_tags
 from imm.training import checkpoint, distributed, rundir
 from imm.training.progress import Progress, describe, log_file, summary_text
 from imm.training.signals import Interrupted, StopFlag, in_submitit_job
@@ -51,8 +51,11 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     n_threads, threads_from = torch_threads(cfg.train.threads, cfg.arch.name)
     torch.set_num_threads(n_threads)
     log.info("torch threads: %d (%s)", n_threads, threads_from)
+    if env.is_main:  # fails now, not at the first save (after train.ckpt_every steps)
+        written = [checkpoint.CKPT_DIR, "figures"] + [checkpoint.SNAPSHOT_DIR] * bool(cfg.train.snapshot_every)
+        rundir.check_writable(run_dir, *written)
     if env.is_main and cfg.tracking.enabled:
-        check_reachable(tracking_uri)  # a dead server costs seconds, not a queued job
+        check_store(tracking_uri)
     lock = rundir.RunLock.acquire(run_dir) if env.is_main else None  # a second process is refused
     last = rundir.read_status(run_dir)  # how the last attempt in this directory ended
     if rundir.finished(last, cfg.train.steps):
