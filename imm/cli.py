@@ -17,6 +17,7 @@ import logging
 import sys
 
 from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 
 from imm.config import ConfigError
 from imm.data import DataError
@@ -109,13 +110,14 @@ def run_name_and_tags(cfg, hc) -> tuple[str, dict[str, str], list[str]]:
     sweep job's tags (its parent run, job number) and the command that reproduces the run (a sweep job's: the
     job alone, as a single run)."""
     from_overrides = run_name_from_overrides(hc.overrides.task, hc.runtime.choices.get("experiment"))
+    run_name = OmegaConf.select(cfg, "tracking.run_name")  # encode's config has no tracking
     if hc.mode.name != "MULTIRUN":
-        return cfg.tracking.run_name or from_overrides, {}, sys.argv
+        return run_name or from_overrides, {}, sys.argv
     from imm.tracking.sweep import sweep_info
 
     info = sweep_info(hc.sweep.dir)
     keys = info.get("keys") or list(hc.sweeper.get("params") or {})
-    name = cfg.tracking.run_name or swept_run_name(hc.overrides.task, keys) or from_overrides
+    name = run_name or swept_run_name(hc.overrides.task, keys) or from_overrides
     return name, sweep_tags(hc, info), [(info.get("argv") or sys.argv)[0], *hc.overrides.task]
 
 

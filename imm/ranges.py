@@ -108,10 +108,11 @@ def _typed_nodes(cfg, prefix: str = ""):
 
 def check_values(cfg) -> None:
     """Every key of `cfg` is one its schema has and every number is in its Range, else ConfigError: the
-    training config, `sample`'s and `evaluate`'s alike."""
+    training config, `sample`'s and `evaluate`'s alike (Hydra's own `hydra` node, which a job's full config
+    carries, is not the schema's)."""
     for prefix, node, known in _typed_nodes(cfg):
         for key in node:
-            if key not in known:
+            if key not in known and not (prefix == "" and key == "hydra"):
                 raise _unknown_key(prefix, key, node[key], known)
         for name, f in known.items():
             if RANGE in f.metadata and not OmegaConf.is_missing(node, name):

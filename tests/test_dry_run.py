@@ -88,10 +88,13 @@ def test_a_dry_run_of_a_sweep_names_each_bad_job_and_exits_2(tmp_path):
     proc = launch(tmp_path, "-m", "loss.k=0,12", "loss.a=1,3", "debug=toy", "dry_run=true")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     jobs = [line for line in proc.stdout.splitlines() if line.startswith("job ")]
-    assert jobs[0] == "job 0 loss.k=0 loss.a=1: loss.k=0 is out of range; use 1 <= k <= 24 (the paper uses 12 to 15)."
     assert (
-        jobs[3]
-        == "job 3 loss.k=12 loss.a=3: loss.a=3.0 is not allowed; the time weight's exponent a is 1 or 2 (Eq. 13)."
+        jobs[0]
+        == "job 0 loss.k=0 loss.a=1: loss.k=0 is out of range; loss.k must be in [1, 24] (the paper uses 12 to 15)."
+    )
+    assert (
+        jobs[3] == "job 3 loss.k=12 loss.a=3: loss.a=3.0 is out of range; loss.a must be in {1, 2}"
+        " (the time weight's exponent, Eq. 13)."
     )
     assert jobs[2].startswith("job 2 loss.k=12 loss.a=1: ok;")
     assert "1 of 4 job(s) passed the checks." in proc.stdout

@@ -26,6 +26,11 @@ log = logging.getLogger("imm.sweep")
 JOB_LOG = "launch.log"  # Hydra's job log: <hydra.job.name>.log in the job directory
 
 
+def job_line(num, values: str, what: str, log_file) -> None:
+    """`job N <swept values>: <what>; log <path>` (what's closing full stop dropped before the log's path)."""
+    log.info("job %s %s: %s; log %s", num, values, what.removesuffix("."), log_file)
+
+
 class JobWatcher:
     """Prints `job N <swept values>: started; log <path>` and `job N ...: <how it ended>; log <path>`."""
 
@@ -60,10 +65,10 @@ class JobWatcher:
             log_file = job / JOB_LOG
             if job.name not in self.started and _newer(log_file, self.since):
                 self.started.add(job.name)
-                log.info("job %s %s: started; log %s", job.name, self._values(job), log_file)
+                job_line(job.name, self._values(job), "started", log_file)
             if job.name not in self.ended and (ended := rundir.outcome(rundir.read_status(job), self.since)):
                 self.ended.add(job.name)
-                log.info("job %s %s: %s; log %s", job.name, self._values(job), ended, log_file)
+                job_line(job.name, self._values(job), ended, log_file)
 
     def _values(self, job: Path) -> str:
         """The job's values of the swept keys, from the overrides Hydra saved in its directory."""

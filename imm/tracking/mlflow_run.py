@@ -350,6 +350,12 @@ class Tracker:
             return
         if self.monitor is not None:
             self.monitor.finish()
+            # MLflow's monitor drops the samples of its last, unfinished interval: log them (a run shorter than
+            # one interval has only these)
+            with contextlib.suppress(Exception):
+                if metrics := self.monitor.aggregate_metrics():
+                    self.monitor.publish_metrics(metrics)
+                    self.monitor.mlflow_logger.flush()
             self.monitor = None
         if log_file is not None and Path(log_file).is_file():
             self.log_artifact(log_file)

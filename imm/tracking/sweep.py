@@ -20,7 +20,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
-from imm.tracking.jobs import JobWatcher, SweepProcesses, sweep_lock
+from imm.tracking.jobs import JOB_LOG, JobWatcher, SweepProcesses, job_line, sweep_lock
 from imm.tracking.mlflow_run import default_uri, ensure_store, note_tag, source_tags
 from imm.training.rundir import check_writable, describe, failed_since, outcome, read_status
 
@@ -119,7 +119,8 @@ class MLflowSweepCallback(Callback):
         check_writable(self.sweep_dir)
         self.sweep_dir.mkdir(parents=True, exist_ok=True)  # sweep.json goes there before any job starts
         keys = swept_keys(config)
-        self.watcher = JobWatcher(self.sweep_dir, self.started, keys).start()  # a line per job as it starts and ends
+        if not _in_process(config):  # a line per job as it starts and ends (in-process jobs: Hydra's, and _report's)
+            self.watcher = JobWatcher(self.sweep_dir, self.started, keys).start()
         atexit.register(self._report)
         _cap_parallel_jobs(config)
         if not config.tracking.enabled:
@@ -166,7 +167,8 @@ class MLflowSweepCallback(Callback):
         if self.watcher is not None:
             self.watcher.stop()  # the last jobs' lines before the sweep's own
         jobs = self._jobs()
-        failed = [(num, status) for num, status in jobs if not _finished(status, self.started)]
+        running_elsewhere = self.processes is not None and self.processes.others_alive()  # a search's other sweepers
+        failed = [(num, s) for num, s in jobs if _failed(s, self.started, unknown_is_failed=not running_elsewhere)]
         if self.client is not None:
             statuses = [r.info.status for r in self._children()]
             self.client.set_tag(self.run_id, "sweep.children", str(len(statuses)))
@@ -216,12 +218,22 @@ class MLflowSweepCallback(Callback):
             what = outcome(status, self.started, final=True)
             if what is None:
                 what = "did not finish in this launch" + (f" (last: {describe(status)})" if status else "")
-            log.info("job %s %s: %s", num, status.get("name") or "", what)
+            job_line(num, status.get("name") or "", what, self.sweep_dir / str(num) / JOB_LOG)
 
 
-def _finished(status: dict, since: float) -> bool:
-    """The job's attempt in the launch that started at `since` FINISHED (or found its run FINISHED before)."""
-    return status.get("status") == "FINISHED" and status.get("time", 0) >= since and not failed_since(status, since)
+def _in_process(config: DictConfig) -> bool:
+    """Hydra's basic launcher runs the jobs one after another in this process: a watcher thread's lines would
+    land in the running job's log, and Hydra already says which job starts."""
+    return str(config.hydra.launcher.get("_target_", "")).endswith(".BasicLauncher")
+
+
+def _failed(status: dict, since: float, *, unknown_is_failed: bool) -> bool:
+    """The job failed: its last attempt did not FINISH (before this launch, which started at `since`, or in it)
+    or an attempt failed since. A job without a status ended before writing one, or, while another sweeper
+    process of this sweep runs, may still be running there (unknown_is_failed=False)."""
+    if failed_since(status, since):
+        return True
+    return status.get("status") != "FINISHED" if status.get("status") else unknown_is_failed
 
 
 def _cap_parallel_jobs(config: DictConfig) -> None:
