@@ -4,11 +4,21 @@
 A thin entry point: Hydra composes conf/, imm.cli.run validates and runs the task.
 """
 
-import hydra
+import sys
 
-from imm.config import register
+# Ctrl-C outside a training step (while torch loads, Hydra composes, the data load, or between a sweep's jobs)
+# is this one line and exit status 130; inside training, the loop checkpoints and prints how to resume.
+STOPPED = "stopped by SIGINT (Ctrl-C) outside a training step; nothing was lost: run the same command to start again."
 
-register()
+try:
+    import hydra
+
+    from imm.config import register
+
+    register()
+except KeyboardInterrupt:
+    sys.stderr.write(STOPPED + "\n")
+    sys.exit(130)
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
@@ -19,4 +29,8 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.stderr.write(STOPPED + "\n")
+        sys.exit(130)

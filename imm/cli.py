@@ -5,20 +5,25 @@ process exits with status 2, before any data is loaded or any MLflow run is crea
 by non-finite values (train.max_nonfinite in a row) prints one line and exits with 1 (MLflow run
 FAILED); one stopped by SIGINT/SIGTERM prints one line with the command that resumes it and exits with
 128 + the signal number (130, 143; MLflow run KILLED), after saving a checkpoint at the step it stopped.
+A sweep job does not exit on an error: it records the error's line in its status.json and returns, so the
+sweep's other jobs run; the sweep's callback (imm/tracking/sweep.py) reports it and sets the exit status.
+Ctrl-C outside a training step is launch.py's one line (exit 130).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
 from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 
 from imm.config import ConfigError
 from imm.data import DataError
-from imm.tracking.mlflow_run import TrackingError, check_reachable, default_uri
+from imm.tracking.mlflow_run import TrackingError, check_reachable, default_uri, error_line
 from imm.training.checkpoint import CheckpointError
-from imm.training.rundir import resume_command
+from imm.training.rundir import RunDirError, record_error, resume_command
 from imm.training.signals import Interrupted, in_submitit_job
 
 log = logging.getLogger("imm")
@@ -66,30 +71,24 @@ def run(cfg):
     from imm.training.loop import train  # torch-heavy imports after Hydra has parsed the command line
 
     hc = HydraConfig.get()
+    name, tags, command = run_name_and_tags(cfg, hc)
     try:
-        if hc.job.config_name in ("sample", "evaluate"):  # launch.py --config-name sample|evaluate ckpt=...
+        if hc.job.config_name in ("sample", "evaluate", "encode"):  # launch.py --config-name sample|evaluate|encode ...
             from importlib import import_module
 
             return import_module(f"imm.tasks.{hc.job.config_name}").run(cfg)
-        uri = tracking_uri(cfg, hc.runtime.cwd)
-        name = cfg.tracking.run_name or run_name_from_overrides(hc.overrides.task, hc.runtime.choices.get("experiment"))
-        tags = {}
-        if hc.mode.name == "MULTIRUN":
-            from imm.tracking.sweep import sweep_info
+        if cfg.dry_run:
+            from imm import dry_run
 
-            info = sweep_info(hc.sweep.dir)
-            tags = sweep_tags(hc, info)
-            keys = info.get("keys") or list(hc.sweeper.get("params") or {})
-            name = cfg.tracking.run_name or swept_run_name(hc.overrides.task, keys) or name
-        return train(cfg, hc.runtime.output_dir, tracking_uri=uri, run_name=name, extra_tags=tags)
+            return dry_run.run(cfg, hc)
+        uri = tracking_uri(cfg, hc.runtime.cwd)
+        return train(cfg, hc.runtime.output_dir, tracking_uri=uri, run_name=name, extra_tags=tags, command=command)
     except USER_ERRORS as e:
         log.error("%s", e)
-        sys.exit(2)
+        return _failed(hc, name, str(e), 2, record=not isinstance(e, RunDirError))  # that directory is another's
     except FloatingPointError as e:  # train.max_nonfinite steps in a row; the MLflow run is FAILED
         log.error("%s", e)
-        if in_submitit_job():
-            raise  # submitit pickles the error for the launching process (a SystemExit would leave no result)
-        sys.exit(1)
+        return _failed(hc, name, str(e), 1)
     except Interrupted as e:  # SIGINT/SIGTERM: checkpoint saved, the MLflow run is KILLED
         from imm.training.checkpoint import resolve
 
@@ -99,3 +98,44 @@ def run(cfg):
             raise
         log.error("training %s; checkpoint %s; resume with: %s", e, latest, resume_command(sys.argv))
         sys.exit(128 + e.signum)  # the shell's convention for a process ended by that signal
+    except Exception as e:
+        if hc.mode.name != "MULTIRUN":
+            raise  # a bug: its traceback
+        log.exception("this sweep job failed")  # the traceback goes to the job's log; the other jobs run on
+        return _failed(hc, name, error_line(e), 1)
+
+
+def run_name_and_tags(cfg, hc) -> tuple[str, dict[str, str], list[str]]:
+    """The MLflow run's name (tracking.run_name, else from the overrides; a sweep job's: its swept values), a
+    sweep job's tags (its parent run, job number) and the command that reproduces the run (a sweep job's: the
+    job alone, as a single run)."""
+    from_overrides = run_name_from_overrides(hc.overrides.task, hc.runtime.choices.get("experiment"))
+    run_name = OmegaConf.select(cfg, "tracking.run_name")  # encode's config has no tracking
+    if hc.mode.name != "MULTIRUN":
+        return run_name or from_overrides, {}, sys.argv
+    from imm.tracking.sweep import sweep_info
+
+    info = sweep_info(hc.sweep.dir)
+    keys = info.get("keys") or list(hc.sweeper.get("params") or {})
+    name = run_name or swept_run_name(hc.overrides.task, keys) or from_overrides
+    return name, sweep_tags(hc, info), [(info.get("argv") or sys.argv)[0], *hc.overrides.task]
+
+
+def _failed(hc, name: str, message: str, exit_status: int, record: bool = True) -> None:
+    """Exit with `exit_status` (the error's line is logged); a sweep job instead records the error in its
+    status.json for the sweep's report (tracking/sweep.py) and returns, so the sweep's other jobs run."""
+    if hc.mode.name != "MULTIRUN":
+        sys.exit(exit_status)
+    if record:
+        record_error(hc.runtime.output_dir, name, message, exit_status)
+
+
+@contextlib.contextmanager
+def exit_on_user_error():
+    """For Hydra callbacks in the launching process (before any job): a user error is its sentence on stderr
+    and exit status 2."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        sys.stderr.write(f"{e}\n")
+        sys.exit(2)

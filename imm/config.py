@@ -9,7 +9,8 @@ that names the key, the value and what is allowed, before any data is loaded or 
 One place per default: these dataclasses hold every default the options of a group share; a field
 whose value tells the options of a group apart (the schedule's name, a DiT's widths) is MISSING here
 and written in each conf/<group>/*.yaml; option files and conf/experiment/*.yaml hold only deltas.
-The option lists (CHOICES) come from the code that implements the options.
+The option lists (CHOICES) come from the code that implements the options. Each number's range is
+written beside its default too (`ranged(3, ">= 0")`, imm/ranges.py): validate checks it, `--help` prints it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from imm import nets
 from imm.core import mapping, objective, parameterization, sampling, schedules
 from imm.core.sampling import TWO_STEP_ETA
 from imm.core.util import ArgumentError
+from imm.evaluation.metrics import KNN_K, MIN_POINTS
+from imm.ranges import ConfigError, allowed_values, check_values, ranged
 
 # Keys that may differ when a run is resumed (longer training, other logging, another machine): the
 # resume check (training/loop.py) lets them change, and they do not enter a run directory's experiment
@@ -33,6 +36,7 @@ from imm.core.util import ArgumentError
 RESUMABLE_KEYS = (
     "resume",
     "fresh",
+    "dry_run",
     "train.steps",
     "train.log_every",
     "train.ckpt_every",
@@ -48,14 +52,16 @@ RESUMABLE_KEYS = (
     "data.root",
     "data.path",
     "data.download",
+    "data.vae",
+    "data.source_root",
     "hydra",
 )
 
 
-def _run_dir(base, name, overrides, fresh):
+def _run_dir(base, name, overrides, fresh, dry_run=False):
     from imm.training.rundir import run_dir
 
-    return run_dir(base, name, overrides, fresh)
+    return run_dir(base, name, overrides, fresh, claim=not dry_run)
 
 
 # `${imm.run_dir:runs,NAME,${hydra.overrides.task},${fresh}}` in conf/config.yaml: the run (or sweep)
@@ -64,18 +70,24 @@ def _run_dir(base, name, overrides, fresh):
 # requeued one), so they all agree on the sweep directory. Registered at import: a submitit job
 # process imports this module when it unpickles the schema, before it resolves its directory.
 OmegaConf.register_new_resolver("imm.run_dir", _run_dir, use_cache=True, replace=True)
+# `${imm.if:${dry_run},A,B}`: A in a dry run, else B (conf/config.yaml: a dry run writes no .hydra/ or launch.log).
+OmegaConf.register_new_resolver(
+    "imm.if", lambda condition, then, otherwise: then if condition else otherwise, replace=True
+)
 
 
-class ConfigError(ValueError):
-    """A configuration a user can fix; its message is one sentence."""
+# Notes of fields whose range another rule owns (only finiteness is checked here).
+CORE = "imm.core checks the rest"
+GRID_RULES = "the time-grid rules check the rest"
+KNN_NOTE = f"the k-NN metrics compare each point with its k = {KNN_K} nearest"
 
 
 @dataclass
 class ScheduleConfig:
     name: str = MISSING  # the interpolant (CHOICES["schedule.name"])
     param: str = MISSING  # the f-level parameterization
-    sigma_data: float = 0.5
-    time_scale: float = 1000.0  # c_noise(t) = time_scale * t (Table 5: 1000t)
+    sigma_data: float = ranged(0.5, "> 0")
+    time_scale: float = ranged(1000.0, "> 0")  # c_noise(t) = time_scale * t (Table 5: 1000t)
     second_time: str = "s"  # the second time input: s, or stride = t - s (the DiT-XL* variant)
 
 
@@ -85,8 +97,10 @@ class KernelConfig:
 
     weighting: str = MISSING  # w~(s,t): paper = 1/|c_out(s,t)|, inv_stride = 1/(t-s), unit = 1
     function: str = "laplace"  # or rbf
-    ref_dim: Optional[int] = None  # Laplace: distances / sqrt(D ref_dim), /D's bandwidth at D = ref_dim; null: / D
-    kappa: float = 0.0  # Laplace cusp smoothing: pseudo-Huber width kappa x the particles' input gap; 0: none
+    # Laplace: distances / sqrt(D ref_dim), /D's bandwidth at D = ref_dim
+    ref_dim: Optional[int] = ranged(None, ">= 1", "null: the paper's / D")
+    # Laplace cusp smoothing: pseudo-Huber width kappa x the particles' input gap
+    kappa: float = ranged(0.0, ">= 0", "0: the paper's kernel")
 
 
 @dataclass
@@ -94,17 +108,17 @@ class LossConfig:
     """Defaults: Table 5's ImageNet column (k=12, a=1, b=4, M=4, p(t) = U(0, T)), the loss=imm option."""
 
     objective: str = "imm"  # or fm (the flow-matching baseline)
-    M: int = 4  # particles per group
-    k: int = 12  # r(s,t) step = range / 2^k
-    a: float = 1.0  # time weight exponent
-    b: float = 4.0  # time weight shift
+    M: int = ranged(4, note=CORE)  # particles per group
+    k: int = ranged(12, "[1, 24]", "the paper uses 12 to 15")  # r(s,t) step = range / 2^k
+    a: float = ranged(1.0, "{1, 2}", "the time weight's exponent, Eq. 13")
+    b: float = ranged(4.0)  # time weight shift
     mapping: str = "eta_decrement"  # r(s,t) (CHOICES["loss.mapping"])
-    eps: float = 0.0  # t ~ U(eps, T)
-    T: Optional[float] = None  # null: the schedule's default (0.994 fm, 0.996 cosine)
-    eta_max: Optional[float] = None  # null: eta(T)
-    eta_min: Optional[float] = None  # null: eta(eps)
-    min_gap: float = 0.0  # minimum t - r (DiT-XL* variant: 1e-4)
-    label_dropout: Optional[float] = None  # null: 0.1 for class-conditional data, else 0
+    eps: float = ranged(0.0, note=CORE)  # t ~ U(eps, T)
+    T: Optional[float] = ranged(None, note=CORE)  # null: the schedule's default (0.994 fm, 0.996 cosine)
+    eta_max: Optional[float] = ranged(None, note=CORE)  # null: eta(T)
+    eta_min: Optional[float] = ranged(None, note=CORE)  # null: eta(eps)
+    min_gap: float = ranged(0.0, note=CORE)  # minimum t - r (DiT-XL* variant: 1e-4)
+    label_dropout: Optional[float] = ranged(None, note=CORE)  # null: 0.1 for class-conditional data, else 0
     drop_target_labels: bool = False  # target pass sees the student's dropped labels
     target_fp32: bool = True  # target pass outside autocast
     share_dropout: bool = True  # target pass reuses the student's dropout masks
@@ -113,7 +127,7 @@ class LossConfig:
 @dataclass
 class TargetConfig:
     kind: str = MISSING  # online: theta^- = current weights, no grad (the paper); ema
-    ema_decay: float = 0.99  # decay of the EMA target (kind=ema only)
+    ema_decay: float = ranged(0.99, "(0, 1)")  # decay of the EMA target (kind=ema only)
 
 
 @dataclass
@@ -123,10 +137,11 @@ class EMAConfig:
     the plain mean of the weights so far until the EMA's window 1/(1 - decay) is full (update
     1/(1 - decay) - 1), then `decay` itself; the run logs the decay in use as train/ema_decay."""
 
-    decay: float = 0.999  # the paper uses 0.9999 (Table 5) for 400K+ steps
-    power: float = 1.0  # warm-up exponent (ema-pytorch's default 2/3 reaches 0.999 only after 31,622 updates)
-    inv_gamma: float = 1.0
-    update_every: int = 1
+    decay: float = ranged(0.999, "(0, 1)")  # beta; the paper uses 0.9999 (Table 5) for 400K+ steps
+    # warm-up exponent (ema-pytorch's default 2/3 reaches 0.999 only after 31,622 updates)
+    power: float = ranged(1.0, "> 0")
+    inv_gamma: float = ranged(1.0, "> 0")
+    update_every: int = ranged(1, ">= 1")
 
 
 @dataclass
@@ -135,46 +150,58 @@ class DataConfig:
     path: Optional[str] = None  # points: a .npy [N, D] file
     root: Optional[str] = None  # image datasets: where the files live
     download: bool = False
-    resolution: Optional[int] = None
+    resolution: Optional[int] = ranged(None, ">= 1", "null: the dataset's own")
     hflip: bool = False
+    # EDM's augmentation, each transform with this probability (imm/data/augment.py checks [0, 1))
+    augment_p: float = ranged(0.0, note="in [0, 1); 0: off")
     use_labels: bool = True  # false: train unconditionally on a labelled set (the paper's CIFAR-10)
     class_subfolders: Optional[bool] = None  # folder: null = subfolders are classes when all images sit in one
-    n_train: int = data_mod.DEFAULT_TOY_TRAIN  # toy sets
-    n_heldout: int = data_mod.DEFAULT_TOY_HELDOUT
-    heldout_fraction: float = data_mod.DEFAULT_HELDOUT_FRACTION  # points files and digits (conf/data/digits.yaml: 0.2)
-    seed: int = 0
-    num_workers: int = 0
+    # data=latents (root: the out= of --config-name encode; imm/data/latents.py):
+    vae: Optional[str] = None  # the VAE that decodes samples (hub id or folder); null: the one that encoded
+    # per-channel mean and std of the raw latents; null: the manifest's measured values
+    latent_mean: Optional[List[float]] = ranged(None, items=True)
+    latent_std: Optional[List[float]] = ranged(None, "> 0", items=True)
+    source_root: Optional[str] = None  # where the encoded images (the FID reference) are now; null: as encoded
+    n_train: int = ranged(data_mod.DEFAULT_TOY_TRAIN, ">= 1")  # toy sets
+    n_heldout: int = ranged(data_mod.DEFAULT_TOY_HELDOUT, f">= {MIN_POINTS}", KNN_NOTE)
+    # points files and digits (conf/data/digits.yaml: 0.2)
+    heldout_fraction: float = ranged(data_mod.DEFAULT_HELDOUT_FRACTION, "(0, 1)")
+    seed: int = ranged(0)
+    num_workers: int = ranged(0, ">= 0", "0: load in the training process")
     pin_memory: bool = True
 
 
 @dataclass
 class OptimConfig:
     name: str = MISSING
-    lr: float = 1e-4  # Table 5
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
+    lr: float = ranged(1e-4, "> 0")  # Table 5
+    betas: List[float] = ranged(text="[0, 1)", factory=lambda: [0.9, 0.999], length=2)
+    eps: float = ranged(1e-8, "> 0")
+    weight_decay: float = ranged(0.0, ">= 0")
+    warmup_steps: int = ranged(100, ">= 0")
     lr_schedule: str = "cosine"  # or constant; cosine decays to min_lr_ratio * lr at train.steps
-    min_lr_ratio: float = 0.0
-    grad_clip: Optional[float] = 1.0  # max gradient norm; null disables clipping
+    min_lr_ratio: float = ranged(0.0, "[0, 1]")
+    grad_clip: Optional[float] = ranged(1.0, "> 0", "null: no clipping")  # max gradient norm
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 4000
-    batch_size: int = 512  # global batch; divisible by M x world size
-    micro_batch: Optional[int] = None  # samples per rank per forward/backward (gradient accumulation); null: the share
-    seed: int = 0
+    steps: int = ranged(4000, ">= 1")
+    batch_size: int = ranged(512, ">= 1")  # global batch; divisible by M x world size
+    # samples per rank per forward/backward (gradient accumulation)
+    micro_batch: Optional[int] = ranged(None, ">= 1", "null: the whole share, no accumulation")
+    seed: int = ranged(0)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # CHOICES["train.precision"]; all but fp32 on CUDA only
     compile: bool = False
-    threads: Optional[int] = None  # torch CPU threads; null: chosen (imm/training/threads.py torch_threads)
-    log_every: int = 100
-    ckpt_every: int = 1000
-    snapshot_every: int = 1000  # steps between EMA-weight snapshots (never pruned; also the last step); 0: none
-    keep_last: int = 3  # training states kept besides the latest (snapshots are never pruned)
-    max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
+    # torch CPU threads; null: chosen (imm/training/threads.py torch_threads)
+    threads: Optional[int] = ranged(None, ">= 1", "null: chosen for the machine")
+    log_every: int = ranged(100, ">= 1")
+    ckpt_every: int = ranged(1000, ">= 1")
+    # steps between EMA-weight snapshots (never pruned; also the last step)
+    snapshot_every: int = ranged(1000, ">= 0", "0: none")
+    keep_last: int = ranged(3, ">= 0")  # training states kept besides the latest (snapshots are never pruned)
+    max_nonfinite: int = ranged(5, ">= 1")  # consecutive non-finite steps before the run stops
 
 
 @dataclass
@@ -185,19 +212,21 @@ class SamplingOptions:
 
     sampler: str = "pushforward"  # pushforward | restart
     grid: str = "uniform"  # uniform | edm | eta (eta beyond 2 steps: `sample`'s etas)
-    two_step_eta: Optional[float] = TWO_STEP_ETA  # 2 steps use eta(t_1) = 1.4 (App. I.2); null: 2 steps follow `grid`
-    guidance: float = 1.0  # classifier-free guidance w (Eq. 14); 1: none
-    seed: int = 1234  # the fixed noise (and labels) every evaluation decodes
+    # 2 steps use eta(t_1) = 1.4 (App. I.2); null: 2 steps follow `grid`
+    two_step_eta: Optional[float] = ranged(TWO_STEP_ETA, note=GRID_RULES)
+    guidance: float = ranged(1.0, note="1: none")  # classifier-free guidance w (Eq. 14)
+    seed: int = ranged(1234)  # the fixed noise (and labels) every evaluation decodes
     # 500: one size for every command; FID pushes each batch through Inception-v3 at 299 x 299
-    batch_size: int = 500
+    batch_size: int = ranged(500, ">= 1")
 
 
 @dataclass
 class EvalOptions(SamplingOptions):
     """What the training evaluation and `evaluate` share beyond sampling: step counts and metrics."""
 
-    steps: List[int] = field(default_factory=lambda: [1, 2, 4, 8])
-    draws: int = 8  # points: the energy distance is the mean over this many noise draws of n_samples, as its floor
+    steps: List[int] = ranged(text=">= 1", factory=lambda: [1, 2, 4, 8], min_items=1)
+    # points: the energy distance is the mean over this many noise draws of n_samples, as its floor
+    draws: int = ranged(8, ">= 1")
     classifier: bool = True  # labelled images with a held-out split (digits, MNIST): the classifier metric
     fid_cache: Optional[str] = None  # reference statistics cache; null: ~/.cache/imm/fid
     inception_weights: Optional[str] = None  # a local Inception weights file (offline machines)
@@ -207,10 +236,10 @@ class EvalOptions(SamplingOptions):
 class EvalConfig(EvalOptions):
     """The training run's periodic evaluation (`eval.*`)."""
 
-    every: int = 1000  # steps between evaluations (0: only at the end)
-    n_samples: int = 5000
+    every: int = ranged(1000, ">= 0", "0: only at the end")  # steps between evaluations
+    n_samples: int = ranged(5000, ">= 1", f"point data: >= {MIN_POINTS}, for the k-NN metrics")
     fid: bool = False  # image runs: FID at every evaluation (eval.fid_n_samples generated images)
-    fid_n_samples: int = 5000
+    fid_n_samples: int = ranged(5000, ">= 2", "the covariance needs 2")
 
 
 @dataclass
@@ -220,6 +249,9 @@ class TrackingConfig:
     experiment: str = "imm"
     run_name: Optional[str] = None  # null: from the command-line overrides
     fallback_local: bool = False  # an unreachable server: fall back to the local SQLite store
+    system_metrics: bool = True  # system/* metrics (CPU, memory, disk, network; GPU with nvidia-ml-py)
+    system_metrics_every: float = ranged(10.0, "> 0")  # seconds between system metric samples
+    log_weights: bool = False  # the final EMA snapshot as an artifact (weights/)
 
 
 @dataclass
@@ -237,16 +269,19 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     resume: Optional[str] = None  # a checkpoint file or run directory to resume from
     fresh: bool = False  # true: a new run directory of this experiment, not its newest (training/rundir.py)
+    dry_run: bool = (
+        False  # true: check everything a launch checks, print what it would do, train nothing (imm/dry_run.py)
+    )
 
 
 # -- architectures: one schema per family -----------------------------------------------------
 @dataclass
 class MLPArch:
     name: str = MISSING
-    width: int = 256
-    depth: int = 3
-    emb_dim: int = 128
-    dropout: float = 0.0
+    width: int = ranged(256, ">= 1")
+    depth: int = ranged(3, ">= 1")
+    emb_dim: int = ranged(128, ">= 2", "even")
+    dropout: float = ranged(0.0, "[0, 1)")
 
 
 @dataclass
@@ -254,32 +289,40 @@ class DiTArch:
     """The widths tell the DiT presets apart: each conf/arch/dit_*.yaml writes its preset's (DIT_PRESETS)."""
 
     name: str = MISSING
-    hidden_size: int = MISSING
-    depth: int = MISSING
-    num_heads: int = MISSING
-    patch_size: int = MISSING
-    mlp_ratio: float = 4.0
-    dropout: float = 0.0
+    hidden_size: int = ranged(MISSING, ">= 1", "divisible by num_heads")
+    depth: int = ranged(MISSING, ">= 1")
+    num_heads: int = ranged(MISSING, ">= 1")
+    patch_size: int = ranged(MISSING, ">= 1", "dividing the resolution")
+    mlp_ratio: float = ranged(4.0, "> 0")
+    dropout: float = ranged(0.0, "[0, 1)")
 
 
 @dataclass
 class DDPMppArch:
     name: str = MISSING
-    model_channels: int = 128
-    channel_mult: List[int] = field(default_factory=lambda: [2, 2, 2])
-    num_blocks: int = 4
-    attn_resolutions: List[int] = field(default_factory=lambda: [16])
-    dropout: float = 0.2
+    model_channels: int = ranged(128, ">= 1")
+    channel_mult: List[int] = ranged(text=">= 1", factory=lambda: [2, 2, 2], min_items=1)
+    num_blocks: int = ranged(4, ">= 1")
+    attn_resolutions: List[int] = ranged(text=">= 1", factory=lambda: [16])
+    dropout: float = ranged(0.2, "[0, 1)")
 
 
 ARCH_SCHEMAS = {"arch_mlp": MLPArch, "arch_dit": DiTArch, "arch_ddpmpp": DDPMppArch}
 
 
 def register() -> None:
+    import warnings
+
     from omegaconf import OmegaConf
 
+    # conf/hydra/sweeper/basic.yaml replaces Hydra's `basic` sweeper option with its subclass (a dry run added;
+    # hydra_plugins/imm_sweepers/grid.py); Hydra validates it against its own schema of that name, as wanted,
+    # and warns that this matching by name is deprecated.
+    warnings.filterwarnings("ignore", message=r"\s*'hydra/sweeper/basic' is validated against ConfigStore schema")
     # ${imm.max:1,${.gpus_per_node}}: one task per GPU, at least one (launcher presets)
     OmegaConf.register_new_resolver("imm.max", lambda *values: max(values), replace=True)
+    # ${imm.allowed:} in hydra.help.footer: `--help` ends with each key's range (allowed_values)
+    OmegaConf.register_new_resolver("imm.allowed", lambda *, _root_: allowed_values(_root_, _choices()), replace=True)
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     # outside the arch group, so `--help` lists only real options; conf/arch/*.yaml: `- /arch_dit@_here_`
@@ -308,21 +351,8 @@ ARG_KEYS = {
     "eta_min": "loss.eta_min",
     "min_gap": "loss.min_gap",
     "label_dropout": "loss.label_dropout",
+    "augment_p": "data.augment_p",
 }
-POSITIVE = (
-    "optim.lr",
-    "train.steps",
-    "train.batch_size",
-    "train.log_every",
-    "train.ckpt_every",
-    "eval.n_samples",
-    "eval.batch_size",
-    "eval.draws",
-    "schedule.sigma_data",
-    "schedule.time_scale",
-    "ema.power",
-    "ema.inv_gamma",
-)
 
 
 @functools.cache
@@ -379,6 +409,16 @@ def from_core(e: ArgumentError) -> ConfigError:
     return ConfigError(e.render(ARG_KEYS) + ".")
 
 
+def check_point_samples(key: str, n: int) -> None:
+    """Point data are evaluated with k-NN metrics (each sample against its k nearest): the option `key`=`n`
+    must give at least MIN_POINTS samples."""
+    if n < MIN_POINTS:
+        raise ConfigError(
+            f"{key}={n} is too few for point data: the k-NN precision/recall compares each sample with its"
+            f" k = {KNN_K} nearest; use {key} >= {MIN_POINTS}."
+        )
+
+
 def validate(cfg, world_size: int = 1) -> None:
     """Raise ConfigError (one sentence: key, value, what is allowed) for a config that cannot run."""
     from imm import factory  # factory imports this module
@@ -386,6 +426,7 @@ def validate(cfg, world_size: int = 1) -> None:
     def fail(msg: str):
         raise ConfigError(msg)
 
+    check_values(cfg)
     # The method's objects check their own arguments (names, time range, mapping and parameterization
     # rules); the IMM pieces are built for either objective, as today's fm runs still carry them.
     core_checked = set(ARG_KEYS.values())
@@ -393,12 +434,10 @@ def validate(cfg, world_size: int = 1) -> None:
         if key not in core_checked and _get(cfg, key) not in allowed:
             raise not_allowed(key, _get(cfg, key), allowed)
     try:
-        factory.imm_objective(cfg, label_dropout=cfg.loss.label_dropout or 0.0, num_classes=1)
+        label_dropout = cfg.loss.label_dropout or 0.0
+        factory.imm_objective(cfg, label_dropout=label_dropout, num_classes=1, augment=factory.augment(cfg))
     except ArgumentError as e:  # num_classes=1: whether the data have labels is known once they are loaded
         raise from_core(e) from None
-    for key in POSITIVE:
-        if not _get(cfg, key) > 0:
-            fail(f"{key}={_get(cfg, key)} must be positive.")
 
     B, M = cfg.train.batch_size, cfg.loss.M
     if B % (M * world_size):
@@ -407,33 +446,15 @@ def validate(cfg, world_size: int = 1) -> None:
             f" {M * world_size}, so every group of M particles stays on one process."
         )
     micro, share = cfg.train.micro_batch, B // world_size
-    if micro is not None and (micro < 1 or share % micro or micro % M):
+    if micro is not None and (share % micro or micro % M):
         fail(
             f"train.micro_batch={micro} must divide each process's share of the batch (train.batch_size / world size"
             f" = {B} / {world_size} = {share}) and be a multiple of loss.M={M}, so no group of M particles is split;"
             " use a divisor of the share that M divides, or null for no accumulation."
         )
-    if not 1 <= cfg.loss.k <= 24:
-        fail(f"loss.k={cfg.loss.k} is out of range; use 1 <= k <= 24 (the paper uses 12 to 15).")
-    if cfg.loss.a not in (1, 2):
-        fail(f"loss.a={cfg.loss.a} is not allowed; the time weight's exponent a is 1 or 2 (Eq. 13).")
-    for key in ("target.ema_decay", "ema.decay"):
-        if not 0 < _get(cfg, key) < 1:
-            fail(f"{key}={_get(cfg, key)} must be in (0, 1).")
-    if cfg.optim.warmup_steps < 0:
-        fail(f"optim.warmup_steps={cfg.optim.warmup_steps} must be >= 0.")
-    if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:
-        fail(f"optim.grad_clip={cfg.optim.grad_clip} must be positive, or null to disable clipping.")
-    if not cfg.eval.steps or any(int(n) != n or n < 1 for n in cfg.eval.steps):
-        fail(f"eval.steps={list(cfg.eval.steps)} must be a non-empty list of positive integers.")
     from imm.evaluation.evaluate import time_grids  # imports this module
 
     time_grids("eval.steps", cfg.eval.steps, cfg.eval, schedule=cfg.schedule.name, T=loss_T(cfg), eps=cfg.loss.eps)
-    if cfg.train.max_nonfinite < 1:
-        fail(f"train.max_nonfinite={cfg.train.max_nonfinite} must be >= 1.")
-    if cfg.train.snapshot_every < 0:
-        fail(f"train.snapshot_every={cfg.train.snapshot_every} must be >= 0 (0: no snapshots).")
-
     points = cfg.data.name in POINT_DATA
     if points != (cfg.arch.name in nets.POINT_ARCHS):
         kind = "2-D/point" if points else "image"
@@ -441,10 +462,21 @@ def validate(cfg, world_size: int = 1) -> None:
             f"arch.name={cfg.arch.name!r} does not fit {kind} data data.name={cfg.data.name!r}; use"
             f" {'arch=mlp' if points else 'an image architecture (dit_*, ddpmpp)'}."
         )
+    if cfg.data.augment_p > 0 and points:
+        fail(
+            f"data.augment_p={cfg.data.augment_p} augments images, but data.name={cfg.data.name!r} is point data;"
+            " use data.augment_p=0."
+        )
+    if points:
+        check_point_samples("eval.n_samples", cfg.eval.n_samples)
+    if cfg.tracking.enabled and not str(cfg.tracking.experiment).strip():
+        fail("tracking.experiment is empty; name the MLflow experiment the run goes to, e.g. tracking.experiment=imm.")
     if cfg.data.name == "points" and not cfg.data.path:
         fail("data.path is missing; data=points needs data.path=/path/to/file.npy holding an [N, D] array.")
     if cfg.data.name == "folder" and not cfg.data.root:
         fail("data.root is missing; data=folder needs data.root=/path/to/images.")
+    if cfg.data.name == "latents" and not cfg.data.root:
+        fail("data.root is missing; data=latents needs data.root=/path/to/latents (the out= of --config-name encode).")
     if cfg.eval.guidance != 1.0 and points:
         fail(
             f"eval.guidance={cfg.eval.guidance} needs class-conditional data, but data.name="

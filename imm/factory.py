@@ -13,6 +13,7 @@ from imm.core import mapping as mapping_mod
 from imm.core import objective as objective_mod
 from imm.core import parameterization as param_mod
 from imm.data import DataBundle, build_dataset
+from imm.data.augment import AUGMENT_DIM, Augment
 
 
 def device(name: str, *, key: str = "train.device", local_rank: int = 0) -> torch.device:
@@ -85,10 +86,19 @@ def imm_objective(cfg, **common) -> objective_mod.IMMObjective:
     )
 
 
+def augment(cfg) -> Augment | None:
+    """EDM's augmentation at data.augment_p, or None when it is 0 (off)."""
+    return None if cfg.data.augment_p == 0 else Augment(cfg.data.augment_p)
+
+
 def objective(cfg, num_classes: int = 0, rank: int = 0, world_size: int = 1):
     """The IMM objective, or the flow-matching baseline when loss.objective=fm."""
     common = dict(
-        label_dropout=label_dropout(cfg, num_classes), num_classes=num_classes, rank=rank, world_size=world_size
+        label_dropout=label_dropout(cfg, num_classes),
+        num_classes=num_classes,
+        augment=augment(cfg),
+        rank=rank,
+        world_size=world_size,
     )
     if cfg.loss.objective == "fm":
         return objective_mod.FMObjective(parameterization(cfg), eps=cfg.loss.eps, T=loss_T(cfg), **common)
@@ -109,6 +119,10 @@ def dataset(cfg) -> DataBundle:
         download=d.download,
         hflip=d.hflip,
         class_subfolders=d.class_subfolders,
+        vae=d.vae,
+        latent_mean=d.latent_mean,
+        latent_std=d.latent_std,
+        source_root=d.source_root,
     )
     if not d.use_labels:  # the batches then carry no labels and the net is built unconditional
         bundle.num_classes = bundle.train.num_classes = 0
@@ -116,11 +130,12 @@ def dataset(cfg) -> DataBundle:
 
 
 def net(cfg, shape, num_classes: int) -> torch.nn.Module:
-    """The architecture arch.name for samples of `shape`; null fields (DiT widths in configs saved before
-    conf/arch/dit_*.yaml wrote them) keep the preset's value."""
+    """The architecture arch.name for samples of `shape`, taking augmentation labels when data.augment_p > 0;
+    null fields (DiT widths in configs saved before conf/arch/dit_*.yaml wrote them) keep the preset's value."""
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.arch, resolve=True).items() if k != "name" and v is not None}
+    augment_dim = AUGMENT_DIM if augment(cfg) is not None else 0
     try:
-        return nets.build(cfg.arch.name, tuple(shape), num_classes, **kwargs)
+        return nets.build(cfg.arch.name, tuple(shape), num_classes, augment_dim, **kwargs)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 

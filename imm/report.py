@@ -41,8 +41,13 @@ def table(parent, children, metric: str, columns: list[str] | None = None) -> tu
     finals = sorted(
         {m for r in children for m in r.data.metrics if m.startswith("final/") and not m.endswith("_floor")}
     )
+    # NFE beside the step counts where guidance doubles it (final/nfe_2step_w1.5 = 4); unguided it is the step count
     compact = [
-        m for m in finals if m.startswith(("final/energy_ratio", "final/recall", "final/fid")) or m == "final/loss"
+        m
+        for m in finals
+        if m.startswith(("final/energy_ratio", "final/recall", "final/fid"))
+        or m == "final/loss"
+        or (m.startswith("final/nfe_") and "_w" in m)
     ]
     finals = list(columns) if columns else (compact or finals)
     if metric not in finals:
@@ -125,7 +130,8 @@ def main(argv=None) -> int:
     p.add_argument(
         "--columns",
         default=None,
-        help="comma-separated metrics to show (default: final/loss and the final energy ratios, recalls or FIDs)",
+        help="comma-separated metrics to show (default: final/loss, the final energy ratios, recalls or FIDs, and the"
+        " NFE of guided sampling; e.g. final/nfe_8step for the NFE of unguided 8-step sampling)",
     )
     p.add_argument("--plot", default="train/loss", help="the metric to plot against step")
     p.add_argument("--out", default=None, help="PNG path for the plot (default: <sweep>-<metric>.png here)")

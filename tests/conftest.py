@@ -21,7 +21,7 @@ def single_thread():
 
 
 KERNELS = ("paper", "inv_stride", "unit")  # the toy sweep's three jobs
-# The toy sweep's jobs: debug=toy, a little longer, evaluated twice at 1 and 2 steps.
+# The toy sweep's jobs: debug=toy, a little longer, evaluated twice at 1 and 2 steps, system metrics every second.
 SWEEP_TINY = [
     "debug=toy",
     "train.steps=60",
@@ -29,6 +29,7 @@ SWEEP_TINY = [
     "eval.n_samples=300",
     "eval.steps=[1,2]",
     "data.n_heldout=300",
+    "tracking.system_metrics_every=1",
 ]
 
 

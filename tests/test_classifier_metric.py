@@ -78,7 +78,12 @@ def test_evaluate_without_fid_gives_the_classifier_metric(digits, digits_metric,
         digits, tmp_path, "eval.fid=false", "eval.n_samples=40", "eval.steps=[1,2]", f"eval.fid_cache={cache}"
     )
     names = {f"evaluate/{m}_{n}step_w1.5" for m in ("fd", "fd_ratio40", "accuracy") for n in (1, 2)}
-    assert set(results) == names | {"evaluate/fd_floor", "evaluate/accuracy_floor"}
+    assert set(results) == names | {
+        "evaluate/fd_floor",
+        "evaluate/accuracy_floor",
+        "evaluate/nfe_1step_w1.5",
+        "evaluate/nfe_2step_w1.5",
+    }
     assert all(results[f"evaluate/fd_ratio40_{n}step_w1.5"] > 1 for n in (1, 2))  # 4 training steps
     assert (tmp_path / "results.txt").read_text().count("fd_ratio40") == 1
     with pytest.raises(ConfigError, match="eval.fid=false leaves nothing to measure"):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import conftest
 import pytest
-from helpers import ROOT
+from helpers import LAUNCH, ROOT
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from browser import ui  # noqa: E402
@@ -28,7 +28,9 @@ def test_sweep_runs_carry_names_params_tags_metrics_and_figures(toy_sweep):
         tags = run.data.tags
         assert tags["sweep.id"] == parent.info.run_id == tags["mlflow.parentRunId"]
         assert tags["hydra.job.num"] in {"0", "1", "2"} and tags["device"] == "cpu" and tags["world_size"] == "1"
-        assert len(tags["git.commit"]) == 40
+        assert len(tags["mlflow.source.git.commit"]) == 40 and tags["mlflow.source.name"] == str(LAUNCH)
+        assert tags["mlflow.note.content"].startswith(f"`python {LAUNCH} {name} ")  # this job alone, as one run
+        assert any(k.startswith("system/") for k in run.data.metrics)
         for key in (
             "train/loss",
             "train/grad_norm",
@@ -129,8 +131,15 @@ def test_mlflow_ui_shows_the_sweep_in_a_real_browser(toy_sweep, tmp_path, monkey
             paths.append(ui.open_artifact(driver, base, exp_id, run_ids[0], figure))
             (img,) = [i for i in ui.rendered_images(driver) if i["alt"] == figure]
             assert img["natural"][0] > 200, img
+            # the run page: the description (command line, what it trains), system metrics, the dataset
+            child = children[NAMES[0]]
+            command, summary = child.data.tags["mlflow.note.content"].split("\n\n")
+            shown = [command.strip("`"), summary[:60], "System metrics", "system/cpu_utilization_percentage"]
+            paths.append(ui.open_run(driver, base, exp_id, child.info.run_id, [*shown, "checkerboard"]))
+            run_shot = paths[-1]
     for p in paths:
         _nontrivial_png(p)
     print("screenshots:", *map(str, paths), sep="\n  ")
-    if os.environ.get("IMM_UPDATE_DOCS"):  # regenerate the README's screenshot from this test
+    if os.environ.get("IMM_UPDATE_DOCS"):  # regenerate the docs' screenshots from this test
         shutil.copy(compare_shot, ROOT / "docs" / "figures" / "mlflow_compare.png")
+        shutil.copy(run_shot, ROOT / "docs" / "figures" / "mlflow_run.png")

@@ -1,16 +1,21 @@
 """Every config group option composes, validates and instantiates; bad configs fail with one sentence."""
 
+import copy
+import functools
+import math
+
 import pytest
 import torch
 from helpers import CONF, compose_cfg
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from imm import factory
 from imm.config import ConfigError, validate
 
 GROUPS = ["arch", "schedule", "kernel", "loss", "target", "data", "optim", "train", "tracking", "experiment"]
-IMAGE_DATA = {"digits", "mnist", "cifar10", "folder"}
+IMAGE_DATA = {"digits", "mnist", "cifar10", "folder", "latents"}
 
 
 def options(group):
@@ -26,7 +31,7 @@ def fitting_overrides(group, option):
         extra = ["arch=dit_s_4"]
     if group == "data" and option == "points":
         extra = ["data.path=/nonexistent.npy"]
-    if group == "data" and option == "folder":
+    if (group == "data" and option in ("folder", "latents")) or (group, option[:11]) == ("experiment", "imagenet256"):
         extra += ["data.root=/nonexistent"]
     return extra
 
@@ -116,6 +121,9 @@ BAD = {
     "eta range": (["loss.eta_min=2", "loss.eta_max=1"], "loss.eta_max > loss.eta_min >= 0"),
     "zero M with the fm objective": (["loss=fm", "loss.M=0"], "loss.M=0"),
     "negative min_gap": (["loss.min_gap=-1"], "loss.min_gap=-1.0 must be >= 0"),
+    "augmentation probability 1": (["data=digits", "arch=dit_s_4", "data.augment_p=1"], "data.augment_p=1.0 must be"),
+    "augmenting point data": (["data.augment_p=0.1"], "data.augment_p=0.1 augments images, but data.name="),
+    "empty experiment name": (["tracking.experiment="], "tracking.experiment is empty"),
 }
 
 
@@ -149,3 +157,149 @@ def test_lr_schedule():
     assert factory.lr_at(cfg, 100) == pytest.approx(0.0, abs=1e-12)
     const = compose_cfg("optim.lr_schedule=constant", "optim.warmup_steps=0", "optim.lr=0.5")
     assert factory.lr_at(const, 57) == 0.5
+
+
+# -- ranges: every number's range is written once, beside its default (imm.ranges.Range) ----------------
+def _schemas():
+    """Every schema dataclass: the training config's nodes, the architectures', sample's, evaluate's and encode's."""
+    from dataclasses import fields, is_dataclass
+
+    from imm.config import ARCH_SCHEMAS, Config
+    from imm.tasks import EncodeConfig, EvaluateConfig, SampleConfig
+
+    todo, seen = [Config, *ARCH_SCHEMAS.values(), SampleConfig, EvaluateConfig, EncodeConfig], []
+    while todo:
+        schema = todo.pop()
+        if schema not in seen:
+            seen.append(schema)
+            todo += [f.default_factory for f in fields(schema) if is_dataclass(f.default_factory)]
+    return seen
+
+
+def test_every_number_of_every_schema_has_its_range():
+    """int, float and lists of them, Optional or not: none without a Range (a new knob must say its range)."""
+    from dataclasses import fields
+
+    from imm.ranges import RANGE
+
+    numbers = {"int", "float", "List[int]", "List[float]"}
+    unranged = []
+    for schema in _schemas():
+        for f in fields(schema):
+            kind = str(f.type).replace("Optional[", "").rstrip("]") + ("]" if "List[" in str(f.type) else "")
+            if kind in numbers and RANGE not in f.metadata:
+                unranged.append(f"{schema.__name__}.{f.name}")
+    assert unranged == []
+
+
+@pytest.mark.parametrize(
+    "text,inside,outside",
+    [
+        ("> 0", [1e-12, 3], [0, -1, float("inf"), float("nan")]),
+        (">= 1", [1, 7], [0, 0.5, -3]),
+        ("[1, 24]", [1, 12, 24], [0, 25, 0.99]),
+        ("(0, 1)", [0.5, 1e-9], [0, 1, 1.5]),
+        ("[0, 1)", [0, 0.999], [1, -0.1]),
+        ("{1, 2}", [1, 2.0], [3, 1.5, 0]),
+        ("any", [-1e30, 0, 4], [float("inf"), float("-inf"), float("nan")]),
+    ],
+)
+def test_range_notation_reference_values(text, inside, outside):
+    from imm.ranges import Range
+
+    r = Range(text)
+    assert all(r.allows(x) for x in inside) and not any(r.allows(x) for x in outside)
+
+
+def _outside(r, integer: bool):
+    """A value the Range r refuses (for a list field: a list with one such item, or too few items)."""
+    if r.text == "any":
+        value = math.inf
+    elif r.text.startswith("{"):
+        value = max(float(v) for v in r.text.strip("{}").split(",")) + 1
+    else:  # just below the lower bound: `> 0`, `(0, 1)` -> 0; `>= 1`, `[1, 24]` -> 0; `[0, 1)` -> -1
+        value = float(r.text.strip(">=[( ").split(",")[0]) - (0 if r.text.startswith(("> ", "(")) else 1)
+    value = int(value) if integer else value
+    if r.items:
+        return [] if r.min_items or r.length else [value]
+    return value
+
+
+def _ranged_keys(*overrides):
+    """(key, its Range, whether it is an integer) for every ranged key of the config these overrides compose."""
+    from imm.ranges import RANGE, _typed_nodes
+
+    return [
+        (prefix + f.name, f.metadata[RANGE], "int" in str(f.type))
+        for prefix, node, known in _typed_nodes(compose_cfg(*overrides))
+        for f in known.values()
+        if RANGE in f.metadata
+    ]
+
+
+BASES = [(), ("arch=dit_s_4", "data=digits"), ("arch=ddpmpp", "data=digits")]
+# (key, range, the overrides it needs) for every ranged key of the training config and of each architecture; an
+# integer key whose range is any number (imm.core checks the rest) has no integer outside it
+RANGED = [
+    (key, r, integer, base)
+    for base in BASES
+    for key, r, integer in _ranged_keys(*base)
+    if (not base or key.startswith("arch.")) and not (integer and r.text == "any")
+]
+
+
+@functools.cache
+def _composed(base):
+    return compose_cfg(*base)
+
+
+def test_the_defaults_are_inside_their_ranges():
+    for base in BASES:
+        validate(_composed(base))
+
+
+@pytest.mark.parametrize("key,r,integer,base", RANGED, ids=[f"{k}{'-' + b[0] if b else ''}" for k, _, _, b in RANGED])
+def test_every_ranged_key_refuses_a_value_outside_its_range_in_one_sentence(key, r, integer, base):
+    """Each key the training config has, at a value just outside its range (set on the composed, typed config
+    as an override would set it): ConfigError naming the key and the value, saying the range."""
+    cfg = copy.deepcopy(_composed(base))
+    OmegaConf.update(cfg, key, _outside(r, integer))
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    msg = str(e.value)
+    assert msg.startswith(f"{key}=") and r.describe() in msg, msg
+    assert "\n" not in msg and msg.endswith("."), msg
+
+
+ADDS = "(a + override adds keys the schema does not have)"
+APPENDED = {
+    "+loss.kk=3": f"loss.kk=3 is not a key of loss {ADDS}; the nearest is loss.k: use loss.k=3.",
+    "+train.stesp=30": f"train.stesp=30 is not a key of train {ADDS}; the nearest is train.steps: use train.steps=30.",
+    "++arch.widht=64": f"arch.widht=64 is not a key of arch {ADDS}; the nearest is arch.width: use arch.width=64.",
+    "+foo=1": f"foo=1 is not a key of the config {ADDS}; its keys are arch, schedule, kernel, loss, target, ema, data,"
+    " optim, train, eval, tracking, resume, fresh, dry_run.",
+}
+
+
+@pytest.mark.parametrize("override", APPENDED)
+def test_a_key_appended_to_the_schema_is_refused_naming_the_nearest_real_key(override):
+    """What Hydra's own hint suggests for a typo (`+loss.kk=3`) composes; validate refuses it."""
+    cfg = compose_cfg(override)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg)
+    assert str(e.value) == APPENDED[override]
+
+
+def test_help_ends_with_every_keys_range():
+    """--help's footer (hydra.help.footer = ${imm.allowed:}) lists each ranged key with its range and each option
+    list, from the schema: one source for validate() and --help."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        footer = compose("config", return_hydra_config=True).hydra.help.footer
+    lines = footer.splitlines()
+    assert lines[0] == "== Allowed values =="
+    for key, r, _ in _ranged_keys():
+        assert any(line.split()[:1] == [key] and line.endswith(r.describe()) for line in lines), key
+    assert any(line.split()[:1] == ["loss.mapping"] and "eta_decrement" in line for line in lines)
+    assert "  train.keep_last" in footer and "$" not in footer  # Hydra's help template substitutes $NAMES

@@ -125,6 +125,37 @@ def test_points_too_few_rows_and_not_npy(tmp_path):
         load_points(text)
 
 
+def test_a_points_file_that_is_no_npy_array_is_said_for_what_it_is(tmp_path):
+    """numpy.load calls a CSV "pickled data" (allow_pickle): the error says what the file really is instead."""
+    import pickle
+
+    files = {
+        "csv.npy": ("1.0,2.0\n3.0,4.0\n" * 20).encode(),
+        "empty.npy": b"",
+        "pickle.npy": pickle.dumps([[1.0, 2.0]] * 20),
+        "garbage.npy": bytes(range(256)),
+    }
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    with open(tmp_path / "archive.npy", "wb") as f:  # an .npz under a .npy name
+        np.savez(f, a=np.zeros((20, 2)))
+    np.save(tmp_path / "objects.npy", np.array([{"x": 1}] * 20, dtype=object), allow_pickle=True)
+    expected = {
+        "csv.npy": "is a text file (CSV or similar), not a .npy array; convert it once: numpy.save('points.npy',"
+        f" numpy.loadtxt({str(tmp_path / 'csv.npy')!r}, delimiter=','))",
+        "empty.npy": "is empty",
+        "pickle.npy": "is a Python pickle, not a .npy array",
+        "garbage.npy": "is not a .npy array (it lacks numpy's header)",
+        "archive.npy": "is an .npz archive (or another zip file), not a .npy array",
+        "objects.npy": "holds Python objects (dtype=object), not numbers",
+    }
+    for name, what in expected.items():
+        with pytest.raises(DataError) as e:
+            load_points(tmp_path / name)
+        assert str(e.value).startswith(f"Points file {str(tmp_path / name)!r} {what}"), str(e.value)
+        assert "pickle" not in str(e.value) or name == "pickle.npy", str(e.value)
+
+
 def test_points_split_deterministic_disjoint_and_scaled(tmp_path):
     array = np.random.default_rng(0).normal(3.0, 2.0, size=(200, 5))
     file = tmp_path / "pts.npy"
@@ -194,6 +225,18 @@ def test_folder_errors(tmp_path):
         build_dataset("folder", root=tmp_path, resolution=None)
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
     with pytest.raises(DataError, match="broken.png"):
+        build_dataset("folder", root=tmp_path, resolution=8)
+
+
+def test_a_truncated_jpeg_fails_when_the_folder_is_read_naming_it(tmp_path):
+    """PIL's verify() passes a JPEG cut in half; the up-front decode does not, so it fails before training."""
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.jpg", quality=90)
+    whole = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "b.jpg").write_bytes(whole[: len(whole) // 2])
+    with Image.open(tmp_path / "b.jpg") as image:
+        image.verify()  # the check the folder did before: it passes
+    with pytest.raises(DataError, match=r"^Image '.*b\.jpg' cannot be read \(image file is truncated"):
         build_dataset("folder", root=tmp_path, resolution=8)
 
 
@@ -420,3 +463,25 @@ def test_batch_errors():
         ResumableBatches(data, 0, seed=0)
     with pytest.raises(DataError, match="same dataset and global batch size"):
         ResumableBatches(data, 5, seed=0).load_state_dict({"epoch": 0, "position": 2})
+
+
+class BrokenAt(IndexImages):
+    """Sample `bad` cannot be read (as an image file that changed after the up-front check)."""
+
+    def __init__(self, n, bad):
+        super().__init__(n)
+        self.bad = bad
+
+    def get(self, index, flip):
+        if index == self.bad:
+            raise DataError(f"Image 'img{index}.png' cannot be decoded (truncated); delete or replace it.")
+        return super().get(index, flip)
+
+
+def test_a_data_error_in_a_dataloader_worker_is_its_own_sentence():
+    """torch re-raises a worker's exception with the worker's traceback in its message; the iterator says the
+    worker's one sentence instead."""
+    batches = ResumableBatches(BrokenAt(8, bad=3), 8, seed=0, num_workers=1)
+    with pytest.raises(DataError) as e:
+        next(batches)
+    assert str(e.value) == "Image 'img3.png' cannot be decoded (truncated); delete or replace it."

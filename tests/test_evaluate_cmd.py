@@ -95,7 +95,7 @@ def test_point_energy_is_the_mean_over_draws_and_the_first_draw_is_unchanged(toy
 def test_point_evaluation_refuses_guidance_and_zero_draws(toy, tmp_path):
     with pytest.raises(ConfigError, match="needs a class-conditional model"):
         evaluate(toy, tmp_path, "eval.guidance=[1.0,1.5]")
-    with pytest.raises(ConfigError, match=r"eval.draws=0 must be a positive integer\.$"):
+    with pytest.raises(ConfigError, match=r"^eval.draws=0 is out of range; eval.draws must be >= 1\.$"):
         evaluate(toy, tmp_path, "eval.draws=0")
 
 
@@ -150,7 +150,7 @@ def test_fid_reference_statistics_come_from_the_cache_the_second_time(digits, tm
         second = evaluate(digits, tmp_path / "b", *common)
     sources = [r.getMessage() for r in caplog.records if "reference statistics" in r.getMessage()]
     assert sources[0].startswith("FID reference statistics: computed") and "cache" in sources[1].split()[3]
-    assert set(first) == {"evaluate/fid16_1step_w1.5"}  # the training run's eval.guidance (1.5) by default
+    assert set(first) == {"evaluate/fid16_1step_w1.5", "evaluate/nfe_1step_w1.5"}  # the run's eval.guidance (1.5)
     assert second == pytest.approx(first)  # same seed, same noise, same statistics
 
 
@@ -163,10 +163,19 @@ def test_training_evaluator_adds_fid_when_eval_fid_is_true(digits, tmp_path):
         cfg, bundle, factory.parameterization(cfg), fid_n_samples=24, feature_net="tiny_random", fid_cache=tmp_path
     )
     results, figs, samples = ev(net)
-    assert set(results) == {"eval/fid24_1step_w1.5", "eval/fid24_2step_w1.5"} and "figures/steps.png" in figs
+    assert (
+        set(results)
+        == {
+            "eval/fid24_1step_w1.5",
+            "eval/fid24_2step_w1.5",
+            "eval/nfe_1step_w1.5",
+            "eval/nfe_2step_w1.5",
+        }
+        and "figures/steps.png" in figs
+    )
     assert samples[1].shape == (8, 1, 16, 16)  # the figure's fixed noise (eval.n_samples=8)
     off = Evaluator.from_config(compose_cfg(*DIGITS, "eval.classifier=false"), bundle, factory.parameterization(cfg))
-    assert off.fid_evaluator is None and off(net)[0] == {}
+    assert off.fid_evaluator is None and off(net)[0] == {"eval/nfe_1step_w1.5": 2}  # no FID; the NFE
     missing = compose_cfg(*DIGITS, "eval.fid=true", f"eval.inception_weights={tmp_path}/none.pth")
     with pytest.raises(ConfigError, match="Inception-v3 weights for FID not found"):  # before training starts
         Evaluator.from_config(missing, bundle, factory.parameterization(cfg))

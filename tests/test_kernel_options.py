@@ -137,8 +137,8 @@ def test_kernel_option_errors():
     with pytest.raises(ArgumentError, match="positive dimension"):
         make_objective(ref_dim=0)
     for override, message in [
-        ("kernel.kappa=-0.5", "kernel.kappa=-0.5 must be >= 0"),
-        ("kernel.ref_dim=0", "kernel.ref_dim=0 must be a positive dimension"),
+        ("kernel.kappa=-0.5", "kernel.kappa=-0.5 is out of range; kernel.kappa must be >= 0"),
+        ("kernel.ref_dim=0", "kernel.ref_dim=0 is out of range; kernel.ref_dim must be >= 1"),
         ("kernel.function=rbf kernel.ref_dim=3072", "kernel.ref_dim=3072 applies to the Laplace kernel, not"),
     ]:
         with pytest.raises(ConfigError, match=message):

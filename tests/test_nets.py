@@ -136,6 +136,35 @@ def test_unconditional_net_rejects_labels(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_augment_labels_change_output_and_none_is_zeros(kind):
+    net = randomize_zero_init(tiny(kind, augment_dim=9))
+    x, t, s = inputs(kind)
+    labels = torch.randn(x.shape[0], 9, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        none, zeros = net(x, t, s), net(x, t, s, augment_labels=torch.zeros_like(labels))
+        augmented = net(x, t, s, augment_labels=labels)
+    torch.testing.assert_close(none, zeros, rtol=0, atol=0)  # sampling (None) is the un-augmented image
+    assert (augmented - none).flatten(1).abs().amax(1).min() > 1e-4
+    plain = tiny(kind)  # without augmentation the net has no such weights
+    assert count_parameters(net) - count_parameters(plain) == 9 * net_width(net)
+
+
+def net_width(net) -> int:
+    """The width of the conditioning vector the augmentation labels are mapped into."""
+    layer = getattr(net, "map_augment", None) or net.augment_embedder
+    return layer.out_features
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_augment_labels_must_fit_the_net(kind):
+    x, t, s = inputs(kind)
+    with pytest.raises(ValueError, match="augment_dim=0"):
+        tiny(kind)(x, t, s, augment_labels=torch.zeros(x.shape[0], 9))
+    with pytest.raises(ValueError, match=r"augment_labels must have shape \[4, 9\]"):
+        tiny(kind, augment_dim=9)(x, t, s, augment_labels=torch.zeros(x.shape[0], 8))
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_time_inputs_must_be_one_per_sample(kind):
     net = tiny(kind)
     x, t, s = inputs(kind)

@@ -230,7 +230,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_last_good_checkpoint(tmp_path
     assert len(partial) == 1 and partial[0].startswith(".tmp-") and partial[0].endswith(".part"), names
     partial_file = checkpoint.ckpt_dir(run_dir) / partial[0]
     assert partial_file.stat().st_size > 0  # the fault really wrote part of the step-200 checkpoint
-    with pytest.raises(checkpoint.CheckpointError, match="corrupt or not a checkpoint"):
+    with pytest.raises(checkpoint.CheckpointError, match="it is a damaged or truncated PyTorch file"):
         checkpoint.load(partial_file)
     good = checkpoint.ckpt_dir(run_dir) / "step-00000100.pt"
     assert checkpoint.resolve(None, run_dir) == good
@@ -513,7 +513,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
         f"refusing to load {evil}: it is not a plain-tensor checkpoint and unpickling it could"
         " run code (torch.load with weights_only=True: "
     ), msg
-    assert "posix.system" in msg and msg.endswith("only resume from checkpoints this project wrote."), msg
+    assert "posix.system" in msg and msg.endswith("load only checkpoints this project wrote."), msg
     assert not marker.exists()
     assert mlflow_runs(tmp_path) == [] and checkpoint_names(run_dir) == []
 
@@ -781,12 +781,17 @@ def test_a_sweep_interrupted_after_one_of_three_jobs_relaunches_only_the_other_t
 
     again = Started(tmp_path, "-m", *overrides, name="again")
     assert again.wait() == 0, again.stderr[-3000:]
-    said = again.out.read_text().splitlines()  # the launching process logs through Hydra's logger (stdout)
-    lines = [ln.split("] ", 1)[1] for ln in said if re.search(r"\] job \d ", ln)]
-    assert lines == [
-        "job 0 train.seed=1: skipped (FINISHED at step 400 before)",
-        f"job 1 train.seed=2: resumed from step {stopped_at}, FINISHED at step 400",
-        "job 2 train.seed=3: started, FINISHED at step 400",
+    # the launching process logs through Hydra's logger (stdout), and through the jobs' logging (stderr) while
+    # they run in it; one line per job as it ends, with its log
+    said = again.out.read_text().splitlines() + again.err.read_text().splitlines()
+    ended = sorted(
+        m[1] for ln in said if (m := re.search(r"\] (?:- )?(job \d .*; log .*)", ln)) and ": started; " not in ln
+    )
+    logs = [sweep_dir.relative_to(tmp_path) / n / "launch.log" for n in "012"]
+    assert ended == [
+        f"job 0 train.seed=1: skipped (FINISHED at step 400 before); log {logs[0]}",
+        f"job 1 train.seed=2: resumed from step {stopped_at}, FINISHED at step 400; log {logs[1]}",
+        f"job 2 train.seed=3: started, FINISHED at step 400; log {logs[2]}",
     ], again.stderr[-3000:]
     assert (sweep_dir / "0" / "checkpoints" / "step-00000400.pt").read_bytes() == job0_bytes  # not run again
     runs = mlflow_runs(tmp_path)

@@ -2,6 +2,7 @@
 a SLURM job requeued mid-training resumes and finishes as one child. The sweeps are inline (`-m key=a,b`),
 so the research presets in sweeps/ can change freely (tests/test_presets.py composes each of their jobs)."""
 
+import re
 import subprocess
 import time
 
@@ -45,7 +46,12 @@ def launch(cwd, *overrides, timeout=900):
 
 @pytest.mark.slow
 def test_local_parallel_sweep_lands_as_parent_and_children_on_a_fresh_store(tmp_path):
-    launch(tmp_path, "-m", f"kernel={','.join(KERNELS)}", "hydra/launcher=local", "train.steps=30", *TINY)
+    proc = launch(tmp_path, "-m", f"kernel={','.join(KERNELS)}", "hydra/launcher=local", "train.steps=30", *TINY)
+    out = proc.stdout + proc.stderr
+    for k in KERNELS:  # the launching process says when each job starts and ends, and where its log is
+        (job,) = re.findall(rf"job (\d+) kernel={k}: started; log (\S+)/launch.log", out)
+        assert f"job {job[0]} kernel={k}: started, FINISHED at step 30; log {job[1]}/launch.log" in out
+        assert (tmp_path / job[1] / "launch.log").is_file()
     _, parents, children = runs_of(tmp_path / "mlflow.db")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(r.info.run_name for r in children) == sorted(f"kernel={k}" for k in KERNELS)

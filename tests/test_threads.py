@@ -4,6 +4,7 @@ training logging its choice, and the local launcher running no more jobs at once
 
 import datetime as dt
 import os
+import shutil
 import subprocess
 import sys
 
@@ -95,23 +96,27 @@ def _log_span(log_file):
 
 
 @pytest.mark.slow
-def test_a_local_sweep_runs_no_more_jobs_at_once_than_its_cap(tmp_path):
-    """Three jobs, hydra.sweeper.max_batch_size=2: the last to start starts after the first two have ended."""
+def test_a_local_sweep_runs_no_more_jobs_at_once_than_the_cores_allow(tmp_path):
+    """Three one-cpu jobs on two cores (taskset): the callback caps the sweep at 2 jobs at once, so the last to
+    start starts after the first two have ended."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    if shutil.which("taskset") is None or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs taskset and two cores")
     sweep_dir = tmp_path / "sweep"
-    helpers.launch(
+    proc = helpers.launch(
         tmp_path,
         "-m",
         "train.seed=1,2,3",
         "hydra/launcher=local",
-        "hydra.sweeper.max_batch_size=2",
         f"hydra.sweep.dir={sweep_dir}",
         "debug=toy",
         "train.steps=20",
         "tracking.enabled=false",
         check=True,
         timeout=600,
+        prefix=["taskset", "-c", ",".join(map(str, sorted(os.sched_getaffinity(0))[:2]))],
     )
+    assert "local launcher: at most 2 job(s) at a time" in proc.stdout + proc.stderr
     logs = [p for p in sweep_dir.rglob("launch.log") if ".submitit" not in p.parts]
     assert len(logs) == 3, logs
     spans = sorted(_log_span(p) for p in logs)

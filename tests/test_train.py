@@ -101,7 +101,7 @@ def test_short_training_improves_samples(tmp_path, loss, N):
     assert {"config.yaml", "checkpoints.txt", "figures"} <= artifacts
     figures = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
     assert any(p.endswith("steps.png") for p in figures)
-    assert run.data.tags["git.commit"] and run.data.tags["device"] == "cpu"
+    assert run.data.tags["mlflow.source.git.commit"] and run.data.tags["device"] == "cpu"
 
 
 @pytest.mark.slow

@@ -203,8 +203,9 @@ class Draws:
     """One step's random draws for this rank's share of the global batch (`draw`), consumed by `loss`.
 
     `times` hold one entry per group of `group` particles (IMM: (t, s, r) per group of M; FM: (t, s)
-    per sample), `noise` and the labels one entry per sample. `draws[a:b]` are the draws of samples
-    a..b-1 (a micro-batch; a and b multiples of `group`, so a group is never split).
+    per sample), `noise`, the labels and the augmentation parameters one entry per sample (the
+    augmentation is drawn once per group and repeated for its particles). `draws[a:b]` are the draws of
+    samples a..b-1 (a micro-batch; a and b multiples of `group`, so a group is never split).
     """
 
     times: tuple[Tensor, ...]
@@ -212,6 +213,7 @@ class Draws:
     labels_student: Tensor | None
     labels_target: Tensor | None
     group: int = 1
+    augment: Tensor | None = None  # parameter rows for the objective's `augment`; None: no augmentation
 
     def __len__(self) -> int:
         return self.noise.shape[0]
@@ -226,7 +228,8 @@ class Draws:
 
         g = slice(a // self.group, b // self.group)
         times = tuple(v[g] for v in self.times)
-        return Draws(times, self.noise[a:b], cut(self.labels_student), cut(self.labels_target), self.group)
+        labels = cut(self.labels_student), cut(self.labels_target)
+        return Draws(times, self.noise[a:b], *labels, self.group, cut(self.augment))
 
 
 class _Objective:
@@ -239,6 +242,10 @@ class _Objective:
     `draw(x, labels, generator)` makes one step's draws for this rank's share x; `loss(net, x, draws)`
     evaluates the loss on the share or on a micro-batch of it (`draws[a:b]`, gradient accumulation);
     calling the objective does both on the whole share.
+
+    `augment` (optional, imm.data.augment.Augment): `augment.draw(n, generator, device)` gives n parameter
+    rows, `augment(x, rows)` the transformed clean samples and the labels the network is conditioned on.
+    Drawn last, so a run without it draws exactly what it drew before augmentation existed.
     """
 
     def __init__(
@@ -249,6 +256,7 @@ class _Objective:
         T: float,
         label_dropout: float = 0.0,
         num_classes: int = 0,
+        augment=None,
         rank: int = 0,
         world_size: int = 1,
     ):
@@ -264,6 +272,7 @@ class _Objective:
         self.param, self.schedule, self.sigma_data = param, param.schedule, param.sigma_data
         self.eps, self.T = float(eps), float(T)
         self.label_dropout, self.num_classes = float(label_dropout), int(num_classes)
+        self.augment = augment
         self.rank, self.world_size = rank, world_size
 
     def _local(self, draw: Tensor) -> Tensor:
@@ -286,6 +295,20 @@ class _Objective:
             return labels
         drop = self._rand(labels.shape[0], generator, labels.device) < self.label_dropout
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
+
+    def _draw_augment(self, n_local: int, group: int, generator, device) -> Tensor | None:
+        """Augmentation parameters for n_local samples, drawn once per group of `group` samples (for the
+        global batch; this rank keeps its slice) and repeated for each sample of the group."""
+        if self.augment is None:
+            return None
+        rows = self.augment.draw(n_local // group * self.world_size, generator, device)
+        return self._local(rows).repeat_interleave(group, dim=0)
+
+    def _augmented(self, x: Tensor, draws: Draws) -> tuple[Tensor, Tensor | None]:
+        """(the clean samples as the network learns them, their augmentation labels or None)."""
+        if draws.augment is None:
+            return x, None
+        return self.augment(x, draws.augment)
 
     def _interpolate(self, x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """x_t = alpha_t x + sigma_t eps (the same eps gives x_r = DDIM(x_t, x, r, t), App. C.2)."""
@@ -315,6 +338,11 @@ class IMMObjective(_Objective):
     `target_fp32` runs the target pass outside autocast; `share_dropout` replays the student's
     RNG state so both passes use the same dropout masks; `drop_target_labels` feeds the target the
     same dropped labels as the student (default: the undropped labels, as in OS-code).
+
+    With `augment`, one transform per group, applied to its M clean samples; x_t and x_r come from the
+    transformed x and both passes get its labels. Each group's MMD then compares distributions given one
+    augmentation, so the loss vanishes only if the model is self-consistent for each, the un-augmented one
+    that sampling uses included (per particle it would compare mixtures; docs/images.md, EDM augmentation).
     """
 
     def __init__(
@@ -334,6 +362,7 @@ class IMMObjective(_Objective):
         drop_target_labels: bool = False,
         target_fp32: bool = True,
         share_dropout: bool = True,
+        augment=None,
         rank: int = 0,
         world_size: int = 1,
     ):
@@ -343,6 +372,7 @@ class IMMObjective(_Objective):
             T=mapping.T,
             label_dropout=label_dropout,
             num_classes=num_classes,
+            augment=augment,
             rank=rank,
             world_size=world_size,
         )
@@ -365,7 +395,8 @@ class IMMObjective(_Objective):
 
     def draw(self, x: Tensor, labels: Tensor | None = None, generator=None, times=None) -> Draws:
         """This step's draws for the local batch x [B, ...], B divisible by M: (t, s, r) per group, then
-        noise, then label drops, each for the global batch (the order fixes every result).
+        noise, then label drops, then the augmentation per group, each for the global batch (the order
+        fixes every result).
 
         `times` = (t, s, r), each [B / M], evaluates the loss at chosen times instead of drawing them.
         """
@@ -380,7 +411,8 @@ class IMMObjective(_Objective):
         noise = self._noise(x, generator)
         labels_student = self._drop_labels(labels, generator)
         labels_target = labels_student if self.drop_target_labels else labels
-        return Draws((t, s, r), noise, labels_student, labels_target, group=M)
+        augment = self._draw_augment(B, M, generator, x.device)
+        return Draws((t, s, r), noise, labels_student, labels_target, group=M, augment=augment)
 
     def loss(self, net, x: Tensor, draws: Draws, *, target=None):
         """(loss, diagnostics) for samples x [B, ...] (the share or a micro-batch of whole groups) and
@@ -391,14 +423,17 @@ class IMMObjective(_Objective):
         t, s, r = draws.times
         noise, labels_student, labels_target = draws.noise, draws.labels_student, draws.labels_target
         t_b, s_b, r_b = (v.repeat_interleave(M) for v in (t, s, r))  # every particle of a group shares them
+        x, augment_labels = self._augmented(x, draws)  # one x for both passes (x_r reuses x_t's x and eps)
         x_t = self._interpolate(x, noise, t_b)
         x_r = self._interpolate(x, noise, r_b)
 
         # Target first: its activations are freed before the student's are stored (lower peak memory).
         rng = _rng_state(x.device) if self.share_dropout else None
         with torch.no_grad(), _replay_rng(rng, x.device), _fp32(x.device, self.target_fp32):
-            y_sr = self.param.f(target if target is not None else net, x_r, s_b, r_b, labels_target)
-        y_st = self.param.f(net, x_t, s_b, t_b, labels_student)
+            y_sr = self.param.f(
+                target if target is not None else net, x_r, s_b, r_b, labels_target, augment_labels=augment_labels
+            )
+        y_st = self.param.f(net, x_t, s_b, t_b, labels_student, augment_labels=augment_labels)
 
         w_tilde = kernel_weight(self.weighting, self.param, s, t)
         w = time_weight(self.schedule, t, self.a, self.b).to(device=x.device, dtype=torch.float32)
@@ -438,20 +473,22 @@ class FMObjective(_Objective):
         super().__init__(param, eps=eps, T=T, **kw)
 
     def draw(self, x: Tensor, labels: Tensor | None = None, generator=None) -> Draws:
-        """This step's draws for the local batch x: (t, s) per sample, then noise, then label drops."""
+        """This step's draws for the local batch x: (t, s) per sample, then noise, then label drops, then
+        the augmentation per sample (regression needs no groups)."""
         B = x.shape[0]
         t = self.eps + (self.T - self.eps) * self._rand(B, generator, x.device)
         s = self.eps + (t - self.eps) * self._rand(B, generator, x.device)
         noise = self._noise(x, generator)
         labels = self._drop_labels(labels, generator)
-        return Draws((t, s), noise, labels, labels)
+        return Draws((t, s), noise, labels, labels, augment=self._draw_augment(B, 1, generator, x.device))
 
     def loss(self, net, x: Tensor, draws: Draws, *, target=None):
         """(loss, diagnostics) for samples x (the share or a micro-batch) and their draws."""
         self._check_draws(x, draws)
         (t, s), noise, labels = draws.times, draws.noise, draws.labels_student
+        x, augment_labels = self._augmented(x, draws)
         x_t = self._interpolate(x, noise, t)
-        G = self.param.net_output(net, x_t, s, t, labels)
+        G = self.param.net_output(net, x_t, s, t, labels, augment_labels=augment_labels)
         # G* = A x + B_noise eps with float64 coefficients (t floored: euler_fm's g_c_out(0) = 0).
         t_safe = t.clamp(min=C_OUT_FLOOR)
         c_skip, c_out = self.param.g_c_skip(t_safe), self.param.g_c_out(t_safe)

@@ -76,6 +76,7 @@ class Parameterization:
         t,
         labels=None,
         *,
+        augment_labels: Tensor | None = None,
         guidance: float = 1.0,
         null_label: int | None = None,
         net_dtype: torch.dtype | None = None,
@@ -84,13 +85,16 @@ class Parameterization:
 
         With guidance w != 1 (Eq. 14): G^w = w G(c) + (1 - w) G(null), computed in ONE network call
         on a doubled batch. `net_dtype` is what the network sees (float32 when x_t is float64, as in
-        the sampler: spec section 4, "x and t in float64, the network in float32").
+        the sampler: spec section 4, "x and t in float64, the network in float32"). `augment_labels`
+        [B, augment_dim] (training with augmentation) reach the net only when given: sampling passes none.
         """
         B = x_t.shape[0]
         s, t = (f64(v).to(x_t.device).expand(B) for v in (s, t))  # scalars or [B]
         net_dtype = net_dtype or (torch.float32 if x_t.dtype == torch.float64 else x_t.dtype)
         x_in = (bcast(self.c_in(t), x_t) * x_t).to(net_dtype)
         noise_t, noise_2 = (v.to(torch.float32) for v in self.noise_inputs(s, t))
+        # only when given: a network trained without augmentation has no such input
+        augment = {} if augment_labels is None else {"augment_labels": augment_labels}
         if guidance != 1.0:
             if labels is None or null_label is None:
                 raise ValueError("classifier-free guidance needs class labels and the null label index")
@@ -100,10 +104,11 @@ class Parameterization:
                 torch.cat([noise_t, noise_t]),
                 torch.cat([noise_2, noise_2]),
                 torch.cat([labels, null]),
+                **{k: torch.cat([v, v]) for k, v in augment.items()},
             ).chunk(2)
             G = G_u + guidance * (G_c - G_u)
         else:
-            G = net(x_in, noise_t, noise_2, labels)
+            G = net(x_in, noise_t, noise_2, labels, **augment)
         return G.to(x_t.dtype)
 
     def f(self, net: Net, x_t: Tensor, s, t, labels=None, **kw) -> Tensor:

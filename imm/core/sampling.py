@@ -101,6 +101,14 @@ def time_grid(
     return edm_grid(N, schedule, T, eps, rho)
 
 
+def nfe(N: int, guidance: float = 1.0) -> int:
+    """Network function evaluations of an N-step sample: one network call per step with either sampler;
+    with guidance w != 1 each call runs on a doubled batch (conditional and null label, Eq. 14), which
+    counts as 2, as the paper counts it (Table 2's footnote: NFE is twice the number of steps)."""
+    _check_steps(N)
+    return int(N) * (1 if float(guidance) == 1.0 else 2)
+
+
 def _check_steps(N: int) -> None:
     if int(N) != N or N < 1:
         raise ValueError(f"the number of sampling steps must be a positive integer, got {N}")

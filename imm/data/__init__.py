@@ -12,17 +12,23 @@ as a :class:`DataBundle`.  Conventions shared by every dataset:
   for unconditional datasets and a LongTensor ``[b]`` otherwise.
 * ``bundle.unscale(x)`` maps model-space samples back to data space: the
   original coordinates for points, pixel values in [0, 255] for images.
+* ``bundle.to_images(x)``: image samples in [-1, 1]; for ``latents`` (VAE latents of images,
+  :mod:`imm.data.latents`) the VAE decodes them, everywhere else they already are images.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
 SIGMA_DATA = 0.5
+
+if TYPE_CHECKING:
+    from imm.data.latents import LatentCodec
 
 
 class DataError(ValueError):
@@ -41,7 +47,7 @@ from imm.data import images, points, toy  # noqa: E402
 from imm.data.loader import InMemoryDataset, ResumableBatches  # noqa: E402
 from imm.data.points import Standardizer, load_points  # noqa: E402
 
-IMAGE_NAMES = ["digits", "mnist", "cifar10", "folder"]
+IMAGE_NAMES = ["digits", "mnist", "cifar10", "folder", "latents"]
 DATASET_NAMES = [*toy.NAMES, "points", *IMAGE_NAMES]
 # The library's defaults, which the config schema (imm.config.DataConfig) takes as its own.
 DEFAULT_TOY_TRAIN = 100_000
@@ -64,6 +70,8 @@ class DataBundle:
         num_classes: 0 for unconditional data.
         standardizer: point data only, else ``None``; save ``standardizer.state_dict()``
             in checkpoints to undo the scaling later.
+        latents: ``latents`` only, else ``None``: the normalisation and the VAE that decodes
+            (:class:`imm.data.latents.LatentCodec`); checkpoints save ``latents.state_dict()``.
     """
 
     name: str
@@ -73,6 +81,11 @@ class DataBundle:
     shape: tuple[int, ...]
     num_classes: int
     standardizer: Standardizer | None = None
+    latents: LatentCodec | None = None
+
+    def to_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Image samples [N, C, H, W] in [-1, 1]: decoded by the VAE for latents, else x itself."""
+        return x if self.latents is None else self.latents.decode(x)
 
     def unscale(self, x: torch.Tensor) -> torch.Tensor:
         """Map model-space samples to data space (points: original units; images: [0, 255] floats)."""
@@ -94,6 +107,10 @@ def build_dataset(
     download: bool = False,
     hflip: bool = False,
     class_subfolders: bool | None = None,
+    vae: str | None = None,
+    latent_mean=None,
+    latent_std=None,
+    source_root: str | None = None,
 ) -> DataBundle:
     """Build the dataset called ``name`` (one of :data:`DATASET_NAMES`).
 
@@ -125,6 +142,19 @@ def build_dataset(
     if key in ("points", "npy"):
         train, heldout = points.split_points(load_points(path), heldout_fraction, seed)
         return _points_bundle("points", train, heldout)
+    if key == "latents":
+        from imm.data import latents
+
+        dataset, codec = latents.load(
+            root,
+            resolution=resolution,
+            hflip=hflip,
+            vae=vae,
+            latent_mean=latent_mean,
+            latent_std=latent_std,
+            source_root=source_root,
+        )
+        return DataBundle(key, "images", dataset, None, dataset.shape, dataset.num_classes, latents=codec)
     if key in IMAGE_NAMES:
         builders: dict[str, Callable[..., Any]] = {
             "digits": lambda: images.digits(resolution=resolution, hflip=hflip),
@@ -163,6 +193,19 @@ def _points_bundle(name: str, train: torch.Tensor, heldout: torch.Tensor) -> Dat
     )
 
 
+def digest(bundle: DataBundle) -> str:
+    """8 hex digits of sha256 over the training samples and labels as loaded (files on disk: their relative
+    paths and sizes): two runs on the same data share it (MLflow's dataset digest)."""
+    h = hashlib.sha256()
+    train = bundle.train
+    if hasattr(train, "file_listing"):  # files on disk (image folder, latent shards): reading them all costs minutes
+        h.update(train.file_listing().encode())
+    else:
+        h.update(train.data.contiguous().view(torch.uint8).numpy())
+    h.update(train.labels.contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()[:8]
+
+
 def _derived_seed(seed: int, stream: int) -> int:
     """An independent seed for a second random stream (e.g. held-out data) from one user seed."""
     return int(np.random.SeedSequence([seed % 2**64, stream]).generate_state(1)[0])
@@ -175,6 +218,7 @@ __all__ = [
     "DataNotFoundError",
     "DataBundle",
     "build_dataset",
+    "digest",
     "InMemoryDataset",
     "ResumableBatches",
     "Standardizer",

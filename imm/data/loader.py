@@ -169,7 +169,11 @@ class ResumableBatches:
             if self._iter is None:
                 self._sampler.start = (self.epoch, self.position)
                 self._iter = iter(self._loader)
-            x, labels = _split_batch(next(self._iter))
+            try:
+                batch = next(self._iter)
+            except DataError as e:
+                raise _own_sentence(e) from None
+            x, labels = _split_batch(batch)
         self.position += 1
         if self.position == self.batches_per_epoch:
             self.epoch, self.position = self.epoch + 1, 0
@@ -289,6 +293,14 @@ class _ItemsWithFlips(Dataset):
     def __getitem__(self, item):
         index, flip = item
         return self.dataset.get(index, flip)
+
+
+def _own_sentence(e: DataError) -> DataError:
+    """A DataError raised in a DataLoader worker, which torch re-raises here with the worker's traceback in its
+    message ("Caught DataError in DataLoader worker ..."), as the worker's one sentence."""
+    lines = str(e).strip().splitlines()
+    prefix = f"{DataError.__module__}.{DataError.__name__}: "
+    return DataError(lines[-1][len(prefix) :]) if len(lines) > 1 and lines[-1].startswith(prefix) else e
 
 
 def _split_batch(batch) -> tuple[torch.Tensor, torch.Tensor | None]:

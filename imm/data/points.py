@@ -9,10 +9,11 @@ import numpy as np
 import torch
 
 from imm.data import DataError, DataNotFoundError
+from imm.evaluation.metrics import MIN_POINTS
 
-# A held-out set smaller than this says nothing useful about generalisation,
-# and a file smaller than twice it cannot give both splits that many rows.
-MIN_HELDOUT_ROWS = 4
+# The evaluation's metrics need this many held-out points (and the noise floor as many training
+# points), so a file smaller than twice it cannot give both splits that many rows.
+MIN_HELDOUT_ROWS = MIN_POINTS
 MIN_ROWS = 2 * MIN_HELDOUT_ROWS
 
 
@@ -26,15 +27,16 @@ def load_points(path: str | Path | None, min_rows: int = MIN_ROWS) -> torch.Tens
         raise DataNotFoundError(
             f"Points file {str(file)!r} {what}; set data.path to a .npy file holding an [N, D] array."
         )
+    _check_npy(file)
     try:
         array = np.load(file, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
+        what = (
+            "holds Python objects (dtype=object), not numbers" if "Object arrays" in str(err) else f"is damaged ({err})"
+        )
         raise DataError(
-            f"Could not read {str(file)!r} as a .npy array ({err}); save the points with numpy.save(path, array)."
+            f"Points file {str(file)!r} {what}; save a numeric [N, D] array with numpy.save(path, array)."
         ) from None
-    if isinstance(array, np.lib.npyio.NpzFile):
-        array.close()
-        raise DataError(f"{str(file)!r} is an .npz archive; save a single [N, D] array with numpy.save instead.")
     if array.ndim != 2:
         raise DataError(
             f"Points file {str(file)!r} holds an array of shape {tuple(array.shape)}; "
@@ -57,6 +59,44 @@ def load_points(path: str | Path | None, min_rows: int = MIN_ROWS) -> torch.Tens
             f"in {bad_rows.size} rows, the first at row {int(bad_rows[0])}; remove or fix those rows."
         )
     return torch.from_numpy(array)
+
+
+NPY_MAGIC, NPZ_MAGIC, PICKLE = b"\x93NUMPY", b"PK\x03\x04", b"\x80"
+
+
+def _check_npy(file: Path) -> None:
+    """A DataError that says what `file` is when it is not a .npy array (numpy would call a CSV "pickled data")."""
+    try:
+        with open(file, "rb") as f:
+            head = f.read(4096)
+    except OSError as err:
+        raise DataError(f"Points file {str(file)!r} cannot be read ({err.strerror}); check its permissions.") from None
+    if head.startswith(NPY_MAGIC):
+        return
+    fix = "save an [N, D] array with numpy.save(path, array)"
+    if not head:
+        what = "is empty"
+    elif head.startswith(NPZ_MAGIC):
+        what, fix = (
+            "is an .npz archive (or another zip file), not a .npy array",
+            "save a single [N, D] array with numpy.save",
+        )
+    elif head.startswith(PICKLE):
+        what = "is a Python pickle, not a .npy array"
+    elif _is_text(head):
+        what = "is a text file (CSV or similar), not a .npy array"
+        fix = f"convert it once: numpy.save('points.npy', numpy.loadtxt({str(file)!r}, delimiter=','))"
+    else:
+        what = "is not a .npy array (it lacks numpy's header)"
+    raise DataError(f"Points file {str(file)!r} {what}; {fix}.")
+
+
+def _is_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:  # a multi-byte character cut at the end of the 4 kB is still text
+        return err.start >= len(head) - 3 and b"\x00" not in head
+    return b"\x00" not in head
 
 
 def split_points(points: torch.Tensor, heldout_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

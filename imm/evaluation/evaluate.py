@@ -78,15 +78,26 @@ def ratio_family(family: str, n: int) -> str:
     return f"{family}_ratio{count_tag(n)}"
 
 
+def nfe_metric(steps: int, guidance: float = 1.0, prefix: str = "eval") -> str:
+    """eval/nfe_2step, eval/nfe_2step_w1.5: the network evaluations of that sampling (sampling.nfe)."""
+    return f"{prefix}/nfe_{steps}step{guidance_tag(guidance)}"
+
+
 def default_fid_cache() -> Path:
     """$XDG_CACHE_HOME/imm/fid, i.e. ~/.cache/imm/fid by default."""
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "imm" / "fid"
 
 
 def fid_dataset_key(bundle, root: str | None = None) -> str:
-    """What identifies the FID reference set: dataset, image shape, size (and the folder for data=folder)."""
-    key = f"{bundle.name}|{'x'.join(map(str, bundle.shape))}|n={len(bundle.train)}"
-    return f"{key}|root={Path(root).expanduser().resolve()}" if bundle.name == "folder" and root else key
+    """What identifies the FID reference set: dataset, image shape, size (and the folder for data=folder);
+    for data=latents the images the latents were encoded from."""
+    if bundle.latents is not None:
+        src = bundle.latents.source
+        name, shape, n, root = src["name"], src["shape"], src["count"], src["root"]
+    else:
+        name, shape, n = bundle.name, bundle.shape, len(bundle.train)
+    key = f"{name}|{'x'.join(map(str, shape))}|n={n}"
+    return f"{key}|root={Path(root).expanduser().resolve()}" if name == "folder" and root else key
 
 
 def fid_cache_file(cache_dir, dataset_key: str, feature_net: str) -> Path:
@@ -197,6 +208,8 @@ class Evaluator:
         if int(draws) < 1:
             raise ValueError(f"draws must be a positive integer, got {draws}")
         self.bundle, self.param, self.device = bundle, param, torch.device(device)
+        if bundle.latents is not None:  # the VAE that decodes: loaded once, here, on the process that evaluates
+            bundle.latents.load(self.device)
         self.steps, self.sampler, self.guidance = [int(n) for n in steps], sampler, float(guidance)
         self.T, self.eps, self.grid, self.two_step_eta = T, eps, grid, two_step_eta
         self.etas = None if etas is None else [float(e) for e in etas]
@@ -255,6 +268,8 @@ class Evaluator:
                 batch_size=batch_size,
                 allow_download=allow_download,
             )
+            if bundle.latents is not None and (cache is None or not cache.is_file()):
+                bundle.latents.check_source()  # the reference images are read at the first FID, long after this
 
     @classmethod
     def from_options(cls, options, bundle, param, *, T: float, eps: float, device="cpu", data_root=None, **overrides):
@@ -425,7 +440,7 @@ class Evaluator:
             for N in self.steps if steps is None else steps:
                 stream = self._decode(net, N, self._fresh_batches(self.fid_n_samples), float(w))
                 try:
-                    value = fe.fid(x.float() for x in stream)
+                    value = fe.fid(self.bundle.to_images(x).float() for x in stream)
                 finally:
                     stream.close()
                 results[fid_metric(self.fid_n_samples, N, w)] = value  # NaN (with a warning) for non-finite samples
@@ -452,8 +467,9 @@ class Evaluator:
         return out
 
     def _reference_batches(self):
-        """The training images (unflipped) in batches, read only when the cache has no statistics."""
-        ds = self.bundle.train
+        """The training images (unflipped; for latents the encoded ones) in batches, read only when the cache has
+        no statistics."""
+        ds = self.bundle.train if self.bundle.latents is None else self.bundle.latents.source_images()
         data = getattr(ds, "data", None)
         if isinstance(data, torch.Tensor):  # in-memory sets: float [-1, 1] or uint8
             yield from data.split(self.batch_size)
@@ -478,7 +494,13 @@ class Evaluator:
             results.update(self.classifier_results(net))
         if self.fid_evaluator is not None:
             results.update(self.fid_results(net))
+        results.update(self.nfe_results())
         return results, self.figures(by_steps, panel_text), by_steps
+
+    def nfe_results(self) -> dict:
+        """{eval/nfe_<N>step[_w<g>]: NFE} for every step count and guidance scale evaluated (Table 2's count)."""
+        scales = dict.fromkeys([self.guidance, *(self.fid_guidances if self.fid_evaluator is not None else [])])
+        return {nfe_metric(N, w): sampling.nfe(N, w) for w in scales for N in self.steps}
 
     def figures(self, by_steps, panel_text=None) -> dict:
         if self.bundle.kind == "points":
@@ -490,6 +512,6 @@ class Evaluator:
             return {"figures/steps.png": fig}
         return {
             "figures/steps.png": figures.step_comparison_images(
-                {N: x.float() for N, x in by_steps.items()}, max_images=10
+                {N: self.bundle.to_images(x[:10].float()) for N, x in by_steps.items()}, max_images=10
             )
         }  # classes 0-9 for labelled sets

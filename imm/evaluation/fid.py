@@ -9,7 +9,6 @@ accumulation and the Fréchet distance. What it lacks, and what lives here, is
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from imm.nets import module_fingerprint
 
 # Official TF Inception weights converted by torch-fidelity; this is the URL the library
 # downloads from (torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3). It is
@@ -131,16 +132,6 @@ class _FeatureAdapter(nn.Module):
         return self.net(images)
 
 
-def _module_fingerprint(net: nn.Module) -> str:
-    """Hash of the architecture name and all weights, so a changed net invalidates caches."""
-    h = hashlib.sha256(type(net).__qualname__.encode())
-    for name, tensor in net.state_dict().items():
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _iter_batches(images: ImageBatches, batch_size: int):
     """Yields image tensors from a tensor (split into batches) or an iterable of batches.
 
@@ -199,7 +190,7 @@ class FIDEvaluator:
         feature_net.eval()
         self._feature_key = {
             "net": type(feature_net).__qualname__,
-            "weights_sha256": _module_fingerprint(feature_net),
+            "weights_sha256": module_fingerprint(feature_net),
             "feature_input": feature_input,
         }
         adapter = _FeatureAdapter(feature_net, feature_input)

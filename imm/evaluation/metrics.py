@@ -18,38 +18,49 @@ import torch
 
 # Pairwise-distance blocks hold at most this many entries (32 MB in float64).
 _BLOCK_ELEMENTS = 1 << 22
+# The k of the k-NN precision/recall, and so the fewest points a set may hold (a point's k-th nearest
+# neighbour among the others): the held-out data and the samples of every point-data evaluation.
+KNN_K = 5
+MIN_POINTS = KNN_K + 1
 
 ArrayLike = np.ndarray | torch.Tensor
 
 # Metric families (the part of "eval/<family>_<N>step[_w<scale>]" before the step count) where lower
 # is better: the training run tracks their best value per step count. A family may carry the sample
 # count it was measured at (fid5k, energy_ratio5k, fd_ratio1438). Precision, recall and accuracy (higher
-# is better), the floors and the energy's sd are not tracked.
+# is better), the floors, the energy's sd and the NFE are not tracked.
 _LOWER_IS_BETTER = re.compile(r"(energy|sw2|fd)|(energy_ratio|fd_ratio|fid)\d+k?")
 # The metric that picks a step count's best checkpoint, by preference: the one each kind of data has.
 PRIMARY = ("energy_ratio", "fd_ratio", "fid")
-_METRIC_NAME = re.compile(r"^[^/]+/(?P<family>.+?)_(?P<steps>\d+)step(?P<w>_w[^_/]+)?$")
+_METRIC_NAME = re.compile(r"^[^/]+/(?P<family>.+?)_(?P<steps>\d+)step(?:_w(?P<guidance>[^_/]+))?$")
 # Point data: below this many samples per evaluation the ED floor (about E|X - X'| (1/n + 1/m)) swamps
 # a model's distance: its ratio keeps less than half of its excess over 1 at n = m = 5000
 # (docs/results.md#how-many-samples).
 MIN_POINT_SAMPLES = 2000
 
 
+def metric_parts(name: str) -> tuple[str, int, str | None] | None:
+    """("energy_ratio5k", 2, None) for eval/energy_ratio5k_2step, ("fid5k", 2, "1.5") for eval/fid5k_2step_w1.5;
+    None for a name without a step count (eval/energy_floor, train/loss)."""
+    m = _METRIC_NAME.match(name)
+    return (m["family"], int(m["steps"]), m["guidance"]) if m else None
+
+
 def lower_is_better(name: str) -> bool:
     """True for eval/energy_ratio5k_2step, eval/fid5k_2step_w1.5; False for eval/recall_1step, eval/energy_floor."""
-    m = _METRIC_NAME.match(name)
-    return m is not None and _LOWER_IS_BETTER.fullmatch(m["family"]) is not None
+    parts = metric_parts(name)
+    return parts is not None and _LOWER_IS_BETTER.fullmatch(parts[0]) is not None
 
 
 def primary_metrics(results: dict) -> dict[str, str]:
     """{"<N>step[_w<g>]": the name of its PRIMARY metric} for the step counts (and scales) in `results`."""
     found = {}
     for name in results:
-        m = _METRIC_NAME.match(name)
-        if m is None:
+        if (parts := metric_parts(name)) is None:
             continue
-        rank = next((i for i, p in enumerate(PRIMARY) if re.fullmatch(rf"{p}\d+k?", m["family"])), None)
-        key = f"{m['steps']}step{m['w'] or ''}"
+        family, steps, guidance = parts
+        rank = next((i for i, p in enumerate(PRIMARY) if re.fullmatch(rf"{p}\d+k?", family)), None)
+        key = f"{steps}step" + (f"_w{guidance}" if guidance else "")
         if rank is not None and (key not in found or rank < found[key][0]):
             found[key] = (rank, name)
     return {key: name for key, (_, name) in found.items()}
@@ -169,7 +180,7 @@ def _fraction_covered(queries: torch.Tensor, centers: torch.Tensor, radii: torch
 
 
 @torch.no_grad()
-def knn_precision_recall(real: ArrayLike, fake: ArrayLike, k: int = 5) -> tuple[float, float]:
+def knn_precision_recall(real: ArrayLike, fake: ArrayLike, k: int = KNN_K) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al., 2019).
 
     Each set's support is estimated as the union of balls reaching each sample's k-th
@@ -187,7 +198,7 @@ def knn_precision_recall(real: ArrayLike, fake: ArrayLike, k: int = 5) -> tuple[
 def point_metrics(
     samples: ArrayLike,
     heldout: ArrayLike,
-    k: int = 5,
+    k: int = KNN_K,
     n_projections: int = 256,
     seed: int = 0,
 ) -> dict[str, float]:
@@ -208,7 +219,7 @@ def point_metrics(
 def noise_floor(
     data_a: ArrayLike,
     data_b: ArrayLike,
-    k: int = 5,
+    k: int = KNN_K,
     n_projections: int = 256,
     seed: int = 0,
 ) -> dict[str, float]:

@@ -4,7 +4,8 @@ The IMM CIFAR-10 model (spec Table 5 notes) is SongUNet with the DDPM++ settings
 channels, channel_mult [2,2,2], 4 blocks per resolution, attention at 16x16, dropout 0.2,
 positional time embedding, standard encoder/decoder, [1,1] resampling filter. IMM adds a second
 time input s with its own 2-layer MLP: the t path (time features + label embedding -> MLP) and
-the s path (time features -> MLP) are summed and then passed through SiLU (spec §1.3).
+the s path (time features -> MLP) are summed and then passed through SiLU (spec §1.3). With
+augment_dim > 0, EDM's augmentation labels enter the t path like the class label (EDM's map_augment).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imm.nets.embeddings import check_inputs, sinusoidal_embedding
+from imm.nets.embeddings import augment_embedding, check_inputs, sinusoidal_embedding
 
 
 def _init_weight(weight: torch.Tensor, scale: float) -> None:
@@ -191,6 +192,7 @@ class DDPMpp(nn.Module):
         dropout: float = 0.2,
         resample_filter: Sequence[int] = (1, 1),
         adaptive_scale: bool = False,
+        augment_dim: int = 0,
     ):
         super().__init__()
         levels = len(channel_mult)
@@ -204,6 +206,7 @@ class DDPMpp(nn.Module):
         self.in_channels = in_channels
         self.out_channels = in_channels
         self.num_classes = num_classes
+        self.augment_dim = augment_dim
         emb_channels = model_channels * channel_mult_emb
         self.noise_channels = model_channels * channel_mult_noise
         block_kwargs = dict(
@@ -220,6 +223,7 @@ class DDPMpp(nn.Module):
             self.map_label = nn.Embedding(num_classes + 1, self.noise_channels)
             # Unit-scale rows, like the sin/cos features they are added to.
             nn.init.normal_(self.map_label.weight)
+        self.map_augment = augment_embedding(augment_dim, self.noise_channels)
         self.map_layer0 = _linear(self.noise_channels, emb_channels)
         self.map_layer1 = _linear(emb_channels, emb_channels)
         self.map_layer0_s = _linear(self.noise_channels, emb_channels)
@@ -274,9 +278,12 @@ class DDPMpp(nn.Module):
         noise_t: torch.Tensor,
         noise_s: torch.Tensor,
         labels: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         shape = (self.in_channels, self.img_resolution, self.img_resolution)
-        labels = check_inputs("DDPM++", x, shape, noise_t, noise_s, labels, self.num_classes)
+        labels = check_inputs(
+            "DDPM++", x, shape, noise_t, noise_s, labels, self.num_classes, augment_labels, self.augment_dim
+        )
 
         channels_last = self.channels_last_on_cpu and x.device.type == "cpu"
         if channels_last:
@@ -285,6 +292,8 @@ class DDPMpp(nn.Module):
         emb_t = self._time_features(noise_t)
         if labels is not None:
             emb_t = emb_t + self.map_label(labels).to(emb_t.dtype)
+        if augment_labels is not None:
+            emb_t = emb_t + self.map_augment(augment_labels.to(emb_t.dtype))
         emb_t = self.map_layer1(F.silu(self.map_layer0(emb_t)))
         emb_s = self.map_layer1_s(F.silu(self.map_layer0_s(self._time_features(noise_s))))
         emb = F.silu(emb_t + emb_s)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imm.nets.embeddings import LabelEmbedder, TimeEmbedder, check_inputs
+from imm.nets.embeddings import LabelEmbedder, TimeEmbedder, augment_embedding, check_inputs
 
 # Sizes of the DiT paper (Table 1); the suffix is the patch size.
 DIT_PRESETS: dict[str, dict[str, int]] = {
@@ -134,6 +134,7 @@ class DiT(nn.Module):
         mlp_ratio: float = 4.0,
         num_classes: int = 0,
         dropout: float = 0.0,
+        augment_dim: int = 0,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -149,11 +150,13 @@ class DiT(nn.Module):
         self.out_channels = in_channels
         self.patch_size = patch_size
         self.num_classes = num_classes
+        self.augment_dim = augment_dim
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimeEmbedder(hidden_size, freq_dim=256)
         self.s_embedder = TimeEmbedder(hidden_size, freq_dim=256)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
+        self.augment_embedder = augment_embedding(augment_dim, hidden_size)
         grid = input_size // patch_size
         # A buffer, not a parameter: DiT keeps the position table fixed.
         self.register_buffer("pos_embed", sincos_pos_embed_2d(hidden_size, grid).unsqueeze(0), persistent=False)
@@ -166,7 +169,8 @@ class DiT(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:  # the augmentation embedding has none
+                    nn.init.zeros_(module.bias)
         # Patch embedding initialised like a Linear layer over the flattened patch.
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -198,15 +202,20 @@ class DiT(nn.Module):
         noise_t: torch.Tensor,
         noise_s: torch.Tensor,
         labels: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         shape = (self.in_channels, self.input_size, self.input_size)
-        labels = check_inputs("DiT", x, shape, noise_t, noise_s, labels, self.num_classes)
+        labels = check_inputs(
+            "DiT", x, shape, noise_t, noise_s, labels, self.num_classes, augment_labels, self.augment_dim
+        )
 
         tokens = self.x_embedder(x)
         tokens = tokens + self.pos_embed.to(tokens.dtype)
         c = self.t_embedder(noise_t) + self.s_embedder(noise_s)
         if labels is not None:
             c = c + self.y_embedder(labels)
+        if augment_labels is not None:
+            c = c + self.augment_embedder(augment_labels.to(c.dtype))
         for block in self.blocks:
             tokens = block(tokens, c)
         return self.unpatchify(self.final_layer(tokens, c))

@@ -23,8 +23,7 @@ def sinusoidal_embedding(
     style) the last frequency stops one step short of 1/max_period; endpoint=True (EDM's
     PositionalEmbedding, used by DDPM++) reaches it exactly.
     """
-    if dim % 2:
-        raise ValueError(f"The sinusoidal embedding size must be even, got {dim}.")
+    _check_even(dim)
     half = dim // 2
     # float32 regardless of the input: the sampler may hand us float64 times, and under autocast
     # the sines of ~1000-valued arguments must not be taken in bf16/fp16.
@@ -33,6 +32,11 @@ def sinusoidal_embedding(
     freqs = torch.exp(-math.log(max_period) * steps)
     args = x.to(torch.float32)[:, None] * freqs[None, :]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def _check_even(dim: int) -> None:
+    if dim % 2:
+        raise ValueError(f"The sinusoidal embedding size must be even, got {dim}.")
 
 
 class TimeEmbedder(nn.Module):
@@ -50,6 +54,7 @@ class TimeEmbedder(nn.Module):
         endpoint: bool = False,
     ):
         super().__init__()
+        _check_even(freq_dim)  # when the network is built (before a run starts), not at its first forward
         self.freq_dim = freq_dim
         self.max_period = max_period
         self.endpoint = endpoint
@@ -118,14 +123,40 @@ def check_inputs(
     noise_s: torch.Tensor,
     labels: torch.Tensor | None,
     num_classes: int,
+    augment_labels: torch.Tensor | None = None,
+    augment_dim: int = 0,
 ) -> torch.Tensor | None:
     """The call contract of every network: x [B, *sample_shape], one time value per sample for each
-    time input, and the labels resolved by resolve_labels. Returns the labels to embed."""
+    time input, augmentation labels [B, augment_dim] or None, and the labels resolved by resolve_labels.
+    Returns the labels to embed."""
     if tuple(x.shape[1:]) != tuple(sample_shape) or x.ndim != len(sample_shape) + 1:
         dims = ", ".join(map(str, sample_shape))
         raise ValueError(f"{net} expects x of shape [B, {dims}], got {list(x.shape)}.")
     check_time_inputs(noise_t, noise_s, x.shape[0])
+    if augment_labels is not None:
+        if augment_dim == 0:
+            raise ValueError(
+                f"This {net} was built without augmentation labels (augment_dim=0) and cannot take them; pass"
+                " augment_labels=None or build it with augment_dim > 0."
+            )
+        if augment_labels.shape != (x.shape[0], augment_dim):
+            raise ValueError(
+                f"augment_labels must have shape [{x.shape[0]}, {augment_dim}], got {tuple(augment_labels.shape)}."
+            )
     return resolve_labels(labels, num_classes, x.shape[0], x.device)
+
+
+def augment_embedding(augment_dim: int, dim: int) -> nn.Linear | None:
+    """EDM's map_augment: augmentation labels [B, augment_dim] -> [B, dim], added to the conditioning.
+
+    Linear without a bias, so the all-zero labels of an un-augmented image add exactly nothing and
+    augment_labels=None (sampling) is the same as zeros. None when augment_dim is 0.
+    """
+    if augment_dim == 0:
+        return None
+    layer = nn.Linear(augment_dim, dim, bias=False)
+    nn.init.xavier_uniform_(layer.weight)
+    return layer
 
 
 def silu_sum(*parts: torch.Tensor | None) -> torch.Tensor:

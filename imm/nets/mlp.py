@@ -13,6 +13,7 @@ from torch import nn
 from imm.nets.embeddings import (
     LabelEmbedder,
     TimeEmbedder,
+    augment_embedding,
     check_inputs,
     silu_sum,
 )
@@ -51,6 +52,7 @@ class MLP(nn.Module):
         num_classes: 0 for an unconditional net; otherwise labels take values in
             [0, num_classes], index num_classes being the null label.
         dropout: dropout inside each residual block.
+        augment_dim: size of the augmentation labels (0: none), mapped linearly into the conditioning.
     """
 
     def __init__(
@@ -61,14 +63,17 @@ class MLP(nn.Module):
         emb_dim: int = 128,
         num_classes: int = 0,
         dropout: float = 0.0,
+        augment_dim: int = 0,
     ):
         super().__init__()
         self.dim = dim
         self.num_classes = num_classes
+        self.augment_dim = augment_dim
         # DDPM-style frequencies (max_period 10000) resolve inputs up to ~1000 = 1000*t.
         self.t_embedder = TimeEmbedder(emb_dim, freq_dim=emb_dim)
         self.s_embedder = TimeEmbedder(emb_dim, freq_dim=emb_dim)
         self.label_embedder = LabelEmbedder(num_classes, emb_dim) if num_classes > 0 else None
+        self.augment_embedder = augment_embedding(augment_dim, emb_dim)
         self.inp = nn.Linear(dim, width)
         self.blocks = nn.ModuleList(ResidualBlock(width, emb_dim, dropout) for _ in range(depth))
         self.out = nn.Linear(width, dim)
@@ -79,10 +84,14 @@ class MLP(nn.Module):
         noise_t: torch.Tensor,
         noise_s: torch.Tensor,
         labels: torch.Tensor | None = None,
+        augment_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        labels = check_inputs("MLP", x, (self.dim,), noise_t, noise_s, labels, self.num_classes)
+        labels = check_inputs(
+            "MLP", x, (self.dim,), noise_t, noise_s, labels, self.num_classes, augment_labels, self.augment_dim
+        )
         label_emb = self.label_embedder(labels) if labels is not None else None
-        emb = silu_sum(self.t_embedder(noise_t), self.s_embedder(noise_s), label_emb)
+        augment_emb = self.augment_embedder(augment_labels.to(x.dtype)) if augment_labels is not None else None
+        emb = silu_sum(self.t_embedder(noise_t), self.s_embedder(noise_s), label_emb, augment_emb)
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, emb)

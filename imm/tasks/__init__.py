@@ -1,11 +1,12 @@
-"""Commands that work on a training checkpoint: `--config-name sample` and `--config-name evaluate`.
+"""The commands besides training: `--config-name sample` and `--config-name evaluate` (on a training
+checkpoint) and `--config-name encode` (an image dataset into VAE latents, for data=latents).
 
 This module holds only their typed schemas (registered through `imm.config.register`, so a typo in
 `conf/sample.yaml`, `conf/evaluate.yaml` or on the command line fails while Hydra composes), built on
 the sampling options the training config's `eval` node uses (imm.config.SamplingOptions, EvalOptions):
 one name and one default per key. The commands themselves are `imm.tasks.sample.run` and
-`imm.tasks.evaluate.run`, which `imm.cli.run` picks by the config name; the helpers both use are in
-`imm.tasks.common`.
+`imm.tasks.evaluate.run` and `imm.tasks.encode.run`, which `imm.cli.run` picks by the config name; the
+helpers sample and evaluate share are in `imm.tasks.common`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING
 
-from imm.config import EvalOptions, SamplingOptions
+from imm.config import GRID_RULES, DataConfig, EvalOptions, SamplingOptions
+from imm.data.vae import PAPER_VAE
+from imm.evaluation.metrics import MIN_POINTS
+from imm.ranges import ranged
 
 
 @dataclass
@@ -35,23 +39,28 @@ class DataOverrideConfig:
 
     root: Optional[str] = None  # image datasets (mnist, cifar10, folder)
     path: Optional[str] = None  # data=points: the .npy file
+    vae: Optional[str] = None  # data=latents: the VAE that decodes (hub id or folder)
+    source_root: Optional[str] = None  # data=latents: the images the latents were encoded from (FID reference)
 
 
 @dataclass
 class SampleConfig(SamplingOptions):
     """`--config-name sample`: the sampling options (imm.config.SamplingOptions) at the top level."""
 
-    ckpt: str = MISSING  # a checkpoint file, or a run directory (its newest checkpoint)
+    ckpt: str = MISSING  # a snapshot or training-state file, or a run directory (its newest of either)
     weights: str = "ema"  # ema | online
-    steps: int = 1  # sampling steps N (one count here; the evaluations take a list)
-    etas: Optional[List[float]] = None  # explicit intermediate eta points (steps - 1 of them), e.g. [1.4]
-    guidance: Optional[float] = None  # classifier-free guidance w; null: the training run's eval.guidance
-    seed: int = 0  # not the evaluations' 1234: the README's documented samples were drawn with seed 0
+    steps: int = ranged(1, ">= 1")  # sampling steps N (one count here; the evaluations take a list)
+    # explicit intermediate eta points (steps - 1 of them), e.g. [1.4]
+    etas: Optional[List[float]] = ranged(None, note=GRID_RULES, items=True)
+    # classifier-free guidance w
+    guidance: Optional[float] = ranged(None, note="null: the training run's eval.guidance; 1: none")
+    # not the evaluations' 1234: the README's documented samples were drawn with seed 0
+    seed: int = ranged(0)
     labels: Any = "cycle"  # cycle (all classes in turn) | uncond (the null label) | a list of class ids
-    n: Optional[int] = None  # number of samples; null: 64 images, 5000 points
+    n: Optional[int] = ranged(None, ">= 1", "null: 64 images, 5000 points")  # number of samples
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out: Optional[str] = None  # output directory; null: the Hydra run directory (runs/samples/<date>/<time>)
-    compare_steps: List[int] = field(default_factory=lambda: [1, 2, 4, 8])  # [] skips the figure
+    compare_steps: List[int] = ranged(text=">= 1", note="[]: no figure", factory=lambda: [1, 2, 4, 8])
     data: DataOverrideConfig = field(default_factory=DataOverrideConfig)
     tracking: TaskTrackingConfig = field(default_factory=TaskTrackingConfig)
 
@@ -61,7 +70,8 @@ class EvaluateOptions(EvalOptions):
     """`evaluate`'s `eval` node: the training config's eval options (imm.config.EvalOptions), same names."""
 
     guidance: Any = None  # a scale or a list of scales; null: [the training run's eval.guidance]
-    n_samples: Optional[int] = None  # null: 50000 for images (FID-50k, the paper), the held-out size for points
+    # null: 50000 for images (FID-50k, the paper), the held-out size for points
+    n_samples: Optional[int] = ranged(None, ">= 2", f"FID's covariance needs 2; point data: >= {MIN_POINTS}")
     fid: bool = True  # images: FID (false: only the classifier metric of digits and MNIST, and the figure)
     allow_download: bool = True  # false: never download the Inception weights
     feature_net: str = "inception"  # inception | tiny_random (a small fixed-seed conv net: FOR TESTS ONLY)
@@ -69,7 +79,7 @@ class EvaluateOptions(EvalOptions):
 
 @dataclass
 class EvaluateConfig:
-    ckpt: str = MISSING
+    ckpt: str = MISSING  # a snapshot or training-state file, or a run directory (its newest of either)
     weights: str = "ema"  # ema | online; metrics are logged as evaluate/... (online: evaluate_online/...)
     device: str = "auto"
     out: Optional[str] = None  # null: the Hydra run directory (runs/evaluations/<date>/<time>)
@@ -78,10 +88,26 @@ class EvaluateConfig:
     tracking: TaskTrackingConfig = field(default_factory=TaskTrackingConfig)
 
 
+@dataclass
+class EncodeConfig:
+    """`--config-name encode`: the images of `data` (any image dataset option, as in training) as VAE latents."""
+
+    out: str = MISSING  # the latents folder (data.root of data=latents); an unfinished encode there continues
+    vae: str = PAPER_VAE  # hub id or local folder of a diffusers AutoencoderKL
+    batch_size: int = ranged(64, ">= 1")  # images per VAE call
+    shard_size: int = ranged(
+        10000, ">= 1"
+    )  # images per shard file; a killed encode resumes after its last complete shard
+    dtype: str = "float32"  # of the stored latents: float32 | float16 (half the disk)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)  # data.hflip=true also encodes flipped copies
+
+
 def register_schemas(cs=None) -> None:
-    """Store the schemas `conf/sample.yaml` and `conf/evaluate.yaml` build on."""
+    """Store the schemas `conf/sample.yaml`, `conf/evaluate.yaml` and `conf/encode.yaml` build on."""
     from hydra.core.config_store import ConfigStore
 
     cs = cs or ConfigStore.instance()
     cs.store(name="sample_schema", node=SampleConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="encode_schema", node=EncodeConfig)

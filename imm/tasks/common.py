@@ -17,7 +17,7 @@ from imm import factory
 from imm.config import POINT_DATA, ConfigError, loss_T, not_allowed
 from imm.data import DataBundle
 from imm.evaluation.evaluate import LABEL_MODES, time_grids
-from imm.tracking.mlflow_run import Tracker, TrackingError, check_reachable, default_uri, flatten
+from imm.tracking.mlflow_run import Tracker, TrackingError, check_store, default_uri, flatten
 from imm.training import checkpoint
 from imm.training.checkpoint import CheckpointError
 
@@ -40,6 +40,7 @@ class Restored:
     num_classes: int
     run_id: str | None
     standardizer: object  # points: imm.data.Standardizer; images: None
+    latents: object  # data=latents: imm.data.latents.LatentCodec (normalisation and VAE); else None
     weights: str
     device: torch.device
     _bundle: DataBundle | None = field(default=None, repr=False)
@@ -53,11 +54,14 @@ class Restored:
         return "points" if self.cfg.data.name in POINT_DATA else "images"
 
     def bundle(self, need_data: bool) -> DataBundle:
-        """The training data (rebuilt from the config); images without `need_data`: shape and classes only."""
+        """The training data (rebuilt from the config); images without `need_data`, and latents (whose FID
+        reference is the images they were encoded from): shape, classes and the codec only."""
         if self._bundle is not None:
             return self._bundle
-        if self.kind == "images" and not need_data:
-            return DataBundle(self.cfg.data.name, "images", None, None, self.shape, self.num_classes)
+        if self.kind == "images" and (not need_data or self.latents is not None):
+            return DataBundle(
+                self.cfg.data.name, "images", None, None, self.shape, self.num_classes, latents=self.latents
+            )
         self._bundle = factory.dataset(self.cfg)
         if tuple(self._bundle.shape) != self.shape:
             raise CheckpointError(
@@ -90,7 +94,8 @@ def _training_config(text: str):
 def restore(ckpt, *, weights: str = "ema", device: str = "auto", data=None) -> Restored:
     """Load the file `ckpt` names (an EMA snapshot or a training state, or a run directory: its newest of
     either; weights_only) and rebuild its network with the EMA or, from a training state, the online weights;
-    `data`: where the training data live now. Of a training state only the weights are used."""
+    `data`: where the training data (and for latents the VAE and the encoded images) live now. Of a training
+    state only the weights are used."""
     check_choices([("weights", weights, WEIGHTS)])
     dev = factory.device(device, key="device")
     path = checkpoint.resolve(require_ckpt(ckpt), key="ckpt", snapshots=True)
@@ -127,6 +132,12 @@ def restore(ckpt, *, weights: str = "ema", device: str = "auto", data=None) -> R
         from imm.data.points import Standardizer
 
         standardizer = Standardizer.from_state_dict(state["standardizer"])
+    latents = None
+    if state.get("latents"):
+        from imm.data.latents import LatentCodec
+
+        moved = {key: data.get(key) if data is not None else None for key in ("vae", "source_root")}
+        latents = LatentCodec.from_state_dict(state["latents"], **moved)
     return Restored(
         path=path,
         step=int(state["step"]),
@@ -139,6 +150,7 @@ def restore(ckpt, *, weights: str = "ema", device: str = "auto", data=None) -> R
         num_classes=nc,
         run_id=state.get("mlflow_run_id"),
         standardizer=standardizer,
+        latents=latents,
         weights=weights,
         device=dev,
     )
@@ -173,7 +185,7 @@ class ResultsRun:
             return
         trained_uri = restored.cfg.tracking.get("uri", None)
         self.uri = self.cfg.uri or trained_uri or default_uri(launch_dir)
-        check_reachable(self.uri)
+        check_store(self.uri)
         self.new = self.cfg.new_run or not restored.run_id
         if not self.new:
             self._check_run_exists()
@@ -192,9 +204,14 @@ class ResultsRun:
         from mlflow.tracking import MlflowClient
 
         try:
-            MlflowClient(tracking_uri=uri).get_run(run_id)
+            run = MlflowClient(tracking_uri=uri).get_run(run_id)
         except MlflowException:
             raise TrackingError(f"the checkpoint's MLflow run {run_id} is not in {uri}; {hint}") from None
+        if run.info.lifecycle_stage == "deleted":
+            raise TrackingError(
+                f"the checkpoint's MLflow run {run_id} was deleted in {uri}; restore it (mlflow runs restore --run-id"
+                f" {run_id}) or set tracking.new_run=true to log into a new run."
+            )
 
     def open(self, params: dict) -> Tracker:
         """The tracker to log into (created only now, after the work succeeded)."""

@@ -28,10 +28,11 @@ import time
 
 from omegaconf import OmegaConf
 
-from imm.config import ConfigError
+from imm.config import ConfigError, check_point_samples
 from imm.core.sampling import GRIDS, SAMPLERS
 from imm.evaluation import figures
 from imm.evaluation.evaluate import FEATURE_NETS, Evaluator, has_classifier_metric
+from imm.ranges import check_values
 from imm.report import render
 from imm.tasks import EvaluateOptions
 from imm.tasks.common import (
@@ -73,6 +74,7 @@ def _what(n: int, guidances, feature_net, classifier, n_heldout: int) -> str:
 def _validate(cfg) -> None:
     if OmegaConf.is_missing(cfg, "ckpt"):
         require_ckpt(None)
+    check_values(cfg)
     ev = cfg.eval
     check_choices(
         [
@@ -82,14 +84,6 @@ def _validate(cfg) -> None:
             ("eval.feature_net", ev.feature_net, FEATURE_NETS),
         ]
     )
-    if not ev.steps or any(n < 1 for n in ev.steps):
-        raise ConfigError(f"eval.steps={list(ev.steps)} must be a non-empty list of positive integers.")
-    if ev.batch_size < 1:
-        raise ConfigError(f"eval.batch_size={ev.batch_size} must be a positive integer.")
-    if ev.draws < 1:
-        raise ConfigError(f"eval.draws={ev.draws} must be a positive integer.")
-    if ev.n_samples is not None and ev.n_samples < 2:
-        raise ConfigError(f"eval.n_samples={ev.n_samples} must be at least 2.")
 
 
 def _guidances(cfg, restored) -> list[float]:
@@ -152,6 +146,8 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
             raise ConfigError(str(e)) from None
     if not images and guidances != [1.0]:
         raise ConfigError(f"eval.guidance={guidances} is for class-conditional image models; use eval.guidance=1.")
+    if not images and ev_cfg.n_samples is not None:
+        check_point_samples("eval.n_samples", ev_cfg.n_samples)
     bundle = restored.bundle(need_data=True)
     classifier = images and ev_cfg.classifier and has_classifier_metric(bundle)
     if images and not (fid or classifier):

@@ -6,9 +6,10 @@ evaluations logged during training), and writes into `out`:
 
 - samples.png: an image grid (the first 256 images) or a 2-D scatter over the held-out data;
 - samples.npz (images: `images` float32 in [-1, 1] [N, C, H, W], `uint8` [N, H, W, C], `labels`,
-  `grid`) or samples.npy (points, [N, D] in DATA units: the checkpoint's standardizer undone);
+  `grid`; latents: `latents` float32 [N, C, h, w] in model space and `uint8` the images the VAE decodes
+  them to) or samples.npy (points, [N, D] in DATA units: the checkpoint's standardizer undone);
 - steps.png: the same noise decoded with each of `compare_steps` (1, 2, 4, 8) side by side;
-- sample.json: the options, the exact time grid, the checkpoint and the timing.
+- sample.json: the options, the exact time grid, the NFE, the checkpoint and the timing.
 
 Everything is logged to the checkpoint's MLflow run (artifacts under samples/<label>/, the options
 as a tag), or to a new run when the checkpoint has none or tracking.new_run=true.
@@ -28,9 +29,11 @@ import torch
 from omegaconf import OmegaConf
 
 from imm.config import ConfigError
-from imm.core.sampling import GRIDS, SAMPLERS, grid_spec
+from imm.core.sampling import GRIDS, SAMPLERS, grid_spec, nfe
 from imm.evaluation import figures
-from imm.evaluation.evaluate import Evaluator, guidance_tag
+from imm.evaluation.evaluate import Evaluator, guidance_tag, nfe_metric
+from imm.evaluation.metrics import MIN_POINTS
+from imm.ranges import check_values
 from imm.tasks.common import (
     WEIGHTS,
     ResultsRun,
@@ -52,14 +55,8 @@ GRID_PNG_MAX = 256  # samples.png shows at most this many images (all are in sam
 def _validate(cfg) -> None:
     if OmegaConf.is_missing(cfg, "ckpt"):
         require_ckpt(None)
+    check_values(cfg)
     check_choices([("weights", cfg.weights, WEIGHTS), ("sampler", cfg.sampler, SAMPLERS), ("grid", cfg.grid, GRIDS)])
-    for key in ("steps", "batch_size"):
-        if cfg[key] < 1:
-            raise ConfigError(f"{key}={cfg[key]} must be a positive integer.")
-    if cfg.n is not None and cfg.n < 1:
-        raise ConfigError(f"n={cfg.n} must be a positive integer.")
-    if any(n < 1 for n in cfg.compare_steps):
-        raise ConfigError(f"compare_steps={list(cfg.compare_steps)} must hold positive integers.")
     if cfg.etas is not None and len(cfg.etas) != cfg.steps - 1:
         raise ConfigError(
             f"etas={list(cfg.etas)} must hold steps - 1 = {cfg.steps - 1} eta points for steps={cfg.steps}."
@@ -103,7 +100,7 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         max_images=None,
     )
     log.info(
-        "sampling %d %s from %s (step %d, %s weights): %d step%s, %s, grid %s, guidance %g",
+        "sampling %d %s from %s (step %d, %s weights): %d step%s (NFE %d), %s, grid %s, guidance %g",
         n,
         restored.kind,
         restored.path,
@@ -111,6 +108,7 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         restored.weights,
         N,
         "s" * (N > 1),
+        nfe(N, guidance),
         cfg.sampler,
         [round(float(t), 5) for t in grid],
         guidance,
@@ -130,21 +128,26 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         figures.save_png(figures.scatter(data_units, bundle.unscale(bundle.heldout), title=title), out / "samples.png")
         files += ["samples.npy", "samples.png"]
     else:
-        images = x.float().clamp(-1, 1)
-        labels = ev.labels if ev.labels is not None else torch.full((n,), -1)
         from imm.evaluation.fid import to_uint8
 
+        labels = ev.labels if ev.labels is not None else torch.full((n,), -1)
+        # latents: decoded by the VAE in batches, kept as uint8 (50k float images at 256 x 256 would take 39 GB)
+        u8 = torch.cat([to_uint8(bundle.to_images(chunk.float())) for chunk in x.split(cfg.batch_size)])
+        if bundle.latents is None:
+            arrays = {"images": x.float().clamp(-1, 1).numpy()}
+        else:  # model space, no [-1, 1] range; the images are the VAE's decoding (uint8)
+            arrays = {"latents": x.float().numpy()}
         np.savez(
             out / "samples.npz",
-            images=images.numpy(),
-            uint8=to_uint8(images).permute(0, 2, 3, 1).numpy(),
+            **arrays,
+            uint8=u8.permute(0, 2, 3, 1).numpy(),
             labels=labels.numpy(),
             grid=grid.numpy(),
         )
         k = min(n, GRID_PNG_MAX)
         from PIL import Image
 
-        Image.fromarray(figures.image_grid(images[:k], nrow=math.ceil(math.sqrt(k)))).save(out / "samples.png")
+        Image.fromarray(figures.image_grid(u8[:k], nrow=math.ceil(math.sqrt(k)))).save(out / "samples.png")
         files += ["samples.npz", "samples.png"]
 
     if compare:
@@ -153,7 +156,7 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         by_steps, text = {}, {}
         for n_steps in compare:
             by_steps[n_steps] = x[:k] if n_steps == N else ev.samples(restored.net, n_steps, n=k)
-            if restored.kind == "points" and k > 5:  # k-NN recall needs more than k = 5 points
+            if restored.kind == "points" and k >= MIN_POINTS:  # the k-NN recall needs that many
                 text[n_steps] = ev.point_results(by_steps[n_steps], n_steps)[1]
         fig = ev.figures(by_steps, text or None)["figures/steps.png"]
         figures.save_png(fig, out / "steps.png")
@@ -174,6 +177,7 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         "sampler": cfg.sampler,
         "grid": [float(t) for t in grid],
         "guidance": guidance,
+        "nfe": nfe(N, guidance),
         "labels": spec,
         "n": n,
         "seed": cfg.seed,
@@ -194,11 +198,16 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         tracker.set_tags(
             {
                 f"samples.{label}": json.dumps(
-                    {k: record[k] for k in ("steps", "sampler", "grid", "guidance", "labels", "n", "seed", "weights")}
+                    {
+                        k: record[k]
+                        for k in ("steps", "nfe", "sampler", "grid", "guidance", "labels", "n", "seed", "weights")
+                    }
                 )
             }
         )
-        tracker.log_metrics({f"sample/seconds_{N}step": seconds}, restored.step)
+        tracker.log_metrics(
+            {f"sample/seconds_{N}step": seconds, nfe_metric(N, guidance, prefix="sample"): record["nfe"]}, restored.step
+        )
     except BaseException:
         results_run.close("FAILED")
         raise

@@ -1,5 +1,10 @@
 """One MLflow run per training run, through the explicit MlflowClient (no global active-run state).
 
+A tracking URI that cannot work is found before any data is loaded (check_store: an HTTP server that
+does not answer, a folder, a SQLite file that is no database or cannot be written, a missing database
+driver); a store that fails when the run is created, or an experiment or run deleted in the UI, is
+Tracker.open's TrackingError. Either is one sentence and exit status 2, and no run is left behind.
+
 The run ends FINISHED, KILLED (signal) or FAILED (exception), never left RUNNING: the training
 loop ends it, and a process that exits without ending it (an exception before the loop's own
 try/finally) ends it FAILED at exit. Only SIGKILL leaves it RUNNING, until a relaunch resumes it.
@@ -11,6 +16,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import getpass
+import json
+import logging
+import os
 import subprocess
 import time
 import urllib.error
@@ -20,6 +29,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 PARAM_LIMIT = 6000  # MLflow's max param value length
+log = logging.getLogger("imm.tracking")
 
 
 class TrackingError(RuntimeError):
@@ -39,18 +49,12 @@ def artifact_root(uri: str) -> str | None:
 
 
 @contextlib.contextmanager
-def _store_lock(uri: str):
-    """One process at a time creates or migrates a SQLite store: MLflow's schema migration is not safe
-    against a second process doing the same (two runs started together on a fresh store: one dies with
-    `sqlite3.OperationalError: duplicate column name: step`). A lock file beside the database."""
-    if not uri.startswith("sqlite:///"):
-        yield
-        return
+def file_lock(path):
+    """Hold an exclusive lock on the file `path` (created if missing) for the block: one process at a time."""
     import fcntl
 
-    db = Path(uri[len("sqlite:///") :])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.parent / f".{db.name}.lock", "a") as f:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
@@ -58,11 +62,24 @@ def _store_lock(uri: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def sqlite_lock(uri: str):
+    """One process at a time in the block, for an SQLite database (a lock file beside it; other URIs: no lock).
+    MLflow's schema migration is not safe against a second process doing the same (two runs started
+    together on a fresh store: one dies with `sqlite3.OperationalError: duplicate column name: step`)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri[len("sqlite:///") :])
+    with file_lock(db.parent / f".{db.name}.lock"):
+        yield
+
+
 def client_for(uri: str):
-    """An MlflowClient for uri; creating it creates (or migrates) the store, under _store_lock."""
+    """An MlflowClient for uri; creating it creates (or migrates) the store, under sqlite_lock."""
     from mlflow.tracking import MlflowClient
 
-    with _store_lock(uri):
+    with sqlite_lock(uri):
         return MlflowClient(tracking_uri=uri)
 
 
@@ -72,12 +89,70 @@ def check_reachable(uri: str, timeout: float = 5.0) -> None:
         return
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, ValueError) as e:  # ValueError: a malformed host (http://[::1)
         raise TrackingError(
             f"the MLflow tracking server at {uri} is not reachable ({e}); start it, fix"
             " tracking.uri, or set tracking.fallback_local=true to log to a local SQLite"
             " store."
         ) from None
+
+
+def check_store(uri: str) -> None:
+    """Fail fast on a tracking URI that cannot work, before any data is loaded and without creating a store: an
+    HTTP server that does not answer, a folder (MLflow's file store, which MLflow 3 refuses), a SQLite URI
+    whose file is no database or whose folder cannot be written, a database whose driver is not installed.
+    A store that fails later, when the run is created, is Tracker.open's TrackingError."""
+    scheme = uri.partition("://")[0] if "://" in uri else ("databricks" if uri == "databricks" else "")
+    if scheme in ("http", "https"):
+        check_reachable(uri)
+    elif scheme in ("", "file"):
+        raise TrackingError(
+            f"tracking.uri={uri} is a folder (MLflow's file store), which MLflow no longer writes runs to; use a"
+            " SQLite file, tracking.uri=sqlite:////absolute/path/mlflow.db, or a server, tracking.uri=http://host:port."
+        )
+    elif scheme == "sqlite":
+        _check_sqlite(uri)
+    else:  # another database or a hosted service: its client must load (the driver) and answer
+        try:
+            client_for(uri).search_experiments(max_results=1)
+        except Exception as e:  # noqa: BLE001  a missing driver, a refused connection, bad credentials, ...
+            raise unusable(uri, e) from None
+
+
+def _check_sqlite(uri: str) -> None:
+    from imm.training.rundir import unwritable
+
+    if not uri.startswith("sqlite:///") or uri == "sqlite:///":
+        raise TrackingError(
+            f"tracking.uri={uri} names no SQLite file; write sqlite:/// and the file's path"
+            " (sqlite:////absolute/path/mlflow.db or sqlite:///relative/path/mlflow.db)."
+        )
+    db = Path(uri[len("sqlite:///") :])
+    try:
+        head = db.read_bytes()[:16] if db.is_file() else b""
+    except OSError as e:
+        raise TrackingError(f"the MLflow store {db} (tracking.uri={uri}) cannot be read ({e.strerror}).") from None
+    if db.is_dir() or head not in (b"", b"SQLite format 3\x00"):
+        what = "a folder" if db.is_dir() else "not a SQLite database"
+        raise TrackingError(
+            f"the MLflow store {db} (tracking.uri={uri}) is {what}; move it away or point tracking.uri at another file."
+        )
+    if why := unwritable(db.parent):
+        raise TrackingError(
+            f"the MLflow store {db} (tracking.uri={uri}) cannot be written: {why}; launch from a folder you can"
+            " write or set tracking.uri=sqlite:////writable/path/mlflow.db."
+        )
+
+
+def unusable(uri: str, e: Exception) -> TrackingError:
+    """The one sentence for a store that fails in MLflow, SQLAlchemy or the OS (whatever they raise)."""
+    return TrackingError(f"the MLflow tracking store {uri} cannot be used ({error_line(e)}).")
+
+
+def error_line(e: BaseException) -> str:
+    """An exception as `Type: its first line`, for a one-sentence error."""
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {first.rstrip('.')}" if first else type(e).__name__
 
 
 def flatten(cfg) -> dict[str, str]:
@@ -95,32 +170,50 @@ def flatten(cfg) -> dict[str, str]:
     return out
 
 
-def git_tags() -> dict[str, str]:
-    """Commit and dirty flag of the source tree the package runs from (empty outside git)."""
+def _git(*args: str) -> str:
     root = Path(__file__).resolve().parents[2]
+    return subprocess.run(
+        ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
+    ).stdout.strip()
+
+
+def source_tags(entry_point: str) -> dict[str, str]:
+    """MLflow's standard tags for who ran what: user, source file and type, and the commit, branch and dirty
+    flag of the source tree the package runs from (no git tags outside git). MLflow's UI shows them in
+    its User, Source and Version columns."""
+    from mlflow.utils import mlflow_tags
+
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = str(os.getuid())
+    tags = {
+        mlflow_tags.MLFLOW_USER: user,
+        mlflow_tags.MLFLOW_SOURCE_NAME: str(Path(entry_point).resolve()),
+        mlflow_tags.MLFLOW_SOURCE_TYPE: "LOCAL",
+    }
+    try:
+        tags[mlflow_tags.MLFLOW_GIT_COMMIT] = _git("rev-parse", "HEAD")
+        tags[mlflow_tags.MLFLOW_GIT_BRANCH] = _git("rev-parse", "--abbrev-ref", "HEAD")
+        tags["git.dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()
     except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
+        pass
+    return tags
+
+
+def note_tag(text: str) -> dict[str, str]:
+    """The run's description (MLflow's `mlflow.note.content`, markdown, shown on the run page)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+    return {MLFLOW_RUN_NOTE: text}
 
 
 class Tracker:
     """Logs one training run. `Tracker.disabled()` does nothing (other ranks, tracking.enabled=false)."""
 
-    def __init__(self, client=None, run_id: str | None = None):
-        self.client, self.run_id = client, run_id
-        if client is not None:  # never RUNNING after this process exits, whatever way it exits
+    def __init__(self, client=None, run_id: str | None = None, *, end_at_exit: bool = True):
+        self.client, self.run_id, self.monitor = client, run_id, None
+        if client is not None and end_at_exit:  # never RUNNING after this process exits, whatever way it exits
             atexit.register(self._end_at_exit)
 
     @classmethod
@@ -137,18 +230,37 @@ class Tracker:
         params: dict[str, str],
         tags: dict[str, str],
         run_id: str | None = None,
+        end_at_exit: bool = True,
     ) -> "Tracker":
-        """Create a run (logging params once) or, with run_id, reopen that run as RUNNING."""
-        client = client_for(uri)
-        if run_id is not None:
-            client.update_run(run_id, status="RUNNING")
-            tracker = cls(client, run_id)
-            tracker.set_tags(tags)
-            return tracker
-        exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else _create_experiment(client, experiment, uri)
-        run = client.create_run(exp_id, run_name=run_name, tags=tags)
-        tracker = cls(client, run.info.run_id)
+        """Create a run (logging params once) or, with run_id, reopen that run as RUNNING. A store that fails,
+        or an experiment or run deleted in the UI, is TrackingError (one sentence), before any run exists.
+        end_at_exit=False: the caller ends it (a sweep's parent run, which the last of its sweeper processes ends)."""
+        try:
+            client = client_for(uri)
+            exp = client.get_experiment_by_name(experiment)
+            if exp is not None and exp.lifecycle_stage == "deleted":
+                raise TrackingError(
+                    f"the MLflow experiment {experiment!r} in {uri} was deleted (it is in the store's trash); restore"
+                    f" it (mlflow experiments restore --experiment-id {exp.experiment_id}) or set another"
+                    " tracking.experiment."
+                )
+            if run_id is not None and (found := _run_or_none(client, run_id, uri)) is not None:
+                if found.info.lifecycle_stage == "deleted":
+                    raise TrackingError(
+                        f"the MLflow run {run_id} this run logs to was deleted in {uri}; restore it (mlflow runs"
+                        f" restore --run-id {run_id}) or start a new run of this experiment with fresh=true."
+                    )
+                client.update_run(run_id, status="RUNNING")
+                tracker = cls(client, run_id, end_at_exit=end_at_exit)
+                tracker.set_tags(tags)
+                return tracker
+            exp_id = exp.experiment_id if exp else _create_experiment(client, experiment, uri)
+            run = client.create_run(exp_id, run_name=run_name, tags=tags)
+        except TrackingError:
+            raise
+        except Exception as e:  # noqa: BLE001  MLflow's, SQLAlchemy's and the OS's errors of a store
+            raise unusable(uri, e) from None
+        tracker = cls(client, run.info.run_id, end_at_exit=end_at_exit)
         tracker.log_params(params)
         return tracker
 
@@ -195,17 +307,79 @@ class Tracker:
         else:
             self.client.log_image(self.run_id, figure, artifact_file)
 
-    def end(self, status: str = "FINISHED") -> None:
-        if self.enabled:
-            atexit.unregister(self._end_at_exit)
-            self.client.set_terminated(self.run_id, status=status)
+    def log_dataset(self, *, name: str, digest: str, source: str, shape, rows: int, num_classes: int) -> None:
+        """The training data as the run's input (MLflow's Datasets column): name, digest, source, and the
+        sample shape and row count as its schema and profile."""
+        if not self.enabled:
+            return
+        import numpy as np
+        from mlflow.data.schema import TensorDatasetSchema
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.types.schema import Schema, TensorSpec
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        labels = Schema([TensorSpec(np.dtype("int64"), (-1,), "label")]) if num_classes else None
+        schema = TensorDatasetSchema(Schema([TensorSpec(np.dtype("float32"), (-1, *shape), "x")]), labels)
+        local = Path(source).expanduser()
+        kind, where = (
+            ("local", {"uri": str(local.resolve())}) if local.exists() else ("code", {"tags": {"data": source}})
+        )
+        profile = {"num_rows": rows, "sample_shape": list(shape), "num_classes": num_classes}
+        dataset = Dataset(name, digest, kind, json.dumps(where), json.dumps(schema.to_dict()), json.dumps(profile))
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "train")])])
+
+    def start_system_metrics(self, uri: str, every: float, *, resume: bool) -> None:
+        """CPU, memory, disk and network (psutil), and GPU (nvidia-ml-py, on CUDA machines) every `every`
+        seconds as system/* metrics, from a thread, until end()."""
+        if not self.enabled:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        except ImportError as e:  # psutil missing: the run goes on without them
+            logging.getLogger("imm.train").warning("no system metrics (%s); pip install psutil", e)
+            return
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop lines
+        self.monitor = SystemMetricsMonitor(
+            self.run_id, sampling_interval=every, resume_logging=resume, tracking_uri=uri
+        )
+        self.monitor.start()
+
+    def end(self, status: str = "FINISHED", log_file=None) -> None:
+        """Stop the system metrics, upload log_file (launch.log) and end the run with `status`."""
+        if not self.enabled:
+            return
+        if self.monitor is not None:
+            self.monitor.finish()
+            # MLflow's monitor drops the samples of its last, unfinished interval: log them (a run shorter than
+            # one interval has only these)
+            with contextlib.suppress(Exception):
+                if metrics := self.monitor.aggregate_metrics():
+                    self.monitor.publish_metrics(metrics)
+                    self.monitor.mlflow_logger.flush()
+            self.monitor = None
+        if log_file is not None and Path(log_file).is_file():
+            self.log_artifact(log_file)
+        atexit.unregister(self._end_at_exit)
+        self.client.set_terminated(self.run_id, status=status)
 
     def _end_at_exit(self) -> None:
-        try:  # only a run still RUNNING (a sweep's parent run is ended by its callback, not by end())
+        try:  # only a run still RUNNING (one ended by end() is not)
             if self.client.get_run(self.run_id).info.status == "RUNNING":
                 self.client.set_terminated(self.run_id, status="FAILED")
         except Exception:  # noqa: BLE001  the store may be gone at exit; nothing left to do
             pass
+
+
+def _run_or_none(client, run_id: str, uri: str):
+    """The run run_id, or None (with a warning: a new run is created) when this store does not hold it, as when
+    tracking.uri changed since the run directory's last attempt."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        log.warning("MLflow run %s is not in %s; logging to a new run there", run_id, uri)
+        return None
 
 
 def _create_experiment(client, name: str, uri: str) -> str:
@@ -220,5 +394,8 @@ def _create_experiment(client, name: str, uri: str) -> str:
 
 def ensure_store(uri: str) -> None:
     """Create or migrate the store once (sweeps call this before any job starts)."""
-    check_reachable(uri)
-    client_for(uri).search_experiments(max_results=1)
+    check_store(uri)
+    try:
+        client_for(uri).search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001  as in Tracker.open
+        raise unusable(uri, e) from None

@@ -205,19 +205,16 @@ def load(path, map_location="cpu", required=REQUIRED_KEYS) -> dict:
     except pickle.UnpicklingError as e:
         # torch's message is a paragraph; keep the line that names what the file wanted to run
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        what = next((ln for ln in lines if "GLOBAL" in ln or ln.startswith("Unsupported")), "refused").rstrip(".")
+        if (wanted := next((ln for ln in lines if "GLOBAL" in ln), None)) is None:  # not a pickle that calls code
+            raise _unreadable(path, e) from None
         raise CheckpointError(
             f"refusing to load {path}: it is not a plain-tensor checkpoint and unpickling it could run code"
-            f" (torch.load with weights_only=True: {what}); only resume from checkpoints this project wrote."
+            f" (torch.load with weights_only=True: {wanted.rstrip('.')}); load only checkpoints this project wrote."
         ) from None
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}.") from None
     except Exception as e:  # noqa: BLE001  truncated zip (RuntimeError), empty (EOFError), garbage (KeyError, ...)
-        detail = str(e).split(". ")[0].strip() or "the file is empty or truncated"
-        raise CheckpointError(
-            f"cannot read checkpoint {path}, it is corrupt or not a checkpoint"
-            f" ({type(e).__name__}: {detail.rstrip('.')})."
-        ) from None
+        raise _unreadable(path, e) from None
     missing = [k for k in required if k not in state] if isinstance(state, dict) else list(required)
     if missing and isinstance(state, dict) and state.get("kind") == SNAPSHOT:
         raise CheckpointError(
@@ -230,6 +227,29 @@ def load(path, map_location="cpu", required=REQUIRED_KEYS) -> dict:
             f" {', '.join(missing)}); give a step-XXXXXXXX.pt file from a run's checkpoints/."
         )
     return state
+
+
+def _unreadable(path: Path, e: Exception) -> CheckpointError:
+    """A file torch.load cannot read, said as what it is (from its first bytes) and torch's reason."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        what = "it is empty"
+    elif head.startswith(b"\x93NUMPY"):
+        what = "it is a NumPy .npy file, not a checkpoint"
+    elif head.startswith(b"PK\x03\x04"):  # torch's zip format
+        what = "it is a damaged or truncated PyTorch file (an interrupted copy?)"
+    elif head.startswith(b"\x80"):
+        what = "it is a Python pickle that torch.load cannot read as a checkpoint (damaged, or not from torch.save)"
+    else:
+        what = f"it is not a PyTorch file (it begins {head!r})"
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]  # torch's unpickler: the "Unsupported" line
+    detail = next((ln for ln in lines if ln.startswith("Unsupported")), lines[0] if lines else "")
+    detail = detail.split(". ")[0].rstrip(".")
+    return CheckpointError(
+        f"cannot read checkpoint {path}: {what} ({type(e).__name__}{': ' + detail if detail else ''}); give a"
+        f" step-XXXXXXXX.pt (or snapshot-XXXXXXXX.pt) file this project wrote."
+    )
 
 
 def resolve(path, run_dir=None, *, key: str = "resume", snapshots: bool = False) -> Path | None:

@@ -23,11 +23,13 @@ from omegaconf import OmegaConf
 from imm import factory
 from imm.config import RESUMABLE_KEYS, ConfigError, validate
 from imm.data import ResumableBatches
+from imm.data import digest as data_digest
 from imm.evaluation.evaluate import Evaluator
 from imm.evaluation.metrics import lower_is_better, primary_metrics
-from imm.tracking.mlflow_run import Tracker, check_reachable, flatten, git_tags
+from imm.tracking.mlflow_run import Tracker, check_store, flatten, note_tag, source_tags
 from imm.training import checkpoint, distributed, rundir
-from imm.training.signals import Interrupted, StopFlag
+from imm.training.progress import Progress, describe, log_file, summary_text
+from imm.training.signals import Interrupted, StopFlag, in_submitit_job
 from imm.training.threads import torch_threads
 
 log = logging.getLogger("imm.train")
@@ -36,9 +38,11 @@ RUN_ID_FILE = "mlflow_run_id"
 SHOWN = ("energy_ratio", "recall", "fd_ratio", "accuracy")  # the metrics of the evaluation's log line
 
 
-def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", extra_tags=None) -> dict:
-    """Train according to `cfg`, writing checkpoints and figures under run_dir; returns final metrics."""
-    run_dir = Path(run_dir)
+def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", extra_tags=None, command=None) -> dict:
+    """Train according to `cfg`, writing checkpoints and figures under run_dir; returns final metrics.
+    `command` (argv, the script first; default sys.argv) is the command that reproduces this run, for
+    its MLflow description and source."""
+    run_dir, started = Path(run_dir), time.time()
     env = distributed.detect()
     if not env.is_main:  # one process owns the logs, files and MLflow
         logging.getLogger("imm").setLevel(logging.WARNING)
@@ -48,13 +52,16 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     n_threads, threads_from = torch_threads(cfg.train.threads, cfg.arch.name)
     torch.set_num_threads(n_threads)
     log.info("torch threads: %d (%s)", n_threads, threads_from)
+    if env.is_main:  # fails now, not at the first save (after train.ckpt_every steps)
+        written = [checkpoint.CKPT_DIR, "figures"] + [checkpoint.SNAPSHOT_DIR] * bool(cfg.train.snapshot_every)
+        rundir.check_writable(run_dir, *written)
     if env.is_main and cfg.tracking.enabled:
-        check_reachable(tracking_uri)  # a dead server costs seconds, not a queued job
+        check_store(tracking_uri)
     lock = rundir.RunLock.acquire(run_dir) if env.is_main else None  # a second process is refused
     last = rundir.read_status(run_dir)  # how the last attempt in this directory ended
     if rundir.finished(last, cfg.train.steps):
         if (newest := checkpoint.resolve(None, run_dir)) is not None:  # another experiment is refused, not skipped
-            _check_same_run(cfg, checkpoint.load(newest)["config"], newest)
+            check_same_run(cfg, checkpoint.load(newest)["config"], newest)
         log.info(
             "%s: already FINISHED at step %d; nothing to do (raise train.steps to train on, or fresh=true for a"
             " new run)",
@@ -67,8 +74,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
         return last.get("summary", {})
 
     # -- data, network, objective, optimizer (all before any run is created) -------------------
-    bundle = factory.dataset(cfg)
-    _check_guidance(cfg, bundle)
+    bundle = load_data(cfg)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     net = factory.net(cfg, bundle.shape, bundle.num_classes).to(device)
     objective = factory.objective(cfg, bundle.num_classes, env.rank, env.world_size)
@@ -85,7 +91,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     # -- restore ----------------------------------------------------------------------------------
     ckpt_path = checkpoint.resolve(cfg.resume, run_dir)
     saved = checkpoint.load(ckpt_path, required=state.required) if ckpt_path is not None else None
-    resumed_tags = _check_same_run(cfg, saved["config"], ckpt_path) if saved else {}
+    resumed_tags = check_same_run(cfg, saved["config"], ckpt_path) if saved else {}
     torch.manual_seed(cfg.train.seed + 1000 * env.rank)  # dropout streams differ per rank
     step = 0
     if saved:
@@ -103,10 +109,17 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     stop = StopFlag()  # before the MLflow run exists: a signal from here on ends it KILLED, never RUNNING
     tracker = Tracker.disabled()
     if env.is_main and cfg.tracking.enabled:
-        tags = {**_run_tags(run_dir, device, env), **(extra_tags or {}), **resumed_tags}
+        command = list(command or sys.argv)
+        tags = {
+            **_run_tags(run_dir, device, env),
+            **source_tags(command[0]),
+            **note_tag(describe(cfg, bundle, net, command)),
+            **(extra_tags or {}),
+            **resumed_tags,
+        }
         if ckpt_path is not None:
             tags[f"resumed_from_step_{step}"] = str(ckpt_path)
-        tracker = _open_tracker(cfg, run_dir, tracking_uri, run_name, run_id, tags)
+        tracker = _open_tracker(cfg, run_dir, tracking_uri, run_name, run_id, tags, bundle)
     if env.is_main:
         _log_start(cfg, run_dir, net, tracker, tracking_uri, step)
     extras = _checkpoint_extras(cfg, bundle, tracker)
@@ -124,7 +137,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
             _snapshot(state, run_dir, env, at, extras)
         return checkpoint.snapshot_path(run_dir, at)
 
-    meter = _Meter(cfg, env, tracker, step, device, ema)
+    progress = Progress(cfg, env, tracker, step, device, ema)
     generator = torch.Generator(device)
     precision = cfg.train.precision
     autocast = torch.autocast(
@@ -162,12 +175,12 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
                 ema.update()
                 if target_ema is not None:
                     target_ema.update()
-                meter.good(loss)
+                progress.good(loss)
             else:
-                meter.skipped(step, loss, diag, net, run_dir)  # raises after train.max_nonfinite in a row
+                progress.skipped(step, loss, diag, net, run_dir)  # raises after train.max_nonfinite in a row
             step += 1
 
-            if (metrics := meter.tick(step, grad_norm, optimizer, diag)) is not None:
+            if (metrics := progress.tick(step, grad_norm, optimizer, diag)) is not None:
                 summary["final/loss"] = metrics["train/loss"]
             if cfg.train.snapshot_every and step % cfg.train.snapshot_every == 0 and step < cfg.train.steps:
                 _snapshot(state, run_dir, env, step, extras)  # before the evaluation: a best links to it
@@ -180,12 +193,17 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
                 stop.request(stop_signum)
                 _save(state, device, run_dir, env, cfg, step, extras)
                 stop.hand_over()  # submitit requeues on preemption; otherwise raises Interrupted
+        progress.close()  # the finished bar stays on screen once; the lines below print under it
         _save(state, device, run_dir, env, cfg, step, extras)
-        if cfg.train.snapshot_every:
+        if cfg.train.snapshot_every or cfg.tracking.log_weights:
             _snapshot(state, run_dir, env, step, extras)
+        if cfg.tracking.log_weights and tracker.enabled:  # the final EMA weights, what `sample` and `evaluate` load
+            tracker.log_artifact(checkpoint.list_snapshots(run_dir)[-1], "weights")
         final = _evaluate(evaluator, ema.ema_model, tracker, run_dir, step)
         _track_best(best, final, step, tracker, run_dir, snapshot)
         summary.update({f"final/{k[5:]}": v for k, v in final.items()})
+        if evaluator is not None and evaluator.floor:  # logged at the first evaluation only; the summary shows it
+            summary.update({f"final/{k}_floor": v for k, v in evaluator.floor.items()})
         summary.update(best)
         tracker.log_metrics(summary, step)
         status = "FINISHED"
@@ -195,28 +213,55 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
         raise
     finally:
         stop.restore()
-        meter.close()
-        tracker.end(status)
+        progress.close()
+        if env.is_main:  # before the MLflow run ends, so that its launch.log artifact holds the summary
+            log.info(
+                "%s",
+                summary_text(
+                    status=status,
+                    start_step=start_step,
+                    step=step,
+                    steps=cfg.train.steps,
+                    seconds=time.time() - started,
+                    summary=summary,
+                    run_dir=run_dir,
+                    uri=tracking_uri if tracker.enabled else None,
+                    run_id=tracker.run_id,
+                    resume=_resume_hint(status, cfg.train.steps),
+                ),
+            )
+        tracker.end(status, log_file=log_file(run_dir))
         distributed.shutdown(env)
         if env.is_main:
             rundir.write_status(
                 run_dir, status=status, step=step, action=action, from_step=start_step, name=run_name, summary=summary
             )
             lock.release()
-            _where(run_dir, tracking_uri if tracker.enabled else None, tracker.run_id, status)
 
 
 # -- set-up ---------------------------------------------------------------------------------------
-def _configure_precision(precision: str, device: torch.device) -> None:
-    """Mixed precision and TF32 are CUDA-only; TF32 is on for tf32/bf16/fp16 (the paper trains in TF32)."""
-    if precision != "fp32" and device.type != "cuda":
+def check_precision(precision: str, device) -> None:
+    """Mixed precision and TF32 are CUDA-only."""
+    if precision != "fp32" and torch.device(device).type != "cuda":
         raise ConfigError(
             f"train.precision={precision} needs a CUDA device, but this run is on {device}; use train.precision=fp32."
         )
+
+
+def _configure_precision(precision: str, device: torch.device) -> None:
+    """TF32 is on for tf32/bf16/fp16 (the paper trains in TF32)."""
+    check_precision(precision, device)
     if device.type == "cuda":
         tf32 = precision != "fp32"
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
+
+
+def load_data(cfg):
+    """The dataset, and the check that needs it (guidance needs labels): the data step of a launch's checks."""
+    bundle = factory.dataset(cfg)
+    _check_guidance(cfg, bundle)
+    return bundle
 
 
 def _check_guidance(cfg, bundle) -> None:
@@ -306,7 +351,7 @@ def _student_and_target(cfg, net, target_ema, env, device):
     return student, torch.compile(net) if cfg.train.compile else net
 
 
-def _check_same_run(cfg, saved_yaml: str, path) -> dict[str, str]:
+def check_same_run(cfg, saved_yaml: str, path) -> dict[str, str]:
     """Resuming must continue the same experiment: only RESUMABLE_KEYS may differ. Returns those that
     did, as tags (MLflow params are logged once, when the run is created, and cannot change)."""
     saved = flatten(OmegaConf.create(saved_yaml))
@@ -343,11 +388,11 @@ def _step_seed(seed: int, step: int) -> int:
 
 # -- tracking and outputs ---------------------------------------------------------------------------
 def _run_tags(run_dir: Path, device, env) -> dict[str, str]:
-    return {"run_dir": str(run_dir.resolve()), "device": str(device), "world_size": str(env.world_size), **git_tags()}
+    return {"run_dir": str(run_dir.resolve()), "device": str(device), "world_size": str(env.world_size)}
 
 
-def _open_tracker(cfg, run_dir: Path, uri: str, run_name: str, run_id: str | None, tags: dict) -> Tracker:
-    """Create the MLflow run (or reopen run_id) and record its id in the run directory."""
+def _open_tracker(cfg, run_dir: Path, uri: str, run_name: str, run_id: str | None, tags: dict, bundle) -> Tracker:
+    """Create the MLflow run (or reopen run_id), record its id in the run directory, and start its system metrics."""
     tracker = Tracker.open(
         uri, cfg.tracking.experiment, run_name=run_name, run_id=run_id, params=flatten(cfg), tags=tags
     )
@@ -357,6 +402,16 @@ def _open_tracker(cfg, run_dir: Path, uri: str, run_name: str, run_id: str | Non
         tracker.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
         tracker.log_text(str(checkpoint.ckpt_dir(run_dir).resolve()) + "\n", "checkpoints.txt")
         tracker.log_text(str(checkpoint.snapshot_dir(run_dir).resolve()) + "\n", "snapshots.txt")
+        tracker.log_dataset(
+            name=bundle.name,
+            digest=data_digest(bundle),
+            source=cfg.data.path or cfg.data.root or f"imm.data.build_dataset({bundle.name!r})",
+            shape=bundle.shape,
+            rows=len(bundle.train),
+            num_classes=bundle.num_classes,
+        )
+    if cfg.tracking.system_metrics:
+        tracker.start_system_metrics(uri, cfg.tracking.system_metrics_every, resume=run_id is not None)
     return tracker
 
 
@@ -377,6 +432,7 @@ def _checkpoint_extras(cfg, bundle, tracker: Tracker) -> dict:
         "shape": list(bundle.shape),
         "num_classes": bundle.num_classes,
         "standardizer": bundle.standardizer.state_dict() if bundle.standardizer else None,
+        "latents": bundle.latents.state_dict() if bundle.latents else None,  # data=latents: how to decode
     }
 
 
@@ -430,94 +486,8 @@ def _track_best(best: dict, results: dict, step: int, tracker: Tracker, run_dir:
     checkpoint.write_best(run_dir, best)
 
 
-class _Meter:
-    """The loss and step counts between log lines, samples/s, non-finite steps, and the progress display
-    (a tqdm bar on a terminal, a log line every train.log_every steps otherwise)."""
-
-    def __init__(self, cfg, env, tracker: Tracker, step: int, device, ema: EMA):
-        self.cfg, self.env, self.tracker, self.ema = cfg, env, tracker, ema
-        self.loss_sum, self.n_good, self.nonfinite_run, self.n_skipped = torch.zeros((), device=device), 0, 0, 0
-        self.t_last, self.samples = time.perf_counter(), 0
-        self.bar = None
-        if env.is_main and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=cfg.train.steps, initial=step, dynamic_ncols=True, desc="train")
-
-    def good(self, loss: torch.Tensor) -> None:
-        self.loss_sum += loss.detach()  # on the device: no host sync per step
-        self.n_good += 1
-        self.nonfinite_run = 0
-
-    def skipped(self, step: int, loss, diag: dict, net, run_dir: Path) -> None:
-        """Count a skipped step; after train.max_nonfinite in a row raise FloatingPointError naming the terms."""
-        self.nonfinite_run += 1
-        self.n_skipped += 1
-        bad = "loss" if not torch.isfinite(loss) else "gradient norm"
-        log.warning("step %d: non-finite %s, step skipped (%d in a row)", step, bad, self.nonfinite_run)
-        self.tracker.log_metrics({"train/skipped_steps": self.n_skipped}, step + 1)
-        if self.nonfinite_run < self.cfg.train.max_nonfinite:
-            return
-        terms = [k for k, v in diag.items() if not torch.isfinite(v)] or [
-            f"the gradient of {n}"
-            for n, p in net.named_parameters()
-            if p.grad is not None and not torch.isfinite(p.grad).all()
-        ][:1]
-        raise FloatingPointError(
-            f"step {step}: the {bad} went non-finite {self.nonfinite_run} steps in a row"
-            f" (train.max_nonfinite={self.cfg.train.max_nonfinite}); non-finite terms:"
-            f" {', '.join(terms) or 'none on this process'}; the last good checkpoint is"
-            f" {checkpoint.resolve(None, run_dir) or 'none yet'}; lower optim.lr or check the data."
-        )
-
-    def tick(self, step: int, grad_norm, optimizer, diag: dict) -> dict | None:
-        """After each step: advance the bar; every train.log_every steps (and at the end) log and reset."""
-        self.samples += self.cfg.train.batch_size
-        if self.bar is not None:
-            self.bar.update(1)
-        if step % self.cfg.train.log_every and step != self.cfg.train.steps:
-            return None
-        now = time.perf_counter()
-        metrics = {
-            "train/loss": distributed.mean(self.env, self.loss_sum / max(self.n_good, 1)).item(),
-            "train/grad_norm": grad_norm.item(),
-            "train/lr": optimizer.param_groups[0]["lr"],
-            "train/ema_decay": self.ema.get_current_decay(),  # the decay of the last update (imm.config.EMAConfig)
-            "train/skipped_steps": self.n_skipped,
-            "train/samples_per_s": self.samples / (now - self.t_last),
-            **{f"diag/{k}": v.item() for k, v in diag.items()},
-        }
-        self.tracker.log_metrics(metrics, step)
-        self._show(step, metrics)
-        self.loss_sum.zero_()
-        self.n_good, self.t_last, self.samples = 0, now, 0
-        return metrics
-
-    def _show(self, step: int, m: dict) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{m['train/loss']:.4g}", sps=f"{m['train/samples_per_s']:.0f}")
-            return
-        log.info(
-            "step %d/%d loss %.5g grad %.3g lr %.3g %.0f samples/s",
-            step,
-            self.cfg.train.steps,
-            m["train/loss"],
-            m["train/grad_norm"],
-            m["train/lr"],
-            m["train/samples_per_s"],
-        )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _where(run_dir: Path, uri, run_id, status: str) -> None:
-    lines = [
-        f"run {status.lower()}: checkpoints in {checkpoint.ckpt_dir(run_dir).resolve()},"
-        f" figures in {(run_dir / 'figures').resolve()}"
-    ]
-    if uri:
-        lines.append(f"MLflow run {run_id} in {uri}; open the UI with: mlflow ui --backend-store-uri {uri}")
-    for line in lines:
-        log.info(line)
+def _resume_hint(status: str, steps: int) -> str:
+    """The command that continues this run (to twice its steps when it FINISHED); a sweep job's is its sweep's."""
+    if in_submitit_job():
+        return "run the sweep command again"
+    return rundir.resume_command(sys.argv, steps=2 * steps if status == "FINISHED" else None)

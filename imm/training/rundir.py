@@ -12,7 +12,11 @@
   whose heartbeat is older than STALE_AFTER_S (another host) is taken over.
 - Status. `<run_dir>/status.json` records how the last attempt ended (FINISHED, KILLED, FAILED), at which
   step, what it did when it started (started, resumed, rerun, skipped) and its final metrics, so a
-  relaunched command or sweep job skips a finished run and says what it did, in one line per job.
+  relaunched command or sweep job skips a finished run and says what it did, in one line per job; a
+  sweep job that failed adds its error's sentence (record_error) for the sweep's report.
+- Writability. A run directory (and its checkpoints/, snapshots/, figures/) that cannot be written is
+  one sentence before Hydra creates it (RunDirCheck) or any data is loaded (check_writable), not a
+  traceback or a failure at the first save.
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ import json
 import os
 import shlex
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
+
+from hydra.experimental.callback import Callback
 
 from imm.config import RESUMABLE_KEYS, ConfigError
 
@@ -55,12 +62,13 @@ def experiment_hash(overrides) -> str:
     return hashlib.sha256("\n".join(experiment_overrides(overrides)).encode()).hexdigest()[:8]
 
 
-def run_dir(base: str, name, overrides, fresh) -> str:
+def run_dir(base: str, name, overrides, fresh, *, claim: bool = True) -> str:
     """`<base>/<name>/<hash>[-N]`: the newest existing attempt of this experiment, or with `fresh` a new one.
 
     The resolver `${imm.run_dir:...}` in conf/config.yaml calls it once per launch (cached: the value
     travels with the config to every job of a sweep and to a requeued job). A fresh directory is
-    claimed with mkdir, so two fresh launches of one command started together never share one.
+    claimed with mkdir, so two fresh launches of one command started together never share one;
+    claim=False (a dry run) names the one it would claim.
     """
     first = Path(base) / str(name or "default") / experiment_hash(overrides or [])
     attempts = _attempts(first)
@@ -69,6 +77,8 @@ def run_dir(base: str, name, overrides, fresh) -> str:
     n = len(attempts) + 1 if attempts else 1
     while True:
         candidate = first if n == 1 else first.with_name(f"{first.name}-{n}")
+        if not claim:
+            return str(candidate)
         try:
             candidate.mkdir(parents=True)
             return str(candidate)
@@ -91,11 +101,49 @@ def _truthy(value) -> bool:
     return str(value).lower() in ("true", "1", "yes")
 
 
-def resume_command(argv) -> str:
+def resume_command(argv, steps: int | None = None) -> str:
     """The command that resumes this run: the one given, without fresh= (which would start yet another
-    run) or resume= (the run directory now holds its own checkpoints)."""
-    keep = [a for a in argv[1:] if a.lstrip("+~").partition("=")[0] not in (FRESH_KEY, "resume")]
-    return shlex.join(["python", argv[0], *keep])
+    run) or resume= (the run directory now holds its own checkpoints); with `steps`, one that trains on
+    to train.steps=steps."""
+    drop = (FRESH_KEY, "resume") + (("train.steps",) if steps is not None else ())
+    keep = [a for a in argv[1:] if a.lstrip("+~").partition("=")[0] not in drop]
+    return shlex.join(["python", argv[0], *keep, *([f"train.steps={steps}"] if steps is not None else [])])
+
+
+# -- writability ---------------------------------------------------------------------------------------
+def unwritable(directory) -> str | None:
+    """Why no file can be written in `directory` (one that does not exist yet: created in its nearest existing
+    parent), or None when one can. A temporary file is written and removed; no folder is created."""
+    d = Path(directory)
+    existing = next(p for p in (d, *d.parents) if p.exists())
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        return f"{e.strerror or e}: {existing}"
+    return None
+
+
+def check_writable(directory, *subdirs: str) -> None:
+    """`directory` and its `subdirs` can be written, else RunDirError: before any work, not at the first save."""
+    for d in (Path(directory), *(Path(directory) / sub for sub in subdirs)):
+        if why := unwritable(d):
+            raise RunDirError(
+                f"the run directory {directory} cannot be written ({why}); fix its permissions, or launch from a"
+                " folder you can write, or choose another one with hydra.run.dir=... (a sweep: hydra.sweep.dir=...)."
+            )
+
+
+class RunDirCheck(Callback):
+    """Hydra callback: a run directory that cannot be written is one sentence and exit status 2 before Hydra
+    creates it (Hydra's own mkdir would end in a traceback)."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        from imm.cli import exit_on_user_error  # imm.cli imports this module
+
+        with exit_on_user_error():
+            check_writable(config.hydra.run.dir)
 
 
 # -- the lock ------------------------------------------------------------------------------------------
@@ -119,6 +167,22 @@ def _alive(pid: int, start: str | None) -> bool:
     return start is None or now is None or now == start
 
 
+def this_process() -> dict:
+    """pid, host, kernel start time and SLURM job id of this process: who holds a run directory or takes part
+    in a sweep."""
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "start": _process_start(os.getpid()),
+        "slurm_job": os.environ.get("SLURM_JOB_ID"),
+    }
+
+
+def alive_here(info: dict) -> bool:
+    """The process `info` (this_process() of some process) is running on this host."""
+    return info.get("host") == socket.gethostname() and _alive(int(info.get("pid", 0)), info.get("start"))
+
+
 class RunLock:
     """The main process's hold on a run directory (see the module docstring)."""
 
@@ -135,12 +199,7 @@ class RunLock:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / LOCK_FILE
-        info = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "start": _process_start(os.getpid()),
-            "slurm_job": os.environ.get("SLURM_JOB_ID"),
-        }
+        info = this_process()
         for _ in range(3):  # another process may take over or release it in between
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -203,10 +262,22 @@ def read_status(directory) -> dict:
 
 def write_status(directory, **values) -> None:
     """Replace status.json atomically (a reader never sees half a file)."""
+    _replace_status(directory, {**values, "time": time.time()})
+
+
+def record_error(directory, name: str, message: str, exit_status: int) -> None:
+    """Why an attempt (of the run `name`) failed, its one sentence and exit status, added to status.json beside
+    the outcome the training loop wrote, or, when it failed before training, beside the last attempt's outcome,
+    which stays as it was (a relaunch still reads it). A sweep's report reads it (describe, failed_since)."""
+    error = {"message": message, "exit_status": exit_status, "time": time.time()}
+    _replace_status(directory, {"name": name, **read_status(directory), "error": error})
+
+
+def _replace_status(directory, status: dict) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{STATUS_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({**values, "time": time.time()}, indent=1, default=float) + "\n")
+    tmp.write_text(json.dumps(status, indent=1, default=float) + "\n")
     os.replace(tmp, directory / STATUS_FILE)
 
 
@@ -223,10 +294,29 @@ def action(status: dict, *, resumed: bool) -> str:
 
 
 def describe(status: dict) -> str:
-    """One line for what an attempt did and how it ended, e.g. `resumed from step 200, FINISHED at step 400`."""
+    """One line for what an attempt did and how it ended, e.g. `resumed from step 200, FINISHED at step 400`,
+    with the recorded error's sentence when it failed (`started, FAILED at step 132: ...`)."""
     action, end = status.get("action", "started"), f"{status.get('status')} at step {status.get('step')}"
     if action == "skipped":
         return f"skipped (FINISHED at step {status.get('step')} before)"
+    error = status.get("error")
+    why = f": {error['message']}" if error and error["time"] >= status.get("time", 0) else ""
     if action == "started":
-        return f"started, {end}"
-    return f"{action} from step {status.get('from_step', 0)}, {end}"
+        return f"started, {end}{why}"
+    return f"{action} from step {status.get('from_step', 0)}, {end}{why}"
+
+
+def outcome(status: dict, since: float, *, final: bool = False) -> str | None:
+    """How the attempt that started at `since` or later ended, in one line (describe), or `FAILED before
+    training: <its sentence>`; None while none has ended since. A FAILED attempt whose sentence is not recorded
+    yet (imm.cli records it right after the loop writes the status) counts only when `final` (the sweep's end)."""
+    error = failed_since(status, since)
+    if status.get("time", 0) >= since:
+        return None if status.get("status") == "FAILED" and error is None and not final else describe(status)
+    return f"FAILED before training: {error['message']}" if error else None
+
+
+def failed_since(status: dict, since: float) -> dict | None:
+    """The error recorded by an attempt that started at `since` or later (record_error), or None."""
+    error = status.get("error")
+    return error if error and error["time"] >= since else None

@@ -62,9 +62,9 @@ def _submitit_tasks_per_node() -> int:
 
 
 def parallel_jobs(launcher) -> int | None:
-    """Jobs a sweep should run at once (for hydra.sweeper.max_batch_size, not wired yet: a launcher preset
-    cannot set the sweeper's keys): on the local submitit launcher cores // (cpus_per_task x tasks_per_node), at least 1
-    (its executor has no array_parallelism); null (all at once) on the others: SLURM has array_parallelism."""
+    """Jobs a sweep should run at once (hydra.sweeper.max_batch_size, set by the sweep callback when null): on the
+    local submitit launcher cores // (cpus_per_task x tasks_per_node), at least 1 (its executor has no
+    array_parallelism); None (all at once) on the others: SLURM has array_parallelism."""
     if not str(launcher.get("_target_", "")).endswith("submitit_launcher.LocalLauncher"):
         return None
     return max(1, cores() // ((launcher.get("cpus_per_task") or 1) * (launcher.get("tasks_per_node") or 1)))

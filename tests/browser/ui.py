@@ -41,6 +41,10 @@ MLflow 3.17 UI notes (what the selectors rely on):
     ``table.mlflow-compare-table`` rows whose ``<th>`` is the param key.
   * Artifact view: ``#/experiments/<id>/runs/<run_id>/artifacts/<path>``; images
     are rendered as ``<img src="blob:..." alt="<path>">``.
+  * Run page: ``#/experiments/<id>/runs/<run_id>`` (Overview tab): the run's
+    description (the ``mlflow.note.content`` tag, rendered markdown), a metrics
+    table with a "System metrics (n)" group, "About this run" (Source, git
+    commit), Datasets and Tags; its visible text is what :func:`open_run` reads.
   * Console errors "ajax-api/2.0/mlflow/users/current ... 404" are normal
     (no auth app); they are reported on timeouts only for context.
   * The "MLflow Assistant" side panel auto-opens on a local server; it and the
@@ -758,4 +762,39 @@ def open_artifact(
         return [i for i in imgs if i["alt"] == artifact_path] or [i for i in imgs if i["src"].startswith("blob:")]
 
     _wait(driver, ready, f"image artifact '{artifact_path}' to render", name, timeout)
+    return screenshot(driver, name)
+
+
+# ----------------------------------------------------------------------------
+# run page
+# ----------------------------------------------------------------------------
+
+
+def page_text(driver) -> str:
+    """The page's visible text (``document.body.innerText``)."""
+    return driver.execute_script("return document.body ? document.body.innerText : ''") or ""
+
+
+def open_run(
+    driver,
+    base: str,
+    experiment_id: str,
+    run_id: str,
+    expected_text: Sequence[str],
+    *,
+    timeout: float | None = None,
+) -> Path:
+    """Open a run's page (Overview) and wait until its visible text holds every
+    string in ``expected_text`` (e.g. a line of the description, a system metric's
+    name, the dataset).  Returns the screenshot path ``run-<run_id[:8]>.png``."""
+    name = f"run-{run_id[:8]}"
+    _navigate(driver, _hash_url(base, f"experiments/{experiment_id}/runs/{run_id}"))
+    _wait(
+        driver,
+        lambda d: all(t in page_text(d) for t in expected_text),
+        lambda: f"{[t for t in expected_text if t not in page_text(driver)]} on the run page",
+        name,
+        timeout,
+    )
+    time.sleep(0.3)
     return screenshot(driver, name)

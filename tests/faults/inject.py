@@ -14,6 +14,12 @@ Faults (steps count the training steps of this process, 0-based; these tests use
   signal_after_open:SIG the process sends itself SIG (e.g. SIGTERM) right after the MLflow run is
                         created, before the first training step
   raise_after_open      an exception right after the MLflow run is created, before the first step
+  kill_in_encode:K      `--config-name encode` sends itself SIGKILL while it commits its K-th shard of this
+                        process: the shard's files are written, the manifest does not list them yet
+  signal_in_data:SIG    the process sends itself SIG (e.g. SIGINT, a Ctrl-C) while the training data load,
+                        after the run directory's lock is taken and before any MLflow run exists
+  sigint_in_import:MOD  the process sends itself SIGINT (a Ctrl-C) as the module MOD (e.g. torch) is first
+                        imported: a Ctrl-C while the libraries load, at a known moment
 
 Everything else is launch.py unchanged: Hydra parses the same command line and runs the same task.
 """
@@ -133,7 +139,70 @@ def raise_after_open(_: str = "") -> None:
     _after_open(fail)
 
 
-FAULTS = {f.__name__: f for f in (kill_in_save, nan_loss, nan_grad, signal_after_open, raise_after_open)}
+def kill_in_encode(k: str) -> None:
+    from imm.data import latents
+
+    real_write, calls = latents.write_manifest, itertools.count(1)
+
+    def write_manifest(root, manifest):
+        if next(calls) == int(k):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_write(root, manifest)
+
+    latents.write_manifest = write_manifest
+
+
+def _python_sigint_handler() -> None:
+    """SIGINT raises KeyboardInterrupt, as in a process started from a terminal: a process started in the
+    background of a non-interactive shell inherits SIGINT ignored, and Python then leaves it ignored."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def signal_in_data(name: str) -> None:
+    from imm import factory
+
+    _python_sigint_handler()
+
+    real_dataset = factory.dataset
+
+    def dataset(cfg):
+        os.kill(os.getpid(), getattr(signal, name))
+        return real_dataset(cfg)
+
+    factory.dataset = dataset
+
+
+class _SigintOnImport:
+    """A meta-path finder that finds nothing: it only sends SIGINT when `module` is looked up the first time."""
+
+    def __init__(self, module: str):
+        self.module = module
+
+    def find_spec(self, name, path=None, target=None):
+        if name == self.module:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+
+def sigint_in_import(module: str) -> None:
+    _python_sigint_handler()
+    sys.meta_path.insert(0, _SigintOnImport(module))
+
+
+FAULTS = {
+    f.__name__: f
+    for f in (
+        kill_in_save,
+        nan_loss,
+        nan_grad,
+        signal_after_open,
+        raise_after_open,
+        signal_in_data,
+        sigint_in_import,
+        kill_in_encode,
+    )
+}
 
 
 def main() -> None:

@@ -37,10 +37,11 @@ def one_thread_env(extra: dict | None = None) -> dict:
     return {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(extra or {})}
 
 
-def launch(cwd, *args, env: dict | None = None, timeout: float = 600, check: bool = False, script=LAUNCH):
-    """`python launch.py args...` in cwd, output captured; with check=True a failure raises with its output."""
+def launch(cwd, *args, env: dict | None = None, timeout: float = 600, check: bool = False, script=LAUNCH, prefix=()):
+    """`python launch.py args...` in cwd (behind `prefix`, e.g. taskset), output captured; with check=True a
+    failure raises with its output."""
     proc = subprocess.run(
-        [sys.executable, str(script), *args],
+        [*prefix, sys.executable, str(script), *args],
         cwd=cwd,
         capture_output=True,
         text=True,
