@@ -35,6 +35,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from imm.config import ConfigError, not_allowed, validate
+from imm.evaluation.metrics import find_metric
 from imm.tracking.mlflow_run import sqlite_lock
 from imm.training import rundir
 
@@ -239,12 +240,14 @@ def _ask(study, storage: str, space: dict, opts: dict) -> list:
 
 
 def _tell(study, trial, status: dict, since: float, metric: str) -> None:
-    """The trial's value: `metric` of its run's summary, if the run FINISHED in this launch; else FAIL."""
+    """The trial's value: `metric` of its run's summary (metrics.find_metric: a ratio named without its n
+    means the one the run logged), if the run FINISHED in this launch; else FAIL."""
     from optuna.trial import TrialState
 
     shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
     fresh = status.get("time", 0) >= since
-    value = status.get("summary", {}).get(metric) if fresh and status.get("status") == "FINISHED" else None
+    summary = status.get("summary", {})
+    value = summary.get(find_metric(metric, summary)) if fresh and status.get("status") == "FINISHED" else None
     if value is None or not math.isfinite(value):
         trial.set_user_attr(JOB_FAILED_ATTR, True)
         study.tell(trial, state=TrialState.FAIL)

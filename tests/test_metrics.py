@@ -133,3 +133,13 @@ def test_cuda_matches_cpu():
     gpu = point_metrics(x.cuda(), y.cuda())
     for key in cpu:
         assert gpu[key] == pytest.approx(cpu[key], rel=1e-6, abs=1e-9)
+
+
+def test_find_metric_takes_a_ratio_named_without_its_n():
+    results = {"final/energy_ratio5k_1step": 1.0, "final/energy_ratio5k_2step": 2.0, "final/fid5k_2step_w1.5": 3.0}
+    assert metrics.find_metric("final/energy_ratio_1step", results) == "final/energy_ratio5k_1step"
+    assert metrics.find_metric("final/energy_ratio5k_2step", results) == "final/energy_ratio5k_2step"
+    assert metrics.find_metric("final/fid_2step_w1.5", results) == "final/fid5k_2step_w1.5"
+    assert metrics.find_metric("final/energy_ratio_4step", results) is None  # no such step count
+    two = {"final/energy_ratio5k_1step": 1.0, "final/energy_ratio500_1step": 2.0}
+    assert metrics.find_metric("final/energy_ratio_1step", two) is None  # ambiguous: say so rather than pick

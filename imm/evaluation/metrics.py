@@ -52,6 +52,19 @@ def lower_is_better(name: str) -> bool:
     return parts is not None and _LOWER_IS_BETTER.fullmatch(parts[0]) is not None
 
 
+def find_metric(name: str, results) -> str | None:
+    """`name` if `results` has it, else the one name of `results` that is `name` labelled with its n: the
+    search's final/energy_ratio_1step finds final/energy_ratio5k_1step (None: absent or ambiguous)."""
+    if name in results:
+        return name
+    m = re.fullmatch(r"(?P<head>.+?)_(?P<rest>\d+step(?:_w[^_/]+)?)", name)
+    if m is None:
+        return None
+    pattern = re.compile(rf"{re.escape(m['head'])}\d+k?_{re.escape(m['rest'])}")
+    found = [r for r in results if pattern.fullmatch(r)]
+    return found[0] if len(found) == 1 else None
+
+
 def primary_metrics(results: dict) -> dict[str, str]:
     """{"<N>step[_w<g>]": the name of its PRIMARY metric} for the step counts (and scales) in `results`."""
     found = {}
