@@ -81,7 +81,7 @@ def test_a_pipe_gets_loss_lines_and_the_summary_and_launch_log_the_same_history(
     summary = proc.stderr[proc.stderr.index("run FINISHED") :]
     head, table_head, one_step, floor = summary.splitlines()[:4]
     assert re.search(r"run FINISHED: step 0 -> 60 of 60 in [\d.]+ s, last train/loss [\d.]+", head), head
-    assert table_head.split() == ["energy", "energy_ratio", "sw2", "precision", "recall"]
+    assert table_head.split() == ["energy", "energy_ratio200", "sw2", "precision", "recall"]  # a ratio with its n
     assert one_step.split()[:2] == ["1", "step"] and floor.split()[0] == "floor"
     ratio = float(one_step.split()[3])
     assert ratio == pytest.approx(float(one_step.split()[2]) / float(floor.split()[1]), rel=1e-3)  # against the floor

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import shlex
 import sys
 import time
@@ -170,7 +171,7 @@ def metric_table(summary: dict) -> list[str]:
         return []
     seen = list(dict.fromkeys(f for cells in rows.values() for f in cells))
     # each ratio beside its metric: energy, energy_ratio, sw2, ...
-    base = {f: f.removesuffix("_ratio") if f.removesuffix("_ratio") in seen else f for f in seen}
+    base = {f: b if (b := re.sub(r"_ratio\d*k?$", "", f)) in seen else f for f in seen}  # energy_ratio5k: energy
     families = sorted(seen, key=lambda f: (seen.index(base[f]), f != base[f]))
     table = [["", *families]] + [
         [label, *(f"{cells[f]:.4g}" if f in cells else "" for f in families)]
