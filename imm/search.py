@@ -193,8 +193,8 @@ def _study(opts: dict, storage: str, study_name: str):
         seed=opts["seed"]
     )
     # several sweeper processes write one SQLite file: wait for its lock instead of failing at once
-    rdb = optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": {"timeout": 60}})
-    with sqlite_lock(storage):  # one sweeper process at a time creates the study and fails stale trials
+    with sqlite_lock(storage):  # one sweeper process at a time creates the tables and the study, fails stale trials
+        rdb = optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": {"timeout": 60}})
         study = optuna.create_study(
             storage=rdb, study_name=study_name, direction=opts["direction"], sampler=sampler, load_if_exists=True
         )

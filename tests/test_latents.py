@@ -383,10 +383,10 @@ def test_encode_train_sample_and_evaluate_end_to_end(tmp_path):
     )
     results = json.loads((tmp_path / "e" / "results.json").read_text())["results"]
     assert set(results) == {
-        "eval/fid10_1step_w1.5",
-        "eval/fid10_2step_w1.5",
-        "eval/nfe_1step_w1.5",
-        "eval/nfe_2step_w1.5",
+        "evaluate/fid10_1step_w1.5",
+        "evaluate/fid10_2step_w1.5",
+        "evaluate/nfe_1step_w1.5",
+        "evaluate/nfe_2step_w1.5",
     }
     assert all(np.isfinite(v) and v > 0 for k, v in results.items() if "fid" in k)
     assert "nfe w=1.5" in proc.stdout and (tmp_path / "e" / "steps.png").is_file()
