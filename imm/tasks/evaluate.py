@@ -175,7 +175,7 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         )
     else:
         evaluator = Evaluator.from_options(ev_cfg, bundle, restored.param, n_samples=n, **common)
-    what = _what(n, guidances, ev_cfg.feature_net if fid else None, evaluator.classifier, len(bundle.heldout or ()))
+    what = _what(n, guidances, ev_cfg.feature_net if fid else None, evaluator.classifier, 0 if bundle.heldout is None else len(bundle.heldout))
     log.info(
         "evaluating %s (step %d, %s weights): %s at %s steps",
         restored.path,
