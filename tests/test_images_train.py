@@ -133,6 +133,7 @@ def test_train_end_to_end_on_digits_with_tracking_and_the_step_figure(tmp_path, 
     with caplog.at_level("INFO", logger="imm.train"):
         summary = train(cfg, run_dir, tracking_uri=uri, run_name="digits-test")
     assert np.isfinite(summary["final/loss"])
+    assert {"final/fd_floor", "final/accuracy_floor"} <= set(summary)  # the summary table's floor column
 
     torch.manual_seed(cfg.train.seed)
     n_params = count_parameters(factory.net(cfg, (1, 16, 16), 10))

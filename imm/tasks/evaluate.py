@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import time
 
 from omegaconf import OmegaConf
@@ -32,6 +31,7 @@ from imm.config import ConfigError, check_point_samples
 from imm.core.sampling import GRIDS, SAMPLERS
 from imm.evaluation import figures
 from imm.evaluation.evaluate import FEATURE_NETS, Evaluator, has_classifier_metric
+from imm.evaluation.metrics import metric_parts
 from imm.ranges import check_values
 from imm.report import render
 from imm.tasks import EvaluateOptions
@@ -48,7 +48,6 @@ from imm.tasks.common import (
 
 log = logging.getLogger("imm.evaluate")
 FID_N_DEFAULT = 50_000  # FID-50k, as every reported number in the paper
-_NAME = re.compile(r"^(?P<prefix>[^/]+)/(?P<metric>.+?)_(?P<steps>\d+)step(?P<w>_w[0-9.e+-]+)?$")
 
 
 def metric_prefix(weights: str, options) -> str:
@@ -103,15 +102,16 @@ def table(results: dict, floor_prefix: str = "eval") -> str:
     rows, columns, cells = {}, set(), {}  # rows: {row label: its metric family}
     floors = {}
     for name, value in results.items():
-        m = _NAME.match(name)
-        if m is None:
+        parts = metric_parts(name)
+        if parts is None:
             if name.endswith("_floor"):
                 floors[name.split("/", 1)[1][: -len("_floor")]] = value
             continue
-        row = m["metric"] + (m["w"] or "").replace("_w", " w=")
-        rows.setdefault(row, m["metric"])
-        columns.add(int(m["steps"]))
-        cells[row, int(m["steps"])] = value
+        family, steps, guidance = parts
+        row = family + ("" if guidance is None else f" w={guidance}")
+        rows.setdefault(row, family)
+        columns.add(steps)
+        cells[row, steps] = value
     columns = sorted(columns)
     header = ["metric"] + [f"{n} step" + "s" * (n > 1) for n in columns] + (["floor"] if floors else [])
     lines = [header]
@@ -175,7 +175,8 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         )
     else:
         evaluator = Evaluator.from_options(ev_cfg, bundle, restored.param, n_samples=n, **common)
-    what = _what(n, guidances, ev_cfg.feature_net if fid else None, evaluator.classifier, 0 if bundle.heldout is None else len(bundle.heldout))
+    n_heldout = 0 if bundle.heldout is None else len(bundle.heldout)
+    what = _what(n, guidances, ev_cfg.feature_net if fid else None, evaluator.classifier, n_heldout)
     log.info(
         "evaluating %s (step %d, %s weights): %s at %s steps",
         restored.path,

@@ -202,8 +202,8 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
         final = _evaluate(evaluator, ema.ema_model, tracker, run_dir, step)
         _track_best(best, final, step, tracker, run_dir, snapshot)
         summary.update({f"final/{k[5:]}": v for k, v in final.items()})
-        if evaluator is not None and evaluator.floor:  # logged at the first evaluation only; the summary shows it
-            summary.update({f"final/{k}_floor": v for k, v in evaluator.floor.items()})
+        if evaluator is not None:  # logged at the first evaluation only; the summary shows them
+            summary.update({f"final/{k[5:]}": v for k, v in evaluator.floors().items()})
         summary.update(best)
         tracker.log_metrics(summary, step)
         status = "FINISHED"
