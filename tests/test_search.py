@@ -2,15 +2,24 @@
 and real searches on toy data: a real sweeper, one MLflow parent run, one child per trial, the study in an
 SQLite file beside the MLflow store, continued by the same command, shared by two sweeper processes."""
 
+import atexit
+import subprocess
+import sys
+import threading
+import time
+
 import optuna
 import pytest
 from helpers import launch, one_thread_env, start
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from imm.config import ConfigError
 from imm.evaluation.metrics import find_metric
 from imm.search import corners, job_overrides, search_space
+from imm.tracking.mlflow_run import ensure_store
+from imm.tracking.sweep import MLflowSweepCallback
 
 # tiny trials: 20 steps of the toy run, the objective its 1-step energy distance over the floor
 TINY = ("debug=toy", "train.steps=20", "eval.n_samples=100", "data.n_heldout=100", "tracking.system_metrics=false")
@@ -105,6 +114,62 @@ def test_two_sweeper_processes_share_one_study_and_one_parent_run(tmp_path):
     assert len(children) == 4 and parent.info.status == "FINISHED"  # ended by the process that ended last
     assert sorted(int(c.data.tags["hydra.job.num"]) for c in children) == [0, 1, 2, 3]
     assert sorted(t.number for t in study_of(tmp_path).trials if t.state.name == "COMPLETE") == [0, 1, 2, 3]
+
+
+# The other sweeper process: takes part in the sweep, holds its lock until told to go, then finishes its job
+# (status.json and child run) and leaves, as its on_multirun_end would, all before the lock is free again.
+OTHER_SWEEPER = """
+import pathlib, sys, time
+from mlflow.tracking import MlflowClient
+from imm.tracking.jobs import SweepProcesses, sweep_lock
+from imm.training import rundir
+sweep_dir, uri, child = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+me = SweepProcesses(sweep_dir)
+with sweep_lock(sweep_dir):
+    (sweep_dir / "locked").touch()
+    while not (sweep_dir / "go").exists():
+        time.sleep(0.05)
+    rundir.write_status(sweep_dir / "0", status="FINISHED", step=10)
+    MlflowClient(tracking_uri=uri).set_terminated(child, status="FINISHED")
+    me.leave()
+"""
+
+
+def test_the_last_sweeper_process_judges_the_sweep_when_it_ends_the_parent(tmp_path):
+    """A sweeper process that ends while the other's last job still runs leaves the parent to it; when the other
+    finishes before the first one takes the lock, the first one ends the parent on what it sees then: FINISHED,
+    not FAILED on the RUNNING child it saw a moment before (the race CI once met in the test above)."""
+    uri, sweep_dir = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "multirun"
+    ensure_store(uri)
+    (sweep_dir / "0").mkdir(parents=True)  # the other process's job, running: no status yet
+    callback = MLflowSweepCallback()
+    callback.sweep_dir, callback.started = sweep_dir, time.time()
+    config = OmegaConf.create({"tracking": {"experiment": "imm"}, "hydra": {"runtime": {"choices": {}}}})
+    callback._open_parent(config, uri, ["loss.k"])
+    atexit.unregister(callback._end)  # ended below; at pytest's exit the store is gone
+    client = callback.client
+    child = client.create_run(
+        client.get_run(callback.run_id).info.experiment_id,
+        tags={"sweep.id": callback.run_id, "sweep.role": "child"},
+    ).info.run_id
+    other = subprocess.Popen([sys.executable, "-c", OTHER_SWEEPER, str(sweep_dir), uri, child])
+    try:
+        deadline = time.time() + 60
+        while not (sweep_dir / "locked").exists() and other.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert (sweep_dir / "locked").exists(), "the other sweeper process did not start"
+        ending = threading.Thread(target=callback.on_multirun_end, args=(config,))
+        ending.start()  # this process's jobs are done; it waits for the sweep's lock
+        time.sleep(1.0)  # long enough to look at the jobs and children while the other's child still RUNS
+        (sweep_dir / "go").touch()
+        assert other.wait(timeout=60) == 0
+        ending.join(timeout=60)
+    finally:
+        other.kill()
+    assert client.get_run(child).info.status == "FINISHED"
+    parent = client.get_run(callback.run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["sweep.children"] == "1"
+    assert "sweep.failed_jobs" not in parent.data.tags
 
 
 @pytest.mark.slow

@@ -86,10 +86,11 @@ class MLflowSweepCallback(Callback):
     """Hydra callback: on_multirun_start checks every job's config (an invalid job is said at once; a sweep of
     only invalid jobs stops there) and opens the parent run (or, when the same sweep command runs again,
     reopens the one its sweep.json names); while the jobs run, a line per job as it starts and ends
-    (imm.tracking.jobs.JobWatcher); on_multirun_end closes the parent, FAILED with the tag sweep.failed_jobs
-    when a job failed, and says in one line per job not reported yet what it did (started, resumed, rerun,
-    skipped) and how it ended (a failed job: its sentence). A failed job does not stop the others (imm.cli
-    records its error instead of exiting); the sweep then exits with its exit status (2 for a user error)."""
+    (imm.tracking.jobs.JobWatcher); on_multirun_end of the last sweeper process closes the parent, judged then,
+    FAILED with the tag sweep.failed_jobs when a job failed, and says in one line per job not reported yet what
+    it did (started, resumed, rerun, skipped) and how it ended (a failed job: its sentence). A failed job does not
+    stop the others (imm.cli records its error instead of exiting); the sweep then exits with its exit status
+    (2 for a user error)."""
 
     def __init__(self):
         self.client, self.run_id, self.sweep_dir, self.started = None, None, None, 0.0
@@ -157,7 +158,7 @@ class MLflowSweepCallback(Callback):
         info = {"parent_run_id": tracker.run_id, "keys": keys, "argv": sys.argv}  # argv: the jobs' source and command
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(info) + "\n")
         # Hydra raises out of the sweep when a job fails, skipping on_multirun_end: never leave RUNNING.
-        atexit.register(self._end, None)
+        atexit.register(self._end, False)
         again = "relaunched: reopened" if tracker.run_id == parent else "opened"
         log.info(
             "sweep over %s in %s: %s MLflow parent run %s in %s", ", ".join(keys), sweep_dir, again, tracker.run_id, uri
@@ -168,15 +169,9 @@ class MLflowSweepCallback(Callback):
             self.watcher.stop()  # the last jobs' lines before the sweep's own
         jobs = self._jobs()
         running_elsewhere = self.processes is not None and self.processes.others_alive()  # a search's other sweepers
-        failed = [(num, s) for num, s in jobs if _failed(s, self.started, unknown_is_failed=not running_elsewhere)]
-        if self.client is not None:
-            statuses = [r.info.status for r in self._children()]
-            self.client.set_tag(self.run_id, "sweep.children", str(len(statuses)))
-            if failed:
-                names = ", ".join(f"{num} {status.get('name') or ''}".strip() for num, status in failed)
-                self.client.set_tag(self.run_id, "sweep.failed_jobs", names)
-            if not self._end("FAILED" if failed or any(s != "FINISHED" for s in statuses) else "FINISHED"):
-                log.info("this sweeper process is done; another one of this sweep still runs and ends the parent run")
+        failed = self._failed_jobs(jobs, unknown_is_failed=not running_elsewhere)
+        if not self._end(True):
+            log.info("this sweeper process is done; another one of this sweep still runs and ends the parent run")
         log.info("sweep finished: %d jobs, %d failed", len(jobs), len(failed))
         if failed:  # the sweep's exit status: 2 when a job failed on a user error, else 1
             sys.exit(max((failed_since(status, self.started) or {}).get("exit_status", 1) for _, status in failed))
@@ -187,9 +182,10 @@ class MLflowSweepCallback(Callback):
             filter_string=f"tags.`sweep.id` = '{self.run_id}' and tags.`sweep.role` = 'child'",
         )
 
-    def _end(self, status: str | None) -> bool:
-        """End the parent run, unless another sweeper process of this sweep still runs (the last one ends it);
-        status None (the sweep stopped early): KILLED if a child was, else FAILED. False: left to another."""
+    def _end(self, completed: bool) -> bool:
+        """End the parent run, unless another sweeper process of this sweep still runs (the last one ends it, so
+        its verdict sees every job, including the other processes' last ones); a sweep that stopped early
+        (completed False) ends KILLED if a child was, else FAILED. False: left to another process."""
         if self.client is None:
             return True
         with sweep_lock(self.sweep_dir):
@@ -197,10 +193,26 @@ class MLflowSweepCallback(Callback):
             if self.processes.others_alive():
                 return False
             if self.client.get_run(self.run_id).info.status == "RUNNING":
-                if status is None:
-                    status = "KILLED" if any(r.info.status == "KILLED" for r in self._children()) else "FAILED"
+                statuses = [r.info.status for r in self._children()]
+                if completed:
+                    status = self._verdict(statuses)
+                else:
+                    status = "KILLED" if "KILLED" in statuses else "FAILED"
                 self.client.set_terminated(self.run_id, status=status)
         return True
+
+    def _verdict(self, statuses: list[str]) -> str:
+        """FINISHED when every job's last attempt and every child run FINISHED; tags the parent with its number
+        of children and the failed jobs (sweep.failed_jobs)."""
+        failed = self._failed_jobs(self._jobs(), unknown_is_failed=True)
+        self.client.set_tag(self.run_id, "sweep.children", str(len(statuses)))
+        if failed:
+            names = ", ".join(f"{num} {status.get('name') or ''}".strip() for num, status in failed)
+            self.client.set_tag(self.run_id, "sweep.failed_jobs", names)
+        return "FAILED" if failed or any(s != "FINISHED" for s in statuses) else "FINISHED"
+
+    def _failed_jobs(self, jobs, *, unknown_is_failed: bool) -> list[tuple[int, dict]]:
+        return [(num, s) for num, s in jobs if _failed(s, self.started, unknown_is_failed=unknown_is_failed)]
 
     def _jobs(self) -> list[tuple[int, dict]]:
         """(job number, its status.json) for each job directory of the sweep."""
