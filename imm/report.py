@@ -12,6 +12,7 @@ import math
 import sys
 from pathlib import Path
 
+from imm.evaluation.metrics import find_metric
 from imm.tracking.mlflow_run import default_uri
 from imm.tracking.sweep import sweep_info
 
@@ -36,7 +37,8 @@ def find_sweep(client, sweep: str):
 
 
 def table(parent, children, metric: str, columns: list[str] | None = None) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: run name, swept values, status, then the final metrics; sorted by `metric`."""
+    """Header and rows: run name, swept values, status, then the final metrics; sorted by `metric`. `metric` and
+    `columns` may name a ratio without its n (final/energy_ratio_1step: each run's final/energy_ratio<n>_1step)."""
     swept = swept_params(parent, children)
     finals = sorted(
         {m for r in children for m in r.data.metrics if m.startswith("final/") and not m.endswith("_floor")}
@@ -50,16 +52,20 @@ def table(parent, children, metric: str, columns: list[str] | None = None) -> tu
         or (m.startswith("final/nfe_") and "_w" in m)
     ]
     finals = list(columns) if columns else (compact or finals)
-    if metric not in finals:
+    if find_metric(metric, finals) is None:
         finals.insert(0, metric)
     header = ["run", *swept, "status", *finals]
-    ordered = sorted(children, key=lambda r: (r.data.metrics.get(metric, math.inf), r.info.run_name))
+
+    def value(run, name, missing=None):
+        return run.data.metrics.get(find_metric(name, run.data.metrics), missing)
+
+    ordered = sorted(children, key=lambda r: (value(r, metric, math.inf), r.info.run_name))
     rows = [
         [
             r.info.run_name,
             *(r.data.params.get(k, "") for k in swept),
             r.info.status,
-            *(_fmt(r.data.metrics.get(m)) for m in finals),
+            *(_fmt(value(r, m)) for m in finals),
         ]
         for r in ordered
     ]

@@ -97,6 +97,27 @@ def test_report_command_tables_and_plots_a_sweep(toy_sweep, tmp_path):
     assert by_id.returncode == 0 and by_id.stdout.splitlines()[3:6] == lines[3:6]
 
 
+def test_report_reads_a_ratio_named_without_its_n(tmp_path):
+    """--metric/--columns final/energy_ratio_1step find each run's final/energy_ratio<n>_1step (real MLflow store)."""
+    from mlflow.tracking import MlflowClient
+
+    from imm import report
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("imm")
+    parent = client.create_run(exp, run_name="sweep", tags={"sweep.role": "parent", "sweep.keys": "loss.k"})
+    pid = parent.info.run_id
+    for k, name, ratio in (("8", "final/energy_ratio5k_1step", 3.0), ("12", "final/energy_ratio2k_1step", 2.0)):
+        child = client.create_run(exp, run_name=f"loss.k={k}", tags={"sweep.id": pid, "sweep.role": "child"})
+        client.log_param(child.info.run_id, "loss.k", k)
+        client.log_metric(child.info.run_id, name, ratio)
+    parent, children = report.find_sweep(client, pid)
+    header, rows = report.table(parent, children, "final/energy_ratio_1step", ["final/energy_ratio_1step"])
+    assert header.count("final/energy_ratio_1step") == 1
+    column = header.index("final/energy_ratio_1step")
+    assert [(r[0], r[column]) for r in rows] == [("loss.k=12", "2"), ("loss.k=8", "3")]  # sorted by it
+
+
 def _nontrivial_png(path: Path) -> None:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, path
