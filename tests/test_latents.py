@@ -156,6 +156,13 @@ def test_a_missing_vae_is_one_sentence_naming_the_option_and_the_fix(tmp_path, m
     message = str(e.value)
     assert message.startswith("The VAE 'stabilityai/sd-vae-ft-ema' (vae) is not in the Hugging Face cache")
     assert "save_pretrained('vae')" in message and "set vae=/path/to/vae." in message and "\n" not in message
+    # Online but the hub's host does not resolve (.invalid never does): said at once, not after half a minute of
+    # retries that end blaming config.json.
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "ENDPOINT", "https://hub.invalid")
+    with pytest.raises(vae_mod.VAEError) as e:
+        vae_mod.load("stabilityai/sd-vae-ft-ema", key="vae")
+    assert "cannot be downloaded (hub.invalid cannot be reached: " in str(e.value) and "config.json" not in str(e.value)
 
 
 # -- data=latents -------------------------------------------------------------------------------------------

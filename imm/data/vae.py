@@ -9,8 +9,11 @@ diffusers is imported only here and only when a VAE is loaded (it takes seconds)
 
 from __future__ import annotations
 
+import logging
+import socket
 import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -42,6 +45,17 @@ def _is_hub_id(name: str) -> bool:
 def location(name: str) -> str:
     """How a manifest records the VAE: a hub id as it is, a local folder as its absolute path."""
     return name if _is_hub_id(name) else str(Path(name).expanduser().resolve())
+
+
+def _unreachable(endpoint: str) -> str | None:
+    """Why the hub at `endpoint` cannot be reached (its host name does not resolve: no network, or none to it),
+    or None. Asked before a download, which would otherwise retry for half a minute and then blame the file."""
+    host = urlparse(endpoint).hostname or endpoint
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        return f"{host} cannot be reached: {e.strerror or e}"
+    return None
 
 
 def load(name: str, *, key: str, device="cpu"):
@@ -77,9 +91,14 @@ def load(name: str, *, key: str, device="cpu"):
         try:
             vae = from_pretrained(name, local_files_only=True)
         except OSError:
+            hub_log = logging.getLogger("huggingface_hub")
+            level = hub_log.level
+            hub_log.setLevel(logging.ERROR)  # its retry warnings, twice each; the error below says what failed
             try:
                 if hub.HF_HUB_OFFLINE:
                     raise OSError("HF_HUB_OFFLINE is set")
+                if reason := _unreachable(hub.ENDPOINT):
+                    raise OSError(reason)
                 vae = from_pretrained(name)
             except Exception as e:  # no network, no such repository, ...
                 reason = " ".join(str(e).split())[:200]
@@ -87,6 +106,8 @@ def load(name: str, *, key: str, device="cpu"):
                     f"The VAE {name!r} ({key}) is not in the Hugging Face cache {hub.HF_HUB_CACHE} and cannot be"
                     f" downloaded ({reason}); {_save_hint(name, key)}."
                 ) from None
+            finally:
+                hub_log.setLevel(level)
     return vae.to(device).eval().requires_grad_(False)
 
 
