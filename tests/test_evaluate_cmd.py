@@ -200,6 +200,8 @@ def test_missing_inception_weights_exit_2_with_the_message(digits, tmp_path):
     assert proc.returncode == 2, out[-3000:]
     assert "Inception-v3 weights for FID not found" in out and "downloading is disabled" in out
     assert "eval.inception_weights" in out and str(torch_home) in out and "Traceback" not in out
+    assert sum("Inception-v3" in line for line in out.splitlines()) == 1  # one sentence on one line
+    assert "eval.inception_weights=/path/to/weights-inception-2015-12-05-6726825d.pth." in out
     after = client.get_run(digits.run_id).data
     assert (after.metrics, after.tags) == (before.metrics, before.tags)  # nothing evaluated, nothing logged
 

@@ -54,14 +54,20 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def _missing_weights_error(path: Path, reason: str) -> MissingInceptionWeights:
+    """One sentence: where the weights were looked for, why they are not there, and the two fixes."""
+    name, cache = INCEPTION_URL.rsplit("/", 1)[-1], default_inception_weights_path()
+    where = "there" if path == cache else f"at {cache}"
     return MissingInceptionWeights(
-        f"Inception-v3 weights for FID not found: {path} ({reason}).\n"
-        f"Download {INCEPTION_URL} on a machine with internet access, then either\n"
-        f"  - place it at {default_inception_weights_path()} (the torch.hub cache that "
-        f"torch-fidelity/torchmetrics look in; it moves with $TORCH_HOME), or\n"
-        f"  - point the config option eval.inception_weights at the local file, "
-        f"e.g. eval.inception_weights=/path/to/{INCEPTION_URL.rsplit('/', 1)[-1]}"
+        f"Inception-v3 weights for FID not found: {path} ({reason}); download {INCEPTION_URL} on a machine with"
+        f" internet access and put it {where} (the torch.hub cache that torch-fidelity/torchmetrics look in; it"
+        f" moves with $TORCH_HOME) or set eval.inception_weights=/path/to/{name}."
     )
+
+
+def _download_failure(exc: Exception) -> str:
+    """For a URLError(gaierror(...)), "download failed: Name or service not known"; else the error's text."""
+    reason = getattr(exc, "reason", exc)  # urllib wraps the socket's error
+    return f"download failed: {getattr(reason, 'strerror', None) or reason}"
 
 
 def resolve_inception_weights(inception_weights: str | os.PathLike | None, allow_download: bool = True) -> Path:
@@ -82,7 +88,7 @@ def resolve_inception_weights(inception_weights: str | os.PathLike | None, allow
         # The hash prefix in the file name is the sha256 prefix torch.hub verifies.
         torch.hub.download_url_to_file(INCEPTION_URL, str(path), hash_prefix="6726825d", progress=False)
     except Exception as exc:  # network errors come in many types (URLError, OSError, SSL, ...)
-        raise _missing_weights_error(path, f"download failed: {exc!r}") from exc
+        raise _missing_weights_error(path, _download_failure(exc)) from exc
     return path
 
 
