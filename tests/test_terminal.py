@@ -91,7 +91,7 @@ def test_a_pipe_gets_loss_lines_and_the_summary_and_launch_log_the_same_history(
     )
     command = re.search(r"train on +(.*)", summary)[1]
     assert command == f"python {LAUNCH} {' '.join(RUN[:1] + RUN[2:])} hydra.run.dir={run_dir} train.steps=120"
-    assert "MLflow       run " in summary and "mlflow ui --backend-store-uri sqlite:///" in summary
+    assert "MLflow       run " in summary and "mlflow ui --workers 1 --backend-store-uri sqlite:///" in summary
 
 
 def test_the_summary_table_puts_the_nfe_beside_a_guided_step_count_only():

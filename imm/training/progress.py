@@ -209,7 +209,8 @@ def summary_text(
     if (run_dir / "figures").is_dir():
         where.append(("figures", str((run_dir / "figures").resolve())))
     if uri:
-        where.append(("MLflow", f"run {run_id} in {uri}; open the UI with: mlflow ui --backend-store-uri {uri}"))
+        ui = f"mlflow ui --workers 1 --backend-store-uri {uri}"  # one web worker starts faster (docs/runs.md)
+        where.append(("MLflow", f"run {run_id} in {uri}; open the UI with: {ui}"))
     if resume:
         where.append(("train on" if status == "FINISHED" else "resume", resume))
     width = max(len(label) for label, _ in where)
