@@ -163,6 +163,8 @@ def test_a_missing_vae_is_one_sentence_naming_the_option_and_the_fix(tmp_path, m
     with pytest.raises(vae_mod.VAEError) as e:
         vae_mod.load("stabilityai/sd-vae-ft-ema", key="vae")
     assert "cannot be downloaded (hub.invalid cannot be reached: " in str(e.value) and "config.json" not in str(e.value)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")  # behind a proxy the host need not resolve here
+    assert vae_mod._unreachable("https://hub.invalid") is None
 
 
 # -- data=latents -------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import socket
 import warnings
 from pathlib import Path
 from urllib.parse import urlparse
+from urllib.request import getproxies
 
 import torch
 
@@ -49,7 +50,10 @@ def location(name: str) -> str:
 
 def _unreachable(endpoint: str) -> str | None:
     """Why the hub at `endpoint` cannot be reached (its host name does not resolve: no network, or none to it),
-    or None. Asked before a download, which would otherwise retry for half a minute and then blame the file."""
+    or None. Asked before a download, which would otherwise retry for half a minute and then blame the file.
+    Behind an HTTP(S) proxy the host need not resolve here: not asked."""
+    if getproxies().get(urlparse(endpoint).scheme or "https"):
+        return None
     host = urlparse(endpoint).hostname or endpoint
     try:
         socket.getaddrinfo(host, 443)
