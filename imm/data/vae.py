@@ -52,9 +52,10 @@ def _unreachable(endpoint: str) -> str | None:
     """Why the hub at `endpoint` cannot be reached (its host name does not resolve: no network, or none to it),
     or None. Asked before a download, which would otherwise retry for half a minute and then blame the file.
     Behind an HTTP(S) proxy the host need not resolve here: not asked."""
-    if getproxies().get(urlparse(endpoint).scheme or "https"):
+    url = urlparse(endpoint)
+    if getproxies().get(url.scheme or "https"):
         return None
-    host = urlparse(endpoint).hostname or endpoint
+    host = url.hostname or endpoint
     try:
         socket.getaddrinfo(host, 443)
     except OSError as e:

@@ -55,12 +55,12 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 def _missing_weights_error(path: Path, reason: str) -> MissingInceptionWeights:
     """One sentence: where the weights were looked for, why they are not there, and the two fixes."""
-    name, cache = INCEPTION_URL.rsplit("/", 1)[-1], default_inception_weights_path()
+    cache = default_inception_weights_path()
     where = "there" if path == cache else f"at {cache}"
     return MissingInceptionWeights(
         f"Inception-v3 weights for FID not found: {path} ({reason}); download {INCEPTION_URL} on a machine with"
         f" internet access and put it {where} (the torch.hub cache that torch-fidelity/torchmetrics look in; it"
-        f" moves with $TORCH_HOME) or set eval.inception_weights=/path/to/{name}."
+        f" moves with $TORCH_HOME) or set eval.inception_weights=/path/to/{cache.name}."
     )
 
 
