@@ -13,7 +13,7 @@ STOPPED = "stopped by SIGINT (Ctrl-C) outside a training step; nothing was lost:
 try:
     import hydra
 
-    from imm.config import register
+    from imm.launch import register
 
     register()
 except KeyboardInterrupt:

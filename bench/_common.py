@@ -92,7 +92,7 @@ def add_common_args(p: argparse.ArgumentParser, name: str) -> None:
 def resolve_device(name: str) -> torch.device:
     """--device through the project's one resolver (imm.factory.device); a bad value exits with its sentence."""
     from imm import factory
-    from imm.config import ConfigError
+    from imm.errors import ConfigError
 
     try:
         return factory.device(name, key="--device")

@@ -102,7 +102,7 @@ def run_one(overrides, tracking_uri, run_name):
     """Compose the config as launch.py does and train; returns (summary, seconds). Runs in a worker."""
     from hydra import compose, initialize_config_dir
 
-    from imm.config import register
+    from imm.launch import register
     from imm.training.loop import train
 
     logging.basicConfig(level=logging.WARNING)

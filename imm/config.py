@@ -15,7 +15,6 @@ written beside its default too (`ranged(3, ">= 0")`, imm/ranges.py): validate ch
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
@@ -23,49 +22,19 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from imm import data as data_mod
-from imm import nets
-from imm.core import mapping, objective, parameterization, sampling, schedules
+from imm import runs
 from imm.core.sampling import TWO_STEP_ETA
-from imm.core.util import ArgumentError
+from imm.data.vae import PAPER_VAE
 from imm.evaluation.metrics import KNN_K, MIN_POINTS
-from imm.ranges import ConfigError, allowed_values, check_values, ranged
-
-# Keys that may differ when a run is resumed (longer training, other logging, another machine): the
-# resume check (training/loop.py) lets them change, and they do not enter a run directory's experiment
-# hash (training/rundir.py).
-RESUMABLE_KEYS = (
-    "resume",
-    "fresh",
-    "dry_run",
-    "train.steps",
-    "train.log_every",
-    "train.ckpt_every",
-    "train.snapshot_every",
-    "train.keep_last",
-    "train.micro_batch",
-    "train.device",
-    "train.threads",
-    "train.compile",
-    "eval.",
-    "tracking.",
-    "data.num_workers",
-    "data.root",
-    "data.path",
-    "data.download",
-    "data.vae",
-    "data.source_root",
-    "hydra",
-)
+from imm.ranges import allowed_values, ranged
 
 
 def _run_dir(base, name, overrides, fresh, dry_run=False):
-    from imm.training.rundir import run_dir
-
-    return run_dir(base, name, overrides, fresh, claim=not dry_run)
+    return runs.run_dir(base, name, overrides, fresh, claim=not dry_run)
 
 
 # `${imm.run_dir:runs,NAME,${hydra.overrides.task},${fresh}}` in conf/config.yaml: the run (or sweep)
-# directory named after the experiment (training/rundir.py). Cached like Hydra's `${now:}`: the value
+# directory named after the experiment (imm/runs.py). Cached like Hydra's `${now:}`: the value
 # resolved by the launching process travels with the config to every job of a sweep (also to a
 # requeued one), so they all agree on the sweep directory. Registered at import: a submitit job
 # process imports this module when it unpickles the schema, before it resolves its directory.
@@ -208,7 +177,7 @@ class TrainConfig:
 class SamplingOptions:
     """How samples are drawn from a network (spec 4; Alg. 2, 5; App. I.2): one schema for the training
     run's `eval` node, `--config-name evaluate`'s `eval` node and `--config-name sample`'s top level
-    (imm/tasks/__init__.py), so each key has one name and one default everywhere."""
+    (SampleConfig, EvaluateOptions below), so each key has one name and one default everywhere."""
 
     sampler: str = "pushforward"  # pushforward | restart
     grid: str = "uniform"  # uniform | edm | eta (eta beyond 2 steps: `sample`'s etas)
@@ -268,9 +237,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     resume: Optional[str] = None  # a checkpoint file or run directory to resume from
-    fresh: bool = False  # true: a new run directory of this experiment, not its newest (training/rundir.py)
+    fresh: bool = False  # true: a new run directory of this experiment, not its newest (imm/runs.py)
     dry_run: bool = (
-        False  # true: check everything a launch checks, print what it would do, train nothing (imm/dry_run.py)
+        False  # true: check everything a launch checks, print what it would do, train nothing (imm/launch/dry_run.py)
     )
 
 
@@ -310,10 +279,93 @@ class DDPMppArch:
 ARCH_SCHEMAS = {"arch_mlp": MLPArch, "arch_dit": DiTArch, "arch_ddpmpp": DDPMppArch}
 
 
-def register() -> None:
-    import warnings
+# -- the commands besides training: `--config-name sample`, `evaluate` (on a checkpoint), `encode` --------------
+# built on the sampling options the training config's `eval` node uses: one name and one default per key.
+@dataclass
+class TaskTrackingConfig:
+    """Where the results go in MLflow: the checkpoint's own run unless it has none or new_run=true."""
 
-    from omegaconf import OmegaConf
+    enabled: bool = True
+    uri: Optional[str] = None  # null: sqlite:///<launch dir>/mlflow.db, as in training
+    new_run: bool = False  # log into a new run even when the checkpoint names its training run
+    experiment: Optional[str] = None  # new runs only; null: the training run's tracking.experiment
+    run_name: Optional[str] = None  # new runs only; null: "<command> <checkpoint>"
+
+
+@dataclass
+class DataOverrideConfig:
+    """Where the training data lives now, when it moved since training (null: as in the checkpoint)."""
+
+    root: Optional[str] = None  # image datasets (mnist, cifar10, folder)
+    path: Optional[str] = None  # data=points: the .npy file
+    vae: Optional[str] = None  # data=latents: the VAE that decodes (hub id or folder)
+    source_root: Optional[str] = None  # data=latents: the images the latents were encoded from (FID reference)
+
+
+@dataclass
+class SampleConfig(SamplingOptions):
+    """`--config-name sample`: the sampling options (imm.config.SamplingOptions) at the top level."""
+
+    ckpt: str = MISSING  # a snapshot or training-state file, or a run directory (its newest of either)
+    weights: str = "ema"  # ema | online
+    steps: int = ranged(1, ">= 1")  # sampling steps N (one count here; the evaluations take a list)
+    # explicit intermediate eta points (steps - 1 of them), e.g. [1.4]
+    etas: Optional[List[float]] = ranged(None, note=GRID_RULES, items=True)
+    # classifier-free guidance w
+    guidance: Optional[float] = ranged(None, note="null: the training run's eval.guidance; 1: none")
+    # not the evaluations' 1234: the README's documented samples were drawn with seed 0
+    seed: int = ranged(0)
+    labels: Any = "cycle"  # cycle (all classes in turn) | uncond (the null label) | a list of class ids
+    n: Optional[int] = ranged(None, ">= 1", "null: 64 images, 5000 points")  # number of samples
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out: Optional[str] = None  # output directory; null: the Hydra run directory (runs/samples/<date>/<time>)
+    compare_steps: List[int] = ranged(text=">= 1", note="[]: no figure", factory=lambda: [1, 2, 4, 8])
+    data: DataOverrideConfig = field(default_factory=DataOverrideConfig)
+    tracking: TaskTrackingConfig = field(default_factory=TaskTrackingConfig)
+
+
+@dataclass
+class EvaluateOptions(EvalOptions):
+    """`evaluate`'s `eval` node: the training config's eval options (imm.config.EvalOptions), same names."""
+
+    guidance: Any = None  # a scale or a list of scales; null: [the training run's eval.guidance]
+    # null: 50000 for images (FID-50k, the paper), the held-out size for points
+    n_samples: Optional[int] = ranged(None, ">= 2", f"FID's covariance needs 2; point data: >= {MIN_POINTS}")
+    fid: bool = True  # images: FID (false: only the classifier metric of digits and MNIST, and the figure)
+    allow_download: bool = True  # false: never download the Inception weights
+    feature_net: str = "inception"  # inception | tiny_random (a small fixed-seed conv net: FOR TESTS ONLY)
+
+
+@dataclass
+class EvaluateConfig:
+    ckpt: str = MISSING  # a snapshot or training-state file, or a run directory (its newest of either)
+    weights: str = "ema"  # ema | online; metrics are logged as evaluate/... (online: evaluate_online/...)
+    device: str = "auto"
+    out: Optional[str] = None  # null: the Hydra run directory (runs/evaluations/<date>/<time>)
+    eval: EvaluateOptions = field(default_factory=EvaluateOptions)
+    data: DataOverrideConfig = field(default_factory=DataOverrideConfig)
+    tracking: TaskTrackingConfig = field(default_factory=TaskTrackingConfig)
+
+
+@dataclass
+class EncodeConfig:
+    """`--config-name encode`: the images of `data` (any image dataset option, as in training) as VAE latents."""
+
+    out: str = MISSING  # the latents folder (data.root of data=latents); an unfinished encode there continues
+    vae: str = PAPER_VAE  # hub id or local folder of a diffusers AutoencoderKL
+    batch_size: int = ranged(64, ">= 1")  # images per VAE call
+    shard_size: int = ranged(
+        10000, ">= 1"
+    )  # images per shard file; a killed encode resumes after its last complete shard
+    dtype: str = "float32"  # of the stored latents: float32 | float16 (half the disk)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    data: DataConfig = field(default_factory=DataConfig)  # data.hflip=true also encodes flipped copies
+
+
+def register(choices=None) -> None:
+    """Store the schemas in Hydra's ConfigStore and register the resolvers the config files use; `choices`
+    (imm.validation.choices) makes `--help` end with each option key's allowed values too."""
+    import warnings
 
     # conf/hydra/sweeper/basic.yaml replaces Hydra's `basic` sweeper option with its subclass (a dry run added;
     # hydra_plugins/imm_sweepers/grid.py); Hydra validates it against its own schema of that name, as wanted,
@@ -322,163 +374,14 @@ def register() -> None:
     # ${imm.max:1,${.gpus_per_node}}: one task per GPU, at least one (launcher presets)
     OmegaConf.register_new_resolver("imm.max", lambda *values: max(values), replace=True)
     # ${imm.allowed:} in hydra.help.footer: `--help` ends with each key's range (allowed_values)
-    OmegaConf.register_new_resolver("imm.allowed", lambda *, _root_: allowed_values(_root_, _choices()), replace=True)
+    OmegaConf.register_new_resolver(
+        "imm.allowed", lambda *, _root_: allowed_values(_root_, choices() if choices else {}), replace=True
+    )
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     # outside the arch group, so `--help` lists only real options; conf/arch/*.yaml: `- /arch_dit@_here_`
     for name, node in ARCH_SCHEMAS.items():
         cs.store(name=name, node=node)
-    __import__("imm.tasks", fromlist=["register_schemas"]).register_schemas(cs)  # conf/sample.yaml, evaluate.yaml
-
-
-# -- validation ---------------------------------------------------------------------------------
-POINT_DATA = tuple(name for name in data_mod.DATASET_NAMES if name not in data_mod.IMAGE_NAMES)
-IMAGE_DATA = tuple(data_mod.IMAGE_NAMES)
-# The core argument each config key feeds, so imm.core's own argument errors name the config key.
-ARG_KEYS = {
-    "schedule": "schedule.name",
-    "param": "schedule.param",
-    "second_time": "schedule.second_time",
-    "kernel": "kernel.function",
-    "weighting": "kernel.weighting",
-    "ref_dim": "kernel.ref_dim",
-    "kappa": "kernel.kappa",
-    "mapping": "loss.mapping",
-    "M": "loss.M",
-    "eps": "loss.eps",
-    "T": "loss.T",
-    "eta_max": "loss.eta_max",
-    "eta_min": "loss.eta_min",
-    "min_gap": "loss.min_gap",
-    "label_dropout": "loss.label_dropout",
-    "augment_p": "data.augment_p",
-}
-
-
-@functools.cache
-def _choices() -> dict[str, tuple]:
-    from imm import factory  # factory imports this module
-
-    return {
-        "schedule.name": tuple(schedules.SCHEDULES),
-        "schedule.param": tuple(parameterization.PARAMETERIZATIONS),
-        "schedule.second_time": tuple(parameterization.SECOND_TIME_INPUTS),
-        "kernel.weighting": tuple(objective.WEIGHTINGS),
-        "kernel.function": tuple(objective.KERNELS),
-        "loss.objective": tuple(objective.OBJECTIVES),
-        "loss.mapping": tuple(mapping.MAPPINGS),
-        "target.kind": ("online", "ema"),  # imm.training.loop: theta^- is the online net unless ema
-        "data.name": tuple(data_mod.DATASET_NAMES),
-        "arch.name": tuple(nets.ARCHS),
-        "optim.name": tuple(factory.OPTIMIZERS),
-        "optim.lr_schedule": tuple(factory.LR_SCHEDULES),
-        "train.precision": ("fp32", "tf32", "bf16", "fp16"),  # imm.training.loop's autocast and TF32 switches
-        "eval.sampler": tuple(sampling.SAMPLERS),
-        "eval.grid": tuple(sampling.GRIDS),
-    }
-
-
-def __getattr__(name: str):
-    """CHOICES: every option list, from the code that implements it (built on first use: imm.factory
-    imports this module)."""
-    if name == "CHOICES":
-        return _choices()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _get(cfg, key: str):
-    node = cfg
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
-def loss_T(cfg) -> float:
-    """loss.T, or the schedule's default when it is null."""
-    return float(cfg.loss.T) if cfg.loss.T is not None else schedules.get(cfg.schedule.name).default_T
-
-
-def not_allowed(key: str, value, allowed) -> ConfigError:
-    return ConfigError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}.")
-
-
-def from_core(e: ArgumentError) -> ConfigError:
-    """imm.core's argument error as the one-sentence ConfigError that names the config keys."""
-    if e.allowed is not None:
-        return not_allowed(ARG_KEYS.get(e.arg, e.arg), e.value, e.allowed)
-    return ConfigError(e.render(ARG_KEYS) + ".")
-
-
-def check_point_samples(key: str, n: int) -> None:
-    """Point data are evaluated with k-NN metrics (each sample against its k nearest): the option `key`=`n`
-    must give at least MIN_POINTS samples."""
-    if n < MIN_POINTS:
-        raise ConfigError(
-            f"{key}={n} is too few for point data: the k-NN precision/recall compares each sample with its"
-            f" k = {KNN_K} nearest; use {key} >= {MIN_POINTS}."
-        )
-
-
-def validate(cfg, world_size: int = 1) -> None:
-    """Raise ConfigError (one sentence: key, value, what is allowed) for a config that cannot run."""
-    from imm import factory  # factory imports this module
-
-    def fail(msg: str):
-        raise ConfigError(msg)
-
-    check_values(cfg)
-    # The method's objects check their own arguments (names, time range, mapping and parameterization
-    # rules); the IMM pieces are built for either objective, as today's fm runs still carry them.
-    core_checked = set(ARG_KEYS.values())
-    for key, allowed in _choices().items():
-        if key not in core_checked and _get(cfg, key) not in allowed:
-            raise not_allowed(key, _get(cfg, key), allowed)
-    try:
-        label_dropout = cfg.loss.label_dropout or 0.0
-        factory.imm_objective(cfg, label_dropout=label_dropout, num_classes=1, augment=factory.augment(cfg))
-    except ArgumentError as e:  # num_classes=1: whether the data have labels is known once they are loaded
-        raise from_core(e) from None
-
-    B, M = cfg.train.batch_size, cfg.loss.M
-    if B % (M * world_size):
-        fail(
-            f"train.batch_size={B} must be divisible by loss.M x world size = {M} x {world_size} ="
-            f" {M * world_size}, so every group of M particles stays on one process."
-        )
-    micro, share = cfg.train.micro_batch, B // world_size
-    if micro is not None and (share % micro or micro % M):
-        fail(
-            f"train.micro_batch={micro} must divide each process's share of the batch (train.batch_size / world size"
-            f" = {B} / {world_size} = {share}) and be a multiple of loss.M={M}, so no group of M particles is split;"
-            " use a divisor of the share that M divides, or null for no accumulation."
-        )
-    from imm.evaluation.evaluate import time_grids  # imports this module
-
-    time_grids("eval.steps", cfg.eval.steps, cfg.eval, schedule=cfg.schedule.name, T=loss_T(cfg), eps=cfg.loss.eps)
-    points = cfg.data.name in POINT_DATA
-    if points != (cfg.arch.name in nets.POINT_ARCHS):
-        kind = "2-D/point" if points else "image"
-        fail(
-            f"arch.name={cfg.arch.name!r} does not fit {kind} data data.name={cfg.data.name!r}; use"
-            f" {'arch=mlp' if points else 'an image architecture (dit_*, ddpmpp)'}."
-        )
-    if cfg.data.augment_p > 0 and points:
-        fail(
-            f"data.augment_p={cfg.data.augment_p} augments images, but data.name={cfg.data.name!r} is point data;"
-            " use data.augment_p=0."
-        )
-    if points:
-        check_point_samples("eval.n_samples", cfg.eval.n_samples)
-    if cfg.tracking.enabled and not str(cfg.tracking.experiment).strip():
-        fail("tracking.experiment is empty; name the MLflow experiment the run goes to, e.g. tracking.experiment=imm.")
-    if cfg.data.name == "points" and not cfg.data.path:
-        fail("data.path is missing; data=points needs data.path=/path/to/file.npy holding an [N, D] array.")
-    if cfg.data.name == "folder" and not cfg.data.root:
-        fail("data.root is missing; data=folder needs data.root=/path/to/images.")
-    if cfg.data.name == "latents" and not cfg.data.root:
-        fail("data.root is missing; data=latents needs data.root=/path/to/latents (the out= of --config-name encode).")
-    if cfg.eval.guidance != 1.0 and points:
-        fail(
-            f"eval.guidance={cfg.eval.guidance} needs class-conditional data, but data.name="
-            f"{cfg.data.name!r} is unconditional; use eval.guidance=1."
-        )
+    cs.store(name="sample_schema", node=SampleConfig)  # conf/sample.yaml, evaluate.yaml, encode.yaml
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="encode_schema", node=EncodeConfig)

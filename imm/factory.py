@@ -8,12 +8,13 @@ import torch
 from omegaconf import OmegaConf
 
 from imm import nets
-from imm.config import ConfigError, loss_T
 from imm.core import mapping as mapping_mod
 from imm.core import objective as objective_mod
 from imm.core import parameterization as param_mod
+from imm.core import schedules
 from imm.data import DataBundle, build_dataset
 from imm.data.augment import AUGMENT_DIM, Augment
+from imm.errors import ConfigError
 
 
 def device(name: str, *, key: str = "train.device", local_rank: int = 0) -> torch.device:
@@ -27,6 +28,11 @@ def device(name: str, *, key: str = "train.device", local_rank: int = 0) -> torc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{key}={name!r} but no CUDA device is available; use {key}=auto or cpu.")
     return dev
+
+
+def loss_T(cfg) -> float:
+    """loss.T, or the schedule's default when it is null."""
+    return float(cfg.loss.T) if cfg.loss.T is not None else schedules.get(cfg.schedule.name).default_T
 
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "radam": torch.optim.RAdam}  # optim.name

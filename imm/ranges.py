@@ -1,5 +1,5 @@
 """The values each config key may take, written once beside its default in the schema (imm/config.py,
-imm/tasks/__init__.py): `keep_last: int = ranged(3, ">= 0")`. check_values() holds a composed config
+imm/config.py): `keep_last: int = ranged(3, ">= 0")`. check_values() holds a composed config
 to its schema (no key the schema lacks, as `+loss.kk=3` would add; every number in its Range) and
 allowed_values() prints the same ranges at the end of `--help`.
 """
@@ -14,10 +14,7 @@ from typing import Optional
 
 from omegaconf import MISSING, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A configuration a user can fix; its message is one sentence (imported from imm.config everywhere)."""
-
+from imm.errors import ConfigError
 
 RANGE = "imm.range"  # the dataclass-field metadata key that holds a field's Range
 _INTERVAL = re.compile(

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from imm.evaluation.metrics import find_metric
+from imm.runs import sweep_info
 from imm.tracking.mlflow_run import default_uri
-from imm.tracking.sweep import sweep_info
 
 
 def find_sweep(client, sweep: str):

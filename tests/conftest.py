@@ -101,7 +101,7 @@ def classifier_cache(tmp_path_factory):
     """A directory for eval.fid_cache holding digits' evaluation classifier (trained once per session)."""
     from imm.data import build_dataset
     from imm.evaluation.classifier import ClassifierMetric
-    from imm.evaluation.evaluate import fid_cache_file, fid_dataset_key
+    from imm.evaluation.evaluator import fid_cache_file, fid_dataset_key
 
     bundle = build_dataset("digits", heldout_fraction=0.2)
     key, cache = fid_dataset_key(bundle), tmp_path_factory.mktemp("classifier")

@@ -30,8 +30,9 @@ import torch
 from helpers import ROOT, one_thread_env
 from mlflow.tracking import MlflowClient
 
+from imm import runs as rundir
 from imm.tracking.mlflow_run import Tracker, TrackingError, check_store, default_uri
-from imm.training import checkpoint, rundir
+from imm.training import checkpoint
 
 INJECT = ROOT / "tests" / "faults" / "inject.py"
 TINY = ("debug=toy", "train.steps=10", "eval.every=0")

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from imm import factory
-from imm.config import ConfigError, validate
+from imm.errors import ConfigError
+from imm.validation import validate
 
 GROUPS = ["arch", "schedule", "kernel", "loss", "target", "data", "optim", "train", "tracking", "experiment"]
 IMAGE_DATA = {"digits", "mnist", "cifar10", "folder", "latents"}
@@ -72,7 +73,7 @@ def test_group_choices_land_where_expected():
 
 
 def test_loss_T_defaults_per_schedule():
-    from imm.config import loss_T
+    from imm.factory import loss_T
 
     assert loss_T(compose_cfg()) == 0.994
     assert loss_T(compose_cfg("schedule=cosine")) == 0.996
@@ -164,8 +165,7 @@ def _schemas():
     """Every schema dataclass: the training config's nodes, the architectures', sample's, evaluate's and encode's."""
     from dataclasses import fields, is_dataclass
 
-    from imm.config import ARCH_SCHEMAS, Config
-    from imm.tasks import EncodeConfig, EvaluateConfig, SampleConfig
+    from imm.config import ARCH_SCHEMAS, Config, EncodeConfig, EvaluateConfig, SampleConfig
 
     todo, seen = [Config, *ARCH_SCHEMAS.values(), SampleConfig, EvaluateConfig, EncodeConfig], []
     while todo:

@@ -8,7 +8,7 @@ import torch
 from helpers import compose_cfg, launch
 
 from imm import factory
-from imm.training import rundir
+from imm import runs as rundir
 
 
 def files_under(path) -> list[str]:

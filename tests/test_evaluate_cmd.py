@@ -14,8 +14,8 @@ from helpers import compose_cfg, compose_task, launch, one_thread_env
 from mlflow.tracking import MlflowClient
 
 from imm import factory
-from imm.config import ConfigError
-from imm.evaluation.evaluate import Evaluator, TinyRandomFeatures, count_tag, fid_metric, metric_name, ratio_family
+from imm.errors import ConfigError
+from imm.evaluation.evaluator import Evaluator, TinyRandomFeatures, count_tag, fid_metric, metric_name, ratio_family
 from imm.evaluation.fid import FIDEvaluator
 from imm.tasks import evaluate as evaluate_task
 

@@ -21,9 +21,10 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from imm import factory
-from imm.config import ConfigError, loss_T
 from imm.data import DataError, ResumableBatches
-from imm.evaluation.evaluate import Evaluator
+from imm.errors import ConfigError
+from imm.evaluation.evaluator import Evaluator
+from imm.factory import loss_T
 from imm.nets import count_parameters
 from imm.training import checkpoint
 from imm.training import loop as loop_mod

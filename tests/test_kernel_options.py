@@ -9,9 +9,10 @@ from helpers import compose_cfg
 from test_core_objective import DiracOracle, make_objective
 from toynets import TinyNet
 
-from imm.config import ConfigError, validate
 from imm.core import objective, schedules
 from imm.core.util import ArgumentError
+from imm.errors import ConfigError
+from imm.validation import validate
 
 
 def f64(*v):

@@ -16,12 +16,12 @@ import torch
 from helpers import ROOT, compose_cfg, compose_task, launch, one_thread_env
 from helpers.latents import CLASSES, class_folder, tiny_vae
 
-from imm.config import ConfigError
 from imm.data import SIGMA_DATA, DataError, build_dataset
 from imm.data import latents as latents_mod
 from imm.data import vae as vae_mod
 from imm.data.images import ImageFolder
-from imm.evaluation.evaluate import Evaluator, TinyRandomFeatures
+from imm.errors import ConfigError
+from imm.evaluation.evaluator import Evaluator, TinyRandomFeatures
 from imm.evaluation.fid import FIDEvaluator, to_uint8
 from imm.tasks import encode
 
@@ -233,7 +233,7 @@ def test_the_manifest_is_checked_against_the_data_options(world, tmp_path):
     with pytest.raises(DataError, match="labels-00003.npy .listed in manifest.json. is missing"):
         build_dataset("latents", root=unfinished)
     with pytest.raises(ConfigError, match="data.root is missing; data=latents needs data.root="):
-        from imm.config import validate
+        from imm.validation import validate
 
         validate(compose_cfg("data=latents", "arch=dit_s_2"))
 

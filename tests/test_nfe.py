@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from imm import nets, report
 from imm.core import parameterization, sampling
-from imm.evaluation.evaluate import nfe_metric
+from imm.evaluation.evaluator import nfe_metric
 from imm.tasks import evaluate as evaluate_task
 from imm.tasks import sample as sample_task
 

@@ -8,10 +8,14 @@ from helpers import CONF, ROOT, compose_cfg
 from omegaconf import OmegaConf
 
 from imm import data, factory, nets
-from imm.config import CHOICES, ConfigError, loss_T, validate
 from imm.core import mapping, objective, parameterization, sampling, schedules
+from imm.errors import ConfigError
+from imm.factory import loss_T
+from imm.launch.search import corners, job_overrides, search_space
 from imm.nets.dit import DIT_PRESETS
-from imm.search import corners, job_overrides, search_space
+from imm.validation import choices, validate
+
+CHOICES = choices()  # every option list, from the code that implements it
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 SWEEPS = sorted((ROOT / "sweeps").glob("*.yaml"))

@@ -30,7 +30,8 @@ import torch
 from helpers import LAUNCH, ROOT, one_thread_env
 from mlflow.tracking import MlflowClient
 
-from imm.training import checkpoint, rundir
+from imm import runs as rundir
+from imm.training import checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Run-directory identity, lock and status (imm/training/rundir.py) on real files and processes."""
+"""Run-directory identity, lock and status (imm/runs.py) on real files and processes."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from helpers import CONF, compose_cfg
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 
-from imm.config import RESUMABLE_KEYS
-from imm.training import rundir
+from imm import runs as rundir
+from imm.runs import RESUMABLE_KEYS
 
 
 def test_the_experiment_hash_ignores_order_plus_signs_and_keys_that_may_change_on_resume():

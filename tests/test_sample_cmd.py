@@ -14,9 +14,9 @@ from helpers import compose_cfg, compose_task, launch
 from mlflow.tracking import MlflowClient
 
 from imm import factory
-from imm.config import ConfigError
 from imm.core import sampling
 from imm.data.points import Standardizer
+from imm.errors import ConfigError
 from imm.tasks import sample as sample_task
 from imm.tracking.mlflow_run import TrackingError
 from imm.training import checkpoint

@@ -15,11 +15,11 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
-from imm.config import ConfigError
+from imm.errors import ConfigError
 from imm.evaluation.metrics import find_metric
-from imm.search import corners, job_overrides, search_space
+from imm.launch.search import corners, job_overrides, search_space
+from imm.launch.sweep import MLflowSweepCallback
 from imm.tracking.mlflow_run import ensure_store
-from imm.tracking.sweep import MLflowSweepCallback
 
 # tiny trials: 20 steps of the toy run, the objective its 1-step energy distance over the floor
 TINY = ("debug=toy", "train.steps=20", "eval.n_samples=100", "data.n_heldout=100", "tracking.system_metrics=false")
@@ -121,8 +121,8 @@ def test_two_sweeper_processes_share_one_study_and_one_parent_run(tmp_path):
 OTHER_SWEEPER = """
 import pathlib, sys, time
 from mlflow.tracking import MlflowClient
-from imm.tracking.jobs import SweepProcesses, sweep_lock
-from imm.training import rundir
+from imm.launch.watcher import SweepProcesses, sweep_lock
+from imm import runs as rundir
 sweep_dir, uri, child = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 me = SweepProcesses(sweep_dir)
 with sweep_lock(sweep_dir):

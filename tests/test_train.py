@@ -8,8 +8,8 @@ from helpers import compose_cfg, launch
 from mlflow.tracking import MlflowClient
 
 from imm import factory
-from imm.config import loss_T
-from imm.evaluation.evaluate import Evaluator
+from imm.evaluation.evaluator import Evaluator
+from imm.factory import loss_T
 from imm.training.loop import _emas, ema_decay_at, train
 
 SMALL = (

@@ -8,8 +8,8 @@ class GridSweeper(BasicSweeper):
     def sweep(self, arguments):
         if not self.config.dry_run:
             return super().sweep(arguments)
-        from imm import dry_run
-        from imm.tracking.sweep import swept_keys
+        from imm.launch import dry_run
+        from imm.launch.sweep import swept_keys
 
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides([*self._parse_config(), *arguments])

@@ -1,4 +1,4 @@
-"""`hydra/sweeper=optuna`: a Bayesian search on optuna's ask/tell API; the work is in imm/search.py."""
+"""`hydra/sweeper=optuna`: a Bayesian search on optuna's ask/tell API; the work is in imm/launch/search.py."""
 
 from typing import Any, Optional
 
@@ -40,6 +40,6 @@ class OptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments) -> Any:
-        from imm import search
+        from imm.launch import search
 
         return search.run(self, arguments)

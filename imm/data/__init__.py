@@ -20,32 +20,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
-SIGMA_DATA = 0.5
-
-if TYPE_CHECKING:
-    from imm.data.latents import LatentCodec
-
-
-class DataError(ValueError):
-    """A problem with the data the user asked for (bad path, bad file, bad setting)."""
-
-
-class DataNotFoundError(DataError, FileNotFoundError):
-    """Files or directories the user pointed at do not exist.
-
-    Also a FileNotFoundError so callers can catch it as such.
-    """
-
-
-# Submodules import DataError from here, so they are imported only after it exists.
-from imm.data import images, points, toy  # noqa: E402
-from imm.data.loader import InMemoryDataset, ResumableBatches  # noqa: E402
-from imm.data.points import Standardizer, load_points  # noqa: E402
+from imm.data import images, latents, points, toy
+from imm.data.latents import LatentCodec
+from imm.data.loader import SIGMA_DATA, InMemoryDataset, ResumableBatches
+from imm.data.points import Standardizer, load_points
+from imm.errors import DataError, DataNotFoundError
 
 IMAGE_NAMES = ["digits", "mnist", "cifar10", "folder", "latents"]
 DATASET_NAMES = [*toy.NAMES, "points", *IMAGE_NAMES]
@@ -143,8 +126,6 @@ def build_dataset(
         train, heldout = points.split_points(load_points(path), heldout_fraction, seed)
         return _points_bundle("points", train, heldout)
     if key == "latents":
-        from imm.data import latents
-
         dataset, codec = latents.load(
             root,
             resolution=resolution,
@@ -156,13 +137,10 @@ def build_dataset(
         )
         return DataBundle(key, "images", dataset, None, dataset.shape, dataset.num_classes, latents=codec)
     if key in IMAGE_NAMES:
-        builders: dict[str, Callable[..., Any]] = {
-            "digits": lambda: images.digits(resolution=resolution, hflip=hflip),
-            "mnist": lambda: images.mnist(root, download=download, resolution=resolution, hflip=hflip),
-            "cifar10": lambda: images.cifar10(root, download=download, resolution=resolution, hflip=hflip),
-            "folder": lambda: images.ImageFolder(root, resolution, hflip=hflip, class_subfolders=class_subfolders),
-        }
-        dataset, heldout = builders[key](), None
+        dataset = images.training_set(
+            key, root, resolution=resolution, hflip=hflip, download=download, class_subfolders=class_subfolders
+        )
+        heldout = None
         if key == "digits":
             dataset, heldout = images.split_heldout(dataset, heldout_fraction, seed)
         if key == "mnist":  # the test set: read with the training files (MNIST_FILES)

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imm.data import DataError, DataNotFoundError
 from imm.data.loader import BaseDataset, InMemoryDataset
+from imm.data.points import split_points
+from imm.errors import DataError, DataNotFoundError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -62,10 +63,19 @@ def digits(resolution: int | None = None, hflip: bool = False) -> InMemoryDatase
     return InMemoryDataset(x.clamp(-1.0, 1.0).contiguous(), torch.from_numpy(bunch.target), num_classes=10, hflip=hflip)
 
 
+def training_set(name: str, root, *, resolution=None, hflip=False, download=False, class_subfolders=None):
+    """The training images of the image dataset `name` (digits, mnist, cifar10, folder)."""
+    if name == "digits":
+        return digits(resolution=resolution, hflip=hflip)
+    if name == "mnist":
+        return mnist(root, download=download, resolution=resolution, hflip=hflip)
+    if name == "cifar10":
+        return cifar10(root, download=download, resolution=resolution, hflip=hflip)
+    return ImageFolder(root, resolution, hflip=hflip, class_subfolders=class_subfolders)
+
+
 def split_heldout(dataset: InMemoryDataset, fraction: float, seed: int) -> tuple[InMemoryDataset, InMemoryDataset]:
     """(train, held-out): the rows of an in-memory image set shuffled with `seed`, `fraction` of them held out."""
-    from imm.data.points import split_points
-
     train, heldout = split_points(torch.arange(len(dataset)), fraction, seed)
     return tuple(
         InMemoryDataset(dataset.data[rows], dataset.labels[rows], dataset.num_classes, dataset.hflip)

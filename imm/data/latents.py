@@ -28,8 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imm.data import SIGMA_DATA, DataError, DataNotFoundError
-from imm.data.loader import BaseDataset
+from imm.data import images
+from imm.data import vae as vae_mod
+from imm.data.loader import SIGMA_DATA, BaseDataset
+from imm.errors import DataError, DataNotFoundError
 
 log = logging.getLogger("imm.data")
 MANIFEST = "manifest.json"
@@ -154,8 +156,6 @@ class LatentCodec:
 
     def load(self, device="cpu"):
         """The VAE on `device` (loaded on the first call), refused when its weights are not the encoder's."""
-        from imm.data import vae as vae_mod
-
         if self._model is None:
             model = vae_mod.load(self.vae, key="data.vae", device=device)
             if (sha := vae_mod.fingerprint(model)) != self.vae_sha256:
@@ -175,8 +175,6 @@ class LatentCodec:
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Images [N, 3, H, W] in [-1, 1] (float32, on x's device) of model-space latents x, in chunks."""
-        from imm.data import vae as vae_mod
-
         model = self.load(x.device if self._model is None else next(self._model.parameters()).device)
         return torch.cat([vae_mod.decode(model, self.raw(chunk)) for chunk in x.split(DECODE_BATCH)])
 
@@ -191,14 +189,12 @@ class LatentCodec:
 
     def source_images(self) -> torch.utils.data.Dataset:
         """The images the latents were encoded from (the FID reference), at the encode's resolution."""
-        from imm.data import build_dataset
-
         self.check_source()
         src = self.source
         try:
-            return build_dataset(
-                src["name"], root=src["root"], resolution=src["resolution"], class_subfolders=src["class_subfolders"]
-            ).train
+            return images.training_set(
+                src["name"], src["root"], resolution=src["resolution"], class_subfolders=src["class_subfolders"]
+            )
         except DataError as e:
             raise DataError(
                 f"the images these latents were encoded from cannot be read ({e}); set data.source_root to"

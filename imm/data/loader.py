@@ -20,7 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from imm.data import DataError
+from imm.errors import DataError
+
+SIGMA_DATA = 0.5  # the data's standard deviation in model space (imm.data's conventions)
 
 
 class BaseDataset(Dataset):

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from imm.data import DataError, DataNotFoundError
+from imm.errors import DataError, DataNotFoundError
 from imm.evaluation.metrics import MIN_POINTS
 
 # The evaluation's metrics need this many held-out points (and the noise floor as many training

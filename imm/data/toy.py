@@ -11,7 +11,7 @@ import operator
 
 import torch
 
-from imm.data import DataError
+from imm.errors import DataError
 
 NAMES = ["checkerboard", "eight_gaussians", "moons", "rings"]
 

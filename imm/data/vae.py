@@ -18,7 +18,8 @@ from urllib.request import getproxies
 
 import torch
 
-from imm.data import DataError
+from imm.errors import DataError
+from imm.nets import module_fingerprint
 
 # App. I.1's footnote names stabilityai/sd-vae-ft-mse, the official ImageNet config
 # (configs/im256_generate_images.yaml) loads sd-vae-ft-ema, and the channel statistics the paper gives
@@ -118,8 +119,6 @@ def load(name: str, *, key: str, device="cpu"):
 
 def fingerprint(vae) -> str:
     """A hash of the VAE's weights: the manifest records it, so decoding with another VAE is refused."""
-    from imm.nets import module_fingerprint
-
     return module_fingerprint(vae)
 
 

@@ -14,12 +14,16 @@ import torch
 from omegaconf import OmegaConf
 
 from imm import factory
-from imm.config import POINT_DATA, ConfigError, loss_T, not_allowed
+from imm.config import Config
 from imm.data import DataBundle
-from imm.evaluation.evaluate import LABEL_MODES, time_grids
-from imm.tracking.mlflow_run import Tracker, TrackingError, check_store, default_uri, flatten
+from imm.data.latents import LatentCodec
+from imm.data.points import Standardizer
+from imm.errors import CheckpointError, ConfigError, TrackingError
+from imm.evaluation.evaluator import LABEL_MODES
+from imm.factory import loss_T
+from imm.tracking.mlflow_run import Tracker, check_store, default_uri, flatten
 from imm.training import checkpoint
-from imm.training.checkpoint import CheckpointError
+from imm.validation import POINT_DATA, not_allowed, time_grids
 
 WEIGHTS = ("ema", "online")
 
@@ -82,8 +86,6 @@ def require_ckpt(ckpt):
 
 def _training_config(text: str):
     """The stored training config over today's schema (keys added since then get their defaults)."""
-    from imm.config import Config
-
     saved = OmegaConf.create(text)
     try:
         return OmegaConf.merge(OmegaConf.structured(Config), saved)
@@ -129,13 +131,9 @@ def restore(ckpt, *, weights: str = "ema", device: str = "auto", data=None) -> R
     net.to(dev).eval().requires_grad_(False)
     standardizer = None
     if state.get("standardizer"):
-        from imm.data.points import Standardizer
-
         standardizer = Standardizer.from_state_dict(state["standardizer"])
     latents = None
     if state.get("latents"):
-        from imm.data.latents import LatentCodec
-
         moved = {key: data.get(key) if data is not None else None for key in ("vae", "source_root")}
         latents = LatentCodec.from_state_dict(state["latents"], **moved)
     return Restored(

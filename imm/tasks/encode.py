@@ -23,11 +23,12 @@ import torch
 from omegaconf import OmegaConf
 
 from imm import factory
-from imm.config import IMAGE_DATA, ConfigError, not_allowed
 from imm.data import latents as latents_mod
 from imm.data import vae as vae_mod
+from imm.errors import ConfigError
 from imm.ranges import check_values
 from imm.tasks.common import check_choices
+from imm.validation import IMAGE_DATA, not_allowed
 
 log = logging.getLogger("imm.encode")
 DTYPES = ("float32", "float16")

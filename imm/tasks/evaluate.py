@@ -27,14 +27,15 @@ import time
 
 from omegaconf import OmegaConf
 
-from imm.config import ConfigError, check_point_samples
+from imm.config import EvaluateOptions
 from imm.core.sampling import GRIDS, SAMPLERS
+from imm.errors import ConfigError
 from imm.evaluation import figures
-from imm.evaluation.evaluate import FEATURE_NETS, Evaluator, has_classifier_metric
+from imm.evaluation.evaluator import FEATURE_NETS, Evaluator, has_classifier_metric
+from imm.evaluation.fid import MissingInceptionWeights, resolve_inception_weights
 from imm.evaluation.metrics import metric_parts
 from imm.ranges import check_values
 from imm.report import render
-from imm.tasks import EvaluateOptions
 from imm.tasks.common import (
     WEIGHTS,
     ResultsRun,
@@ -45,6 +46,7 @@ from imm.tasks.common import (
     task_dirs,
     task_params,
 )
+from imm.validation import check_point_samples
 
 log = logging.getLogger("imm.evaluate")
 FID_N_DEFAULT = 50_000  # FID-50k, as every reported number in the paper
@@ -138,8 +140,6 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     images = restored.kind == "images"
     fid = images and ev_cfg.fid
     if fid and ev_cfg.feature_net == "inception":  # a missing weights file fails before any work
-        from imm.evaluation.fid import MissingInceptionWeights, resolve_inception_weights
-
         try:
             resolve_inception_weights(ev_cfg.inception_weights, ev_cfg.allow_download)
         except MissingInceptionWeights as e:

@@ -28,10 +28,11 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from imm.config import ConfigError
 from imm.core.sampling import GRIDS, SAMPLERS, grid_spec, nfe
+from imm.errors import ConfigError
 from imm.evaluation import figures
-from imm.evaluation.evaluate import Evaluator, guidance_tag, nfe_metric
+from imm.evaluation.evaluator import Evaluator, guidance_tag, nfe_metric
+from imm.evaluation.fid import to_uint8
 from imm.evaluation.metrics import MIN_POINTS
 from imm.ranges import check_values
 from imm.tasks.common import (
@@ -128,8 +129,6 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         figures.save_png(figures.scatter(data_units, bundle.unscale(bundle.heldout), title=title), out / "samples.png")
         files += ["samples.npy", "samples.png"]
     else:
-        from imm.evaluation.fid import to_uint8
-
         labels = ev.labels if ev.labels is not None else torch.full((n,), -1)
         # latents: decoded by the VAE in batches, kept as uint8 (50k float images at 256 x 256 would take 39 GB)
         u8 = torch.cat([to_uint8(bundle.to_images(chunk.float())) for chunk in x.split(cfg.batch_size)])

@@ -28,12 +28,11 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from imm.errors import TrackingError, error_line
+from imm.runs import file_lock, unwritable
+
 PARAM_LIMIT = 6000  # MLflow's max param value length
 log = logging.getLogger("imm.tracking")
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used; the message says which URI and what to do."""
 
 
 def default_uri(launch_dir) -> str:
@@ -46,20 +45,6 @@ def artifact_root(uri: str) -> str | None:
     if uri.startswith("sqlite:///"):
         return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
     return None
-
-
-@contextlib.contextmanager
-def file_lock(path):
-    """Hold an exclusive lock on the file `path` (created if missing) for the block: one process at a time."""
-    import fcntl
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -120,8 +105,6 @@ def check_store(uri: str) -> None:
 
 
 def _check_sqlite(uri: str) -> None:
-    from imm.training.rundir import unwritable
-
     if not uri.startswith("sqlite:///") or uri == "sqlite:///":
         raise TrackingError(
             f"tracking.uri={uri} names no SQLite file; write sqlite:/// and the file's path"
@@ -147,12 +130,6 @@ def _check_sqlite(uri: str) -> None:
 def unusable(uri: str, e: Exception) -> TrackingError:
     """The one sentence for a store that fails in MLflow, SQLAlchemy or the OS (whatever they raise)."""
     return TrackingError(f"the MLflow tracking store {uri} cannot be used ({error_line(e)}).")
-
-
-def error_line(e: BaseException) -> str:
-    """An exception as `Type: its first line`, for a one-sentence error."""
-    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-    return f"{type(e).__name__}: {first.rstrip('.')}" if first else type(e).__name__
 
 
 def flatten(cfg) -> dict[str, str]:

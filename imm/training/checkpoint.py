@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from imm.errors import CheckpointError
+
 CKPT_DIR = "checkpoints"
 PATTERN = re.compile(r"^step-(\d{8,})\.pt$")
 SNAPSHOT_DIR = "snapshots"
@@ -40,10 +42,6 @@ SAMPLING_KEYS = ("step", "config", "ema", "shape", "num_classes")
 REQUIRED_KEYS = ("step", "config", "model", "ema")
 _UMASK = os.umask(0o022)  # read the process umask (there is no getter) and put it back
 os.umask(_UMASK)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message says which file and why."""
 
 
 class CheckpointIO:

@@ -20,17 +20,17 @@ import torch
 from ema_pytorch import EMA
 from omegaconf import OmegaConf
 
-from imm import factory
-from imm.config import RESUMABLE_KEYS, ConfigError, validate
+from imm import factory, runs
 from imm.data import ResumableBatches
 from imm.data import digest as data_digest
-from imm.evaluation.evaluate import Evaluator
+from imm.evaluation.evaluator import Evaluator
 from imm.evaluation.metrics import lower_is_better, primary_metrics
 from imm.tracking.mlflow_run import Tracker, check_store, flatten, note_tag, source_tags
-from imm.training import checkpoint, distributed, rundir
+from imm.training import checkpoint, distributed
 from imm.training.progress import Progress, describe, log_file, summary_text
 from imm.training.signals import Interrupted, StopFlag, in_submitit_job
 from imm.training.threads import torch_threads
+from imm.validation import check_precision, check_same_run, load_data, validate
 
 log = logging.getLogger("imm.train")
 
@@ -54,12 +54,12 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     log.info("torch threads: %d (%s)", n_threads, threads_from)
     if env.is_main:  # fails now, not at the first save (after train.ckpt_every steps)
         written = [checkpoint.CKPT_DIR, "figures"] + [checkpoint.SNAPSHOT_DIR] * bool(cfg.train.snapshot_every)
-        rundir.check_writable(run_dir, *written)
+        runs.check_writable(run_dir, *written)
     if env.is_main and cfg.tracking.enabled:
         check_store(tracking_uri)
-    lock = rundir.RunLock.acquire(run_dir) if env.is_main else None  # a second process is refused
-    last = rundir.read_status(run_dir)  # how the last attempt in this directory ended
-    if rundir.finished(last, cfg.train.steps):
+    lock = runs.RunLock.acquire(run_dir) if env.is_main else None  # a second process is refused
+    last = runs.read_status(run_dir)  # how the last attempt in this directory ended
+    if runs.finished(last, cfg.train.steps):
         if (newest := checkpoint.resolve(None, run_dir)) is not None:  # another experiment is refused, not skipped
             check_same_run(cfg, checkpoint.load(newest)["config"], newest)
         log.info(
@@ -69,7 +69,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
             last["step"],
         )
         if env.is_main:
-            rundir.write_status(run_dir, **{**last, "action": "skipped"})
+            runs.write_status(run_dir, **{**last, "action": "skipped"})
             lock.release()
         return last.get("summary", {})
 
@@ -98,7 +98,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
         state.load_state_dict(saved, device)
         step = saved["step"]
         log.info("resumed from %s at step %d", ckpt_path, step)
-    action, start_step = rundir.action(last, resumed=saved is not None), step
+    action, start_step = runs.action(last, resumed=saved is not None), step
     if action == "rerun":
         log.info("the last attempt in %s FAILED at step %s; running again from step %d", run_dir, last["step"], step)
     # a job requeued before its first checkpoint reopens its run too
@@ -233,21 +233,13 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
         tracker.end(status, log_file=log_file(run_dir))
         distributed.shutdown(env)
         if env.is_main:
-            rundir.write_status(
+            runs.write_status(
                 run_dir, status=status, step=step, action=action, from_step=start_step, name=run_name, summary=summary
             )
             lock.release()
 
 
 # -- set-up ---------------------------------------------------------------------------------------
-def check_precision(precision: str, device) -> None:
-    """Mixed precision and TF32 are CUDA-only."""
-    if precision != "fp32" and torch.device(device).type != "cuda":
-        raise ConfigError(
-            f"train.precision={precision} needs a CUDA device, but this run is on {device}; use train.precision=fp32."
-        )
-
-
 def _configure_precision(precision: str, device: torch.device) -> None:
     """TF32 is on for tf32/bf16/fp16 (the paper trains in TF32)."""
     check_precision(precision, device)
@@ -255,27 +247,6 @@ def _configure_precision(precision: str, device: torch.device) -> None:
         tf32 = precision != "fp32"
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
-
-
-def load_data(cfg):
-    """The dataset, and the check that needs it (guidance needs labels): the data step of a launch's checks."""
-    bundle = factory.dataset(cfg)
-    _check_guidance(cfg, bundle)
-    return bundle
-
-
-def _check_guidance(cfg, bundle) -> None:
-    """Guidance mixes a class-conditional and the null-label output: refuse it for unconditional training."""
-    if cfg.eval.guidance == 1.0 or bundle.num_classes > 0:
-        return
-    unlabelled = not cfg.data.use_labels
-    why = (
-        f"data.use_labels=false trains data.name={cfg.data.name!r} unconditionally"
-        if unlabelled
-        else f"data.name={cfg.data.name!r} has no labels"
-    )
-    fix = "eval.guidance=1" + (" or data.use_labels=true" if unlabelled else "")
-    raise ConfigError(f"eval.guidance={cfg.eval.guidance} needs class-conditional data, but {why}; use {fix}.")
 
 
 def ema_decay_at(update: int, decay: float, power: float, inv_gamma: float) -> float:
@@ -349,21 +320,6 @@ def _student_and_target(cfg, net, target_ema, env, device):
     if target_ema is not None:
         return student, target_ema.ema_model
     return student, torch.compile(net) if cfg.train.compile else net
-
-
-def check_same_run(cfg, saved_yaml: str, path) -> dict[str, str]:
-    """Resuming must continue the same experiment: only RESUMABLE_KEYS may differ. Returns those that
-    did, as tags (MLflow params are logged once, when the run is created, and cannot change)."""
-    saved = flatten(OmegaConf.create(saved_yaml))
-    now = flatten(cfg)
-    changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-    for k in changed:
-        if not k.startswith(RESUMABLE_KEYS):
-            raise ConfigError(
-                f"{path} belongs to a run with a different config ({k} was {saved.get(k)!r}, now"
-                f" {now.get(k)!r}); start a new run directory instead of resuming this one."
-            )
-    return {f"resumed.{k}": str(now.get(k)) for k in changed}
 
 
 def _read_run_id(run_dir: Path) -> str | None:
@@ -490,4 +446,4 @@ def _resume_hint(status: str, steps: int) -> str:
     """The command that continues this run (to twice its steps when it FINISHED); a sweep job's is its sweep's."""
     if in_submitit_job():
         return "run the sweep command again"
-    return rundir.resume_command(sys.argv, steps=2 * steps if status == "FINISHED" else None)
+    return runs.resume_command(sys.argv, steps=2 * steps if status == "FINISHED" else None)

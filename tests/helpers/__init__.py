@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from imm.config import register
+from imm.launch import register
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"

@@ -18,10 +18,10 @@ How this one works:
   for a trial, launches it, tells its result. `n_jobs` trials per process are launched together and
   the next batch waits for the slowest of them, so n_jobs=1 and N processes keep N jobs busy.
 - A trial is job number <trial number> in the sweep directory, a child run of the sweep's MLflow parent
-  run (imm/tracking/sweep.py), and its objective is `metric` from the run's final summary.
+  run (imm/launch/sweep.py), and its objective is `metric` from the run's final summary.
 - Before the first trial the corners of the space (every categorical value, the ends of every range)
   are validated, so a bad bound fails in one sentence, not as a crashed trial; `dry_run=true` checks
-  those jobs fully and launches nothing (imm/dry_run.py).
+  those jobs fully and launches nothing (imm/launch/dry_run.py).
 """
 
 from __future__ import annotations
@@ -34,10 +34,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from imm.config import ConfigError, not_allowed, validate
+from imm import runs
+from imm.errors import ConfigError, UserError
 from imm.evaluation.metrics import find_metric
-from imm.tracking.mlflow_run import sqlite_lock
-from imm.training import rundir
+from imm.launch import dry_run
+from imm.tracking.mlflow_run import client_for, default_uri, sqlite_lock
+from imm.validation import not_allowed, validate
 
 log = logging.getLogger("imm.search")
 SAMPLERS = ("tpe", "random")  # optuna.samplers.TPESampler, RandomSampler (_study)
@@ -104,8 +106,6 @@ def job_overrides(fixed: list[str], params: dict) -> list[str]:
 
 def default_storage(config) -> str:
     """sqlite:///<the directory of the SQLite MLflow store>/optuna.db, else in the launch directory."""
-    from imm.tracking.mlflow_run import default_uri
-
     uri = config.tracking.uri or default_uri(config.hydra.runtime.cwd)
     folder = Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else Path(config.hydra.runtime.cwd)
     return f"sqlite:///{folder.resolve() / 'optuna.db'}"
@@ -113,18 +113,15 @@ def default_storage(config) -> str:
 
 def run(sweeper, arguments) -> list:
     """The search: check the space, open (or continue) the study, ask, launch, tell, until it has n_trials."""
-    from imm.cli import USER_ERRORS
 
     try:
         return _run(sweeper, arguments)
-    except USER_ERRORS as e:  # a search that cannot run: one sentence, before any trial
+    except UserError as e:  # a search that cannot run: one sentence, before any trial
         log.error("%s", e)
         sys.exit(2)
 
 
 def _run(sweeper, arguments) -> list:
-    from imm import dry_run
-
     opts, config = sweeper.options, sweeper.config
     space, fixed = search_space(opts["params"], arguments)
     _check_options(opts, space)
@@ -161,7 +158,7 @@ def _run(sweeper, arguments) -> list:
             why = f"exit status {e.code}" if isinstance(e, SystemExit) else (str(e).splitlines() or [repr(e)])[0]
             log.info("a job of trials %s failed: %s", ", ".join(str(t.number) for t in trials), why)
         for trial in trials:  # the result is the run's own record: status.json in its job directory
-            _tell(study, trial, rundir.read_status(sweep_dir / str(trial.number)), started, opts["metric"])
+            _tell(study, trial, runs.read_status(sweep_dir / str(trial.number)), started, opts["metric"])
     _report_best(study, opts["metric"], config)
     return []
 
@@ -208,7 +205,7 @@ def _fail_stale(study) -> None:
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.user_attrs.get(PROCESS_ATTR)
-        if owner and owner.get("host") == rundir.this_process()["host"] and not rundir.alive_here(owner):
+        if owner and owner.get("host") == runs.this_process()["host"] and not runs.alive_here(owner):
             study.tell(t.number, state=TrialState.FAIL)
             log.info(
                 "trial %d: its sweeper process %s is gone; marked FAIL, another trial replaces it",
@@ -232,7 +229,7 @@ def _ask(study, storage: str, space: dict, opts: dict) -> list:
         n = min(int(opts["n_jobs"]), int(opts["n_trials"]) - _counted(study))
         trials = [study.ask(space) for _ in range(max(n, 0))]
         for t in trials:
-            t.set_user_attr(PROCESS_ATTR, rundir.this_process())
+            t.set_user_attr(PROCESS_ATTR, runs.this_process())
     numbers = [t.number for t in trials]
     if numbers and numbers != list(range(numbers[0], numbers[0] + len(numbers))):
         raise ConfigError(f"the study's trial numbers {numbers} are not consecutive; give each search its own study.")
@@ -269,10 +266,7 @@ def _report_best(study, metric: str, config) -> None:
         return
     params = " ".join(f"{k}={v}" for k, v in best.params.items())
     log.info("search finished: best trial %d, %s=%.4g, with %s", best.number, metric, best.value, params)
-    from imm.tracking.mlflow_run import client_for, default_uri
-    from imm.tracking.sweep import sweep_info
-
-    parent = sweep_info(config.hydra.sweep.dir).get("parent_run_id")
+    parent = runs.sweep_info(config.hydra.sweep.dir).get("parent_run_id")
     if config.tracking.enabled and parent:
         client = client_for(config.tracking.uri or default_uri(config.hydra.runtime.cwd))
         for key, value in {

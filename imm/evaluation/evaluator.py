@@ -19,37 +19,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imm.config import ConfigError, EvalConfig, loss_T
+from imm.config import EvalConfig
 from imm.core import sampling
+from imm.errors import ConfigError
 from imm.evaluation import figures, metrics
+from imm.evaluation.classifier import ClassifierMetric
+from imm.evaluation.fid import FIDEvaluator, MissingInceptionWeights
+from imm.factory import loss_T
 
 log = logging.getLogger("imm.evaluate")
 
 FEATURE_NETS = ("inception", "tiny_random")
 LABEL_MODES = ("cycle", "uncond")
 _DEFAULT = EvalConfig()  # the option defaults live in the schema (imm.config.SamplingOptions)
-
-
-def time_grids(key: str, steps, options, *, schedule, T: float, eps: float) -> dict[int, torch.Tensor]:
-    """{N: the N-step grid} for each step count in `steps` (listed under the option `key`), by
-    imm.core.sampling.time_grid's rules with the options' grid, two_step_eta and etas (where they have
-    them). A grid the options cannot give is the one-sentence ConfigError naming `key`: the commands'
-    and the trainer's check before they sample."""
-    grids = {}
-    for N in steps:
-        try:
-            grids[int(N)] = sampling.time_grid(
-                options.grid,
-                int(N),
-                schedule=schedule,
-                T=T,
-                eps=eps,
-                two_step_eta=options.two_step_eta,
-                etas=getattr(options, "etas", None),
-            )
-        except ValueError as e:
-            raise ConfigError(f"{key}: no {int(N)}-step grid: {e}.") from None
-    return grids
 
 
 def count_tag(n: int) -> str:
@@ -216,8 +198,6 @@ class Evaluator:
         self.grids = {N: self.grid_for(N) for N in self.steps}
         self.classifier = None
         if classifier and has_classifier_metric(bundle):  # before the cap below: its count is n_samples
-            from imm.evaluation.classifier import ClassifierMetric
-
             key = dataset_key or fid_dataset_key(bundle)
             cache = fid_cache_file(fid_cache or default_fid_cache(), key, "classifier")
             self.classifier = ClassifierMetric(bundle, classifier_n_samples or n_samples, cache, key)
@@ -254,8 +234,6 @@ class Evaluator:
                 raise ValueError(f"FID is defined for images, not for {bundle.kind} data ({bundle.name})")
             if feature_net not in FEATURE_NETS:
                 raise ValueError(f"unknown FID feature net {feature_net!r}; choose one of {', '.join(FEATURE_NETS)}")
-            from imm.evaluation.fid import FIDEvaluator
-
             self.fid_n_samples = int(fid_n_samples)
             self.fid_guidances = [float(w) for w in (fid_guidances if fid_guidances is not None else [guidance])]
             self.fid_key = dataset_key or fid_dataset_key(bundle)
@@ -280,7 +258,6 @@ class Evaluator:
         fid_n_samples (default 5000), fid_cache (default ~/.cache/imm/fid), inception_weights,
         feature_net and allow_download; `data_root` is the folder a data=folder reference set is keyed by.
         A missing Inception weights file raises ConfigError with fid.py's message."""
-        from imm.evaluation.fid import MissingInceptionWeights
 
         def option(key, default=None):
             value = getattr(options, key, None)  # a dataclass or a DictConfig; absent keys are None
@@ -324,7 +301,7 @@ class Evaluator:
     @classmethod
     def from_config(cls, cfg, bundle, param, *, device="cpu", **overrides) -> "Evaluator":
         """The evaluator a training config asks for: from_options with its `eval` node, loss.T/eps and data.root
-        (imm.config.validate has checked its grids)."""
+        (imm.validation.validate has checked its grids)."""
         return cls.from_options(
             cfg.eval,
             bundle,

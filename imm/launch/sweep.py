@@ -20,18 +20,15 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
-from imm.tracking.jobs import JOB_LOG, JobWatcher, SweepProcesses, job_line, sweep_lock
-from imm.tracking.mlflow_run import default_uri, ensure_store, note_tag, source_tags
-from imm.training.rundir import check_writable, describe, failed_since, outcome, read_status
+from imm.errors import ConfigError, exit_on_user_error
+from imm.launch.job import swept_run_name
+from imm.launch.watcher import JOB_LOG, JobWatcher, SweepProcesses, job_line, sweep_lock
+from imm.runs import SWEEP_FILE, check_writable, describe, failed_since, outcome, read_status, sweep_info
+from imm.tracking.mlflow_run import Tracker, client_for, default_uri, ensure_store, note_tag, source_tags
+from imm.training.threads import parallel_jobs
+from imm.validation import validate
 
 log = logging.getLogger("imm.sweep")
-SWEEP_FILE = "sweep.json"
-
-
-def sweep_info(sweep_dir) -> dict:
-    """{"parent_run_id": ..., "keys": [...], "argv": [...]} written by the launching process ({} if none)."""
-    p = Path(sweep_dir) / SWEEP_FILE
-    return json.loads(p.read_text()) if p.is_file() else {}
 
 
 def swept_keys(config: DictConfig) -> list[str]:
@@ -64,9 +61,6 @@ def invalid_jobs(config: DictConfig, config_name: str | None, jobs) -> list[tupl
     be, validate() refuses."""
     from hydra import compose
 
-    from imm.cli import swept_run_name  # imm.cli imports this module
-    from imm.config import ConfigError, validate
-
     launcher = config.hydra.launcher
     world_size = (launcher.get("tasks_per_node") or 1) * (launcher.get("nodes") or 1)
     keys, invalid = swept_keys(config), []
@@ -86,10 +80,10 @@ class MLflowSweepCallback(Callback):
     """Hydra callback: on_multirun_start checks every job's config (an invalid job is said at once; a sweep of
     only invalid jobs stops there) and opens the parent run (or, when the same sweep command runs again,
     reopens the one its sweep.json names); while the jobs run, a line per job as it starts and ends
-    (imm.tracking.jobs.JobWatcher); on_multirun_end of the last sweeper process closes the parent, judged then,
+    (imm.launch.watcher.JobWatcher); on_multirun_end of the last sweeper process closes the parent, judged then,
     FAILED with the tag sweep.failed_jobs when a job failed, and says in one line per job not reported yet what
     it did (started, resumed, rerun, skipped) and how it ended (a failed job: its sentence). A failed job does not
-    stop the others (imm.cli records its error instead of exiting); the sweep then exits with its exit status
+    stop the others (imm.launch.job records its error instead of exiting); the sweep then exits with its exit status
     (2 for a user error)."""
 
     def __init__(self):
@@ -100,17 +94,13 @@ class MLflowSweepCallback(Callback):
         return {**self.__dict__, "watcher": None}
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        if config.dry_run:  # the sweeper checks the jobs and launches none (imm/dry_run.py)
+        if config.dry_run:  # the sweeper checks the jobs and launches none (imm/launch/dry_run.py)
             return
-        from imm.cli import exit_on_user_error  # imm.cli imports this module
-
         self.sweep_dir, self.started = Path(config.hydra.sweep.dir), time.time()
         with exit_on_user_error():
             self._start(config, kwargs.get("config_name"))
 
     def _start(self, config: DictConfig, config_name: str | None) -> None:
-        from imm.config import ConfigError
-
         jobs = sweep_jobs(config)
         invalid = invalid_jobs(config, config_name, jobs)
         for num, name, why in invalid:
@@ -128,12 +118,10 @@ class MLflowSweepCallback(Callback):
             return
         uri = config.tracking.uri or default_uri(config.hydra.runtime.cwd)
         ensure_store(uri)
-        with sweep_lock(self.sweep_dir):  # several sweeper processes of one search share one parent (imm/search.py)
+        with sweep_lock(self.sweep_dir):  # the sweeper processes of one search share one parent
             self._open_parent(config, uri, keys)
 
     def _open_parent(self, config: DictConfig, uri: str, keys: list[str]) -> None:
-        from imm.tracking.mlflow_run import Tracker
-
         sweep_dir = self.sweep_dir
         self.processes = SweepProcesses(sweep_dir)
         parent = sweep_info(sweep_dir).get("parent_run_id")
@@ -252,8 +240,6 @@ def _cap_parallel_jobs(config: DictConfig) -> None:
     """On the local launcher, run at most parallel_jobs() jobs at once (hydra.sweeper.max_batch_size, when it
     is null): a launcher preset cannot set a sweeper key, but Hydra builds the sweeper from this config right
     after on_multirun_start."""
-    from imm.training.threads import parallel_jobs
-
     sweeper = config.hydra.sweeper
     if "max_batch_size" not in sweeper or sweeper.max_batch_size is not None:
         return
@@ -266,8 +252,6 @@ def _cap_parallel_jobs(config: DictConfig) -> None:
 def _exists(uri: str, run_id: str) -> bool:
     """The parent run named in sweep.json is in this store and not deleted (a sweep relaunched against another
     store, or whose parent was deleted in the UI: a new one)."""
-    from imm.tracking.mlflow_run import client_for
-
     try:
         return client_for(uri).get_run(run_id).info.lifecycle_stage != "deleted"
     except Exception:  # noqa: BLE001  mlflow raises MlflowException for a missing run

@@ -3,7 +3,7 @@
 - JobWatcher: one line per job as it starts and as it ends, with where its log is. The jobs run in other
   processes (submitit) or on other nodes (SLURM), so the launching process reads the sweep directory
   every few seconds: a job has started when its launch.log appears, it has ended when its status.json
-  is written (imm/training/rundir.py).
+  is written (imm/runs.py).
 - SweepProcesses: the launching processes taking part in one sweep directory (several sweeper processes
   on one Optuna study run the same command), so that the last one to leave ends the MLflow parent run.
   Liveness is known on this host only: start the sweeper processes of one sweep on one machine.
@@ -19,8 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from imm.tracking.mlflow_run import file_lock
-from imm.training import rundir
+from imm import runs
 
 log = logging.getLogger("imm.sweep")
 JOB_LOG = "launch.log"  # Hydra's job log: <hydra.job.name>.log in the job directory
@@ -66,7 +65,7 @@ class JobWatcher:
             if job.name not in self.started and _newer(log_file, self.since):
                 self.started.add(job.name)
                 job_line(job.name, self._values(job), "started", log_file)
-            if job.name not in self.ended and (ended := rundir.outcome(rundir.read_status(job), self.since)):
+            if job.name not in self.ended and (ended := runs.outcome(runs.read_status(job), self.since)):
                 self.ended.add(job.name)
                 job_line(job.name, self._values(job), ended, log_file)
 
@@ -92,7 +91,7 @@ class SweepProcesses:
     def __init__(self, sweep_dir):
         self.dir = Path(sweep_dir) / ".sweepers"
         self.dir.mkdir(parents=True, exist_ok=True)
-        me = rundir.this_process()
+        me = runs.this_process()
         self.entry = self.dir / f"{me['host']}-{me['pid']}.json"
         self.entry.write_text(json.dumps(me) + "\n")
 
@@ -101,7 +100,7 @@ class SweepProcesses:
         for entry in self.dir.glob("*.json"):
             if entry != self.entry:
                 with contextlib.suppress(OSError, ValueError):
-                    if rundir.alive_here(json.loads(entry.read_text())):
+                    if runs.alive_here(json.loads(entry.read_text())):
                         return True
         return False
 
@@ -111,4 +110,4 @@ class SweepProcesses:
 
 def sweep_lock(sweep_dir):
     """One launching process at a time opens, reopens or ends the sweep's MLflow parent run."""
-    return file_lock(Path(sweep_dir) / ".sweep.lock")
+    return runs.file_lock(Path(sweep_dir) / ".sweep.lock")

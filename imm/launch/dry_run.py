@@ -1,6 +1,6 @@
 """`dry_run=true`: the checks a launch makes before it trains, and nothing else.
 
-A dry run composes the config and checks it with the functions training uses (imm.config.validate for
+A dry run composes the config and checks it with the functions training uses (imm.validation.validate for
 the world size the job will have, the device and precision, the tracking server, the run directory's
 checkpoint and experiment, the data), builds the network on the meta device (no memory, no init) and
 prints its parameter count, the data shape, the world size and the run directory. A multirun (-m)
@@ -20,22 +20,22 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from imm import factory
-from imm.config import ConfigError, validate
+from imm import factory, runs
+from imm.errors import ConfigError, UserError
+from imm.launch.job import tracking_uri
 from imm.tracking.mlflow_run import check_store
-from imm.training import checkpoint, distributed, rundir
+from imm.training import checkpoint, distributed
+from imm.validation import check_precision, check_same_run, load_data, validate
 
 SUBMITIT = "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
 
 
 def check(cfg, *, world_size: int, device, run_dir: Path) -> dict:
     """Everything a launch checks before training (raising the same one-sentence errors), with what it found."""
-    from imm.training import loop
-
     validate(cfg, world_size)
-    loop.check_precision(cfg.train.precision, device)
+    check_precision(cfg.train.precision, device)
     state = _run_dir_state(cfg, run_dir)
-    bundle = loop.load_data(cfg)
+    bundle = load_data(cfg)
     with torch.device("meta"):  # the shapes without the memory or the initialisation
         net = factory.net(cfg, bundle.shape, bundle.num_classes)
     return {
@@ -50,13 +50,11 @@ def check(cfg, *, world_size: int, device, run_dir: Path) -> dict:
 
 def _run_dir_state(cfg, run_dir: Path) -> str:
     """What a launch would do in run_dir: start, resume (the same experiment only) or nothing."""
-    from imm.training.loop import check_same_run
-
     path = checkpoint.resolve(cfg.resume, run_dir)
     saved = checkpoint.load(path) if path is not None else None
     if saved is not None:
         check_same_run(cfg, saved["config"], path)
-    if rundir.finished(last := rundir.read_status(run_dir), cfg.train.steps):
+    if runs.finished(last := runs.read_status(run_dir), cfg.train.steps):
         return f"FINISHED at step {last['step']} before: a launch would do nothing"
     return f"resumes from {path} at step {saved['step']}" if saved else "starts at step 0"
 
@@ -69,8 +67,6 @@ def _data_text(bundle) -> str:
 # -- a single run ----------------------------------------------------------------------------------------
 def run(cfg, hc) -> dict:
     """`python launch.py ... dry_run=true`: check this run and print what a launch would do (stdout)."""
-    from imm.cli import tracking_uri
-
     env = distributed.detect()
     run_dir = Path(hc.runtime.output_dir)
     try:
@@ -110,8 +106,6 @@ def sweep(hydra_context, config, launcher, jobs, *, keys=None) -> list:
     """`python launch.py -m ... dry_run=true`: check every job as its launcher would run it, one line each."""
     from hydra.errors import HydraException
 
-    from imm.cli import USER_ERRORS, tracking_uri
-
     world_size, device = launcher_target(launcher)
     str(config.hydra.sweep.dir)  # resolved (and cached) in the launching config, which every job's copies
     print(
@@ -123,7 +117,7 @@ def sweep(hydra_context, config, launcher, jobs, *, keys=None) -> list:
     try:
         if config.tracking.enabled:
             check_store(tracking_uri(config, config.hydra.runtime.cwd))
-    except USER_ERRORS as e:
+    except UserError as e:
         print(f"tracking: {e}", flush=True)
         failed += 1
     for num, overrides in enumerate(jobs):
@@ -135,7 +129,7 @@ def sweep(hydra_context, config, launcher, jobs, *, keys=None) -> list:
                 cfg.hydra.job.num = num
             run_dir = Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
             found = check(cfg, world_size=world_size, device=_job_device(cfg, device), run_dir=run_dir)
-        except (*USER_ERRORS, HydraException) as e:
+        except (UserError, HydraException) as e:
             print(f"job {num} {shown}: {e}", flush=True)
             failed += 1
             continue

@@ -2,7 +2,7 @@
 
 - Identity. The default run directory is `runs/<experiment>/<hash>` (a sweep's `multirun/<sweep>/<hash>`),
   where <hash> is a short hash of the command-line overrides that change the experiment: keys that may
-  change when a run is resumed (config.RESUMABLE_KEYS: train.steps, logging, evaluation, device, data
+  change when a run is resumed (RESUMABLE_KEYS: train.steps, logging, evaluation, device, data
   location, tracking, hydra.*) do not enter it. So the same command lands in the same directory and
   resumes there, into the same MLflow run. `fresh=true` claims a new directory `<hash>-2`, `<hash>-3`,
   ...; without it a command lands in the newest of them.
@@ -15,13 +15,15 @@
   relaunched command or sweep job skips a finished run and says what it did, in one line per job; a
   sweep job that failed adds its error's sentence (record_error) for the sweep's report.
 - Writability. A run directory (and its checkpoints/, snapshots/, figures/) that cannot be written is
-  one sentence before Hydra creates it (RunDirCheck) or any data is loaded (check_writable), not a
+  one sentence before Hydra creates it (imm.launch.job.RunDirCheck) or any data is loaded (check_writable), not a
   traceback or a failure at the first save.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -32,17 +34,39 @@ import threading
 import time
 from pathlib import Path
 
-from hydra.experimental.callback import Callback
-
-from imm.config import RESUMABLE_KEYS, ConfigError
+from imm.errors import RunDirError
 
 LOCK_FILE, STATUS_FILE = ".lock", "status.json"
 HEARTBEAT_S, STALE_AFTER_S = 30.0, 300.0  # another host's lock untouched this long is stale
 FRESH_KEY = "fresh"  # fresh=true: a new run directory for the same experiment
 
 
-class RunDirError(ConfigError):
-    """The run directory is held by another live process; the message names it."""
+# Keys that may differ when a run is resumed (longer training, other logging, another machine): the resume
+# check (imm.validation.check_same_run) lets them change, and they do not enter a run directory's hash.
+RESUMABLE_KEYS = (
+    "resume",
+    "fresh",
+    "dry_run",
+    "train.steps",
+    "train.log_every",
+    "train.ckpt_every",
+    "train.snapshot_every",
+    "train.keep_last",
+    "train.micro_batch",
+    "train.device",
+    "train.threads",
+    "train.compile",
+    "eval.",
+    "tracking.",
+    "data.num_workers",
+    "data.root",
+    "data.path",
+    "data.download",
+    "data.vae",
+    "data.source_root",
+    "hydra",
+)
+SWEEP_FILE = "sweep.json"  # a sweep directory's parent run id, swept keys and command (imm.launch.sweep)
 
 
 # -- identity -----------------------------------------------------------------------------------------
@@ -133,17 +157,6 @@ def check_writable(directory, *subdirs: str) -> None:
                 f"the run directory {directory} cannot be written ({why}); fix its permissions, or launch from a"
                 " folder you can write, or choose another one with hydra.run.dir=... (a sweep: hydra.sweep.dir=...)."
             )
-
-
-class RunDirCheck(Callback):
-    """Hydra callback: a run directory that cannot be written is one sentence and exit status 2 before Hydra
-    creates it (Hydra's own mkdir would end in a traceback)."""
-
-    def on_run_start(self, config, **kwargs) -> None:
-        from imm.cli import exit_on_user_error  # imm.cli imports this module
-
-        with exit_on_user_error():
-            check_writable(config.hydra.run.dir)
 
 
 # -- the lock ------------------------------------------------------------------------------------------
@@ -247,6 +260,18 @@ def _stale(holder: dict, path: Path, me: dict) -> bool:
     return age > STALE_AFTER_S
 
 
+@contextlib.contextmanager
+def file_lock(path):
+    """Hold an exclusive lock on the file `path` (created if missing) for the block: one process at a time."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -309,7 +334,8 @@ def describe(status: dict) -> str:
 def outcome(status: dict, since: float, *, final: bool = False) -> str | None:
     """How the attempt that started at `since` or later ended, in one line (describe), or `FAILED before
     training: <its sentence>`; None while none has ended since. A FAILED attempt whose sentence is not recorded
-    yet (imm.cli records it right after the loop writes the status) counts only when `final` (the sweep's end)."""
+    yet (imm.launch.job records it right after the loop writes the status) counts only when `final` (the
+    sweep's end)."""
     error = failed_since(status, since)
     if status.get("time", 0) >= since:
         return None if status.get("status") == "FAILED" and error is None and not final else describe(status)
@@ -320,3 +346,9 @@ def failed_since(status: dict, since: float) -> dict | None:
     """The error recorded by an attempt that started at `since` or later (record_error), or None."""
     error = status.get("error")
     return error if error and error["time"] >= since else None
+
+
+# -- a sweep directory ---------------------------------------------------------------------------------
+def sweep_info(sweep_dir) -> dict:
+    """{"parent_run_id": ..., "keys": [...], "argv": [...]} written by the launching process ({} if none)."""
+    return _read_json(Path(sweep_dir) / SWEEP_FILE) or {}

@@ -1,0 +1,137 @@
+"""One Hydra job, from the composed config to its exit status: its MLflow run's name, tags and tracking URI,
+and what each way of ending means.
+
+Errors a user can fix (any UserError: config, data, checkpoint, tracking, run directory) are printed as one
+sentence and the process exits with status 2, before any data is loaded or any MLflow run is created. A run
+stopped by non-finite values (train.max_nonfinite in a row) prints one line and exits with 1 (MLflow run
+FAILED); one stopped by SIGINT/SIGTERM prints one line with the command that resumes it and exits with
+128 + the signal number (130, 143; MLflow run KILLED), after saving a checkpoint at the step it stopped.
+A sweep job does not exit on an error: it records the error's line in its status.json and returns, so the
+sweep's other jobs run; the sweep's callback (imm/launch/sweep.py) reports it and sets the exit status.
+Ctrl-C outside a training step is launch.py's one line (exit 130).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import NamedTuple
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
+
+from imm.errors import USER_EXIT_STATUS, RunDirError, UserError, error_line, exit_on_user_error
+from imm.runs import check_writable, record_error, resume_command, sweep_info
+from imm.tracking.mlflow_run import TrackingError, check_reachable, default_uri
+from imm.training.checkpoint import resolve
+from imm.training.signals import Interrupted, in_submitit_job
+
+log = logging.getLogger("imm")
+NOT_IN_RUN_NAME = ("hydra", "tracking.", "resume", "train.device", "+sweep", "sweep")
+
+
+def run_name_from_overrides(overrides, experiment: str | None) -> str:
+    """`kernel=inv_stride,loss.k=15` from the command-line overrides (launcher and tracking keys left out)."""
+    keep = [o.lstrip("+~") for o in overrides if not o.lstrip("+~").startswith(NOT_IN_RUN_NAME)]
+    return ",".join(keep) or (experiment or "default")
+
+
+def tracking_uri(cfg, launch_dir) -> str:
+    """tracking.uri, defaulting to sqlite:///<launch dir>/mlflow.db; optionally falling back to it."""
+    uri = cfg.tracking.uri or default_uri(launch_dir)
+    if cfg.tracking.fallback_local and uri != default_uri(launch_dir):
+        try:
+            check_reachable(uri)
+        except TrackingError:
+            log.warning(
+                "the MLflow tracking server at %s is not reachable; falling back to the local store %s"
+                " (tracking.fallback_local=true)",
+                uri,
+                default_uri(launch_dir),
+            )
+            uri = default_uri(launch_dir)
+    return uri
+
+
+def sweep_tags(hc, info: dict) -> dict[str, str]:
+    """A sweep job's child-run tags: its parent run (opened by the launching process) and job number."""
+    tags = {"hydra.job.num": str(hc.job.num), "sweep.role": "child", "sweep.dir": str(hc.sweep.dir)}
+    if info.get("parent_run_id"):
+        tags.update({"mlflow.parentRunId": info["parent_run_id"], "sweep.id": info["parent_run_id"]})
+    return tags
+
+
+def swept_run_name(overrides, keys) -> str:
+    """`kernel=inv_stride,loss.k=15`: a sweep job's values of the swept keys only."""
+    return ",".join(o.lstrip("+~") for o in overrides if o.lstrip("+~").partition("=")[0] in keys)
+
+
+class Launch(NamedTuple):
+    """What a command needs to know of its launch: the Hydra run, the MLflow run's name and tags, the command
+    that reproduces it (a sweep job's: the job alone, as a single run)."""
+
+    hc: object
+    name: str
+    tags: dict
+    command: list
+
+
+def run(cfg, command):
+    """Run `command(cfg, launch)` as one Hydra job: a user error is its one sentence and exit status 2 (a sweep
+    job records it and returns, so the sweep's other jobs run), non-finite training exits 1, a signal exits
+    128 + its number after the checkpoint, and a bug keeps its traceback (a sweep job's goes to its log)."""
+    hc = HydraConfig.get()
+    name, tags, argv = run_name_and_tags(cfg, hc)
+    try:
+        return command(cfg, Launch(hc, name, tags, argv))
+    except UserError as e:
+        log.error("%s", e)
+        return _failed(hc, name, str(e), USER_EXIT_STATUS, record=not isinstance(e, RunDirError))  # another's
+    except FloatingPointError as e:  # train.max_nonfinite steps in a row; the MLflow run is FAILED
+        log.error("%s", e)
+        return _failed(hc, name, str(e), 1)
+    except Interrupted as e:  # SIGINT/SIGTERM: checkpoint saved, the MLflow run is KILLED
+        latest = resolve(None, hc.runtime.output_dir)
+        if in_submitit_job():  # a requeued job resumes by itself
+            log.error("training %s; checkpoint %s.", e, latest)
+            raise
+        log.error("training %s; checkpoint %s; resume with: %s", e, latest, resume_command(sys.argv))
+        sys.exit(128 + e.signum)  # the shell's convention for a process ended by that signal
+    except Exception as e:
+        if hc.mode.name != "MULTIRUN":
+            raise  # a bug: its traceback
+        log.exception("this sweep job failed")  # the traceback goes to the job's log; the other jobs run on
+        return _failed(hc, name, error_line(e), 1)
+
+
+def run_name_and_tags(cfg, hc) -> tuple[str, dict[str, str], list[str]]:
+    """The MLflow run's name (tracking.run_name, else from the overrides; a sweep job's: its swept values), a
+    sweep job's tags (its parent run, job number) and the command that reproduces the run (a sweep job's: the
+    job alone, as a single run)."""
+    from_overrides = run_name_from_overrides(hc.overrides.task, hc.runtime.choices.get("experiment"))
+    run_name = OmegaConf.select(cfg, "tracking.run_name")  # encode's config has no tracking
+    if hc.mode.name != "MULTIRUN":
+        return run_name or from_overrides, {}, sys.argv
+    info = sweep_info(hc.sweep.dir)
+    keys = info.get("keys") or list(hc.sweeper.get("params") or {})
+    name = run_name or swept_run_name(hc.overrides.task, keys) or from_overrides
+    return name, sweep_tags(hc, info), [(info.get("argv") or sys.argv)[0], *hc.overrides.task]
+
+
+def _failed(hc, name: str, message: str, exit_status: int, record: bool = True) -> None:
+    """Exit with `exit_status` (the error's line is logged); a sweep job instead records the error in its
+    status.json for the sweep's report (imm/launch/sweep.py) and returns, so the sweep's other jobs run."""
+    if hc.mode.name != "MULTIRUN":
+        sys.exit(exit_status)
+    if record:
+        record_error(hc.runtime.output_dir, name, message, exit_status)
+
+
+class RunDirCheck(Callback):
+    """Hydra callback: a run directory that cannot be written is one sentence and exit status 2 before Hydra
+    creates it (Hydra's own mkdir would end in a traceback)."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        with exit_on_user_error():
+            check_writable(config.hydra.run.dir)
