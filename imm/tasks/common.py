@@ -252,6 +252,23 @@ def task_params(cfg, restored: Restored) -> dict:
     return params
 
 
+def log_results(results_run: ResultsRun, cfg, restored: Restored, out: Path, files, *, folder, tags, metrics) -> str:
+    """The command's files (under the artifact `folder`), tags and metrics (at the checkpoint's step) in its
+    MLflow run, opened only now that the work succeeded; a new run ends FINISHED, or FAILED when logging
+    fails. Returns the run id (None without tracking)."""
+    tracker = results_run.open(task_params(cfg, restored))
+    try:
+        tracker.log_metrics(metrics, restored.step)
+        for f in files:
+            tracker.log_artifact(out / f, folder)
+        tracker.set_tags(tags)
+    except BaseException:
+        results_run.close("FAILED")
+        raise
+    results_run.close("FINISHED")
+    return tracker.run_id
+
+
 # -- the options against the model ---------------------------------------------------------------
 def check_choices(pairs) -> None:
     """(key, value, allowed) triples: the first value not allowed raises ConfigError naming its key."""

@@ -40,11 +40,11 @@ from imm.tasks.common import (
     WEIGHTS,
     ResultsRun,
     check_choices,
+    log_results,
     require_ckpt,
     resolve_guidance,
     restore,
     task_dirs,
-    task_params,
 )
 from imm.validation import check_point_samples
 
@@ -129,39 +129,26 @@ def _fmt(v) -> str:
     return "nan" if isinstance(v, float) and math.isnan(v) else f"{v:.5g}"
 
 
-def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
-    """Evaluate according to `cfg` (conf/evaluate.yaml); returns {metric name: value}."""
-    _validate(cfg)
-    launch_dir, out = task_dirs(cfg, launch_dir, out_dir)
-    ev_cfg = cfg.eval
-    restored = restore(cfg.ckpt, weights=cfg.weights, device=cfg.device, data=cfg.data)
-    guidances = _guidances(cfg, restored)
-    restored.time_grids("eval.steps", ev_cfg.steps, ev_cfg)
-    images = restored.kind == "images"
-    fid = images and ev_cfg.fid
-    if fid and ev_cfg.feature_net == "inception":  # a missing weights file fails before any work
+def _check_against_model(ev_cfg, restored, guidances, fid: bool) -> None:
+    """The options the model decides: FID's Inception weights must be there (before any work), guidance and the
+    k-NN sample count fit point models only as they are."""
+    if fid and ev_cfg.feature_net == "inception":
         try:
             resolve_inception_weights(ev_cfg.inception_weights, ev_cfg.allow_download)
         except MissingInceptionWeights as e:
             raise ConfigError(str(e)) from None
-    if not images and guidances != [1.0]:
+    if restored.kind != "images" and guidances != [1.0]:
         raise ConfigError(f"eval.guidance={guidances} is for class-conditional image models; use eval.guidance=1.")
-    if not images and ev_cfg.n_samples is not None:
+    if restored.kind != "images" and ev_cfg.n_samples is not None:
         check_point_samples("eval.n_samples", ev_cfg.n_samples)
-    bundle = restored.bundle(need_data=True)
-    classifier = images and ev_cfg.classifier and has_classifier_metric(bundle)
-    if images and not (fid or classifier):
-        why = (
-            "with eval.classifier=false"
-            if not ev_cfg.classifier
-            else f"as data.name={restored.cfg.data.name!r} has no classifier metric (labelled digits or mnist)"
-        )
-        raise ConfigError(f"eval.fid=false leaves nothing to measure {why}; use eval.fid=true.")
-    results_run = ResultsRun(cfg, restored, launch_dir, "evaluate")
-    n = ev_cfg.n_samples or (FID_N_DEFAULT if images else len(bundle.heldout))
+
+
+def _evaluator(ev_cfg, restored, bundle, n: int, guidances, fid: bool) -> Evaluator:
+    """The Evaluator of `evaluate`'s options: images get n FID (and classifier-metric) samples per step count and
+    guidance scale, and 64 fixed-noise images for the figure; points get n samples."""
     common = dict(T=restored.T, eps=restored.eps, device=restored.device, guidance=guidances[0])
-    if images:  # n is the FID's (and the classifier metric's) count; the 64 fixed-noise images are the figure's
-        evaluator = Evaluator.from_options(
+    if restored.kind == "images":  # n is the FID's (and the classifier metric's) count; 64 are the figure's
+        return Evaluator.from_options(
             ev_cfg,
             bundle,
             restored.param,
@@ -173,8 +160,32 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
             classifier_n_samples=n,
             **common,
         )
-    else:
-        evaluator = Evaluator.from_options(ev_cfg, bundle, restored.param, n_samples=n, **common)
+    return Evaluator.from_options(ev_cfg, bundle, restored.param, n_samples=n, **common)
+
+
+def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
+    """Evaluate according to `cfg` (conf/evaluate.yaml); returns {metric name: value}."""
+    _validate(cfg)
+    launch_dir, out = task_dirs(cfg, launch_dir, out_dir)
+    ev_cfg = cfg.eval
+    restored = restore(cfg.ckpt, weights=cfg.weights, device=cfg.device, data=cfg.data)
+    guidances = _guidances(cfg, restored)
+    restored.time_grids("eval.steps", ev_cfg.steps, ev_cfg)
+    images = restored.kind == "images"
+    fid = images and ev_cfg.fid
+    _check_against_model(ev_cfg, restored, guidances, fid)
+    bundle = restored.bundle(need_data=True)
+    classifier = images and ev_cfg.classifier and has_classifier_metric(bundle)
+    if images and not (fid or classifier):
+        why = (
+            "with eval.classifier=false"
+            if not ev_cfg.classifier
+            else f"as data.name={restored.cfg.data.name!r} has no classifier metric (labelled digits or mnist)"
+        )
+        raise ConfigError(f"eval.fid=false leaves nothing to measure {why}; use eval.fid=true.")
+    results_run = ResultsRun(cfg, restored, launch_dir, "evaluate")
+    n = ev_cfg.n_samples or (FID_N_DEFAULT if images else len(bundle.heldout))
+    evaluator = _evaluator(ev_cfg, restored, bundle, n, guidances, fid)
     n_heldout = 0 if bundle.heldout is None else len(bundle.heldout)
     what = _what(n, guidances, ev_cfg.feature_net if fid else None, evaluator.classifier, n_heldout)
     log.info(
@@ -230,34 +241,17 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         figures.save_png(fig, out / "steps.png")
         files.append("steps.png")
 
-    tracker = results_run.open(task_params(cfg, restored))
-    try:
-        tracker.log_metrics(results, restored.step)
-        for f in files:
-            tracker.log_artifact(out / f, f"evaluations/{label}")
-        tracker.set_tags(
-            {
-                f"evaluate.{label}": json.dumps(
-                    {
-                        k: record[k]
-                        for k in (
-                            "n_samples",
-                            "guidance",
-                            "steps",
-                            "sampler",
-                            "grid",
-                            "two_step_eta",
-                            "seed",
-                            "feature_net",
-                        )
-                    }
-                )
-            }
-        )
-    except BaseException:
-        results_run.close("FAILED")
-        raise
-    results_run.close("FINISHED")
+    shown = ("n_samples", "guidance", "steps", "sampler", "grid", "two_step_eta", "seed", "feature_net")
+    log_results(
+        results_run,
+        cfg,
+        restored,
+        out,
+        files,
+        folder=f"evaluations/{label}",
+        tags={f"evaluate.{label}": json.dumps({k: record[k] for k in shown})},
+        metrics=results,
+    )
     print(header)
     print(text, flush=True)
     log.info("evaluated in %.1f s; wrote %s to %s", seconds, ", ".join(files), out.resolve())

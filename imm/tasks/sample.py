@@ -23,10 +23,12 @@ import json
 import logging
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 from imm.core.sampling import GRIDS, SAMPLERS, grid_spec, nfe
 from imm.errors import ConfigError
@@ -41,11 +43,11 @@ from imm.tasks.common import (
     check_choices,
     check_labels,
     label_spec,
+    log_results,
     require_ckpt,
     resolve_guidance,
     restore,
     task_dirs,
-    task_params,
 )
 
 log = logging.getLogger("imm.sample")
@@ -71,6 +73,18 @@ def _grid_name(N: int, cfg) -> str:
     if kind == "endpoints":
         return ""
     return "-eta" + "_".join(f"{e:g}" for e in points) if points is not None else f"-{kind}"
+
+
+def _label(cfg, restored, N: int, guidance: float, spec, n: int) -> str:
+    """What tells this sampling apart in the MLflow run: step0000400-ema-2step-pushforward-eta1.4_w1.5-n64-seed0."""
+    if isinstance(spec, str):
+        labels_name = {"cycle": "", "uncond": "-uncond"}.get(spec)
+    else:
+        labels_name = "-labels" + "_".join(map(str, spec))
+    return (
+        f"step{restored.step:08d}-{restored.weights}-{N}step-{cfg.sampler}{_grid_name(N, cfg)}{guidance_tag(guidance)}"
+        f"{labels_name}-n{n}-seed{cfg.seed}"
+    )
 
 
 def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
@@ -119,55 +133,16 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     seconds = time.perf_counter() - t0
 
     out.mkdir(parents=True, exist_ok=True)
-    files = []
     title = f"{N} step{'s' * (N > 1)}, {cfg.sampler}{guidance_tag(guidance).replace('_w', ', w=')}"
     if restored.kind == "points":
-        data_units = (
-            restored.standardizer.unscale(x.float()) if restored.standardizer is not None else bundle.unscale(x.float())
-        )
-        np.save(out / "samples.npy", data_units.numpy())
-        figures.save_png(figures.scatter(data_units, bundle.unscale(bundle.heldout), title=title), out / "samples.png")
-        files += ["samples.npy", "samples.png"]
+        files = _write_points(x, restored, bundle, out, title)
     else:
-        labels = ev.labels if ev.labels is not None else torch.full((n,), -1)
-        # latents: decoded by the VAE in batches, kept as uint8 (50k float images at 256 x 256 would take 39 GB)
-        u8 = torch.cat([to_uint8(bundle.to_images(chunk.float())) for chunk in x.split(cfg.batch_size)])
-        if bundle.latents is None:
-            arrays = {"images": x.float().clamp(-1, 1).numpy()}
-        else:  # model space, no [-1, 1] range; the images are the VAE's decoding (uint8)
-            arrays = {"latents": x.float().numpy()}
-        np.savez(
-            out / "samples.npz",
-            **arrays,
-            uint8=u8.permute(0, 2, 3, 1).numpy(),
-            labels=labels.numpy(),
-            grid=grid.numpy(),
-        )
-        k = min(n, GRID_PNG_MAX)
-        from PIL import Image
-
-        Image.fromarray(figures.image_grid(u8[:k], nrow=math.ceil(math.sqrt(k)))).save(out / "samples.png")
-        files += ["samples.npz", "samples.png"]
-
+        files = _write_images(x, ev, bundle, grid, out, cfg.batch_size)
     if compare:
-        # images: the figure shows 8 per row; points: up to 5000 for the panels' metrics (2000 are drawn)
-        k = min(n, 8 if restored.kind == "images" else 5000)
-        by_steps, text = {}, {}
-        for n_steps in compare:
-            by_steps[n_steps] = x[:k] if n_steps == N else ev.samples(restored.net, n_steps, n=k)
-            if restored.kind == "points" and k >= MIN_POINTS:  # the k-NN recall needs that many
-                text[n_steps] = ev.point_results(by_steps[n_steps], n_steps)[1]
-        fig = ev.figures(by_steps, text or None)["figures/steps.png"]
-        figures.save_png(fig, out / "steps.png")
+        figures.save_png(_steps_figure(x, ev, restored, N, compare), out / "steps.png")
         files.append("steps.png")
 
-    labels_name = (
-        {"cycle": "", "uncond": "-uncond"}.get(spec) if isinstance(spec, str) else "-labels" + "_".join(map(str, spec))
-    )
-    label = (
-        f"step{restored.step:08d}-{restored.weights}-{N}step-{cfg.sampler}{_grid_name(N, cfg)}{guidance_tag(guidance)}"
-        f"{labels_name}-n{n}-seed{cfg.seed}"
-    )
+    label = _label(cfg, restored, N, guidance, spec, n)
     record = {
         "ckpt": str(restored.path.resolve()),
         "step": restored.step,
@@ -190,29 +165,57 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     (out / "sample.json").write_text(json.dumps(record, indent=2) + "\n")
     files.append("sample.json")
 
-    tracker = results_run.open(task_params(cfg, restored))
-    try:
-        for f in files:
-            tracker.log_artifact(out / f, f"samples/{label}")
-        tracker.set_tags(
-            {
-                f"samples.{label}": json.dumps(
-                    {
-                        k: record[k]
-                        for k in ("steps", "nfe", "sampler", "grid", "guidance", "labels", "n", "seed", "weights")
-                    }
-                )
-            }
-        )
-        tracker.log_metrics(
-            {f"sample/seconds_{N}step": seconds, nfe_metric(N, guidance, prefix="sample"): record["nfe"]}, restored.step
-        )
-    except BaseException:
-        results_run.close("FAILED")
-        raise
-    results_run.close("FINISHED")
-    record["mlflow_run_id"] = tracker.run_id
+    shown = ("steps", "nfe", "sampler", "grid", "guidance", "labels", "n", "seed", "weights")
+    record["mlflow_run_id"] = log_results(
+        results_run,
+        cfg,
+        restored,
+        out,
+        files,
+        folder=f"samples/{label}",
+        tags={f"samples.{label}": json.dumps({k: record[k] for k in shown})},
+        metrics={f"sample/seconds_{N}step": seconds, nfe_metric(N, guidance, prefix="sample"): record["nfe"]},
+    )
     log.info("wrote %s to %s in %.2f s", ", ".join(files), out.resolve(), seconds)
     if results_run.enabled:
         log.info("logged to %s under samples/%s", results_run.describe(), label)
     return record
+
+
+def _write_points(x, restored, bundle, out: Path, title: str) -> list[str]:
+    """samples.npy (in the data's units) and samples.png (a scatter over the held-out points)."""
+    unscale = restored.standardizer.unscale if restored.standardizer is not None else bundle.unscale
+    data_units = unscale(x.float())
+    np.save(out / "samples.npy", data_units.numpy())
+    figures.save_png(figures.scatter(data_units, bundle.unscale(bundle.heldout), title=title), out / "samples.png")
+    return ["samples.npy", "samples.png"]
+
+
+def _write_images(x, ev, bundle, grid, out: Path, batch_size: int) -> list[str]:
+    """samples.npz (model-space floats, uint8 images, labels, the grid) and samples.png (a grid of images)."""
+    n = len(x)
+    labels = ev.labels if ev.labels is not None else torch.full((n,), -1)
+    # latents: decoded by the VAE in batches, kept as uint8 (50k float images at 256 x 256 would take 39 GB)
+    u8 = torch.cat([to_uint8(bundle.to_images(chunk.float())) for chunk in x.split(batch_size)])
+    if bundle.latents is None:
+        arrays = {"images": x.float().clamp(-1, 1).numpy()}
+    else:  # model space, no [-1, 1] range; the images are the VAE's decoding (uint8)
+        arrays = {"latents": x.float().numpy()}
+    np.savez(
+        out / "samples.npz", **arrays, uint8=u8.permute(0, 2, 3, 1).numpy(), labels=labels.numpy(), grid=grid.numpy()
+    )
+    k = min(n, GRID_PNG_MAX)
+    Image.fromarray(figures.image_grid(u8[:k], nrow=math.ceil(math.sqrt(k)))).save(out / "samples.png")
+    return ["samples.npz", "samples.png"]
+
+
+def _steps_figure(x, ev, restored, N: int, compare):
+    """The step-comparison figure: the same noise at each of `compare` step counts (x: the N-step samples)."""
+    # images: the figure shows 8 per row; points: up to 5000 for the panels' metrics (2000 are drawn)
+    k = min(len(x), 8 if restored.kind == "images" else 5000)
+    by_steps, text = {}, {}
+    for n_steps in compare:
+        by_steps[n_steps] = x[:k] if n_steps == N else ev.samples(restored.net, n_steps, n=k)
+        if restored.kind == "points" and k >= MIN_POINTS:  # the k-NN recall needs that many
+            text[n_steps] = ev.point_results(by_steps[n_steps], n_steps)[1]
+    return ev.figures(by_steps, text or None)["figures/steps.png"]

@@ -9,11 +9,11 @@ Relaunching the same command in the same run directory resumes where the last ch
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,8 +27,9 @@ from imm.evaluation.evaluator import Evaluator
 from imm.evaluation.metrics import lower_is_better, primary_metrics
 from imm.tracking.mlflow_run import Tracker, check_store, flatten, note_tag, source_tags
 from imm.training import checkpoint, distributed
-from imm.training.progress import Progress, describe, log_file, summary_text
-from imm.training.signals import Interrupted, StopFlag, in_submitit_job
+from imm.training.attempt import Attempt
+from imm.training.progress import Progress, describe
+from imm.training.signals import StopFlag
 from imm.training.threads import torch_threads
 from imm.validation import check_precision, check_same_run, load_data, validate
 
@@ -42,110 +43,62 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     """Train according to `cfg`, writing checkpoints and figures under run_dir; returns final metrics.
     `command` (argv, the script first; default sys.argv) is the command that reproduces this run, for
     its MLflow description and source."""
-    run_dir, started = Path(run_dir), time.time()
-    env = distributed.detect()
-    if not env.is_main:  # one process owns the logs, files and MLflow
-        logging.getLogger("imm").setLevel(logging.WARNING)
-    validate(cfg, env.world_size)
-    device = factory.device(cfg.train.device, local_rank=env.local_rank)
-    _configure_precision(cfg.train.precision, device)
-    n_threads, threads_from = torch_threads(cfg.train.threads, cfg.arch.name)
-    torch.set_num_threads(n_threads)
-    log.info("torch threads: %d (%s)", n_threads, threads_from)
-    if env.is_main:  # fails now, not at the first save (after train.ckpt_every steps)
-        written = [checkpoint.CKPT_DIR, "figures"] + [checkpoint.SNAPSHOT_DIR] * bool(cfg.train.snapshot_every)
-        runs.check_writable(run_dir, *written)
-    if env.is_main and cfg.tracking.enabled:
-        check_store(tracking_uri)
-    lock = runs.RunLock.acquire(run_dir) if env.is_main else None  # a second process is refused
-    last = runs.read_status(run_dir)  # how the last attempt in this directory ended
-    if runs.finished(last, cfg.train.steps):
-        if (newest := checkpoint.resolve(None, run_dir)) is not None:  # another experiment is refused, not skipped
-            check_same_run(cfg, checkpoint.load(newest)["config"], newest)
-        log.info(
-            "%s: already FINISHED at step %d; nothing to do (raise train.steps to train on, or fresh=true for a"
-            " new run)",
-            run_dir,
-            last["step"],
+    run_dir, env = Path(run_dir), distributed.detect()
+    device = _set_up(cfg, run_dir, env, tracking_uri)
+    with Attempt(run_dir, env, steps=cfg.train.steps, run_name=run_name, tracking_uri=tracking_uri) as attempt:
+        if attempt.finished():
+            if (newest := checkpoint.resolve(None, run_dir)) is not None:  # another experiment is refused, not skipped
+                check_same_run(cfg, checkpoint.load(newest)["config"], newest)
+            return attempt.skip()
+
+        # -- data, network, objective, optimizer (all before any MLflow run is created) ---------------------
+        bundle = load_data(cfg)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        net = factory.net(cfg, bundle.shape, bundle.num_classes).to(device)
+        objective = factory.objective(cfg, bundle.num_classes, env.rank, env.world_size)
+        optimizer = factory.optimizer(cfg, net.parameters(), device)
+        ema, target_ema = _emas(cfg, net)
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+        batches = _batches(cfg, bundle, env, device)
+        distributed.init(env, device)
+        student, target = _student_and_target(cfg, net, target_ema, env, device)
+        state = checkpoint.CheckpointIO(
+            model=net, ema=ema, target_ema=target_ema, optimizer=optimizer, scaler=scaler, data=batches
         )
+
+        # -- restore ---------------------------------------------------------------------------------------
+        ckpt_path = checkpoint.resolve(cfg.resume, run_dir)
+        saved = checkpoint.load(ckpt_path, required=state.required) if ckpt_path is not None else None
+        resumed_tags = check_same_run(cfg, saved["config"], ckpt_path) if saved else {}
+        torch.manual_seed(cfg.train.seed + 1000 * env.rank)  # dropout streams differ per rank
+        step = 0
+        if saved:
+            state.load_state_dict(saved, device)
+            step = saved["step"]
+            log.info("resumed from %s at step %d", ckpt_path, step)
+
+        # -- evaluation and tracking -------------------------------------------------------------------------
+        # missing FID weights fail here, before any MLflow run exists
+        evaluator = Evaluator.from_config(cfg, bundle, objective.param, device=device) if env.is_main else None
+        stop = StopFlag()  # before the MLflow run exists: a signal from here on ends it KILLED, never RUNNING
+        if env.is_main and cfg.tracking.enabled:
+            tags = {**_run_tags(run_dir, device, env), **(extra_tags or {}), **resumed_tags}
+            if ckpt_path is not None:
+                tags[f"resumed_from_step_{step}"] = str(ckpt_path)
+            run_id = _read_run_id(run_dir) or (saved or {}).get("mlflow_run_id")  # a requeue before its 1st ckpt
+            attempt.tracker = _open_tracker(cfg, run_dir, tracking_uri, run_name, run_id, tags, bundle, net, command)
+        tracker, summary = attempt.tracker, attempt.summary
         if env.is_main:
-            runs.write_status(run_dir, **{**last, "action": "skipped"})
-            lock.release()
-        return last.get("summary", {})
+            _log_start(cfg, run_dir, net, tracker, tracking_uri, step)
+        extras = _checkpoint_extras(cfg, bundle, tracker)
+        best = checkpoint.read_best(run_dir)  # the bests of the evaluations before a resume
+        snapshot = functools.partial(_snapshot_for_best, cfg, state, run_dir, env, extras)
 
-    # -- data, network, objective, optimizer (all before any run is created) -------------------
-    bundle = load_data(cfg)
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    net = factory.net(cfg, bundle.shape, bundle.num_classes).to(device)
-    objective = factory.objective(cfg, bundle.num_classes, env.rank, env.world_size)
-    optimizer = factory.optimizer(cfg, net.parameters(), device)
-    ema, target_ema = _emas(cfg, net)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
-    batches = _batches(cfg, bundle, env, device)
-    distributed.init(env, device)
-    student, target = _student_and_target(cfg, net, target_ema, env, device)
-    state = checkpoint.CheckpointIO(
-        model=net, ema=ema, target_ema=target_ema, optimizer=optimizer, scaler=scaler, data=batches
-    )
-
-    # -- restore ----------------------------------------------------------------------------------
-    ckpt_path = checkpoint.resolve(cfg.resume, run_dir)
-    saved = checkpoint.load(ckpt_path, required=state.required) if ckpt_path is not None else None
-    resumed_tags = check_same_run(cfg, saved["config"], ckpt_path) if saved else {}
-    torch.manual_seed(cfg.train.seed + 1000 * env.rank)  # dropout streams differ per rank
-    step = 0
-    if saved:
-        state.load_state_dict(saved, device)
-        step = saved["step"]
-        log.info("resumed from %s at step %d", ckpt_path, step)
-    action, start_step = runs.action(last, resumed=saved is not None), step
-    if action == "rerun":
-        log.info("the last attempt in %s FAILED at step %s; running again from step %d", run_dir, last["step"], step)
-    # a job requeued before its first checkpoint reopens its run too
-    run_id = _read_run_id(run_dir) or (saved or {}).get("mlflow_run_id")
-
-    # missing FID weights fail here, before any MLflow run exists
-    evaluator = Evaluator.from_config(cfg, bundle, objective.param, device=device) if env.is_main else None
-    stop = StopFlag()  # before the MLflow run exists: a signal from here on ends it KILLED, never RUNNING
-    tracker = Tracker.disabled()
-    if env.is_main and cfg.tracking.enabled:
-        command = list(command or sys.argv)
-        tags = {
-            **_run_tags(run_dir, device, env),
-            **source_tags(command[0]),
-            **note_tag(describe(cfg, bundle, net, command)),
-            **(extra_tags or {}),
-            **resumed_tags,
-        }
-        if ckpt_path is not None:
-            tags[f"resumed_from_step_{step}"] = str(ckpt_path)
-        tracker = _open_tracker(cfg, run_dir, tracking_uri, run_name, run_id, tags, bundle)
-    if env.is_main:
-        _log_start(cfg, run_dir, net, tracker, tracking_uri, step)
-    extras = _checkpoint_extras(cfg, bundle, tracker)
-
-    # -- the loop -----------------------------------------------------------------------------------
-    status, summary = "FAILED", {}
-    best = checkpoint.read_best(run_dir)  # the bests of the evaluations before a resume
-
-    def snapshot(at: int) -> Path | None:
-        """This step's EMA snapshot for a best to link to (written if train.snapshot_every did not); None:
-        snapshots are off (train.snapshot_every=0)."""
-        if not cfg.train.snapshot_every:
-            return None
-        if not checkpoint.snapshot_path(run_dir, at).is_file():
-            _snapshot(state, run_dir, env, at, extras)
-        return checkpoint.snapshot_path(run_dir, at)
-
-    progress = Progress(cfg, env, tracker, step, device, ema)
-    generator = torch.Generator(device)
-    precision = cfg.train.precision
-    autocast = torch.autocast(
-        device.type,
-        dtype=torch.float16 if precision == "fp16" else torch.bfloat16,
-        enabled=precision in ("bf16", "fp16"),
-    )
-    try:
+        # -- the loop ------------------------------------------------------------------------------------------
+        progress = Progress(cfg, env, tracker, step, device, ema)
+        attempt.begin(step, resumed=saved is not None, closing=(stop.restore, progress.close))
+        generator = torch.Generator(device)
+        autocast = _autocast(cfg.train.precision, device)
         while step < cfg.train.steps:
             x, labels = (None if v is None else v.to(device, non_blocking=True) for v in next(batches))
             generator.manual_seed(_step_seed(cfg.train.seed, step))
@@ -154,17 +107,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
             with autocast:
                 draws = objective.draw(x, labels, generator)  # for the whole share, whatever train.micro_batch
             optimizer.zero_grad(set_to_none=True)
-            micro_batches = _micro_batches(student, x.shape[0], cfg.train.micro_batch, env.enabled)
-            losses, diags = [], []
-            for samples, sync in micro_batches:  # gradient accumulation: the mean of the micro losses
-                with sync:
-                    with autocast:
-                        loss, diag = objective.loss(student, x[samples], draws[samples], target=target)
-                    scaler.scale(loss / len(micro_batches)).backward()
-                losses.append(loss.detach())
-                diags.append(diag)
-            loss = torch.stack(losses).mean()
-            diag = {k: torch.stack([d[k] for d in diags]).mean() for k in diag}
+            loss, diag = _backward(cfg, env, objective, student, target, x, draws, scaler, autocast)
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.optim.grad_clip or math.inf)
             finite = torch.isfinite(loss) & (torch.isfinite(grad_norm) | scaler.is_enabled())
@@ -178,7 +121,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
                 progress.good(loss)
             else:
                 progress.skipped(step, loss, diag, net, run_dir)  # raises after train.max_nonfinite in a row
-            step += 1
+            step = attempt.step = step + 1
 
             if (metrics := progress.tick(step, grad_norm, optimizer, diag)) is not None:
                 summary["final/loss"] = metrics["train/loss"]
@@ -193,6 +136,8 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
                 stop.request(stop_signum)
                 _save(state, device, run_dir, env, cfg, step, extras)
                 stop.hand_over()  # submitit requeues on preemption; otherwise raises Interrupted
+
+        # -- the end: last state, snapshot and evaluation ----------------------------------------------------
         progress.close()  # the finished bar stays on screen once; the lines below print under it
         _save(state, device, run_dir, env, cfg, step, extras)
         if cfg.train.snapshot_every or cfg.tracking.log_weights:
@@ -206,37 +151,47 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
             summary.update({f"final/{k[5:]}": v for k, v in evaluator.floors().items()})
         summary.update(best)
         tracker.log_metrics(summary, step)
-        status = "FINISHED"
         return summary
-    except (Interrupted, KeyboardInterrupt, SystemExit):  # SystemExit: submitit exits after requeueing
-        status = "KILLED"
-        raise
-    finally:
-        stop.restore()
-        progress.close()
-        if env.is_main:  # before the MLflow run ends, so that its launch.log artifact holds the summary
-            log.info(
-                "%s",
-                summary_text(
-                    status=status,
-                    start_step=start_step,
-                    step=step,
-                    steps=cfg.train.steps,
-                    seconds=time.time() - started,
-                    summary=summary,
-                    run_dir=run_dir,
-                    uri=tracking_uri if tracker.enabled else None,
-                    run_id=tracker.run_id,
-                    resume=_resume_hint(status, cfg.train.steps),
-                ),
-            )
-        tracker.end(status, log_file=log_file(run_dir))
-        distributed.shutdown(env)
-        if env.is_main:
-            runs.write_status(
-                run_dir, status=status, step=step, action=action, from_step=start_step, name=run_name, summary=summary
-            )
-            lock.release()
+
+
+def _set_up(cfg, run_dir: Path, env, tracking_uri: str | None) -> torch.device:
+    """The launch's checks that need no data (config, device, precision, run directory, tracking store), then
+    this process's device, numerics and threads."""
+    if not env.is_main:  # one process owns the logs, files and MLflow
+        logging.getLogger("imm").setLevel(logging.WARNING)
+    validate(cfg, env.world_size)
+    device = factory.device(cfg.train.device, local_rank=env.local_rank)
+    _configure_precision(cfg.train.precision, device)
+    n_threads, threads_from = torch_threads(cfg.train.threads, cfg.arch.name)
+    torch.set_num_threads(n_threads)
+    log.info("torch threads: %d (%s)", n_threads, threads_from)
+    if env.is_main:  # fails now, not at the first save (after train.ckpt_every steps)
+        written = [checkpoint.CKPT_DIR, "figures"] + [checkpoint.SNAPSHOT_DIR] * bool(cfg.train.snapshot_every)
+        runs.check_writable(run_dir, *written)
+    if env.is_main and cfg.tracking.enabled:
+        check_store(tracking_uri)
+    return device
+
+
+def _autocast(precision: str, device: torch.device):
+    """bf16 or fp16 autocast for train.precision=bf16|fp16 (CUDA), else a context that does nothing."""
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
+
+
+def _backward(cfg, env, objective, student, target, x, draws, scaler, autocast):
+    """The objective's loss over this rank's share, backpropagated in micro-batches of train.micro_batch
+    (gradient accumulation: the mean of the micro losses); the loss and diagnostics of the whole share."""
+    micro_batches = _micro_batches(student, x.shape[0], cfg.train.micro_batch, env.enabled)
+    losses, diags = [], []
+    for samples, sync in micro_batches:
+        with sync:
+            with autocast:
+                loss, diag = objective.loss(student, x[samples], draws[samples], target=target)
+            scaler.scale(loss / len(micro_batches)).backward()
+        losses.append(loss.detach())
+        diags.append(diag)
+    return torch.stack(losses).mean(), {k: torch.stack([d[k] for d in diags]).mean() for k in diags[0]}
 
 
 # -- set-up ---------------------------------------------------------------------------------------
@@ -347,8 +302,11 @@ def _run_tags(run_dir: Path, device, env) -> dict[str, str]:
     return {"run_dir": str(run_dir.resolve()), "device": str(device), "world_size": str(env.world_size)}
 
 
-def _open_tracker(cfg, run_dir: Path, uri: str, run_name: str, run_id: str | None, tags: dict, bundle) -> Tracker:
-    """Create the MLflow run (or reopen run_id), record its id in the run directory, and start its system metrics."""
+def _open_tracker(cfg, run_dir: Path, uri: str, run_name: str, run_id, tags: dict, bundle, net, command) -> Tracker:
+    """Create the MLflow run (or reopen run_id) with `tags`, the source and the description of `command`, record
+    its id in the run directory, and start its system metrics."""
+    command = list(command or sys.argv)
+    tags = {**source_tags(command[0]), **note_tag(describe(cfg, bundle, net, command)), **tags}
     tracker = Tracker.open(
         uri, cfg.tracking.experiment, run_name=run_name, run_id=run_id, params=flatten(cfg), tags=tags
     )
@@ -406,6 +364,16 @@ def _snapshot(state: checkpoint.CheckpointIO, run_dir: Path, env, step: int, ext
         log.info("snapshot %s", checkpoint.save_snapshot(state.snapshot_dict(step=step, **extras), run_dir, step))
 
 
+def _snapshot_for_best(cfg, state, run_dir: Path, env, extras: dict, at: int) -> Path | None:
+    """The EMA snapshot of step `at` for a best to link to (written if train.snapshot_every did not); None:
+    snapshots are off (train.snapshot_every=0)."""
+    if not cfg.train.snapshot_every:
+        return None
+    if not checkpoint.snapshot_path(run_dir, at).is_file():
+        _snapshot(state, run_dir, env, at, extras)
+    return checkpoint.snapshot_path(run_dir, at)
+
+
 def _evaluate(evaluator: Evaluator | None, model, tracker: Tracker, run_dir: Path, step: int) -> dict:
     """The evaluator's metrics and figures for `model` (main process only), logged at `step`."""
     if evaluator is None:
@@ -440,10 +408,3 @@ def _track_best(best: dict, results: dict, step: int, tracker: Tracker, run_dir:
             checkpoint.link_best(run_dir, primary[k], path)
             tracker.log_metrics({f"best_step/{k[5:]}": step}, step)
     checkpoint.write_best(run_dir, best)
-
-
-def _resume_hint(status: str, steps: int) -> str:
-    """The command that continues this run (to twice its steps when it FINISHED); a sweep job's is its sweep's."""
-    if in_submitit_job():
-        return "run the sweep command again"
-    return runs.resume_command(sys.argv, steps=2 * steps if status == "FINISHED" else None)

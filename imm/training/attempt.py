@@ -1,0 +1,127 @@
+"""The run protocol around one training attempt in a run directory, so that the loop is only the loop.
+
+`with Attempt(run_dir, env, ...) as attempt:` holds the directory's lock (a second process is refused) and
+reads how the last attempt ended (`attempt.last`; `attempt.finished(steps)`: nothing to do). Once the loop
+is about to run, `attempt.begin(step, resumed=...)` says what this attempt does (started, resumed, rerun);
+from then on, however the block is left, the summary is printed, the MLflow run ends FINISHED (the block
+ended), KILLED (a signal, Ctrl-C, submitit's requeue) or FAILED (any other exception), distributed training
+shuts down and status.json records the outcome. A block left before `begin` (a user error while the data
+load, say) only releases the lock: the last attempt's status stays as it was. Other ranks hold no lock and
+write nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+from imm import runs
+from imm.tracking.mlflow_run import Tracker
+from imm.training import distributed
+from imm.training.progress import log_file, summary_text
+from imm.training.signals import Interrupted, in_submitit_job
+
+log = logging.getLogger("imm.train")
+
+
+class Attempt:
+    def __init__(self, run_dir: Path, env, *, steps: int, run_name: str, tracking_uri: str | None):
+        self.run_dir, self.env, self.steps = Path(run_dir), env, steps
+        self.run_name, self.tracking_uri = run_name, tracking_uri
+        self.started_at = time.time()
+        self.lock, self.last = None, {}
+        self.tracker = Tracker.disabled()  # the loop opens the MLflow run once its tags are known
+        self.action, self.start_step, self.step, self.closing = None, 0, 0, ()
+        self.summary: dict = {}
+
+    def __enter__(self) -> "Attempt":
+        if self.env.is_main:
+            self.lock = runs.RunLock.acquire(self.run_dir)
+        self.last = runs.read_status(self.run_dir)
+        return self
+
+    def finished(self) -> bool:
+        """The last attempt FINISHED at train.steps or beyond: a relaunch has nothing to do."""
+        return runs.finished(self.last, self.steps)
+
+    def skip(self) -> dict:
+        """Say that the run is done and record the relaunch as skipped; the last attempt's summary."""
+        log.info(
+            "%s: already FINISHED at step %d; nothing to do (raise train.steps to train on, or fresh=true for a"
+            " new run)",
+            self.run_dir,
+            self.last["step"],
+        )
+        if self.env.is_main:
+            runs.write_status(self.run_dir, **{**self.last, "action": "skipped"})
+        return self.last.get("summary", {})
+
+    def begin(self, step: int, *, resumed: bool, closing=()) -> None:
+        """The loop starts at `step`: from here on, leaving the block records how the attempt ended, after
+        calling each of `closing` (the loop's signal handlers and progress bar)."""
+        self.action, self.start_step, self.step = runs.action(self.last, resumed=resumed), step, step
+        self.closing = closing
+        if self.action == "rerun":
+            log.info(
+                "the last attempt in %s FAILED at step %s; running again from step %d",
+                self.run_dir,
+                self.last["step"],
+                step,
+            )
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            if self.action is not None:
+                self._end(_status(kind))
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _end(self, status: str) -> None:
+        for close in self.closing:
+            close()
+        if self.env.is_main:  # before the MLflow run ends, so that its launch.log artifact holds the summary
+            log.info(
+                "%s",
+                summary_text(
+                    status=status,
+                    start_step=self.start_step,
+                    step=self.step,
+                    steps=self.steps,
+                    seconds=time.time() - self.started_at,
+                    summary=self.summary,
+                    run_dir=self.run_dir,
+                    uri=self.tracking_uri if self.tracker.enabled else None,
+                    run_id=self.tracker.run_id,
+                    resume=_resume_hint(status, self.steps),
+                ),
+            )
+        self.tracker.end(status, log_file=log_file(self.run_dir))
+        distributed.shutdown(self.env)
+        if self.env.is_main:
+            runs.write_status(
+                self.run_dir,
+                status=status,
+                step=self.step,
+                action=self.action,
+                from_step=self.start_step,
+                name=self.run_name,
+                summary=self.summary,
+            )
+
+
+def _status(kind) -> str:
+    """How an attempt that left its block with the exception type `kind` (None: none) ended."""
+    if kind is None:
+        return "FINISHED"
+    # SystemExit: submitit exits after requeueing
+    return "KILLED" if issubclass(kind, (Interrupted, KeyboardInterrupt, SystemExit)) else "FAILED"
+
+
+def _resume_hint(status: str, steps: int) -> str:
+    """The command that continues this run (to twice its steps when it FINISHED); a sweep job's is its sweep's."""
+    if in_submitit_job():
+        return "run the sweep command again"
+    return runs.resume_command(sys.argv, steps=2 * steps if status == "FINISHED" else None)
