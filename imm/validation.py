@@ -12,6 +12,7 @@ one sentence: the key, the value, what is allowed.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from omegaconf import OmegaConf
@@ -178,6 +179,39 @@ def time_grids(key: str, steps, options, *, schedule, T: float, eps: float) -> d
         except ValueError as e:
             raise ConfigError(f"{key}: no {int(N)}-step grid: {e}.") from None
     return grids
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How an evaluation draws its samples, from the options to imm.core.sampling.sample: the step counts it
+    evaluates, the time grid of each step count it may sample with (built once, here, where it is checked),
+    the sampler, the guidance scale, the seed of the fixed noise and the batch size."""
+
+    steps: tuple[int, ...]
+    grids: dict[int, torch.Tensor]
+    sampler: str
+    guidance: float
+    seed: int
+    batch_size: int
+
+
+def sampling_plan(options, steps: dict[str, list], *, schedule: str, T: float, eps: float, guidance=None) -> Sampling:
+    """The Sampling of `options` (a SamplingOptions node: the training's `eval`, `evaluate`'s `eval`, `sample`'s
+    top level) for the step counts listed under each option key in `steps` (the first key's are evaluated, the
+    others only sampled, as `sample`'s compare_steps); `guidance`: the scale a command resolved (default: the
+    options'). A grid the options cannot give is the ConfigError naming its key."""
+    grids = {}
+    for key, counts in steps.items():
+        grids.update(time_grids(key, counts, options, schedule=schedule, T=T, eps=eps))
+    first = next(iter(steps.values()))
+    return Sampling(
+        steps=tuple(int(n) for n in first),
+        grids=grids,
+        sampler=options.sampler,
+        guidance=float(options.guidance if guidance is None else guidance),
+        seed=int(options.seed),
+        batch_size=int(options.batch_size),
+    )
 
 
 def check_precision(precision: str, device) -> None:

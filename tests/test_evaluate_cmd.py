@@ -14,10 +14,12 @@ from helpers import compose_cfg, compose_task, launch, one_thread_env
 from mlflow.tracking import MlflowClient
 
 from imm import factory
+from imm.config import EvalConfig
 from imm.errors import ConfigError
 from imm.evaluation.evaluator import Evaluator, TinyRandomFeatures, count_tag, fid_metric, metric_name, ratio_family
 from imm.evaluation.fid import FIDEvaluator
 from imm.tasks import evaluate as evaluate_task
+from imm.validation import sampling_plan
 
 
 def evaluate(run, out, *overrides):
@@ -71,7 +73,8 @@ def test_point_energy_is_the_mean_over_draws_and_the_first_draw_is_unchanged(toy
 
     r = restore(toy.ckpt)
     bundle = r.bundle(need_data=True)
-    one, three = (Evaluator(bundle, r.param, T=r.T, eps=r.eps, steps=[1, 2], n_samples=300, draws=d) for d in (1, 3))
+    plan = sampling_plan(EvalConfig(), {"steps": [1, 2]}, schedule=r.param.schedule, T=r.T, eps=r.eps)
+    one, three = (Evaluator(bundle, r.param, plan, n_samples=300, draws=d) for d in (1, 3))
     res1, res3 = one(r.net)[0], three(r.net)[0]
     for N in (1, 2):  # the other metrics, the floor and the figure's draw do not depend on `draws`
         for k in ("sw2", "precision", "recall"):
@@ -89,7 +92,7 @@ def test_point_energy_is_the_mean_over_draws_and_the_first_draw_is_unchanged(toy
         )
     assert res3["eval/energy_floor"] == res1["eval/energy_floor"]
     with pytest.raises(ValueError, match="draws must be a positive integer"):
-        Evaluator(bundle, r.param, T=r.T, eps=r.eps, steps=[1], n_samples=300, draws=0)
+        Evaluator(bundle, r.param, plan, n_samples=300, draws=0)
 
 
 def test_point_evaluation_refuses_guidance_and_zero_draws(toy, tmp_path):

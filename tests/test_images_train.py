@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from imm import factory
+from imm.config import EvalConfig
 from imm.data import DataError, ResumableBatches
 from imm.errors import ConfigError
 from imm.evaluation.evaluator import Evaluator
@@ -29,6 +30,7 @@ from imm.nets import count_parameters
 from imm.training import checkpoint
 from imm.training import loop as loop_mod
 from imm.training.loop import train
+from imm.validation import sampling_plan
 
 # Every image architecture at a tiny width: DiT with 2x2 and 4x4 patches, and the DDPM++ U-Net.
 TINY = {
@@ -215,10 +217,17 @@ def test_guidance_changes_digit_samples():
         for p in net.parameters():
             if p.abs().max() == 0:
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
-    kwargs = dict(T=loss_T(cfg), eps=cfg.loss.eps, steps=[1, 2], n_samples=20)
+    kwargs = dict(schedule=cfg.schedule.name, T=loss_T(cfg), eps=cfg.loss.eps)
     param = factory.parameterization(cfg)
-    guided = Evaluator(bundle, param, guidance=cfg.eval.guidance, **kwargs)
-    plain = Evaluator(bundle, param, guidance=1.0, **kwargs)
+    guided = Evaluator(
+        bundle,
+        param,
+        sampling_plan(EvalConfig(), {"steps": [1, 2]}, guidance=cfg.eval.guidance, **kwargs),
+        n_samples=20,
+    )
+    plain = Evaluator(
+        bundle, param, sampling_plan(EvalConfig(), {"steps": [1, 2]}, guidance=1.0, **kwargs), n_samples=20
+    )
     for steps in (1, 2):
         a, b = guided.samples(net, steps), plain.samples(net, steps)
         assert a.shape == (20, 1, 16, 16) and torch.isfinite(a).all()

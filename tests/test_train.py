@@ -8,9 +8,11 @@ from helpers import compose_cfg, launch
 from mlflow.tracking import MlflowClient
 
 from imm import factory
+from imm.config import EvalConfig
 from imm.evaluation.evaluator import Evaluator
 from imm.factory import loss_T
 from imm.training.loop import _emas, ema_decay_at, train
+from imm.validation import sampling_plan
 
 SMALL = (
     "train.steps=400",
@@ -58,9 +60,8 @@ def initial_energy(cfg, N):
     bundle = factory.dataset(cfg)
     torch.manual_seed(cfg.train.seed)
     net = factory.net(cfg, bundle.shape, 0)
-    ev = Evaluator(
-        bundle, factory.parameterization(cfg), T=loss_T(cfg), eps=cfg.loss.eps, steps=[N], n_samples=cfg.eval.n_samples
-    )
+    plan = sampling_plan(EvalConfig(), {"steps": [N]}, schedule=cfg.schedule.name, T=loss_T(cfg), eps=cfg.loss.eps)
+    ev = Evaluator(bundle, factory.parameterization(cfg), plan, n_samples=cfg.eval.n_samples)
     return ev(net)[0][f"eval/energy_{N}step"]
 
 

@@ -9,6 +9,7 @@ checkpoint with the same settings are the same number.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -17,6 +18,7 @@ import re
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from imm.config import EvalConfig
@@ -26,6 +28,7 @@ from imm.evaluation import figures, metrics
 from imm.evaluation.classifier import ClassifierMetric
 from imm.evaluation.fid import FIDEvaluator, MissingInceptionWeights
 from imm.factory import loss_T
+from imm.validation import Sampling, sampling_plan
 
 log = logging.getLogger("imm.evaluate")
 
@@ -122,6 +125,26 @@ class TinyRandomFeatures(nn.Module):
 FLOOR_DRAWS = 8
 
 
+@dataclasses.dataclass(frozen=True)
+class FIDSettings:
+    """What an Evaluator's FID measures: n_samples images per step count and guidance scale (guidances; None:
+    the plan's scale), against the reference statistics cached in the folder `cache`, in the features of
+    `feature_net` (inception, or tiny_random for tests); dataset_key names the reference set."""
+
+    n_samples: int = 5000
+    guidances: list | None = None
+    cache: Path | None = None
+    inception_weights: str | None = None
+    feature_net: str = "inception"
+    allow_download: bool = True
+    dataset_key: str | None = None
+
+
+def _typed(options):
+    """A config node as the dataclass of its schema (typed attributes), or options as they are."""
+    return OmegaConf.to_object(options) if OmegaConf.is_config(options) else options
+
+
 def noise_floor(bundle, n: int, g: torch.Generator) -> dict:
     """Each metric between the held-out set and an independent n-point training sample, averaged over
     FLOOR_DRAWS samples: a single draw of the energy distance's floor (about 2 E|X - X'| / n) varies
@@ -135,15 +158,16 @@ def noise_floor(bundle, n: int, g: torch.Generator) -> dict:
 
 
 class Evaluator:
-    """Evaluates networks at `steps` sampling steps on fixed noise (and fixed labels).
+    """Evaluates networks at the plan's step counts (imm.validation.Sampling: its grids, sampler, guidance
+    scale, seed and batch size) on fixed noise (and fixed labels).
 
-    Images: `n_samples` is capped at `max_images` (64: the figure; None: no cap) and, with fid=True,
-    FID is computed on `fid_n_samples` images streamed in batches (noise drawn from `seed`, so
-    every step count and guidance scale decodes the same noise) for each step count and each scale
-    in `fid_guidances` (default: [guidance]), against the training set's statistics, cached in
-    the directory `fid_cache`. `feature_net`: "inception" (the FID network) or "tiny_random"
-    (tests only). The Inception weights are resolved at construction: a missing file fails here,
-    before anything is sampled.
+    Images: `n_samples` is capped at `max_images` (64: the figure; None: no cap) and, with `fid`
+    (FIDSettings), FID is computed on fid.n_samples images streamed in batches (noise drawn from the plan's
+    seed, so every step count and guidance scale decodes the same noise) for each step count and each scale
+    in fid.guidances (default: the plan's), against the training set's statistics, cached in the folder
+    fid.cache. fid.feature_net: "inception" (the FID network) or "tiny_random" (tests only). The Inception
+    weights are resolved at construction: a missing file fails here, before anything is sampled. Labelled
+    images with a held-out split get the classifier metric when `classifier_cache` names its cache folder.
 
     Points: the energy distance, read against its floor, is the mean over `draws` independent noise
     draws of n_samples each (like the floor, which is a mean over FLOOR_DRAWS data draws): one draw
@@ -152,74 +176,42 @@ class Evaluator:
     draws is logged as energy_sd. Sliced W2, k-NN precision/recall and the figure use the first draw.
 
     `labels`: "cycle" (classes 0..C-1 in turn), "uncond" (the null label) or a list of class ids
-    (cycled); ignored for unconditional data. `etas`: explicit intermediate eta points, used for
-    the step count N = len(etas) + 1.
+    (cycled); ignored for unconditional data.
     """
 
     def __init__(
         self,
         bundle,
         param,
+        plan: Sampling,
         *,
-        T: float,
-        eps: float,
-        steps=tuple(_DEFAULT.steps),
         n_samples: int = _DEFAULT.n_samples,
-        batch_size: int = _DEFAULT.batch_size,
-        sampler: str = _DEFAULT.sampler,
-        grid: str = _DEFAULT.grid,
-        two_step_eta: float | None = _DEFAULT.two_step_eta,
-        guidance: float = _DEFAULT.guidance,
-        seed: int = _DEFAULT.seed,
         draws: int = 1,
         device="cpu",
-        etas=None,
         labels="cycle",
         max_images: int | None = 64,
-        fid: bool = False,
-        fid_n_samples: int = _DEFAULT.fid_n_samples,
-        fid_guidances=None,
-        inception_weights=None,
-        fid_cache=None,
-        feature_net: str = "inception",
-        allow_download: bool = True,
-        dataset_key: str | None = None,
-        classifier: bool = False,
+        fid: FIDSettings | None = None,
+        classifier_cache: Path | None = None,
         classifier_n_samples: int | None = None,
     ):
         if int(draws) < 1:
             raise ValueError(f"draws must be a positive integer, got {draws}")
-        self.bundle, self.param, self.device = bundle, param, torch.device(device)
+        self.bundle, self.param, self.plan, self.device = bundle, param, plan, torch.device(device)
         if bundle.latents is not None:  # the VAE that decodes: loaded once, here, on the process that evaluates
             bundle.latents.load(self.device)
-        self.steps, self.sampler, self.guidance = [int(n) for n in steps], sampler, float(guidance)
-        self.T, self.eps, self.grid, self.two_step_eta = T, eps, grid, two_step_eta
-        self.etas = None if etas is None else [float(e) for e in etas]
-        self.grids = {N: self.grid_for(N) for N in self.steps}
-        self.classifier = None
-        if classifier and has_classifier_metric(bundle):  # before the cap below: its count is n_samples
-            key = dataset_key or fid_dataset_key(bundle)
-            cache = fid_cache_file(fid_cache or default_fid_cache(), key, "classifier")
-            self.classifier = ClassifierMetric(bundle, classifier_n_samples or n_samples, cache, key)
+        self.steps, self.guidance, self.grids = list(plan.steps), plan.guidance, plan.grids
+        self.seed, self.batch_size, self.label_spec = plan.seed, plan.batch_size, labels
+        # before the cap below: the classifier metric's count is n_samples
+        self.classifier = self._classifier(classifier_cache, classifier_n_samples or n_samples)
         if bundle.kind == "images" and max_images is not None:
             n_samples = min(n_samples, max_images)  # a picture, not a metric; FID has its own count
-        self.seed, self.batch_size, self.label_spec = seed, batch_size, labels
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(plan.seed)
         self.noise = param.sigma_data * torch.randn(n_samples, *bundle.shape, generator=g)
-        self.restart_seed = seed + 1
+        self.restart_seed = plan.seed + 1
         self.labels = self.labels_for(0, n_samples)
         self.floor, self.floor_reported = None, False
-        if bundle.kind == "points":  # the floor at the samples' size: reference draws of the training data
-            self.floor_n = min(max(n_samples, 16), len(bundle.train))  # k-NN needs > k = 5
-            self.floor = noise_floor(bundle, self.floor_n, g)
-            if n_samples < metrics.MIN_POINT_SAMPLES:
-                log.warning(
-                    "%d samples per evaluation: below %d the energy distance's noise floor (which grows like"
-                    " 1/n) swamps the model's own distance, so ED/floor reads far better than at"
-                    " eval.n_samples=5000; compare ratios at equal n only (docs/results.md#how-many-samples)",
-                    n_samples,
-                    metrics.MIN_POINT_SAMPLES,
-                )
+        if bundle.kind == "points":
+            self._point_floor(n_samples, g)
         # further noise draws for the mean energy distance (drawn after the floor: draw 0 and the floor
         # do not depend on `draws`)
         self.more_noise = (
@@ -227,104 +219,104 @@ class Evaluator:
             if bundle.kind == "points"
             else []
         )
+        self.fid_evaluator = None if fid is None else self._fid(fid)
 
-        self.fid_evaluator = None
-        if fid:
-            if bundle.kind != "images":
-                raise ValueError(f"FID is defined for images, not for {bundle.kind} data ({bundle.name})")
-            if feature_net not in FEATURE_NETS:
-                raise ValueError(f"unknown FID feature net {feature_net!r}; choose one of {', '.join(FEATURE_NETS)}")
-            self.fid_n_samples = int(fid_n_samples)
-            self.fid_guidances = [float(w) for w in (fid_guidances if fid_guidances is not None else [guidance])]
-            self.fid_key = dataset_key or fid_dataset_key(bundle)
-            cache = None if fid_cache is None else fid_cache_file(fid_cache, self.fid_key, feature_net)
-            self.fid_evaluator = FIDEvaluator(
-                feature_net=TinyRandomFeatures() if feature_net == "tiny_random" else None,
-                inception_weights=inception_weights,
-                reference_cache=cache,
-                device=self.device,
-                batch_size=batch_size,
-                allow_download=allow_download,
+    def _classifier(self, cache_dir: Path | None, n: int):
+        """The classifier metric of labelled images with a held-out split, when asked for (a cache folder)."""
+        if cache_dir is None or not has_classifier_metric(self.bundle):
+            return None
+        key = fid_dataset_key(self.bundle)
+        return ClassifierMetric(self.bundle, n, fid_cache_file(cache_dir, key, "classifier"), key)
+
+    def _point_floor(self, n_samples: int, g: torch.Generator) -> None:
+        """The metrics' noise floor at the samples' size: reference draws of the training data."""
+        self.floor_n = min(max(n_samples, 16), len(self.bundle.train))  # k-NN needs > k = 5
+        self.floor = noise_floor(self.bundle, self.floor_n, g)
+        if n_samples < metrics.MIN_POINT_SAMPLES:
+            log.warning(
+                "%d samples per evaluation: below %d the energy distance's noise floor (which grows like"
+                " 1/n) swamps the model's own distance, so ED/floor reads far better than at"
+                " eval.n_samples=5000; compare ratios at equal n only (docs/results.md#how-many-samples)",
+                n_samples,
+                metrics.MIN_POINT_SAMPLES,
             )
-            if bundle.latents is not None and (cache is None or not cache.is_file()):
-                bundle.latents.check_source()  # the reference images are read at the first FID, long after this
+
+    def _fid(self, fid: FIDSettings) -> FIDEvaluator:
+        """The FID of fid.n_samples images per step count and scale, against the training images' statistics."""
+        if self.bundle.kind != "images":
+            raise ValueError(f"FID is defined for images, not for {self.bundle.kind} data ({self.bundle.name})")
+        if fid.feature_net not in FEATURE_NETS:
+            raise ValueError(f"unknown FID feature net {fid.feature_net!r}; choose one of {', '.join(FEATURE_NETS)}")
+        self.fid_n_samples = int(fid.n_samples)
+        self.fid_guidances = [float(w) for w in (fid.guidances if fid.guidances is not None else [self.guidance])]
+        self.fid_key = fid.dataset_key or fid_dataset_key(self.bundle)
+        cache = None if fid.cache is None else fid_cache_file(fid.cache, self.fid_key, fid.feature_net)
+        evaluator = FIDEvaluator(
+            feature_net=TinyRandomFeatures() if fid.feature_net == "tiny_random" else None,
+            inception_weights=fid.inception_weights,
+            reference_cache=cache,
+            device=self.device,
+            batch_size=self.batch_size,
+            allow_download=fid.allow_download,
+        )
+        if self.bundle.latents is not None and (cache is None or not cache.is_file()):
+            self.bundle.latents.check_source()  # the reference images are read at the first FID, long after this
+        return evaluator
 
     @classmethod
-    def from_options(cls, options, bundle, param, *, T: float, eps: float, device="cpu", data_root=None, **overrides):
+    def from_options(cls, options, bundle, param, plan: Sampling, *, device="cpu", data_root=None, **overrides):
         """The one way to build an Evaluator from sampling options (imm.config.SamplingOptions and its
-        subclasses: the training run's `eval` node, `evaluate`'s `eval` node, `sample`'s config): every
-        option the object has is used, `overrides` (Evaluator arguments) replace what a command decides
-        itself. FID is on when `fid` (an option or an override) is true and the data are images, with
-        fid_n_samples (default 5000), fid_cache (default ~/.cache/imm/fid), inception_weights,
-        feature_net and allow_download; `data_root` is the folder a data=folder reference set is keyed by.
-        A missing Inception weights file raises ConfigError with fid.py's message."""
+        subclasses: the training run's `eval` node, `evaluate`'s `eval` node, `sample`'s config) and their
+        Sampling (imm.validation.sampling_plan): every option the object has is used, `overrides` (Evaluator
+        arguments, and `fid`) replace what a command decides itself. FID is on when `fid` (an option or an
+        override) is true and the data are images, with fid_n_samples (default 5000), fid_cache (default
+        ~/.cache/imm/fid), inception_weights, feature_net and allow_download, and fid_guidances (an override;
+        default: the plan's scale); `data_root` is the folder a data=folder reference set is keyed by. A missing
+        Inception weights file raises ConfigError with fid.py's message."""
+        options = _typed(options)
 
-        def option(key, default=None):
-            value = getattr(options, key, None)  # a dataclass or a DictConfig; absent keys are None
+        def option(key, default=None):  # an override, else the option (absent from some commands' options)
+            value = overrides.pop(key, None)
+            value = getattr(options, key, None) if value is None else value
             return default if value is None else value
 
-        steps = option("steps", _DEFAULT.steps)
-        kwargs = dict(
-            T=T,
-            eps=eps,
-            steps=[steps] if isinstance(steps, int) else steps,
-            n_samples=option("n_samples", _DEFAULT.n_samples),
-            batch_size=option("batch_size", _DEFAULT.batch_size),
-            sampler=option("sampler", _DEFAULT.sampler),
-            grid=option("grid", _DEFAULT.grid),
-            two_step_eta=getattr(options, "two_step_eta", _DEFAULT.two_step_eta),  # null is a value here
-            guidance=option("guidance", _DEFAULT.guidance),
-            seed=option("seed", _DEFAULT.seed),
-            draws=option("draws", 1),
-            etas=option("etas"),
-            device=device,
+        cache = Path(option("fid_cache", default_fid_cache()))
+        kwargs = dict(n_samples=option("n_samples", _DEFAULT.n_samples), draws=option("draws", 1), device=device)
+        if option("classifier", False):
+            kwargs["classifier_cache"] = cache
+        fid = FIDSettings(
+            n_samples=option("fid_n_samples", FIDSettings.n_samples),
+            guidances=option("fid_guidances"),
+            cache=cache,
+            inception_weights=option("inception_weights"),
+            feature_net=option("feature_net", FIDSettings.feature_net),
+            allow_download=option("allow_download", True),
         )
-        fid = bool(overrides.pop("fid", option("fid", False))) and bundle.kind == "images"
-        kwargs["fid"] = fid
-        if option("classifier", False) and has_classifier_metric(bundle):
-            kwargs.update(classifier=True, fid_cache=option("fid_cache", default_fid_cache()))
-        if fid:
-            kwargs.update(
-                fid_n_samples=option("fid_n_samples", _DEFAULT.fid_n_samples),
-                inception_weights=option("inception_weights"),
-                fid_cache=option("fid_cache", default_fid_cache()),
-                feature_net=option("feature_net", "inception"),
-                allow_download=option("allow_download", True),
-                dataset_key=fid_dataset_key(bundle, data_root),
-            )
+        if option("fid", False) and bundle.kind == "images":
+            kwargs["fid"] = dataclasses.replace(fid, dataset_key=fid_dataset_key(bundle, data_root))
         kwargs.update(overrides)
         try:
-            return cls(bundle, param, **kwargs)
+            return cls(bundle, param, plan, **kwargs)
         except MissingInceptionWeights as e:  # a config the user can fix (eval.inception_weights): one message
             raise ConfigError(str(e)) from None
 
     @classmethod
     def from_config(cls, cfg, bundle, param, *, device="cpu", **overrides) -> "Evaluator":
-        """The evaluator a training config asks for: from_options with its `eval` node, loss.T/eps and data.root
-        (imm.validation.validate has checked its grids)."""
-        return cls.from_options(
+        """The evaluator a training config asks for: from_options with its `eval` node, its plan on loss.T and
+        eps (`steps` and `guidance` may override the node's), and data.root."""
+        T, eps, steps = loss_T(cfg), cfg.loss.eps, overrides.pop("steps", cfg.eval.steps)
+        plan = sampling_plan(
             cfg.eval,
-            bundle,
-            param,
-            T=loss_T(cfg),
-            eps=cfg.loss.eps,
-            device=device,
-            data_root=cfg.data.get("root", None),
-            **overrides,
+            {"eval.steps": steps},
+            schedule=cfg.schedule.name,
+            T=T,
+            eps=eps,
+            guidance=overrides.pop("guidance", None),
         )
+        data_root = cfg.data.get("root", None)
+        return cls.from_options(cfg.eval, bundle, param, plan, device=device, data_root=data_root, **overrides)
 
     # -- sampling -------------------------------------------------------------------------------
-    def grid_for(self, N: int) -> torch.Tensor:
-        return sampling.time_grid(
-            self.grid,
-            N,
-            schedule=self.param.schedule,
-            T=self.T,
-            eps=self.eps,
-            two_step_eta=self.two_step_eta,
-            etas=self.etas,
-        )
-
     def labels_for(self, start: int, count: int) -> torch.Tensor | None:
         """Labels of samples start..start+count-1 (None for unconditional data)."""
         nc = self.bundle.num_classes
@@ -347,7 +339,7 @@ class Evaluator:
     def _decode(self, net, N: int, batches, guidance: float, draw: int = 0):
         """Yields the samples (float64, on self.device) of each (noise, labels) batch, with N steps
         (the restart sampler's fresh noise is seeded per draw)."""
-        grid = self.grids[N] if N in self.grids else self.grid_for(N)
+        grid = self.grids[N]  # built once, by the plan
         g = torch.Generator(self.device).manual_seed(self.restart_seed + 1000 * draw)
         was_training = net.training
         net.eval()
@@ -358,7 +350,7 @@ class Evaluator:
                     self.param,
                     noise.to(self.device),
                     grid,
-                    sampler=self.sampler,
+                    sampler=self.plan.sampler,
                     labels=None if labels is None else labels.to(self.device),
                     guidance=guidance,
                     null_label=self.bundle.num_classes,

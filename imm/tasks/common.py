@@ -23,7 +23,7 @@ from imm.evaluation.evaluator import LABEL_MODES
 from imm.factory import loss_T
 from imm.tracking.mlflow_run import Tracker, check_store, default_uri, flatten
 from imm.training import checkpoint
-from imm.validation import POINT_DATA, not_allowed, time_grids
+from imm.validation import POINT_DATA, Sampling, not_allowed, sampling_plan
 
 WEIGHTS = ("ema", "online")
 
@@ -49,9 +49,10 @@ class Restored:
     device: torch.device
     _bundle: DataBundle | None = field(default=None, repr=False)
 
-    def time_grids(self, key: str, steps, options) -> dict[int, torch.Tensor]:
-        """{N: grid} on this model's schedule, T and eps; a grid `options` cannot give: ConfigError naming `key`."""
-        return time_grids(key, steps, options, schedule=self.param.schedule, T=self.T, eps=self.eps)
+    def plan(self, options, steps: dict[str, list], guidance: float) -> Sampling:
+        """The Sampling of `options` on this model's schedule, T and eps (imm.validation.sampling_plan); a grid
+        the options cannot give: ConfigError naming its key."""
+        return sampling_plan(options, steps, schedule=self.param.schedule, T=self.T, eps=self.eps, guidance=guidance)
 
     @property
     def kind(self) -> str:

@@ -143,24 +143,24 @@ def _check_against_model(ev_cfg, restored, guidances, fid: bool) -> None:
         check_point_samples("eval.n_samples", ev_cfg.n_samples)
 
 
-def _evaluator(ev_cfg, restored, bundle, n: int, guidances, fid: bool) -> Evaluator:
+def _evaluator(ev_cfg, restored, bundle, plan, n: int, guidances, fid: bool) -> Evaluator:
     """The Evaluator of `evaluate`'s options: images get n FID (and classifier-metric) samples per step count and
     guidance scale, and 64 fixed-noise images for the figure; points get n samples."""
-    common = dict(T=restored.T, eps=restored.eps, device=restored.device, guidance=guidances[0])
     if restored.kind == "images":  # n is the FID's (and the classifier metric's) count; 64 are the figure's
         return Evaluator.from_options(
             ev_cfg,
             bundle,
             restored.param,
+            plan,
+            device=restored.device,
             data_root=restored.cfg.data.get("root", None),
             n_samples=64,
             fid=fid,
             fid_n_samples=n,
             fid_guidances=guidances,
             classifier_n_samples=n,
-            **common,
         )
-    return Evaluator.from_options(ev_cfg, bundle, restored.param, n_samples=n, **common)
+    return Evaluator.from_options(ev_cfg, bundle, restored.param, plan, device=restored.device, n_samples=n)
 
 
 def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
@@ -170,7 +170,7 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     ev_cfg = cfg.eval
     restored = restore(cfg.ckpt, weights=cfg.weights, device=cfg.device, data=cfg.data)
     guidances = _guidances(cfg, restored)
-    restored.time_grids("eval.steps", ev_cfg.steps, ev_cfg)
+    plan = restored.plan(ev_cfg, {"eval.steps": ev_cfg.steps}, guidances[0])
     images = restored.kind == "images"
     fid = images and ev_cfg.fid
     _check_against_model(ev_cfg, restored, guidances, fid)
@@ -185,7 +185,7 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         raise ConfigError(f"eval.fid=false leaves nothing to measure {why}; use eval.fid=true.")
     results_run = ResultsRun(cfg, restored, launch_dir, "evaluate")
     n = ev_cfg.n_samples or (FID_N_DEFAULT if images else len(bundle.heldout))
-    evaluator = _evaluator(ev_cfg, restored, bundle, n, guidances, fid)
+    evaluator = _evaluator(ev_cfg, restored, bundle, plan, n, guidances, fid)
     n_heldout = 0 if bundle.heldout is None else len(bundle.heldout)
     what = _what(n, guidances, ev_cfg.feature_net if fid else None, evaluator.classifier, n_heldout)
     log.info(

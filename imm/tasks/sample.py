@@ -95,24 +95,14 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     guidance = resolve_guidance(cfg.guidance, restored, "guidance")
     spec = label_spec(cfg.labels, restored, guidance)
     N, compare = int(cfg.steps), sorted({int(n) for n in cfg.compare_steps})
-    grid = restored.time_grids("steps", [N], cfg)[N]
-    restored.time_grids("compare_steps", compare, cfg)
+    plan = restored.plan(cfg, {"steps": [N], "compare_steps": compare}, guidance)
+    grid = plan.grids[N]
     results_run = ResultsRun(cfg, restored, launch_dir, "sample")
     bundle = restored.bundle(need_data=restored.kind == "points")  # points: the held-out data under the scatter
     n = cfg.n or (64 if restored.kind == "images" else 5000)
 
     ev = Evaluator.from_options(
-        cfg,
-        bundle,
-        restored.param,
-        T=restored.T,
-        eps=restored.eps,
-        device=restored.device,
-        steps=[N],
-        n_samples=n,
-        guidance=guidance,
-        labels=spec,
-        max_images=None,
+        cfg, bundle, restored.param, plan, device=restored.device, n_samples=n, labels=spec, max_images=None
     )
     log.info(
         "sampling %d %s from %s (step %d, %s weights): %d step%s (NFE %d), %s, grid %s, guidance %g",
