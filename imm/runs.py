@@ -293,7 +293,7 @@ def write_status(directory, **values) -> None:
 def record_error(directory, name: str, message: str, exit_status: int) -> None:
     """Why an attempt (of the run `name`) failed, its one sentence and exit status, added to status.json beside
     the outcome the training loop wrote, or, when it failed before training, beside the last attempt's outcome,
-    which stays as it was (a relaunch still reads it). A sweep's report reads it (describe, failed_since)."""
+    which stays as it was (a relaunch still reads it). A sweep's report reads it (status_line, failed_since)."""
     error = {"message": message, "exit_status": exit_status, "time": time.time()}
     _replace_status(directory, {"name": name, **read_status(directory), "error": error})
 
@@ -318,7 +318,7 @@ def action(status: dict, *, resumed: bool) -> str:
     return "resumed" if resumed else "started"
 
 
-def describe(status: dict) -> str:
+def status_line(status: dict) -> str:
     """One line for what an attempt did and how it ended, e.g. `resumed from step 200, FINISHED at step 400`,
     with the recorded error's sentence when it failed (`started, FAILED at step 132: ...`)."""
     action, end = status.get("action", "started"), f"{status.get('status')} at step {status.get('step')}"
@@ -332,13 +332,13 @@ def describe(status: dict) -> str:
 
 
 def outcome(status: dict, since: float, *, final: bool = False) -> str | None:
-    """How the attempt that started at `since` or later ended, in one line (describe), or `FAILED before
+    """How the attempt that started at `since` or later ended, in one line (status_line), or `FAILED before
     training: <its sentence>`; None while none has ended since. A FAILED attempt whose sentence is not recorded
     yet (imm.launch.job records it right after the loop writes the status) counts only when `final` (the
     sweep's end)."""
     error = failed_since(status, since)
     if status.get("time", 0) >= since:
-        return None if status.get("status") == "FAILED" and error is None and not final else describe(status)
+        return None if status.get("status") == "FAILED" and error is None and not final else status_line(status)
     return f"FAILED before training: {error['message']}" if error else None
 
 

@@ -497,6 +497,6 @@ def test_a_failed_sweep_job_records_why_beside_the_last_outcome(tmp_path):
     rundir.write_status(tmp_path, status="FAILED", step=7, action="rerun", from_step=0, name="k=1", summary={})
     rundir.record_error(tmp_path, "k=1", "step 7: the loss went non-finite.", 1)
     assert (
-        rundir.describe(rundir.read_status(tmp_path))
+        rundir.status_line(rundir.read_status(tmp_path))
         == "rerun from step 0, FAILED at step 7: step 7: the loss went non-finite."
     )

@@ -146,13 +146,13 @@ def test_eta_decrement_gaps_match_the_spec():
     """Spec 1.5: implied t - r for OT-FM, T = 0.994."""
     t = f64(0.994, 0.9, 0.5)
     s = torch.zeros(3, dtype=torch.float64)
-    gap15 = t - mapping.r_of("eta_decrement", s, t, k=15, eps=0.0, T=0.994)
-    gap12 = t - mapping.r_of("eta_decrement", s, t, k=12, eps=0.0, T=0.994)
+    gap15 = t - mapping.Mapping("eta_decrement", k=15, eps=0.0, T=0.994)(s, t)
+    gap12 = t - mapping.Mapping("eta_decrement", k=12, eps=0.0, T=0.994)(s, t)
     assert gap15.tolist() == pytest.approx([1.8e-7, 5.1e-5, 1.3e-3], rel=0.05)
     assert gap12.tolist() == pytest.approx([1.5e-6, 4.1e-4, 1.0e-2], rel=0.05)
     # for eta(t) < delta the target is the exact interpolant: r = s (t < 0.0389 when k = 12)
     t_small, s_small = f64(0.03), f64(0.01)
-    assert float(mapping.r_of("eta_decrement", s_small, t_small, k=12, T=0.994)) == 0.01
+    assert float(mapping.Mapping("eta_decrement", k=12, T=0.994)(s_small, t_small)) == 0.01
 
 
 def test_eta_range_and_min_gap():
@@ -215,13 +215,13 @@ def test_group_mmd_properties():
     y1, y2 = torch.randn(5, 4, 3, 2, generator=g), torch.randn(5, 4, 3, 2, generator=g)
     w = torch.rand(5, generator=g, dtype=torch.float64) + 0.5
     for kernel in objective.KERNELS:
-        assert torch.allclose(objective.group_mmd(y1, y1, w, kernel), torch.zeros(5), atol=1e-6)
-        m12 = objective.group_mmd(y1, y2, w, kernel)
+        assert torch.allclose(objective.mmd_terms(y1, y1, w, kernel)[0], torch.zeros(5), atol=1e-6)
+        m12 = objective.mmd_terms(y1, y2, w, kernel)[0]
         assert (m12 > 0).all()
-        assert torch.allclose(m12, objective.group_mmd(y2, y1, w, kernel), atol=1e-6)
+        assert torch.allclose(m12, objective.mmd_terms(y2, y1, w, kernel)[0], atol=1e-6)
         perm = torch.randperm(4, generator=g)
         assert torch.allclose(
-            m12, objective.group_mmd(y1[:, perm], y2[:, torch.randperm(4, generator=g)], w, kernel), atol=1e-6
+            m12, objective.mmd_terms(y1[:, perm], y2[:, torch.randperm(4, generator=g)], w, kernel)[0], atol=1e-6
         )
 
 
@@ -239,7 +239,7 @@ def test_group_mmd_is_the_v_statistic():
             for m in range(4):
                 tot += k(y1[i, j], y1[i, m]) + k(y2[i, j], y2[i, m]) - 2 * k(y1[i, j], y2[i, m])
         expected.append(tot / 16)
-    assert objective.group_mmd(y1, y2, w).tolist() == pytest.approx(expected, abs=1e-6)
+    assert objective.mmd_terms(y1, y2, w)[0].tolist() == pytest.approx(expected, abs=1e-6)
 
 
 def test_imm_loss_from_outputs_weights_each_group():
@@ -249,7 +249,7 @@ def test_imm_loss_from_outputs_weights_each_group():
     loss = objective.imm_loss_from_outputs(y1, y2, s, t, schedule="fm", param="euler_fm", a=1, b=4)
     w = objective.time_weight("fm", t, 1, 4)
     wt = 1 / ((t - s) * 0.5)
-    assert float(loss) == pytest.approx(float((w * objective.group_mmd(y1, y2, wt).double()).mean()), rel=1e-5)
+    assert float(loss) == pytest.approx(float((w * objective.mmd_terms(y1, y2, wt)[0].double()).mean()), rel=1e-5)
 
 
 # -- time grids (spec 4) -------------------------------------------------------------------------------

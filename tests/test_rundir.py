@@ -102,12 +102,12 @@ def test_status_says_what_an_attempt_did(tmp_path):
     rundir.write_status(tmp_path, status="KILLED", step=50, action="started", from_step=0, name="a", summary={})
     last = rundir.read_status(tmp_path)
     assert not rundir.finished(last, 100) and rundir.action(last, resumed=True) == "resumed"
-    assert rundir.describe(last) == "started, KILLED at step 50"
+    assert rundir.status_line(last) == "started, KILLED at step 50"
     rundir.write_status(tmp_path, status="FAILED", step=70, action="resumed", from_step=50, name="a", summary={})
     last = rundir.read_status(tmp_path)
     assert (
         rundir.action(last, resumed=True) == "rerun"
-        and rundir.describe(last) == "resumed from step 50, FAILED at step 70"
+        and rundir.status_line(last) == "resumed from step 50, FAILED at step 70"
     )
     rundir.write_status(tmp_path, status="FINISHED", step=100, action="rerun", from_step=70, name="a", summary={})
     last = rundir.read_status(tmp_path)

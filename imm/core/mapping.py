@@ -39,7 +39,7 @@ class Mapping:
         name: str = "eta_decrement",
         *,
         schedule="fm",
-        k: float = 12,
+        k: int = 12,
         eps: float = 0.0,
         T: float = 0.994,
         eta_max: float | None = None,
@@ -137,8 +137,3 @@ def check_time_range(eps: float, T: float) -> None:
         raise ArgumentError(
             f"{{T}}={T} must be <= 1 (t = 1 is the prior); the paper uses 0.994 (fm) or 0.996 (cosine)", "T"
         )
-
-
-def r_of(name: str, s, t, **options) -> Tensor:
-    """Functional form of Mapping(name, **options)(s, t) (the same keyword options as Mapping)."""
-    return Mapping(name, **options)(s, t)

@@ -141,11 +141,6 @@ def mmd_terms(y_st: Tensor, y_sr: Tensor, w_tilde: Tensor, kernel: str = "laplac
     return K_tt + K_rr - 2.0 * K_tr, (K_tt, K_rr, K_tr)
 
 
-def group_mmd(y_st: Tensor, y_sr: Tensor, w_tilde: Tensor, kernel: str = "laplace", **options) -> Tensor:
-    """Per-group MMD^2 [G] between particles y_st, y_sr shaped [G, M, ...] with kernel weights [G]."""
-    return mmd_terms(y_st, y_sr, w_tilde, kernel, **options)[0]
-
-
 def imm_loss_from_outputs(
     y_st: Tensor,
     y_sr: Tensor,
@@ -160,17 +155,25 @@ def imm_loss_from_outputs(
     ref_dim: int | None = None,
     kappa: float = 0.0,
     a: float = 1.0,
-    b: float = 5.0,
+    b: float = 4.0,
     sigma_data: float = 0.5,
 ) -> Tensor:
     """L = mean_i w(s_i, t_i) MMD^2_i for outputs already computed (y [G, M, ...], s, t and, with
-    kappa > 0, r [G])."""
+    kappa > 0, r [G]): what IMMObjective.loss computes after its two passes."""
     sch = schedules.get(schedule)
     par = parameterization_mod.get(param, schedule=sch, sigma_data=sigma_data)
-    w_tilde = kernel_weight(weighting, par, s, t)
+    return weighted_mmd(y_st, y_sr, par, s, t, r, kernel, weighting, ref_dim, kappa, a, b)[0]
+
+
+def weighted_mmd(y_st, y_sr, param, s, t, r, kernel, weighting, ref_dim, kappa, a, b):
+    """(L = mean_i w(s_i, t_i) MMD^2_i, MMD^2 [G], w [G], w~ [G], the kernel matrices' means) for particles
+    y [G, M, ...] of the parameterization `param` at times s, t (and r, for the cusp width)."""
+    sch = param.schedule
+    w_tilde = kernel_weight(weighting, param, s, t)
     w = time_weight(sch, t, a, b).to(device=y_st.device, dtype=torch.float32)
-    options = kernel_options(sch, w_tilde, r, t, math.prod(y_st.shape[2:]), ref_dim, kappa, sigma_data)
-    return (w * group_mmd(y_st, y_sr, w_tilde, kernel, **options)).mean()
+    options = kernel_options(sch, w_tilde, r, t, math.prod(y_st.shape[2:]), ref_dim, kappa, param.sigma_data)
+    mmd, terms = mmd_terms(y_st, y_sr, w_tilde, kernel, **options)
+    return (w * mmd).mean(), mmd, w, w_tilde, terms
 
 
 def kernel_options(schedule, w_tilde, r, t, D: int, ref_dim: int | None, kappa: float, sigma_data: float) -> dict:
@@ -352,7 +355,7 @@ class IMMObjective(_Objective):
         *,
         M: int = 4,
         a: float = 1.0,
-        b: float = 5.0,
+        b: float = 4.0,
         kernel: str = "laplace",
         weighting: str = "paper",
         ref_dim: int | None = None,
@@ -435,15 +438,21 @@ class IMMObjective(_Objective):
             )
         y_st = self.param.f(net, x_t, s_b, t_b, labels_student, augment_labels=augment_labels)
 
-        w_tilde = kernel_weight(self.weighting, self.param, s, t)
-        w = time_weight(self.schedule, t, self.a, self.b).to(device=x.device, dtype=torch.float32)
         shape = (G, M, *x.shape[1:])
-        D = math.prod(x.shape[1:])
-        options = kernel_options(self.schedule, w_tilde, r, t, D, self.ref_dim, self.kappa, self.sigma_data)
-        mmd, (K_tt, K_rr, K_tr) = mmd_terms(
-            y_st.reshape(shape), y_sr.detach().reshape(shape), w_tilde, self.kernel, **options
+        loss, mmd, w, w_tilde, (K_tt, K_rr, K_tr) = weighted_mmd(
+            y_st.reshape(shape),
+            y_sr.detach().reshape(shape),
+            self.param,
+            s,
+            t,
+            r,
+            self.kernel,
+            self.weighting,
+            self.ref_dim,
+            self.kappa,
+            self.a,
+            self.b,
         )
-        loss = (w * mmd).mean()
         diagnostics = {
             "t": t.mean(),
             "t_minus_s": (t - s).mean(),

@@ -25,7 +25,7 @@ from torch import nn
 
 from imm.evaluation.metrics import frechet_distance, gaussian_stats
 
-log = logging.getLogger("imm.evaluate")
+log = logging.getLogger("imm.evaluation")
 
 CLASSIFIER_VERSION = 1  # bump when the network or its training changes: cached classifiers are then retrained
 FEATURES = 64

@@ -30,7 +30,7 @@ from imm.evaluation.fid import FIDEvaluator, MissingInceptionWeights
 from imm.factory import loss_T
 from imm.validation import Sampling, sampling_plan
 
-log = logging.getLogger("imm.evaluate")
+log = logging.getLogger("imm.evaluation")
 
 FEATURE_NETS = ("inception", "tiny_random")
 LABEL_MODES = ("cycle", "uncond")
@@ -145,7 +145,7 @@ def _typed(options):
     return OmegaConf.to_object(options) if OmegaConf.is_config(options) else options
 
 
-def noise_floor(bundle, n: int, g: torch.Generator) -> dict:
+def mean_noise_floor(bundle, n: int, g: torch.Generator) -> dict:
     """Each metric between the held-out set and an independent n-point training sample, averaged over
     FLOOR_DRAWS samples: a single draw of the energy distance's floor (about 2 E|X - X'| / n) varies
     by a factor of 2-3 between draws, which would make every model/floor ratio as noisy."""
@@ -231,7 +231,7 @@ class Evaluator:
     def _point_floor(self, n_samples: int, g: torch.Generator) -> None:
         """The metrics' noise floor at the samples' size: reference draws of the training data."""
         self.floor_n = min(max(n_samples, 16), len(self.bundle.train))  # k-NN needs > k = 5
-        self.floor = noise_floor(self.bundle, self.floor_n, g)
+        self.floor = mean_noise_floor(self.bundle, self.floor_n, g)
         if n_samples < metrics.MIN_POINT_SAMPLES:
             log.warning(
                 "%d samples per evaluation: below %d the energy distance's noise floor (which grows like"

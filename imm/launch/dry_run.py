@@ -23,6 +23,7 @@ from omegaconf import OmegaConf, open_dict
 from imm import factory, runs
 from imm.errors import ConfigError, UserError
 from imm.launch.job import tracking_uri
+from imm.nets import count_parameters
 from imm.tracking.mlflow_run import check_store
 from imm.training import checkpoint, distributed
 from imm.validation import check_precision, check_same_run, load_data, validate
@@ -39,7 +40,7 @@ def check(cfg, *, world_size: int, device, run_dir: Path) -> dict:
     with torch.device("meta"):  # the shapes without the memory or the initialisation
         net = factory.net(cfg, bundle.shape, bundle.num_classes)
     return {
-        "parameters": sum(p.numel() for p in net.parameters()),
+        "parameters": count_parameters(net),
         "data": bundle,
         "world_size": world_size,
         "device": str(device),

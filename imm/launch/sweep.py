@@ -23,7 +23,7 @@ from omegaconf import DictConfig, open_dict, read_write
 from imm.errors import ConfigError, exit_on_user_error
 from imm.launch.job import swept_run_name
 from imm.launch.watcher import JOB_LOG, JobWatcher, SweepProcesses, job_line, sweep_lock
-from imm.runs import SWEEP_FILE, check_writable, describe, failed_since, outcome, read_status, sweep_info
+from imm.runs import SWEEP_FILE, check_writable, failed_since, outcome, read_status, status_line, sweep_info
 from imm.tracking.mlflow_run import Tracker, client_for, default_uri, ensure_store, note_tag, source_tags
 from imm.training.threads import parallel_jobs
 from imm.validation import validate
@@ -217,7 +217,7 @@ class MLflowSweepCallback(Callback):
                 continue
             what = outcome(status, self.started, final=True)
             if what is None:
-                what = "did not finish in this launch" + (f" (last: {describe(status)})" if status else "")
+                what = "did not finish in this launch" + (f" (last: {status_line(status)})" if status else "")
             job_line(num, status.get("name") or "", what, self.sweep_dir / str(num) / JOB_LOG)
 
 

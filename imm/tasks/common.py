@@ -240,7 +240,7 @@ class ResultsRun:
         if self.new:
             self.tracker.end(status)
 
-    def describe(self) -> str:
+    def where(self) -> str:
         if not self.enabled:
             return "MLflow logging disabled (tracking.enabled=false)"
         which = "new MLflow run" if self.new else "the checkpoint's MLflow run"

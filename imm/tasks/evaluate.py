@@ -256,5 +256,5 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     print(text, flush=True)
     log.info("evaluated in %.1f s; wrote %s to %s", seconds, ", ".join(files), out.resolve())
     if results_run.enabled:
-        log.info("metrics logged at step %d to %s", restored.step, results_run.describe())
+        log.info("metrics logged at step %d to %s", restored.step, results_run.where())
     return results

@@ -168,7 +168,7 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     )
     log.info("wrote %s to %s in %.2f s", ", ".join(files), out.resolve(), seconds)
     if results_run.enabled:
-        log.info("logged to %s under samples/%s", results_run.describe(), label)
+        log.info("logged to %s under samples/%s", results_run.where(), label)
     return record
 
 

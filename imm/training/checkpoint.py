@@ -169,11 +169,6 @@ def _write_atomic(obj: dict, final: Path) -> Path:
     return final
 
 
-def remove_partial(run_dir) -> list[Path]:
-    """Delete temporary files of checkpoint and snapshot writes that never finished; returns what was removed."""
-    return [*_remove_partial(ckpt_dir(run_dir)), *_remove_partial(snapshot_dir(run_dir))]
-
-
 def _remove_partial(d: Path) -> list[Path]:
     found = [p for p in d.glob(f"{PARTIAL_PREFIX}*{PARTIAL_SUFFIX}") if p.is_file()] if d.is_dir() else []
     for p in found:

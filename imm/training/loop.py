@@ -25,10 +25,11 @@ from imm.data import ResumableBatches
 from imm.data import digest as data_digest
 from imm.evaluation.evaluator import Evaluator
 from imm.evaluation.metrics import lower_is_better, primary_metrics
+from imm.nets import count_parameters
 from imm.tracking.mlflow_run import Tracker, check_store, flatten, note_tag, source_tags
 from imm.training import checkpoint, distributed
 from imm.training.attempt import Attempt
-from imm.training.progress import Progress, describe
+from imm.training.progress import Progress, run_description
 from imm.training.signals import StopFlag
 from imm.training.threads import torch_threads
 from imm.validation import check_precision, check_same_run, load_data, validate
@@ -306,7 +307,7 @@ def _open_tracker(cfg, run_dir: Path, uri: str, run_name: str, run_id, tags: dic
     """Create the MLflow run (or reopen run_id) with `tags`, the source and the description of `command`, record
     its id in the run directory, and start its system metrics."""
     command = list(command or sys.argv)
-    tags = {**source_tags(command[0]), **note_tag(describe(cfg, bundle, net, command)), **tags}
+    tags = {**source_tags(command[0]), **note_tag(run_description(cfg, bundle, net, command)), **tags}
     tracker = Tracker.open(
         uri, cfg.tracking.experiment, run_name=run_name, run_id=run_id, params=flatten(cfg), tags=tags
     )
@@ -330,7 +331,7 @@ def _open_tracker(cfg, run_dir: Path, uri: str, run_name: str, run_id, tags: dic
 
 
 def _log_start(cfg, run_dir: Path, net, tracker: Tracker, uri, step: int) -> None:
-    n_params = sum(p.numel() for p in net.parameters())
+    n_params = count_parameters(net)
     log.info("run directory: %s", run_dir.resolve())
     log.info("network: %s, %.2fM parameters", cfg.arch.name, n_params / 1e6)
     if tracker.enabled:

@@ -217,7 +217,7 @@ def summary_text(
     return "\n  ".join([*lines, *(f"{label.ljust(width)}  {value}" for label, value in where)])
 
 
-def describe(cfg, bundle, net, command) -> str:
+def run_description(cfg, bundle, net, command) -> str:
     """The MLflow run description (markdown): the command that reproduces the run, then what it trains."""
     loss = cfg.loss
     if loss.objective == "imm":
