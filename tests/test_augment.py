@@ -2,11 +2,12 @@
 sampling.
 
 Covers: p = 0 is the identity, bit-exact, down to the training loss; flips are exact and undo themselves;
-the geometric transforms are undone by their inverse and move pixels where their matrix says; images
-without a geometric transform are not resampled; the label layout (zero exactly for the identity); each
-transform switched on with probability p; one transform per group of M particles, the same augmented x and
-labels in the student and the target pass, the draws of a global batch sharded like the rest; a resumed
-run reproduces the draws; sampling passes no labels; and a short real training end to end.
+the geometric transforms are undone by their inverse and move pixels where their matrix says; resampling
+in place and integer translations return white noise unchanged, so not resampling images without a
+geometric transform only saves time; the label layout (zero exactly for the identity); each transform
+switched on with probability p; one transform per group of M particles, the same augmented x and labels in
+the student and the target pass, the draws of a global batch sharded like the rest; a resumed run
+reproduces the draws; sampling passes no labels; and a short real training end to end.
 The networks' side (the labels change the output, None is zeros) is in tests/test_nets.py.
 """
 
@@ -31,6 +32,7 @@ from imm.data.augment import (
     LABELS,
     ROTATE,
     SCALE,
+    SYM6,
     TX,
     TY,
     XFLIP,
@@ -61,6 +63,12 @@ def smooth_images(n: int = 4, size: int = 32, seed: int = 0, fmax: float = 0.6) 
         fx, fy, phase = (torch.rand(3, n, 3, 1, 1, generator=gen, dtype=torch.float64) * 2 - 1) * fmax
         out += 0.3 * torch.cos(fx * cols + fy * rows + 10 * phase)
     return out.float()
+
+
+def white_noise(n: int, H: int, W: int, seed: int = 0) -> torch.Tensor:
+    """[n, 3, H, W] independent N(0, 1) pixels: every frequency up to Nyquist at full strength, the input on
+    which a resampling that blurs or aliases shows it (a band-limited image would hide it)."""
+    return torch.randn(n, 3, H, W, generator=torch.Generator().manual_seed(seed))
 
 
 def interior(x: torch.Tensor, margin: int = 10) -> torch.Tensor:
@@ -111,8 +119,14 @@ def test_resampling_puts_pixels_where_the_matrix_says():
     same = resample(x, IDENTITY_3x3)
     assert interior(same - x, 4).abs().max() < 5e-3  # band-limited: resampling in place changes ~nothing
 
+    # A quarter turn samples the 2x grid on its points, but sym6 is not symmetric: turned, its phase no longer
+    # cancels, and a quarter turn (or a mirror) is rot90 only to 0.041 on these images (EDM's resampling does
+    # the same). Turned the other way, transposed or one pixel off, the content would be 1.5 to 1.9 away.
     quarter_turn = torch.tensor([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.float64)[None]
-    torch.testing.assert_close(resample(x, quarter_turn), torch.rot90(same, 1, (-2, -1)), rtol=0, atol=1e-5)
+    turned = resample(x, quarter_turn)
+    torch.testing.assert_close(turned, torch.rot90(same, 1, (-2, -1)), rtol=0, atol=0.05)
+    for wrong in (torch.rot90(same, -1, (-2, -1)), same.transpose(-1, -2), torch.rot90(same, 1, (-2, -1)).roll(1, -1)):
+        assert (turned - wrong).abs().max() > 1
 
     # translate_x = 1 shifts the content 0.125 * 32 = 4 pixels to the right (pure translation: no flips)
     rows = torch.zeros(2, 8, dtype=torch.float64)
@@ -121,6 +135,37 @@ def test_resampling_puts_pixels_where_the_matrix_says():
     torch.testing.assert_close(shifted[..., :, 8:-4], same[..., :, 4:-8], rtol=0, atol=1e-5)
     rows[:, TX], rows[:, TY] = 0.0, -0.5  # translate_y = -0.5: 2 pixels up
     torch.testing.assert_close(apply(x, rows)[..., 4:-8, :], same[..., 6:-6, :], rtol=0, atol=1e-5)
+
+
+def test_the_sym6_filter_is_orthonormal():
+    h = torch.tensor(SYM6, dtype=torch.float64)
+    assert h.sum().item() == pytest.approx(math.sqrt(2), abs=1e-12)  # a low-pass filter of unit DC gain at 2x
+    for m in range(len(SYM6) // 2):  # sum h[k] h[k + 2m]: 1 for m = 0, else 0 (perfect reconstruction)
+        assert (h[: len(h) - 2 * m] * h[2 * m :]).sum().item() == pytest.approx(float(m == 0), abs=1e-10)
+
+
+@pytest.mark.parametrize("H, W", [(32, 32), (12, 20)])
+def test_resampling_in_place_and_integer_translations_are_exact_on_white_noise(H, W):
+    x = white_noise(4, H, W)
+    assert (resample(x, IDENTITY_3x3) - x).abs().max() < 1e-5  # the whole image, border included
+    # the content moves (dx, dy) pixels; beyond the border the image is mirrored about its edge pixels
+    reflected = torch.nn.functional.pad(x, (W - 1, W - 1, H - 1, H - 1), mode="reflect")
+    for dx, dy in [(4, 0), (-2, 3), (7, -5), (-W // 2, H // 2)]:
+        rows = torch.zeros(4, 8, dtype=torch.float64)
+        rows[:, TX], rows[:, TY] = dx / (0.125 * W), dy / (0.125 * H)  # translate_x = 1 is 0.125 W pixels
+        exact = reflected[..., H - 1 - dy : 2 * H - 1 - dy, W - 1 - dx : 2 * W - 1 - dx]
+        assert (apply(x, rows) - exact).abs().max() < 1e-5, (dx, dy)
+
+
+def test_not_resampling_images_without_a_geometric_transform_only_saves_time():
+    x = white_noise(64, 16, 16, seed=1)
+    rows = draw(0.2, 64, seed=7)
+    still = ~(rows[:, GEOMETRIC] != 0).any(1)
+    assert 5 < int(still.sum()) < 59
+    flipped = apply(x, torch.where(torch.arange(8) < 2, rows, 0.0))  # flips only: exact permutations
+    inverse = torch.linalg.inv(geometric_matrix(rows, 16, 16))
+    everything = resample(flipped, inverse)  # every image resampled, as EDM does, with the same margin
+    assert (apply(x, rows) - everything).abs().max() < 1e-5
 
 
 def test_images_without_a_geometric_transform_are_not_resampled():
