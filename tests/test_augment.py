@@ -4,16 +4,19 @@ sampling.
 Covers: p = 0 is the identity, bit-exact, down to the training loss; flips are exact and undo themselves;
 the geometric transforms are undone by their inverse and move pixels where their matrix says; resampling
 in place and integer translations return white noise unchanged, so not resampling images without a
-geometric transform only saves time; the label layout (zero exactly for the identity); each transform
-switched on with probability p; one transform per group of M particles, the same augmented x and labels in
-the student and the target pass, the draws of a global batch sharded like the rest; a resumed run
-reproduces the draws; sampling passes no labels; and a short real training end to end.
+geometric transform only saves time; angles turn as EDM's; images and labels equal those of EDM's
+AugmentPipe on its own random draws (tests/data/edm_augment.npz); the label layout (zero exactly for the
+identity); each transform switched on with probability p; one transform per group of M particles, the
+same augmented x and labels in the student and the target pass, the draws of a global batch sharded like
+the rest; a resumed run reproduces the draws; sampling passes no labels; and a short real training end to
+end.
 The networks' side (the labels change the output, None is zeros) is in tests/test_nets.py.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,6 +44,7 @@ from imm.data.augment import (
     apply,
     geometric_matrix,
     labels,
+    padding,
     resample,
 )
 from imm.tasks import sample as sample_task
@@ -51,6 +55,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors (conftest.
 
 GEOMETRIC = [SCALE, ROTATE, ANISO, TX, TY]
 IDENTITY_3x3 = torch.eye(3, dtype=torch.float64)[None]
+EDM_FIXTURE = Path(__file__).parent / "data" / "edm_augment.npz"
 
 
 def smooth_images(n: int = 4, size: int = 32, seed: int = 0, fmax: float = 0.6) -> torch.Tensor:
@@ -166,6 +171,76 @@ def test_not_resampling_images_without_a_geometric_transform_only_saves_time():
     inverse = torch.linalg.inv(geometric_matrix(rows, 16, 16))
     everything = resample(flipped, inverse)  # every image resampled, as EDM does, with the same margin
     assert (apply(x, rows) - everything).abs().max() < 1e-5
+
+
+def test_angles_turn_counterclockwise_as_displayed_as_edm_s():
+    """EDM's convention: rotation and stretch axis at angle a take the x axis (1, 0) to (cos a, -sin a), up
+    and to the right on screen, rows going down; its labels sin(theta) and w sin(r) have this sign."""
+    rows = torch.zeros(2, 8, dtype=torch.float64)
+    rows[0, ROTATE] = 0.3
+    rows[1, ANISO], rows[1, ANISO_ANGLE] = 1.0, 0.4
+    rotation, stretch = geometric_matrix(rows, 32, 32)[:, :2, :2]
+    axis = torch.tensor([math.cos(0.4), -math.sin(0.4)], dtype=torch.float64)
+    torch.testing.assert_close(
+        rotation @ torch.tensor([1.0, 0], dtype=torch.float64), axis.new_tensor([math.cos(0.3), -math.sin(0.3)])
+    )
+    torch.testing.assert_close(stretch @ axis, 2**0.2 * axis)  # the axis at angle r is stretched by 2^(0.2 w)
+
+    x = smooth_images(2)
+    quarter = torch.zeros(2, 8, dtype=torch.float64)
+    quarter[:, ROTATE] = math.pi / 2
+    turned = apply(x, quarter)  # to sym6's 0.041 (test_resampling_puts_pixels_where_the_matrix_says)
+    assert (turned - torch.rot90(x, 1, (-2, -1))).abs().max() < 0.05
+    assert (turned - torch.rot90(x, -1, (-2, -1))).abs().max() > 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", ["cifar", "wide", "mixed"])
+def test_agrees_with_edm_s_augment_pipe_on_its_draws(batch, dtype):
+    """Images and labels against EDM's own code (NVlabs/edm, training/augment.py, AugmentPipe), on the
+    random draws it made, in tests/data/edm_augment.npz.
+
+    The fixture was made once, outside this project (EDM's licence keeps its source out), by running
+    AugmentPipe with the CIFAR-10 settings of EDM's train.py (xflip=1e8, yflip, scale, rotate_frac, aniso,
+    translate_frac = 1; `torch.manual_seed(seed)` before drawing the input) and recording each value its
+    torch.randint / torch.rand / torch.randn calls returned:
+    - "cifar": p = 0.3 on 8 images 3x16x16 (seed 8), EDM's strengths; some images only flipped;
+    - "wide": p = 1 on 4 images 3x12x20 (seed 4), translate_frac_std = 0.5 and scale_std = 0.5, so the
+      reflection margin reaches its cap (W - 1, H - 1) on every side and the sampling reaches the zeros
+      beyond it (mirrored again instead, the images would be 1.6 away);
+    - "mixed": p = 1 on 4 images 1x16x16 (seed 156), EDM's strengths, a batch whose one margin matters:
+      each image resampled with its own margin would be 2.8e-4 away.
+    The inputs are uint8 pixels (x = pixels / 127.5 - 1); the labels are those EDM returned. EDM's pipeline
+    was then run a second time on the same draws with torch's default dtype float64 (its sym6 taps stay
+    float32-rounded), whose images are stored (as float32): EDM in float32 is 3-8e-6 away from them (it
+    normalises the grid positions in float32). The parameter rows are EDM's draws in our layout and units
+    (switches applied, the stretch angle zeroed where there is no stretch, w and t in units of our 0.2 and
+    0.125).
+    """
+    data = np.load(EDM_FIXTURE)
+    x = torch.from_numpy(data[f"{batch}_pixels"]).to(dtype) / 127.5 - 1
+    rows = torch.from_numpy(data[f"{batch}_params"])
+    edm = torch.from_numpy(data[f"{batch}_images"]).to(dtype)
+    H, W = x.shape[-2:]
+    moved = (rows[:, GEOMETRIC] != 0).any(1)
+    out, lab = Augment(0.3)(x, rows)
+
+    # what each batch exercises
+    if batch == "cifar":
+        assert moved.any() and not moved.all() and (rows[:, [XFLIP, YFLIP, ANISO_ANGLE]] != 0).any(0).all()
+    elif batch == "wide":
+        margin = padding(torch.linalg.inv(geometric_matrix(rows, H, W)), H, W)
+        assert moved.all() and margin == (W - 1, H - 1, W - 1, H - 1)
+    else:
+        alone = torch.cat([apply(x[i : i + 1], rows[i : i + 1]) for i in range(len(x))])
+        assert (alone - edm).abs().max() > 1e-4
+
+    error = (out - edm).abs()
+    assert error[..., 4:-4, 4:-4].max() < 1e-6  # interior
+    assert error.max() < 1e-6  # the border too: the same reflection margin and zeros beyond it
+    # (EDM resamples the untransformed images as well: its round trip moves them by ~1e-7, ours skips them)
+    if f"{batch}_labels" in data:
+        torch.testing.assert_close(lab, torch.from_numpy(data[f"{batch}_labels"]), rtol=0, atol=1e-6)
 
 
 def test_images_without_a_geometric_transform_are_not_resampled():

@@ -15,22 +15,24 @@ independently per image with probability p (`data.augment_p`; EDM's CIFAR-10 val
 - x-flip: mirror left-right with probability 1/2 whenever p > 0 (the multiplier 1e8 makes p * 1e8 >= 1).
 - y-flip: with probability p, mirror top-bottom with probability 1/2.
 - scale: with probability p, zoom by 2^(0.2 w), w ~ N(0, 1).
-- rotation: with probability p, rotate by theta ~ U(-pi, pi).
-- anisotropic scaling: with probability p, stretch by 2^(0.2 w) along an axis at angle r and by
-  2^(-0.2 w) across it, w ~ N(0, 1); r ~ U(-pi, pi) with probability 1/2, else 0.
+- rotation: with probability p, rotate by theta ~ U(-pi, pi), counterclockwise as displayed (EDM's sign).
+- anisotropic scaling: with probability p, stretch by 2^(0.2 w) along an axis at angle r (counterclockwise
+  from the x axis as displayed) and by 2^(-0.2 w) across it, w ~ N(0, 1); r ~ U(-pi, pi) with
+  probability 1/2, else 0.
 - translation: with probability p, shift by (0.125 W tx, 0.125 H ty) pixels, tx, ty ~ N(0, 1).
 
-Flips are exact pixel permutations. The four geometric transforms are composed into one affine map (scale,
-then rotation, then anisotropic scaling, then translation, about the image centre) and applied in one
-resampling, EDM's: the image is reflected beyond its border (one margin for all the images resampled
-together, a single reflection at most, zeros beyond), upsampled 2x with the sym6 wavelet filter, sampled
-bilinearly at the mapped positions and filtered back down with sym6. Up- and downsampling with an
-orthogonal wavelet filter are a perfect-reconstruction pair, so the identity and integer translations are
-exact to float precision, and an image whose geometric transforms were all switched off is simply not
-resampled (it stays bit-exact). Fractional positions do blur: the bilinear step on the 2x grid and sym6's
-transition band lower the gain of a quarter-pixel translation to 0.97 at 1 rad/px and 0.86 at 2 rad/px,
-and a quarter turn or a mirror is not an exact pixel permutation (sym6 is not symmetric); docs/images.md
-has the measurements.
+Given the same draws, images and labels are EDM's AugmentPipe's to float precision (tests/test_augment.py
+replays draws EDM made). Flips are exact pixel permutations. The four geometric transforms are composed
+into one affine map (scale, then rotation, then anisotropic scaling, then translation, about the image
+centre) and applied in one resampling, EDM's: the image is reflected beyond its border (one margin for all
+the images resampled together, a single reflection at most, zeros beyond), upsampled 2x with the sym6
+wavelet filter, sampled bilinearly at the mapped positions and filtered back down with sym6. Up- and
+downsampling with an orthogonal wavelet filter are a perfect-reconstruction pair, so the identity and
+integer translations are exact to float precision, and an image whose geometric transforms were all
+switched off is simply not resampled (it stays bit-exact). Fractional positions do blur: the bilinear step
+on the 2x grid and sym6's transition band lower the gain of a quarter-pixel translation to 0.97 at
+1 rad/px and 0.86 at 2 rad/px, and a quarter turn or a mirror is not an exact pixel permutation (sym6 is
+not symmetric); docs/images.md has the measurements.
 """
 
 from __future__ import annotations
@@ -177,23 +179,28 @@ def apply(x: Tensor, params: Tensor) -> Tensor:
 
 def geometric_matrix(params: Tensor, H: int, W: int) -> Tensor:
     """The affine maps [n, 3, 3] (float64) that take a pixel position (column, row) measured from the image
-    centre to where its content lands: translation . anisotropic scaling . rotation . scaling."""
+    centre to where its content lands: translation . anisotropic scaling . rotation . scaling.
+
+    Angles turn counterclockwise as the image is displayed (rows going down), EDM's convention: EDM
+    composes the inverse of rotation(-theta), and its stretch axis is rotation(-r) applied to the x axis,
+    so its labels (cos theta - 1, sin theta, w cos r, w sin r) describe these same transforms.
+    """
     p = params.double()
     zero, one = torch.zeros_like(p[:, 0]), torch.ones_like(p[:, 0])
 
     def affine(a, b, c, d, e=zero, f=zero):  # [[a, b, e], [c, d, f], [0, 0, 1]] per image
         return torch.stack([a, b, e, c, d, f, zero, zero, one], 1).view(-1, 3, 3)
 
-    def rotation(angle):
+    def rotation(angle):  # turns the x axis towards +y, which is clockwise on screen (rows go down)
         return affine(angle.cos(), -angle.sin(), angle.sin(), angle.cos())
 
     s = torch.exp2(SCALE_STD * p[:, SCALE])
     a = torch.exp2(ANISO_STD * p[:, ANISO])
     r = p[:, ANISO_ANGLE]
     scale = affine(s, zero, zero, s)
-    aniso = rotation(r) @ affine(a, zero, zero, 1 / a) @ rotation(-r)
+    aniso = rotation(-r) @ affine(a, zero, zero, 1 / a) @ rotation(r)
     shift = affine(one, zero, zero, one, TRANSLATE_STD * W * p[:, TX], TRANSLATE_STD * H * p[:, TY])
-    return shift @ aniso @ rotation(p[:, ROTATE]) @ scale
+    return shift @ aniso @ rotation(-p[:, ROTATE]) @ scale
 
 
 def padding(inverse: Tensor, H: int, W: int) -> tuple[int, int, int, int]:
