@@ -37,6 +37,7 @@ not symmetric); docs/images.md has the measurements.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -83,6 +84,7 @@ SYM6 = (
     -0.007800708325034148,
 )
 SYM6_REACH = len(SYM6) // 4  # EDM's Hz_pad: 3 pixels; the reflection margin keeps twice that in hand
+LAG = len(SYM6) // 2 - 1  # 5: input pixel a is spread over 2x positions a + (t - LAG) / 2, t = 0..11 (EDM's)
 
 # Columns of the parameter rows that draw() returns and __call__ applies.
 XFLIP, YFLIP, SCALE, ROTATE, ANISO, ANISO_ANGLE, TX, TY = range(8)
@@ -235,8 +237,10 @@ def resample(x: Tensor, inverse: Tensor, margin: tuple[int, int, int, int] | Non
     """
     n, C, H, W = x.shape
     left, top, right, bottom = padding(inverse, H, W) if margin is None else margin
-    h = torch.tensor(SYM6, dtype=torch.float64).to(x.device, x.dtype)
-    dense = _upsample2(F.pad(x, (left, right, top, bottom), mode="reflect"), h)  # [i, j] at padded (i/2, j/2)
+    padded = F.pad(x, (left, right, top, bottom), mode="reflect")
+    Hp, Wp = padded.shape[-2:]
+    # [..., 1 + i, 1 + j] at padded position (i / 2, j / 2), in a frame of zeros (see _synthesis)
+    dense = _synthesis(Hp, x) @ (padded @ _synthesis(Wp, x).T)
 
     # The 2x output grid: what the decimation of output pixels 0 .. size - 1 reads, positions j + (t - LAG)/2
     # for taps t = 0..11, the offsets at which the upsampling put the input pixels (so the pair cancels).
@@ -246,48 +250,53 @@ def resample(x: Tensor, inverse: Tensor, margin: tuple[int, int, int, int] | Non
     m = inverse.to(x.device, torch.float64).expand(n, 3, 3)[:, :2, :, None, None]
     v, u = grid(H)[:, None], grid(W)
     src_x, src_y = (m[:, :, 0] * u + m[:, :, 1] * v + m[:, :, 2]).unbind(1)  # [n, 2H + 10, 2W + 10] each
-    sampled = _bilinear(dense, 2 * (src_x + (W - 1) / 2 + left), 2 * (src_y + (H - 1) / 2 + top))
-    return _decimate2(sampled, h)
+    sampled = _bilinear(dense, 1 + 2 * (src_x + (W - 1) / 2 + left), 1 + 2 * (src_y + (H - 1) / 2 + top))
+    return _analysis(H, x) @ sampled @ _analysis(W, x).T
 
 
-LAG = len(SYM6) // 2 - 1  # 5: input pixel a is spread over 2x positions a + (t - LAG) / 2, t = 0..11 (EDM's)
+def _synthesis(size: int, like: Tensor) -> Tensor:
+    """[2 size + 3, size]: the synthesis half of sym6's filter bank along one axis, out[1 + m] = sum_a x[a]
+    h[LAG + m - 2a] for m = 0 .. 2 size - 1 (EDM's zero-stuffing and convolution as a banded matrix: one
+    matrix product beats a depthwise convolution on the CPU), between a zero row before and two after: the
+    frame _bilinear reads where a position falls outside."""
+    return _bank("synthesis", size).to(like.device, like.dtype)
 
 
-def _upsample2(x: Tensor, h: Tensor) -> Tensor:
-    """x [n, C, H, W] at twice the resolution [n, C, 2H, 2W]: out[m] = sum_a x[a] h[LAG + m - 2a] along each
-    axis, the synthesis half of sym6's filter bank (EDM's zero-stuffing and convolution, as one transposed
-    convolution per axis)."""
-    C = x.shape[1]
-    taps = h.reshape(1, 1, 1, -1).expand(C, 1, 1, -1)
-    x = F.conv_transpose2d(x, taps, stride=(1, 2), padding=(0, LAG), groups=C)
-    return F.conv_transpose2d(x, taps.transpose(-1, -2), stride=(2, 1), padding=(LAG, 0), groups=C)
+def _analysis(size: int, like: Tensor) -> Tensor:
+    """[size, 2 size + 2 LAG]: the analysis half, out[j] = sum_t h[t] x[2j + t]."""
+    return _bank("analysis", size).to(like.device, like.dtype)
 
 
-def _decimate2(x: Tensor, h: Tensor) -> Tensor:
-    """The analysis half: out[j] = sum_t h[t] x[2j + t] along each axis of x [n, C, 2H + 10, 2W + 10]."""
-    C = x.shape[1]
-    taps = h.reshape(1, 1, 1, -1).expand(C, 1, 1, -1)
-    x = F.conv2d(x, taps, stride=(1, 2), groups=C)
-    return F.conv2d(x, taps.transpose(-1, -2), stride=(2, 1), groups=C)
+@functools.lru_cache(maxsize=64)
+def _bank(half: str, size: int) -> Tensor:
+    """The matrix of `_synthesis` or `_analysis` (float64, CPU; shared between calls, so read-only)."""
+    h = torch.tensor(SYM6, dtype=torch.float64)
+    if half == "synthesis":
+        m, a = torch.arange(-1, 2 * size + 2)[:, None], torch.arange(size)[None, :]
+        index = torch.where((m >= 0) & (m < 2 * size), LAG + m - 2 * a, -1)
+    else:
+        j, k = torch.arange(size)[:, None], torch.arange(2 * size + 2 * LAG)[None, :]
+        index = k - 2 * j
+    return torch.where((index >= 0) & (index < len(h)), h[index.clamp(0, len(h) - 1)], 0.0)
 
 
 def _bilinear(x: Tensor, col: Tensor, row: Tensor) -> Tensor:
-    """x [n, C, H, W] at fractional (column, row) indices [n, P, Q] (float64), zero outside x: [n, C, P, Q].
+    """x [n, C, H, W] at fractional (column, row) indices [n, P, Q] (float64): [n, C, P, Q]. x's outer rows
+    and columns must be zero (one before, two after): positions are clamped into that frame, so every
+    corner is an element and one outside the image reads a zero.
 
     grid_sample would round the positions to x's dtype after normalising them by the image size (errors of
     a few 1e-6 pixels in float32, up to 3e-5 on white noise, as in EDM); here they stay float64 down to the
     weights, so a position on the grid takes that pixel exactly."""
     n, C, H, W = x.shape
+    col, row = col.clamp(0, W - 2), row.clamp(0, H - 2)
     c0, r0 = col.floor(), row.floor()
-    fc, fr = (col - c0).to(x.dtype), (row - r0).to(x.dtype)
-    c0, r0 = c0.long(), r0.long()
-    flat = x.reshape(n, C, H * W)
-    out = 0
-    for dr, wr in ((0, 1 - fr), (1, fr)):
-        for dc, wc in ((0, 1 - fc), (1, fc)):
-            r, c = r0 + dr, c0 + dc
-            inside = (r >= 0) & (r < H) & (c >= 0) & (c < W)
-            index = (r.clamp(0, H - 1) * W + c.clamp(0, W - 1)).flatten(1)
-            values = flat.gather(2, index[:, None].expand(n, C, -1)).view(n, C, *col.shape[1:])
-            out = out + values * (wr * wc * inside)[:, None]
-    return out
+    fc, fr = (col - c0).to(x.dtype)[:, None], (row - r0).to(x.dtype)[:, None]
+    corner = (r0.long() * W + c0.long()).flatten(1)[:, None].expand(n, C, -1)
+    flat = x.flatten(2)
+
+    def at(offset):  # the corner `offset` elements on, read through a view that starts there
+        return flat[..., offset:].gather(2, corner).view(n, C, *col.shape[1:])
+
+    top, bottom = at(0).lerp(at(1), fc), at(W).lerp(at(W + 1), fc)
+    return top.lerp(bottom, fr)
