@@ -202,20 +202,22 @@ def test_agrees_with_edm_s_augment_pipe_on_its_draws(batch, dtype):
 
     The fixture was made once, outside this project (EDM's licence keeps its source out), by running
     AugmentPipe with the CIFAR-10 settings of EDM's train.py (xflip=1e8, yflip, scale, rotate_frac, aniso,
-    translate_frac = 1; `torch.manual_seed(seed)` before drawing the input) and recording each value its
-    torch.randint / torch.rand / torch.randn calls returned:
+    translate_frac = 1) on `torch.manual_seed(seed); pixels = torch.randint(0, 256, (n, C, H, W),
+    dtype=torch.uint8)`, x = pixels / 127.5 - 1 in float32, through a stand-in for the `torch` module of
+    training/augment.py that recorded each value its torch.randint / torch.rand / torch.randn calls
+    returned:
     - "cifar": p = 0.3 on 8 images 3x16x16 (seed 8), EDM's strengths; some images only flipped;
     - "wide": p = 1 on 4 images 3x12x20 (seed 4), translate_frac_std = 0.5 and scale_std = 0.5, so the
       reflection margin reaches its cap (W - 1, H - 1) on every side and the sampling reaches the zeros
       beyond it (mirrored again instead, the images would be 1.6 away);
     - "mixed": p = 1 on 4 images 1x16x16 (seed 156), EDM's strengths, a batch whose one margin matters:
       each image resampled with its own margin would be 2.8e-4 away.
-    The inputs are uint8 pixels (x = pixels / 127.5 - 1); the labels are those EDM returned. EDM's pipeline
-    was then run a second time on the same draws with torch's default dtype float64 (its sym6 taps stay
-    float32-rounded), whose images are stored (as float32): EDM in float32 is 3-8e-6 away from them (it
-    normalises the grid positions in float32). The parameter rows are EDM's draws in our layout and units
-    (switches applied, the stretch angle zeroed where there is no stretch, w and t in units of our 0.2 and
-    0.125).
+    The labels are those EDM returned. EDM's pipeline was then run a second time, the stand-in replaying
+    the recorded draws, with torch's default dtype float64 (its sym6 taps stay float32-rounded), and these
+    images are stored (as float32): EDM in float32 is 3-8e-6 away from them (it normalises the grid
+    positions in float32). The parameter rows are EDM's draws in our layout and units (switches applied,
+    the angles computed in float64 from the float32 uniforms, the stretch angle zeroed where there is no
+    stretch, w and t in units of our 0.2 and 0.125).
     """
     data = np.load(EDM_FIXTURE)
     x = torch.from_numpy(data[f"{batch}_pixels"]).to(dtype) / 127.5 - 1
