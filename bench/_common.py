@@ -324,24 +324,44 @@ def sample_shape(arch: str, resolution: int, channels: int, dim: int):
     return (dim,) if arch == "mlp" else (channels, resolution, resolution)
 
 
-def build_net(arch: str, shape, overrides: dict, device: torch.device, seed: int = 0):
+def build_net(arch: str, shape, overrides: dict, device: torch.device, seed: int = 0, augment_dim: int = 0):
     from imm import nets
 
     torch.manual_seed(seed)
-    return nets.build(arch, tuple(shape), 0, **overrides).to(device)
+    return nets.build(arch, tuple(shape), 0, augment_dim, **overrides).to(device)
 
 
-def objectives(M: int = 4, k: float = 12, a: float = 1.0, b: float = 4.0, weighting: str = "paper"):
+def objectives(M: int = 4, k: float = 12, a: float = 1.0, b: float = 4.0, weighting: str = "paper", augment=None):
     """(parameterization, IMMObjective, FMObjective) with the default job's settings: Euler-FM on
-    OT-FM, eta-decrement k=12, T=0.994, eps=0, a=1, b=4, Laplace kernel (conf/ defaults)."""
+    OT-FM, eta-decrement k=12, T=0.994, eps=0, a=1, b=4, Laplace kernel (conf/ defaults); `augment` an
+    imm.data.augment.Augment or None."""
     from imm.core import mapping, objective, parameterization
 
     par = parameterization.get("euler_fm", schedule="fm", sigma_data=0.5)
     imm = objective.IMMObjective(
-        par, mapping.Mapping("eta_decrement", schedule="fm", k=k, eps=0.0, T=0.994), M=M, a=a, b=b, weighting=weighting
+        par,
+        mapping.Mapping("eta_decrement", schedule="fm", k=k, eps=0.0, T=0.994),
+        M=M,
+        a=a,
+        b=b,
+        weighting=weighting,
+        augment=augment,
     )
-    fm = objective.FMObjective(par, eps=0.0, T=0.994)
+    fm = objective.FMObjective(par, eps=0.0, T=0.994, augment=augment)
     return par, imm, fm
+
+
+def module_at(rev: str, path: str = "imm/data/augment.py"):
+    """The file `path` of this repository as it was at git revision `rev`, loaded as a module of its own
+    (to measure old code beside the current in one process)."""
+    import types
+
+    src = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{rev}:{path}"], capture_output=True, text=True, check=True
+    ).stdout
+    module = types.ModuleType(f"{Path(path).stem}_at_{rev}")
+    exec(compile(src, f"{rev}:{path}", "exec"), module.__dict__)
+    return module
 
 
 def adamw(params, device: torch.device, impl: str = "auto", lr: float = 1e-4):

@@ -97,6 +97,22 @@ def parse_args(argv=None):
         help="also time the IMM step with and without the loop's per-step host read of the"
         " finite-loss/gradient verdict (a device sync on CUDA), alternately",
     )
+    p.add_argument(
+        "--compare-augment",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="also time the IMM step with data.augment_p=P as of --augment-old and as now, alternately with"
+        " the other cases (the net then takes augmentation labels), and the augmentation alone on the batch"
+        " (every image transformed)",
+    )
+    p.add_argument(
+        "--augment-old",
+        default="4751d4c",
+        metavar="REV",
+        help="git revision whose imm/data/augment.py is the 'before' of --compare-augment (default: the"
+        " Lanczos-3 resampling)",
+    )
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm as in the loop (0: off)")
     p.add_argument("--channels-last", action="store_true", help="net and batch in channels_last (image nets)")
     p.add_argument("--memory-steps", type=int, default=3, help="steps run by each memory subprocess")
@@ -119,7 +135,9 @@ class Setup:
     def __init__(self, args, device):
         self.args, self.device = args, device
         self.shape = C.sample_shape(args.arch, args.resolution, args.channels, args.dim)
-        self.net = C.build_net(args.arch, self.shape, C.parse_overrides(args.arch_override), device, args.seed)
+        overrides = C.parse_overrides(args.arch_override)
+        augment_dim = 9 if args.compare_augment else 0  # imm.data.augment.AUGMENT_DIM; unused without labels
+        self.net = C.build_net(args.arch, self.shape, overrides, device, args.seed, augment_dim)
         self.par, self.imm, self.fm = C.objectives(M=args.M)
         g = torch.Generator().manual_seed(args.seed)
         self.x = (0.5 * torch.randn(args.batch, *self.shape, generator=g)).to(device)
@@ -253,6 +271,9 @@ def main(argv=None):
                 "fm_math": su.fm_math,
             }
         )
+    if args.compare_augment:
+        augment_steps, augment_alone = augment_cases(su, args)
+        cases.update(augment_steps)
     raw = C.interleaved(
         cases, device, repeats=args.repeats, warmup=args.warmup, iters=C.default_iters(args.iters, device), log=C.log
     )
@@ -304,6 +325,8 @@ def main(argv=None):
         result["ema"] = compare_ema(su, args, device, key)
     if args.compare_channels_last:
         result["channels_last"] = compare_channels_last(args, device, key)
+    if args.compare_augment:
+        result["augment"] = augment_summary(raw, augment_alone, args, device, key)
     if args.compare_sync:
         raw_s = C.interleaved(
             {"no host read": su.imm_step, "host read per step": lambda: su.step(su.imm, True)},
@@ -394,6 +417,58 @@ def compare_ema(su, args, device, key):
         iters=C.default_iters(args.iters, device),
     )
     return {k: {"median_ms": C.median(v[key]) * 1e3, "wall_ms": C.median(v["wall"]) * 1e3} for k, v in raw.items()}
+
+
+def augment_cases(su, args):
+    """({name: IMM step}, {name: the augmentation alone}) for data.augment_p = --compare-augment, as of git
+    revision --augment-old and as it is now. The two steps draw the same transforms (a seed per round,
+    the same for both); the net is the one of the other cases (it takes augmentation labels, which the
+    plain IMM step leaves at None). The augmentation alone runs on the step's batch with every image
+    transformed, the worst case."""
+    from imm.data import augment as current
+
+    p, rev = args.compare_augment, args.augment_old
+    versions = {rev: C.module_at(rev), "current": current}
+
+    def step(augment):
+        objective = C.objectives(M=args.M, augment=augment)[1]
+        rounds = iter(range(10**9))
+
+        def run():
+            su.gen.manual_seed(args.seed * 100003 + next(rounds))
+            loss, _ = objective(su.net, su.x, generator=su.gen)
+            su.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            su._opt_step()
+
+        return run
+
+    rows = current.Augment(0.999).draw(args.batch, torch.Generator().manual_seed(args.seed), su.device)
+    rows[:, current.TX] += 0.1  # every image transformed
+
+    def alone(module):
+        return lambda: module.Augment(p)(su.x, rows)
+
+    steps = {f"imm_step augment_p={p} ({name})": step(m.Augment(p)) for name, m in versions.items()}
+    return steps, {name: alone(m) for name, m in versions.items()}
+
+
+def augment_summary(raw, alone, args, device, key):
+    """The augmented steps against the plain IMM step (paired), and the augmentation alone, alternately."""
+    out = {
+        name: {
+            "median_ms": C.median(v[key]) * 1e3,
+            "wall_ms": C.median(v["wall"]) * 1e3,
+            "over_imm_step": C.paired_ratio(v[key], raw["imm_step"][key]),
+        }
+        for name, v in raw.items()
+        if name.startswith("imm_step augment_p=")
+    }
+    iters = max(C.default_iters(args.iters, device), 10)
+    raw_alone = C.interleaved(alone, device, repeats=max(args.repeats, 9), warmup=1, iters=iters)
+    out["alone_ms"] = {k: C.median(v[key]) * 1e3 for k, v in raw_alone.items()}
+    out["alone_timings_s"] = raw_alone
+    return out
 
 
 def compare_channels_last(args, device, key):
@@ -519,6 +594,12 @@ def print_report(r, args):
                 ],
             )
         )
+    if "augment" in r:
+        a = r["augment"]
+        ratios = ", ".join(f"{k}: {v['over_imm_step']:.3f}" for k, v in a.items() if k.startswith("imm_step"))
+        print(f"\naugmented IMM step over the plain one (paired rounds, the same draws for both): {ratios}")
+        alone = ", ".join(f"{k} {v:.2f} ms" for k, v in a["alone_ms"].items())
+        print(f"the augmentation alone, batch {args.batch}, every image transformed: {alone}")
     if "sync" in r:
         print("\nIMM step with / without the loop's per-step host read of the finite verdict:")
         print(

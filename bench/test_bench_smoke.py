@@ -31,6 +31,7 @@ def run(script, *args, timeout=600):
         "threads.py",
         "accumulation.py",
         "sweep_table.py",
+        "augment_resampling.py",
     ],
 )
 def test_help(script):
@@ -92,6 +93,47 @@ def test_step_cost_image_net_channels_last(tmp_path):
         str(out),
     )
     assert "channels_last_over_contiguous" in json.loads(out.read_text())["channels_last"]
+
+
+def test_step_cost_compare_augment(tmp_path):
+    out = tmp_path / "s.json"
+    text = run(
+        "step_cost.py",
+        "--arch",
+        "dit_s_4",
+        "--arch-override",
+        "hidden_size=32",
+        "--arch-override",
+        "depth=1",
+        "--arch-override",
+        "num_heads=2",
+        "--resolution",
+        "8",
+        "--batch",
+        "8",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--no-split",
+        "--no-memory",
+        "--compare-augment",
+        "0.5",
+        "--out",
+        str(out),
+    )
+    augment = json.loads(out.read_text())["augment"]
+    assert augment["imm_step augment_p=0.5 (current)"]["over_imm_step"] > 0
+    assert set(augment["alone_ms"]) == {"4751d4c", "current"}
+    assert "| imm_step augment_p=0.5 (4751d4c) |" in text and "the augmentation alone" in text
+
+
+def test_augment_resampling(tmp_path):
+    out = tmp_path / "a.json"
+    run("augment_resampling.py", "--old", "4751d4c", "--out", str(out))
+    code = json.loads(out.read_text())["code"]
+    assert code["current"]["gain"]["0.0"]["pi"] == pytest.approx(1.0, abs=1e-6)  # the identity is exact
+    assert code["4751d4c (before)"]["gain"]["0.0"]["pi"] == pytest.approx(0.5, abs=0.01)
 
 
 def test_precision_compile_cpu_eager(tmp_path):

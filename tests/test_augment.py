@@ -2,17 +2,21 @@
 sampling.
 
 Covers: p = 0 is the identity, bit-exact, down to the training loss; flips are exact and undo themselves;
-the geometric transforms are undone by their inverse and move pixels where their matrix says; images
-without a geometric transform are not resampled; the label layout (zero exactly for the identity); each
-transform switched on with probability p; one transform per group of M particles, the same augmented x and
-labels in the student and the target pass, the draws of a global batch sharded like the rest; a resumed
-run reproduces the draws; sampling passes no labels; and a short real training end to end.
+the geometric transforms are undone by their inverse and move pixels where their matrix says; resampling
+in place and integer translations return white noise unchanged, so not resampling images without a
+geometric transform only saves time; angles turn as EDM's; images and labels equal those of EDM's
+AugmentPipe on its own random draws (tests/data/edm_augment.npz); the label layout (zero exactly for the
+identity); each transform switched on with probability p; one transform per group of M particles, the
+same augmented x and labels in the student and the target pass, the draws of a global batch sharded like
+the rest; a resumed run reproduces the draws; sampling passes no labels; and a short real training end to
+end.
 The networks' side (the labels change the output, None is zeros) is in tests/test_nets.py.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +35,7 @@ from imm.data.augment import (
     LABELS,
     ROTATE,
     SCALE,
+    SYM6,
     TX,
     TY,
     XFLIP,
@@ -39,6 +44,7 @@ from imm.data.augment import (
     apply,
     geometric_matrix,
     labels,
+    padding,
     resample,
 )
 from imm.tasks import sample as sample_task
@@ -49,6 +55,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors (conftest.
 
 GEOMETRIC = [SCALE, ROTATE, ANISO, TX, TY]
 IDENTITY_3x3 = torch.eye(3, dtype=torch.float64)[None]
+EDM_FIXTURE = Path(__file__).parent / "data" / "edm_augment.npz"
 
 
 def smooth_images(n: int = 4, size: int = 32, seed: int = 0, fmax: float = 0.6) -> torch.Tensor:
@@ -61,6 +68,12 @@ def smooth_images(n: int = 4, size: int = 32, seed: int = 0, fmax: float = 0.6) 
         fx, fy, phase = (torch.rand(3, n, 3, 1, 1, generator=gen, dtype=torch.float64) * 2 - 1) * fmax
         out += 0.3 * torch.cos(fx * cols + fy * rows + 10 * phase)
     return out.float()
+
+
+def white_noise(n: int, H: int, W: int, seed: int = 0) -> torch.Tensor:
+    """[n, 3, H, W] independent N(0, 1) pixels: every frequency up to Nyquist at full strength, the input on
+    which a resampling that blurs or aliases shows it (a band-limited image would hide it)."""
+    return torch.randn(n, 3, H, W, generator=torch.Generator().manual_seed(seed))
 
 
 def interior(x: torch.Tensor, margin: int = 10) -> torch.Tensor:
@@ -111,8 +124,14 @@ def test_resampling_puts_pixels_where_the_matrix_says():
     same = resample(x, IDENTITY_3x3)
     assert interior(same - x, 4).abs().max() < 5e-3  # band-limited: resampling in place changes ~nothing
 
+    # A quarter turn samples the 2x grid on its points, but sym6 is not symmetric: turned, its phase no longer
+    # cancels, and a quarter turn (or a mirror) is rot90 only to 0.041 on these images (EDM's resampling does
+    # the same). Turned the other way, transposed or one pixel off, the content would be 1.5 to 1.9 away.
     quarter_turn = torch.tensor([[0.0, -1, 0], [1, 0, 0], [0, 0, 1]], dtype=torch.float64)[None]
-    torch.testing.assert_close(resample(x, quarter_turn), torch.rot90(same, 1, (-2, -1)), rtol=0, atol=1e-5)
+    turned = resample(x, quarter_turn)
+    torch.testing.assert_close(turned, torch.rot90(same, 1, (-2, -1)), rtol=0, atol=0.05)
+    for wrong in (torch.rot90(same, -1, (-2, -1)), same.transpose(-1, -2), torch.rot90(same, 1, (-2, -1)).roll(1, -1)):
+        assert (turned - wrong).abs().max() > 1
 
     # translate_x = 1 shifts the content 0.125 * 32 = 4 pixels to the right (pure translation: no flips)
     rows = torch.zeros(2, 8, dtype=torch.float64)
@@ -121,6 +140,109 @@ def test_resampling_puts_pixels_where_the_matrix_says():
     torch.testing.assert_close(shifted[..., :, 8:-4], same[..., :, 4:-8], rtol=0, atol=1e-5)
     rows[:, TX], rows[:, TY] = 0.0, -0.5  # translate_y = -0.5: 2 pixels up
     torch.testing.assert_close(apply(x, rows)[..., 4:-8, :], same[..., 6:-6, :], rtol=0, atol=1e-5)
+
+
+def test_the_sym6_filter_is_orthonormal():
+    h = torch.tensor(SYM6, dtype=torch.float64)
+    assert h.sum().item() == pytest.approx(math.sqrt(2), abs=1e-12)  # a low-pass filter of unit DC gain at 2x
+    for m in range(len(SYM6) // 2):  # sum h[k] h[k + 2m]: 1 for m = 0, else 0 (perfect reconstruction)
+        assert (h[: len(h) - 2 * m] * h[2 * m :]).sum().item() == pytest.approx(float(m == 0), abs=1e-10)
+
+
+@pytest.mark.parametrize("H, W", [(32, 32), (12, 20)])
+def test_resampling_in_place_and_integer_translations_are_exact_on_white_noise(H, W):
+    x = white_noise(4, H, W)
+    assert (resample(x, IDENTITY_3x3) - x).abs().max() < 1e-5  # the whole image, border included
+    # the content moves (dx, dy) pixels; beyond the border the image is mirrored about its edge pixels
+    reflected = torch.nn.functional.pad(x, (W - 1, W - 1, H - 1, H - 1), mode="reflect")
+    for dx, dy in [(4, 0), (-2, 3), (7, -5), (-W // 2, H // 2)]:
+        rows = torch.zeros(4, 8, dtype=torch.float64)
+        rows[:, TX], rows[:, TY] = dx / (0.125 * W), dy / (0.125 * H)  # translate_x = 1 is 0.125 W pixels
+        exact = reflected[..., H - 1 - dy : 2 * H - 1 - dy, W - 1 - dx : 2 * W - 1 - dx]
+        assert (apply(x, rows) - exact).abs().max() < 1e-5, (dx, dy)
+
+
+def test_not_resampling_images_without_a_geometric_transform_only_saves_time():
+    x = white_noise(64, 16, 16, seed=1)
+    rows = draw(0.2, 64, seed=7)
+    still = ~(rows[:, GEOMETRIC] != 0).any(1)
+    assert 5 < int(still.sum()) < 59
+    flipped = apply(x, torch.where(torch.arange(8) < 2, rows, 0.0))  # flips only: exact permutations
+    inverse = torch.linalg.inv(geometric_matrix(rows, 16, 16))
+    everything = resample(flipped, inverse)  # every image resampled, as EDM does, with the same margin
+    assert (apply(x, rows) - everything).abs().max() < 1e-5
+
+
+def test_angles_turn_counterclockwise_as_displayed_as_edm_s():
+    """EDM's convention: rotation and stretch axis at angle a take the x axis (1, 0) to (cos a, -sin a), up
+    and to the right on screen, rows going down; its labels sin(theta) and w sin(r) have this sign."""
+    rows = torch.zeros(2, 8, dtype=torch.float64)
+    rows[0, ROTATE] = 0.3
+    rows[1, ANISO], rows[1, ANISO_ANGLE] = 1.0, 0.4
+    rotation, stretch = geometric_matrix(rows, 32, 32)[:, :2, :2]
+    axis = torch.tensor([math.cos(0.4), -math.sin(0.4)], dtype=torch.float64)
+    torch.testing.assert_close(
+        rotation @ torch.tensor([1.0, 0], dtype=torch.float64), axis.new_tensor([math.cos(0.3), -math.sin(0.3)])
+    )
+    torch.testing.assert_close(stretch @ axis, 2**0.2 * axis)  # the axis at angle r is stretched by 2^(0.2 w)
+
+    x = smooth_images(2)
+    quarter = torch.zeros(2, 8, dtype=torch.float64)
+    quarter[:, ROTATE] = math.pi / 2
+    turned = apply(x, quarter)  # to sym6's 0.041 (test_resampling_puts_pixels_where_the_matrix_says)
+    assert (turned - torch.rot90(x, 1, (-2, -1))).abs().max() < 0.05
+    assert (turned - torch.rot90(x, -1, (-2, -1))).abs().max() > 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", ["cifar", "wide", "mixed"])
+def test_agrees_with_edm_s_augment_pipe_on_its_draws(batch, dtype):
+    """Images and labels against EDM's own code (NVlabs/edm, training/augment.py, AugmentPipe), on the
+    random draws it made, in tests/data/edm_augment.npz.
+
+    The fixture was made once, outside this project (EDM's licence keeps its source out), by running
+    AugmentPipe with the CIFAR-10 settings of EDM's train.py (xflip=1e8, yflip, scale, rotate_frac, aniso,
+    translate_frac = 1) on `torch.manual_seed(seed); pixels = torch.randint(0, 256, (n, C, H, W),
+    dtype=torch.uint8)`, x = pixels / 127.5 - 1 in float32, through a stand-in for the `torch` module of
+    training/augment.py that recorded each value its torch.randint / torch.rand / torch.randn calls
+    returned:
+    - "cifar": p = 0.3 on 8 images 3x16x16 (seed 8), EDM's strengths; some images only flipped;
+    - "wide": p = 1 on 4 images 3x12x20 (seed 4), translate_frac_std = 0.5 and scale_std = 0.5, so the
+      reflection margin reaches its cap (W - 1, H - 1) on every side and the sampling reaches the zeros
+      beyond it (mirrored again instead, the images would be 1.6 away);
+    - "mixed": p = 1 on 4 images 1x16x16 (seed 156), EDM's strengths, a batch whose one margin matters:
+      each image resampled with its own margin would be 2.8e-4 away.
+    The labels are those EDM returned. EDM's pipeline was then run a second time, the stand-in replaying
+    the recorded draws, with torch's default dtype float64 (its sym6 taps stay float32-rounded), and these
+    images are stored (as float32): EDM in float32 is 3-8e-6 away from them (it normalises the grid
+    positions in float32). The parameter rows are EDM's draws in our layout and units (switches applied,
+    the angles computed in float64 from the float32 uniforms, the stretch angle zeroed where there is no
+    stretch, w and t in units of our 0.2 and 0.125).
+    """
+    data = np.load(EDM_FIXTURE)
+    x = torch.from_numpy(data[f"{batch}_pixels"]).to(dtype) / 127.5 - 1
+    rows = torch.from_numpy(data[f"{batch}_params"])
+    edm = torch.from_numpy(data[f"{batch}_images"]).to(dtype)
+    H, W = x.shape[-2:]
+    moved = (rows[:, GEOMETRIC] != 0).any(1)
+    out, lab = Augment(0.3)(x, rows)
+
+    # what each batch exercises
+    if batch == "cifar":
+        assert moved.any() and not moved.all() and (rows[:, [XFLIP, YFLIP, ANISO_ANGLE]] != 0).any(0).all()
+    elif batch == "wide":
+        margin = padding(torch.linalg.inv(geometric_matrix(rows, H, W)), H, W)
+        assert moved.all() and margin == (W - 1, H - 1, W - 1, H - 1)
+    else:
+        alone = torch.cat([apply(x[i : i + 1], rows[i : i + 1]) for i in range(len(x))])
+        assert (alone - edm).abs().max() > 1e-4
+
+    error = (out - edm).abs()
+    assert error[..., 4:-4, 4:-4].max() < 1e-6  # interior
+    assert error.max() < 1e-6  # the border too: the same reflection margin and zeros beyond it
+    # (EDM resamples the untransformed images as well: its round trip moves them by ~1e-7, ours skips them)
+    if f"{batch}_labels" in data:
+        torch.testing.assert_close(lab, torch.from_numpy(data[f"{batch}_labels"]), rtol=0, atol=1e-6)
 
 
 def test_images_without_a_geometric_transform_are_not_resampled():

@@ -15,21 +15,29 @@ independently per image with probability p (`data.augment_p`; EDM's CIFAR-10 val
 - x-flip: mirror left-right with probability 1/2 whenever p > 0 (the multiplier 1e8 makes p * 1e8 >= 1).
 - y-flip: with probability p, mirror top-bottom with probability 1/2.
 - scale: with probability p, zoom by 2^(0.2 w), w ~ N(0, 1).
-- rotation: with probability p, rotate by theta ~ U(-pi, pi).
-- anisotropic scaling: with probability p, stretch by 2^(0.2 w) along an axis at angle r and by
-  2^(-0.2 w) across it, w ~ N(0, 1); r ~ U(-pi, pi) with probability 1/2, else 0.
+- rotation: with probability p, rotate by theta ~ U(-pi, pi), counterclockwise as displayed (EDM's sign).
+- anisotropic scaling: with probability p, stretch by 2^(0.2 w) along an axis at angle r (counterclockwise
+  from the x axis as displayed) and by 2^(-0.2 w) across it, w ~ N(0, 1); r ~ U(-pi, pi) with
+  probability 1/2, else 0.
 - translation: with probability p, shift by (0.125 W tx, 0.125 H ty) pixels, tx, ty ~ N(0, 1).
 
-Flips are exact pixel permutations. The four geometric transforms are composed into one affine map (scale,
-then rotation, then anisotropic scaling, then translation, about the image centre) and applied in one
-resampling: the image is reflected beyond its border, interpolated at twice its resolution with a
-Lanczos-3 half-band filter, sampled bilinearly at the mapped positions and low-pass filtered back down
-(EDM/ADA do the same with a sym6 wavelet filter), so the transforms neither blur nor alias much. An image
-whose geometric transforms were all switched off is not resampled: it stays bit-exact.
+Given the same draws, images and labels are EDM's AugmentPipe's to float precision (tests/test_augment.py
+replays draws EDM made). Flips are exact pixel permutations. The four geometric transforms are composed
+into one affine map (scale, then rotation, then anisotropic scaling, then translation, about the image
+centre) and applied in one resampling, EDM's: the image is reflected beyond its border (one margin for all
+the images resampled together, a single reflection at most, zeros beyond), upsampled 2x with the sym6
+wavelet filter, sampled bilinearly at the mapped positions and filtered back down with sym6. Up- and
+downsampling with an orthogonal wavelet filter are a perfect-reconstruction pair, so the identity and
+integer translations are exact to float precision, and an image whose geometric transforms were all
+switched off is simply not resampled (it stays bit-exact). Fractional positions do blur: the bilinear step
+on the 2x grid and sym6's transition band lower the gain of a quarter-pixel translation to 0.97 at
+1 rad/px and 0.86 at 2 rad/px, and a quarter turn or a mirror is not an exact pixel permutation (sym6 is
+not symmetric); docs/images.md has the measurements.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -57,7 +65,26 @@ SCALE_STD = 0.2  # log2 standard deviation of the isotropic scaling
 ANISO_STD = 0.2  # log2 standard deviation of the anisotropic scaling
 ANISO_ROTATE_PROB = 0.5  # probability that the anisotropic stretch axis is rotated (not horizontal)
 TRANSLATE_STD = 0.125  # standard deviation of the translation, relative to the image size
-LANCZOS_A = 3  # resampling kernel: Lanczos with 3 lobes
+
+# The low-pass decomposition filter of the sym6 wavelet (Daubechies' least-asymmetric wavelet with 6
+# vanishing moments; PyWavelets' `pywt.Wavelet("sym6").dec_lo`, the filter EDM resamples with). Orthonormal:
+# sum h[k] h[k + 2m] is 1 for m = 0 and 0 otherwise, which makes 2x up- then downsampling with it exact.
+SYM6 = (
+    0.015404109327027373,
+    0.0034907120842174702,
+    -0.11799011114819057,
+    -0.048311742585633,
+    0.4910559419267466,
+    0.787641141030194,
+    0.3379294217276218,
+    -0.07263752278646252,
+    -0.021060292512300564,
+    0.04472490177066578,
+    0.0017677118642428036,
+    -0.007800708325034148,
+)
+SYM6_REACH = len(SYM6) // 4  # EDM's Hz_pad: 3 pixels; the reflection margin keeps twice that in hand
+LAG = len(SYM6) // 2 - 1  # 5: input pixel a is spread over 2x positions a + (t - LAG) / 2, t = 0..11 (EDM's)
 
 # Columns of the parameter rows that draw() returns and __call__ applies.
 XFLIP, YFLIP, SCALE, ROTATE, ANISO, ANISO_ANGLE, TX, TY = range(8)
@@ -131,8 +158,13 @@ def labels(params: Tensor) -> Tensor:
 
 
 def apply(x: Tensor, params: Tensor) -> Tensor:
-    """x [n, C, H, W] with each image's flips, then its geometric transform (only images that have one are
-    resampled), in x's dtype whatever the autocast around it (the clean data are not rounded to bf16)."""
+    """x [n, C, H, W] with each image's flips, then its geometric transform, in x's dtype whatever the
+    autocast around it (the clean data are not rounded to bf16).
+
+    Only images that have a geometric transform are resampled: resampling returns the others unchanged
+    to float precision, so skipping them only saves time. The reflection margin is EDM's one margin for
+    all n images, the untransformed ones included, as EDM resamples the whole batch.
+    """
     with torch.autocast(x.device.type, enabled=False):
         p = params.to(x.device)
         flip = p[:, [XFLIP, YFLIP]].bool()
@@ -141,98 +173,130 @@ def apply(x: Tensor, params: Tensor) -> Tensor:
         moved = (p[:, [SCALE, ROTATE, ANISO, TX, TY]] != 0).any(1).nonzero().flatten()
         if moved.numel():
             H, W = x.shape[-2:]
-            inverse = torch.linalg.inv(geometric_matrix(p[moved], H, W))
-            out = out.index_copy(0, moved, resample(out[moved], inverse))
+            inverse = torch.linalg.inv(geometric_matrix(p, H, W))
+            margin = padding(inverse, H, W)
+            out = out.index_copy(0, moved, resample(out[moved], inverse[moved], margin))
     return out
 
 
 def geometric_matrix(params: Tensor, H: int, W: int) -> Tensor:
     """The affine maps [n, 3, 3] (float64) that take a pixel position (column, row) measured from the image
-    centre to where its content lands: translation . anisotropic scaling . rotation . scaling."""
+    centre to where its content lands: translation . anisotropic scaling . rotation . scaling.
+
+    Angles turn counterclockwise as the image is displayed (rows going down), EDM's convention: EDM
+    composes the inverse of rotation(-theta), and its stretch axis is rotation(-r) applied to the x axis,
+    so its labels (cos theta - 1, sin theta, w cos r, w sin r) describe these same transforms.
+    """
     p = params.double()
     zero, one = torch.zeros_like(p[:, 0]), torch.ones_like(p[:, 0])
 
     def affine(a, b, c, d, e=zero, f=zero):  # [[a, b, e], [c, d, f], [0, 0, 1]] per image
         return torch.stack([a, b, e, c, d, f, zero, zero, one], 1).view(-1, 3, 3)
 
-    def rotation(angle):
+    def rotation(angle):  # turns the x axis towards +y, which is clockwise on screen (rows go down)
         return affine(angle.cos(), -angle.sin(), angle.sin(), angle.cos())
 
     s = torch.exp2(SCALE_STD * p[:, SCALE])
     a = torch.exp2(ANISO_STD * p[:, ANISO])
     r = p[:, ANISO_ANGLE]
     scale = affine(s, zero, zero, s)
-    aniso = rotation(r) @ affine(a, zero, zero, 1 / a) @ rotation(-r)
+    aniso = rotation(-r) @ affine(a, zero, zero, 1 / a) @ rotation(r)
     shift = affine(one, zero, zero, one, TRANSLATE_STD * W * p[:, TX], TRANSLATE_STD * H * p[:, TY])
-    return shift @ aniso @ rotation(p[:, ROTATE]) @ scale
+    return shift @ aniso @ rotation(-p[:, ROTATE]) @ scale
 
 
-def resample(x: Tensor, inverse: Tensor) -> Tensor:
+def padding(inverse: Tensor, H: int, W: int) -> tuple[int, int, int, int]:
+    """EDM's reflection margins (left, top, right, bottom) in pixels for H x W images resampled with the
+    maps `inverse` [n, 3, 3]: one margin for all n, how far the farthest image corner maps outside the
+    image plus twice the filter's reach (6 pixels), at most H - 1 or W - 1 (a single reflection).
+
+    EDM's choice, kept so our pixels are its pixels: an image's border values depend (slightly, through
+    the zeros beyond the margin) on the largest margin among the images resampled with it.
+    """
+    cx, cy = (W - 1) / 2, (H - 1) / 2
+    corners = torch.tensor([[-cx, -cy, 1], [cx, -cy, 1], [cx, cy, 1], [-cx, cy, 1]], dtype=torch.float64)
+    src = inverse.double().cpu() @ corners.T  # [n, 3, 4]: where the output's corners are taken from
+    xy = src[:, :2].transpose(0, 1).flatten(1)  # [2, 4n]
+    far = torch.cat([-xy, xy]).amax(1)  # how far left, up, right, down of the centre
+    slack = 2 * SYM6_REACH
+    margin = far + torch.tensor([slack - cx, slack - cy] * 2, dtype=torch.float64)
+    margin = margin.clamp(min=0).minimum(torch.tensor([W - 1, H - 1] * 2, dtype=torch.float64))
+    left, top, right, bottom = (int(m) for m in margin.ceil().tolist())
+    return left, top, right, bottom
+
+
+def resample(x: Tensor, inverse: Tensor, margin: tuple[int, int, int, int] | None = None) -> Tensor:
     """out(q) = x(inverse . q) for every pixel q of x [n, C, H, W]; `inverse` [n, 3, 3] maps output positions
-    (column, row from the image centre) to input positions, beyond the border the image is mirrored.
+    (column, row from the image centre) to input positions. EDM's resampling, in our own code:
 
-    x is interpolated at twice its resolution (Lanczos-3, exact at the original pixels), sampled bilinearly
-    at the mapped positions of a twice-as-dense output grid, and that grid is low-pass filtered and decimated
-    to the output pixels (the same half-band filter), which keeps shrinking from aliasing.
+    x is reflected beyond its border by `margin` (default `padding(inverse, H, W)`; zeros beyond),
+    upsampled 2x with the sym6 wavelet filter, sampled bilinearly at the mapped positions of a 2x output
+    grid and filtered back down with the same filter. sym6 is orthogonal, so up- and downsampling are a
+    perfect-reconstruction pair: the identity and integer translations return x to float precision, and
+    any blur comes only from the fractional part of the sampling positions (docs/images.md measures it).
     """
     n, C, H, W = x.shape
-    if min(H, W) <= LANCZOS_A:
-        raise ValueError(f"augmentation needs images larger than {LANCZOS_A}x{LANCZOS_A} pixels, got {H}x{W}")
-    h = _half_band(x.device)
-    dense = _upsample2(x, h)  # [n, C, 2H - 1, 2W - 1]: positions 0, 1/2, ..., H - 1
+    left, top, right, bottom = padding(inverse, H, W) if margin is None else margin
+    padded = F.pad(x, (left, right, top, bottom), mode="reflect")
+    Hp, Wp = padded.shape[-2:]
+    # [..., 1 + i, 1 + j] at padded position (i / 2, j / 2), in a frame of zeros (see _synthesis)
+    dense = _synthesis(Hp, x) @ (padded @ _synthesis(Wp, x).T)
 
-    # Output positions at half-pixel spacing, with the filter's reach (2A - 1 half-pixels) on each side.
-    reach = 2 * LANCZOS_A - 1
-    rows = torch.arange(-reach, 2 * (H - 1) + reach + 1, device=x.device, dtype=torch.float64) / 2
-    cols = torch.arange(-reach, 2 * (W - 1) + reach + 1, device=x.device, dtype=torch.float64) / 2
-    cy, cx = (H - 1) / 2, (W - 1) / 2
-    v, u = torch.meshgrid(rows - cy, cols - cx, indexing="ij")
-    q = torch.stack([u, v, torch.ones_like(u)], -1).reshape(-1, 3)  # [P, 3]
-    src = torch.einsum("nij,pj->npi", inverse.to(x.device, torch.float64).expand(n, 3, 3), q)[..., :2]
-    src_x = _reflect(src[..., 0] + cx, W)
-    src_y = _reflect(src[..., 1] + cy, H)
-    grid = torch.stack([src_x / (W - 1) * 2 - 1, src_y / (H - 1) * 2 - 1], -1)
-    grid = grid.reshape(n, rows.numel(), cols.numel(), 2).to(x.dtype)
-    sampled = F.grid_sample(dense, grid, mode="bilinear", padding_mode="border", align_corners=True)
-    g = h / 2  # the decimation low-pass: unit gain
-    return _filter(_filter(sampled, g, -1, stride=2), g, -2, stride=2)
+    # The 2x output grid: what the decimation of output pixels 0 .. size - 1 reads, positions j + (t - LAG)/2
+    # for taps t = 0..11, the offsets at which the upsampling put the input pixels (so the pair cancels).
+    def grid(size):
+        return (torch.arange(2 * size + 2 * LAG, dtype=torch.float64, device=x.device) - LAG) / 2 - (size - 1) / 2
+
+    m = inverse.to(x.device, torch.float64).expand(n, 3, 3)[:, :2, :, None, None]
+    v, u = grid(H)[:, None], grid(W)
+    src_x, src_y = (m[:, :, 0] * u + m[:, :, 1] * v + m[:, :, 2]).unbind(1)  # [n, 2H + 10, 2W + 10] each
+    sampled = _bilinear(dense, 1 + 2 * (src_x + (W - 1) / 2 + left), 1 + 2 * (src_y + (H - 1) / 2 + top))
+    return _analysis(H, x) @ sampled @ _analysis(W, x).T
 
 
-def _half_band(device) -> Tensor:
-    """Lanczos-3 taps at half-pixel offsets n/2, n = -5..5: sinc(n/2) sinc(n/6), 1 at n = 0 and 0 at the other
-    even n (so interpolation keeps the original pixels), the odd taps normalised to sum to 1."""
-    n = torch.arange(-(2 * LANCZOS_A - 1), 2 * LANCZOS_A, dtype=torch.float64)
-    h = torch.sinc(n / 2) * torch.sinc(n / (2 * LANCZOS_A))
-    odd = n.remainder(2) == 1
-    h = torch.where(odd, h / h[odd].sum(), (n == 0).double())
-    return h.to(device)
+def _synthesis(size: int, like: Tensor) -> Tensor:
+    """[2 size + 3, size]: the synthesis half of sym6's filter bank along one axis, out[1 + m] = sum_a x[a]
+    h[LAG + m - 2a] for m = 0 .. 2 size - 1 (EDM's zero-stuffing and convolution as a banded matrix: one
+    matrix product beats a depthwise convolution on the CPU), between a zero row before and two after: the
+    frame _bilinear reads where a position falls outside."""
+    return _bank("synthesis", size).to(like.device, like.dtype)
 
 
-def _upsample2(x: Tensor, h: Tensor) -> Tensor:
-    """x [n, C, H, W] interpolated at half-pixel spacing: [n, C, 2H - 1, 2W - 1], exact at the pixels."""
-    margin = LANCZOS_A  # the half-band filter reaches 2.5 pixels; mirror 3 beyond each border
-    padded = F.pad(x, (margin,) * 4, mode="reflect")
-    n, C, Hp, Wp = padded.shape
-    stuffed = padded.new_zeros(n, C, 2 * Hp - 1, 2 * Wp - 1)
-    stuffed[..., ::2, ::2] = padded
-    reach = h.numel() // 2
-    dense = _filter(_filter(stuffed, h, -1, padding=reach), h, -2, padding=reach)
-    H, W = x.shape[-2:]
-    return dense[..., 2 * margin : 2 * (margin + H) - 1, 2 * margin : 2 * (margin + W) - 1]
+def _analysis(size: int, like: Tensor) -> Tensor:
+    """[size, 2 size + 2 LAG]: the analysis half, out[j] = sum_t h[t] x[2j + t]."""
+    return _bank("analysis", size).to(like.device, like.dtype)
 
 
-def _filter(x: Tensor, taps: Tensor, dim: int, stride: int = 1, padding: int = 0) -> Tensor:
-    """A symmetric 1-D filter along dim -1 (columns) or -2 (rows) of every channel."""
-    C = x.shape[1]
-    shape = (C, 1, 1, -1) if dim == -1 else (C, 1, -1, 1)
-    kernel = taps.to(x.dtype).reshape(1, 1, -1).expand(C, 1, -1).reshape(shape)
-    strides = (1, stride) if dim == -1 else (stride, 1)
-    pads = (0, padding) if dim == -1 else (padding, 0)
-    return F.conv2d(x, kernel, stride=strides, padding=pads, groups=C)
+@functools.lru_cache(maxsize=64)
+def _bank(half: str, size: int) -> Tensor:
+    """The matrix of `_synthesis` or `_analysis` (float64, CPU; shared between calls, so read-only)."""
+    h = torch.tensor(SYM6, dtype=torch.float64)
+    if half == "synthesis":
+        m, a = torch.arange(-1, 2 * size + 2)[:, None], torch.arange(size)[None, :]
+        index = torch.where((m >= 0) & (m < 2 * size), LAG + m - 2 * a, -1)
+    else:
+        j, k = torch.arange(size)[:, None], torch.arange(2 * size + 2 * LAG)[None, :]
+        index = k - 2 * j
+    return torch.where((index >= 0) & (index < len(h)), h[index.clamp(0, len(h) - 1)], 0.0)
 
 
-def _reflect(c: Tensor, size: int) -> Tensor:
-    """Positions mirrored into [0, size - 1] about the first and last pixel (period 2 (size - 1))."""
-    period = 2 * (size - 1)
-    c = c.remainder(period)
-    return torch.where(c > size - 1, period - c, c)
+def _bilinear(x: Tensor, col: Tensor, row: Tensor) -> Tensor:
+    """x [n, C, H, W] at fractional (column, row) indices [n, P, Q] (float64): [n, C, P, Q]. x's outer rows
+    and columns must be zero (one before, two after): positions are clamped into that frame, so every
+    corner is an element and one outside the image reads a zero.
+
+    grid_sample would round the positions to x's dtype after normalising them by the image size (errors of
+    a few 1e-6 pixels in float32, up to 3e-5 on white noise, as in EDM); here they stay float64 down to the
+    weights, so a position on the grid takes that pixel exactly."""
+    n, C, H, W = x.shape
+    col, row = col.clamp(0, W - 2), row.clamp(0, H - 2)
+    c0, r0 = col.floor(), row.floor()
+    fc, fr = (col - c0).to(x.dtype)[:, None], (row - r0).to(x.dtype)[:, None]
+    corner = (r0.long() * W + c0.long()).flatten(1)[:, None].expand(n, C, -1)
+    flat = x.flatten(2)
+
+    def at(offset):  # the corner `offset` elements on, read through a view that starts there
+        return flat[..., offset:].gather(2, corner).view(n, C, *col.shape[1:])
+
+    top, bottom = at(0).lerp(at(1), fc), at(W).lerp(at(W + 1), fc)
+    return top.lerp(bottom, fr)
