@@ -375,6 +375,23 @@ def test_ranks_and_micro_batches_get_their_slice_of_the_global_draws():
     assert torch.equal(single[4:12].augment, single.augment[4:12])
 
 
+def test_micro_batches_and_ranks_resample_with_the_global_batch_margin():
+    """One image shrunk hard sets a wide margin; a mildly shrunk one in another micro-batch (or on another rank)
+    reads its border from that margin's reflection, as in the whole batch, not from its own margin's zeros."""
+    x = white_noise(8, 16, 16, seed=2).double()  # float64: the margin's effect here is about 4e-7
+    rows = torch.zeros(8, 8, dtype=torch.float64)
+    rows[:4, SCALE] = -2.5  # the first group of M = 4: shrunk to 2^-2.5 of its size
+    rows[4:, SCALE], rows[4:, ROTATE] = -0.8, 0.3
+    obj = imm_objective(Augment(0.5))
+    draws = obj.draw(x, None, torch.Generator().manual_seed(4))
+    draws = objective.Draws(draws.times, draws.noise, None, None, 4, rows, Augment.margin(rows, 16, 16))
+    whole = obj._augmented(x, draws)[0]
+    parts = torch.cat([obj._augmented(x[a : a + 4], draws[a : a + 4])[0] for a in (0, 4)])
+    assert torch.equal(parts, whole)
+    own = apply(x[4:], rows[4:])  # the second micro-batch with its own, narrower margin
+    assert (own - whole[4:]).abs().max() > 1e-8  # so the margin is what this test is about
+
+
 # -- training and sampling -------------------------------------------------------------------------------
 def digits_cfg(*extra: str):
     return compose_cfg(

@@ -217,6 +217,8 @@ class Draws:
     labels_target: Tensor | None
     group: int = 1
     augment: Tensor | None = None  # parameter rows for the objective's `augment`; None: no augmentation
+    # the augmentation's reflection margin, one for the global batch (so micro-batches and ranks agree)
+    augment_margin: tuple[int, int, int, int] | None = None
 
     def __len__(self) -> int:
         return self.noise.shape[0]
@@ -232,7 +234,7 @@ class Draws:
         g = slice(a // self.group, b // self.group)
         times = tuple(v[g] for v in self.times)
         labels = cut(self.labels_student), cut(self.labels_target)
-        return Draws(times, self.noise[a:b], *labels, self.group, cut(self.augment))
+        return Draws(times, self.noise[a:b], *labels, self.group, cut(self.augment), self.augment_margin)
 
 
 class _Objective:
@@ -299,19 +301,20 @@ class _Objective:
         drop = self._rand(labels.shape[0], generator, labels.device) < self.label_dropout
         return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
-    def _draw_augment(self, n_local: int, group: int, generator, device) -> Tensor | None:
-        """Augmentation parameters for n_local samples, drawn once per group of `group` samples (for the
-        global batch; this rank keeps its slice) and repeated for each sample of the group."""
+    def _draw_augment(self, x: Tensor, group: int, generator):
+        """(augmentation parameters for the n_local samples of x, drawn once per group of `group` samples for
+        the global batch, this rank keeping its slice and repeating each row for the samples of its group;
+        the reflection margin of the global batch's transforms), or (None, None) without augmentation."""
         if self.augment is None:
-            return None
-        rows = self.augment.draw(n_local // group * self.world_size, generator, device)
-        return self._local(rows).repeat_interleave(group, dim=0)
+            return None, None
+        rows = self.augment.draw(x.shape[0] // group * self.world_size, generator, x.device)
+        return self._local(rows).repeat_interleave(group, dim=0), self.augment.margin(rows, *x.shape[-2:])
 
     def _augmented(self, x: Tensor, draws: Draws) -> tuple[Tensor, Tensor | None]:
         """(the clean samples as the network learns them, their augmentation labels or None)."""
         if draws.augment is None:
             return x, None
-        return self.augment(x, draws.augment)
+        return self.augment(x, draws.augment, draws.augment_margin)
 
     def _interpolate(self, x: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """x_t = alpha_t x + sigma_t eps (the same eps gives x_r = DDIM(x_t, x, r, t), App. C.2)."""
@@ -414,8 +417,8 @@ class IMMObjective(_Objective):
         noise = self._noise(x, generator)
         labels_student = self._drop_labels(labels, generator)
         labels_target = labels_student if self.drop_target_labels else labels
-        augment = self._draw_augment(B, M, generator, x.device)
-        return Draws((t, s, r), noise, labels_student, labels_target, group=M, augment=augment)
+        augment, margin = self._draw_augment(x, M, generator)
+        return Draws((t, s, r), noise, labels_student, labels_target, M, augment, margin)
 
     def loss(self, net, x: Tensor, draws: Draws, *, target=None):
         """(loss, diagnostics) for samples x [B, ...] (the share or a micro-batch of whole groups) and
@@ -489,7 +492,8 @@ class FMObjective(_Objective):
         s = self.eps + (t - self.eps) * self._rand(B, generator, x.device)
         noise = self._noise(x, generator)
         labels = self._drop_labels(labels, generator)
-        return Draws((t, s), noise, labels, labels, augment=self._draw_augment(B, 1, generator, x.device))
+        augment, margin = self._draw_augment(x, 1, generator)
+        return Draws((t, s), noise, labels, labels, 1, augment, margin)
 
     def loss(self, net, x: Tensor, draws: Draws, *, target=None):
         """(loss, diagnostics) for samples x (the share or a micro-batch) and their draws."""

@@ -134,9 +134,16 @@ class Augment:
         translate = on(self.p)
         return torch.stack([xflip, yflip, scale, rotate, aniso, aniso_angle, tx * translate, ty * translate], 1)
 
-    def __call__(self, x: Tensor, params: Tensor) -> tuple[Tensor, Tensor]:
-        """(x transformed by `params`, labels): x [n, C, H, W], params [n, 8] from `draw`."""
-        return apply(x, params), labels(params)
+    def __call__(self, x: Tensor, params: Tensor, margin=None) -> tuple[Tensor, Tensor]:
+        """(x transformed by `params`, labels): x [n, C, H, W], params [n, 8] from `draw`; `margin`: the
+        reflection margin (default: these n images' own, `margin(params, H, W)`)."""
+        return apply(x, params, margin), labels(params)
+
+    @staticmethod
+    def margin(params: Tensor, H: int, W: int) -> tuple[int, int, int, int]:
+        """EDM's one reflection margin for H x W images transformed by the rows `params`: the objective takes
+        it from the global batch, so that every micro-batch and every process resamples with the same one."""
+        return padding(torch.linalg.inv(geometric_matrix(params.double(), H, W)), H, W)
 
 
 def labels(params: Tensor) -> Tensor:
@@ -157,13 +164,14 @@ def labels(params: Tensor) -> Tensor:
     return torch.stack(columns, 1).float()
 
 
-def apply(x: Tensor, params: Tensor) -> Tensor:
+def apply(x: Tensor, params: Tensor, margin: tuple[int, int, int, int] | None = None) -> Tensor:
     """x [n, C, H, W] with each image's flips, then its geometric transform, in x's dtype whatever the
     autocast around it (the clean data are not rounded to bf16).
 
     Only images that have a geometric transform are resampled: resampling returns the others unchanged
     to float precision, so skipping them only saves time. The reflection margin is EDM's one margin for
-    all n images, the untransformed ones included, as EDM resamples the whole batch.
+    all n images, the untransformed ones included, as EDM resamples the whole batch; `margin` gives it
+    instead (the training objective's: that of the global batch).
     """
     with torch.autocast(x.device.type, enabled=False):
         p = params.to(x.device)
@@ -174,7 +182,7 @@ def apply(x: Tensor, params: Tensor) -> Tensor:
         if moved.numel():
             H, W = x.shape[-2:]
             inverse = torch.linalg.inv(geometric_matrix(p, H, W))
-            margin = padding(inverse, H, W)
+            margin = padding(inverse, H, W) if margin is None else margin
             out = out.index_copy(0, moved, resample(out[moved], inverse[moved], margin))
     return out
 
