@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import io
 import logging
+import os
 import re
 
 import pytest
@@ -20,6 +21,7 @@ from helpers.tmpfs import fill, tmpfs
 from imm import diskspace
 from imm.diskspace import DiskFullError, disk_errno
 from imm.evaluation import figures
+from imm.tracking.mlflow_run import Tracker
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors (conftest.py)
 
@@ -64,6 +66,29 @@ def test_torchs_zip_writer_error_without_an_errno_counts_as_a_full_disk_only_whe
     assert str(quota).endswith(
         "but your quota is used up); free some of your quota (or ask for more), then run the same command again"
     )
+
+
+# -- what does not stop the work: MLflow, a figure of the training -------------------------------------------
+def test_mlflow_writes_on_a_full_disk_are_one_warning_line_each_and_the_run_goes_on(tmp_path, caplog):
+    artifact = tmp_path / "steps.png"
+    artifact.write_bytes(os.urandom(100_000))
+    with tmpfs(tmp_path / "small", "3m") as mnt:
+        uri = f"sqlite:///{mnt / 'mlflow.db'}"
+        tracker = Tracker.open(uri, "imm", run_name="full", params={"a": "1"}, tags={})
+        fill(mnt)
+        with caplog.at_level(logging.WARNING):
+            for step in (1, 2):  # the second failure of a kind is not said again
+                tracker.log_metrics({f"m{i}": 1.0 for i in range(500)}, step)
+                tracker.log_artifact(artifact, "figures")
+            tracker.set_tags({f"t{i}": "v" * 200 for i in range(100)})
+            tracker.end("FAILED", note="stopped")
+        lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        assert lines == [
+            "no space left on device; MLflow metrics not logged",
+            "no space left on device; MLflow artifacts not logged",
+            "no space left on device; MLflow tags not logged",
+            f"no space left on device; the MLflow run {tracker.run_id} stays RUNNING until the same command runs again",
+        ], lines  # and no MLflow traceback (its own ERROR record of the SQLite error is filtered)
 
 
 def test_a_skipped_figure_leaves_no_partial_file(tmp_path, caplog):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from imm.diskspace import writing
 from imm.tracking.mlflow_run import file_lock
 from imm.training import rundir
 
@@ -94,7 +95,8 @@ class SweepProcesses:
         self.dir.mkdir(parents=True, exist_ok=True)
         me = rundir.this_process()
         self.entry = self.dir / f"{me['host']}-{me['pid']}.json"
-        self.entry.write_text(json.dumps(me) + "\n")
+        with writing(self.entry):  # a full disk: DiskFullError, one sentence
+            self.entry.write_text(json.dumps(me) + "\n")
 
     def others_alive(self) -> bool:
         """Another launching process of this sweep still runs on this host."""
