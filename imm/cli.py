@@ -1,7 +1,9 @@
 """What launch.py runs inside Hydra: resolve run directory, tracking URI and run name, then train.
 
 Errors a user can fix (config, data, checkpoint, tracking) are printed as one sentence and the
-process exits with status 2, before any data is loaded or any MLflow run is created. A run stopped
+process exits with status 2, before any data is loaded or any MLflow run is created. So is a write that finds
+the disk full, the quota used up or the file system read-only (imm.diskspace), whenever it happens: a training's
+sentence names the last complete checkpoint and the command that resumes. A run stopped
 by non-finite values (train.max_nonfinite in a row) prints one line and exits with 1 (MLflow run
 FAILED); one stopped by SIGINT/SIGTERM prints one line with the command that resumes it and exits with
 128 + the signal number (130, 143; MLflow run KILLED), after saving a checkpoint at the step it stopped.
@@ -21,13 +23,15 @@ from omegaconf import OmegaConf
 
 from imm.config import ConfigError
 from imm.data import DataError
+from imm.diskspace import DiskFullError, quiet_log_files
 from imm.tracking.mlflow_run import TrackingError, check_reachable, default_uri, error_line
 from imm.training.checkpoint import CheckpointError
 from imm.training.rundir import RunDirError, record_error, resume_command
 from imm.training.signals import Interrupted, in_submitit_job
 
 log = logging.getLogger("imm")
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TrackingError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrackingError, DiskFullError)
+TASKS = ("sample", "evaluate", "encode")  # launch.py --config-name TASK: imm/tasks/TASK.py
 NOT_IN_RUN_NAME = ("hydra", "tracking.", "resume", "train.device", "+sweep", "sweep")
 
 
@@ -72,8 +76,9 @@ def run(cfg):
 
     hc = HydraConfig.get()
     name, tags, command = run_name_and_tags(cfg, hc)
+    quiet_log_files()  # launch.log on a full disk: one line, not a traceback per log line
     try:
-        if hc.job.config_name in ("sample", "evaluate", "encode"):  # launch.py --config-name sample|evaluate|encode ...
+        if hc.job.config_name in TASKS:  # launch.py --config-name sample|evaluate|encode ...
             from importlib import import_module
 
             return import_module(f"imm.tasks.{hc.job.config_name}").run(cfg)
@@ -83,6 +88,13 @@ def run(cfg):
             return dry_run.run(cfg, hc)
         uri = tracking_uri(cfg, hc.runtime.cwd)
         return train(cfg, hc.runtime.output_dir, tracking_uri=uri, run_name=name, extra_tags=tags, command=command)
+    except DiskFullError as e:  # a training's own sentence ends with its last checkpoint and the resume command
+        if e.after is None and hc.job.config_name not in TASKS:
+            from imm.training.diskwatch import stopped
+
+            e = stopped(e, hc.runtime.output_dir, resume_command(sys.argv))
+        log.error("%s", e)
+        return _failed(hc, name, str(e), 2)
     except USER_ERRORS as e:
         log.error("%s", e)
         return _failed(hc, name, str(e), 2, record=not isinstance(e, RunDirError))  # that directory is another's
@@ -127,7 +139,8 @@ def _failed(hc, name: str, message: str, exit_status: int, record: bool = True) 
     if hc.mode.name != "MULTIRUN":
         sys.exit(exit_status)
     if record:
-        record_error(hc.runtime.output_dir, name, message, exit_status)
+        with contextlib.suppress(DiskFullError):  # status.json on a full disk: the job's log holds the sentence
+            record_error(hc.runtime.output_dir, name, message, exit_status)
 
 
 @contextlib.contextmanager

@@ -16,12 +16,14 @@ import re
 
 import pytest
 import torch
-from helpers.tmpfs import fill, tmpfs
+from helpers import compose_cfg
+from helpers.tmpfs import fill, remount, tmpfs
 
 from imm import diskspace
-from imm.diskspace import DiskFullError, disk_errno
+from imm.diskspace import DiskFullError, disk_errno, human
 from imm.evaluation import figures
 from imm.tracking.mlflow_run import Tracker
+from imm.training import checkpoint, diskwatch
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors (conftest.py)
 
@@ -48,7 +50,35 @@ def files(folder) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
 
 
-# -- what a full disk is ---------------------------------------------------------------------------------------
+# -- checkpoints ---------------------------------------------------------------------------------------------
+def test_a_checkpoint_that_does_not_fit_is_one_sentence_and_the_previous_one_stays(tmp_path):
+    with tmpfs(tmp_path / "small", "600k") as mnt:
+        run = mnt / "run"
+        first = checkpoint.save(state(50_000, 1), run, 1)  # 200 kB
+        before = first.read_bytes()
+        free = diskspace.free_bytes(mnt)
+        big = state(125_000, 2)  # 500 kB: does not fit beside the first
+        with pytest.raises(DiskFullError) as e:
+            checkpoint.save(big, run, 2)
+        target = run / "checkpoints" / "step-00000002.pt"
+        assert e.value.needed == exact_size(big) and e.value.free == free  # the failed write's space is back
+        assert str(e.value) == (
+            f"no space left on device for {target} (it needs {human(exact_size(big))}, {human(free)} is free on"
+            f" {mnt}); free some space there, then run the same command again"
+        )
+        assert files(run) == ["checkpoints/step-00000001.pt"]  # no partial file, no new name
+        assert first.read_bytes() == before and checkpoint.load(first, required=("step",))["step"] == 1
+
+        remount(mnt, read_only=True)
+        with pytest.raises(DiskFullError) as e:
+            checkpoint.save(state(10, 3), run, 3)
+        assert e.value.code == errno.EROFS and str(e.value) == (
+            f"{mnt} is a read-only file system, so {run / 'checkpoints' / 'step-00000003.pt'} cannot be written;"
+            " make it writable (remount it read-write), then run the same command again"
+        )
+        assert files(run) == ["checkpoints/step-00000001.pt"]
+
+
 def test_torchs_zip_writer_error_without_an_errno_counts_as_a_full_disk_only_when_space_is_short(tmp_path):
     """torch's `unexpected pos` carries no errno (the OSError it came from is not always chained): the free space
     decides, against what the file needs."""
@@ -109,3 +139,62 @@ def test_a_skipped_figure_leaves_no_partial_file(tmp_path, caplog):
             " on",
             line,
         ), line
+
+
+# -- the early warning and the check before training -----------------------------------------------------------
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_next_saves_follow_the_loops_order():
+    assert diskwatch.next_saves(0, 3000, 100, 100) == [(100, "snapshot"), (100, "checkpoint")]
+    assert diskwatch.next_saves(100, 3000, 100, 300) == [(200, "checkpoint"), (300, "snapshot")]
+    assert diskwatch.next_saves(250, 300, 100, 0) == [(300, "checkpoint")]
+    assert diskwatch.next_saves(290, 300, 100, 1000, n=3) == [(300, "snapshot"), (300, "checkpoint")]
+    assert diskwatch.next_saves(300, 300, 100, 100) == []
+
+
+def test_low_space_is_one_warning_line_per_interval_and_the_check_before_training_refuses(tmp_path, caplog):
+    with tmpfs(tmp_path / "small", "1m") as mnt:
+        run = mnt / "run"
+        cfg = compose_cfg("debug=toy", "train.ckpt_every=100", "train.snapshot_every=100").train
+        ckpt = checkpoint.save(state(75_000, 100), run, 100)  # 300 kB
+        checkpoint.save_snapshot(state(25_000, 100), run, 100)  # 100 kB
+        clock = Clock()
+        watch = diskwatch.SpaceWatch(run, cfg, {}, clock=clock)
+        with caplog.at_level(logging.WARNING, logger="imm.train"):
+            watch.check(100, Tracker.disabled())  # ~600 kB free: the next two saves (400 kB) fit
+            assert caplog.records == []
+            fill(mnt, leave=350_000)
+            watch.check(150, Tracker.disabled())  # between saves, looked at only after CHECK_EVERY_S
+            assert caplog.records == []
+            clock.t += diskwatch.CHECK_EVERY_S
+            watch.check(150, Tracker.disabled())
+            watch.check(200, Tracker.disabled())  # a save step: looked at, but said once per WARN_EVERY_S
+            clock.t += diskspace.WARN_EVERY_S
+            watch.check(300, Tracker.disabled())
+        lines = [r.getMessage() for r in caplog.records]
+        assert (
+            len(lines) == 2
+            and lines[0].startswith("low disk space: 3")
+            and "the next two saves (snapshot at step 200, checkpoint at step 200) need 4" in lines[0]
+        ), lines
+
+        watch.check_room(100, "python launch.py debug=toy")  # the next checkpoint (300 kB) fits in ~350 kB
+        fill(mnt, leave=250_000)
+        with pytest.raises(DiskFullError) as e:
+            watch.check_room(100, "python launch.py debug=toy")
+        assert re.fullmatch(
+            rf"no space left on device for {re.escape(str(run))}/checkpoints/step-00000200\.pt \(it needs"
+            rf" {human(ckpt.stat().st_size)}, .* is free on {re.escape(str(mnt))}\); the last complete checkpoint is"
+            rf" step 100 \({re.escape(str(ckpt))}\); free some space there, then resume with: python launch.py"
+            r" debug=toy",
+            str(e.value),
+        ), str(e.value)
+        fill(mnt, leave=50_000)
+        with pytest.raises(DiskFullError, match=r"it needs 64\.0 kB"):  # before Hydra writes its files (RunDirCheck)
+            diskspace.check_free(run)

@@ -24,10 +24,11 @@ from imm import factory
 from imm.config import RESUMABLE_KEYS, ConfigError, validate
 from imm.data import ResumableBatches
 from imm.data import digest as data_digest
+from imm.diskspace import DiskFullError, replacing, skipped
 from imm.evaluation.evaluate import Evaluator
 from imm.evaluation.metrics import lower_is_better, primary_metrics
 from imm.tracking.mlflow_run import Tracker, check_store, flatten, note_tag, source_tags
-from imm.training import checkpoint, distributed, rundir
+from imm.training import checkpoint, diskwatch, distributed, rundir
 from imm.training.progress import Progress, describe, log_file, summary_text
 from imm.training.signals import Interrupted, StopFlag, in_submitit_job
 from imm.training.threads import torch_threads
@@ -101,6 +102,9 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     action, start_step = rundir.action(last, resumed=saved is not None), step
     if action == "rerun":
         log.info("the last attempt in %s FAILED at step %s; running again from step %d", run_dir, last["step"], step)
+    # the next checkpoint must fit: said now, not after train.ckpt_every steps that could not be saved
+    space = diskwatch.SpaceWatch(run_dir, cfg.train, diskwatch.estimates(state, device))
+    space.check_room(step, _resume_hint("FAILED", cfg.train.steps))
     # a job requeued before its first checkpoint reopens its run too
     run_id = _read_run_id(run_dir) or (saved or {}).get("mlflow_run_id")
 
@@ -125,7 +129,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     extras = _checkpoint_extras(cfg, bundle, tracker)
 
     # -- the loop -----------------------------------------------------------------------------------
-    status, summary = "FAILED", {}
+    status, summary, note = "FAILED", {}, None
     best = checkpoint.read_best(run_dir)  # the bests of the evaluations before a resume
 
     def snapshot(at: int) -> Path | None:
@@ -189,6 +193,8 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
                 _track_best(best, results, step, tracker, run_dir, snapshot)
             if step % cfg.train.ckpt_every == 0 and step < cfg.train.steps:
                 _save(state, device, run_dir, env, cfg, step, extras)
+            if env.is_main:
+                space.check(step, tracker)  # a warning while the next two saves still fit
             if stop_signum is not None:
                 stop.request(stop_signum)
                 _save(state, device, run_dir, env, cfg, step, extras)
@@ -211,6 +217,10 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     except (Interrupted, KeyboardInterrupt, SystemExit):  # SystemExit: submitit exits after requeueing
         status = "KILLED"
         raise
+    except DiskFullError as e:  # a save found no space: the sentence says what is kept and how to resume
+        stopped = diskwatch.stopped(e, run_dir, _resume_hint(status, cfg.train.steps))
+        note = f"**Stopped at step {step}:** {stopped}"
+        raise stopped from None
     finally:
         stop.restore()
         progress.close()
@@ -230,12 +240,19 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
                     resume=_resume_hint(status, cfg.train.steps),
                 ),
             )
-        tracker.end(status, log_file=log_file(run_dir))
+        tracker.end(status, log_file=log_file(run_dir), note=note)
         distributed.shutdown(env)
         if env.is_main:
-            rundir.write_status(
-                run_dir, status=status, step=step, action=action, from_step=start_step, name=run_name, summary=summary
-            )
+            with skipped(f"{rundir.STATUS_FILE} keeps the last attempt's outcome", run_dir / rundir.STATUS_FILE):
+                rundir.write_status(
+                    run_dir,
+                    status=status,
+                    step=step,
+                    action=action,
+                    from_step=start_step,
+                    name=run_name,
+                    summary=summary,
+                )
             lock.release()
 
 
@@ -397,7 +414,8 @@ def _open_tracker(cfg, run_dir: Path, uri: str, run_name: str, run_id: str | Non
         uri, cfg.tracking.experiment, run_name=run_name, run_id=run_id, params=flatten(cfg), tags=tags
     )
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_ID_FILE).write_text(tracker.run_id + "\n")
+    with replacing(run_dir / RUN_ID_FILE) as tmp:  # a full disk: the id a relaunch reopens stays
+        tmp.write_text(tracker.run_id + "\n")
     if run_id is None:
         tracker.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
         tracker.log_text(str(checkpoint.ckpt_dir(run_dir).resolve()) + "\n", "checkpoints.txt")
@@ -458,9 +476,11 @@ def _evaluate(evaluator: Evaluator | None, model, tracker: Tracker, run_dir: Pat
     tracker.log_metrics(results, step)
     for name, fig in figs.items():
         fig_path = run_dir / name.replace("figures/", f"figures/step{step:08d}-")
-        fig_path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(fig_path, dpi=110)
-        tracker.log_artifact(fig_path, "figures")
+        with skipped("figure not saved; training goes on", fig_path, partial=fig_path):
+            fig_path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(fig_path, dpi=110)
+        if fig_path.is_file():
+            tracker.log_artifact(fig_path, "figures")
     shown = ", ".join(f"{k[5:]}={v:.4g}" for k, v in results.items() if k.split("/")[1].startswith(SHOWN))
     log.info("eval @ %d: %s", step, shown)
     return results

@@ -35,6 +35,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from imm.config import RESUMABLE_KEYS, ConfigError
+from imm.diskspace import check_free, writing
 
 LOCK_FILE, STATUS_FILE = ".lock", "status.json"
 HEARTBEAT_S, STALE_AFTER_S = 30.0, 300.0  # another host's lock untouched this long is stale
@@ -144,6 +145,7 @@ class RunDirCheck(Callback):
 
         with exit_on_user_error():
             check_writable(config.hydra.run.dir)
+            check_free(config.hydra.run.dir)  # Hydra writes its config files there next, with no check of its own
 
 
 # -- the lock ------------------------------------------------------------------------------------------
@@ -213,7 +215,7 @@ class RunLock:
                     ) from None
                 path.unlink(missing_ok=True)  # stale (or unreadable): take it over
                 continue
-            with os.fdopen(fd, "w") as f:
+            with writing(path, partial=path), os.fdopen(fd, "w") as f:  # a full disk: no half-written lock left
                 json.dump(info, f)
             return cls(path, info)
         raise RunDirError(f"run directory {directory}: could not take its lock {path}; try again.")
@@ -277,8 +279,10 @@ def _replace_status(directory, status: dict) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{STATUS_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(status, indent=1, default=float) + "\n")
-    os.replace(tmp, directory / STATUS_FILE)
+    text = json.dumps(status, indent=1, default=float) + "\n"
+    with writing(directory / STATUS_FILE, needed=len(text), partial=tmp):  # a full disk: the previous one stays
+        tmp.write_text(text)
+        os.replace(tmp, directory / STATUS_FILE)
 
 
 def finished(status: dict, steps: int) -> bool:
