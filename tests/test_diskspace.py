@@ -16,14 +16,15 @@ import re
 
 import pytest
 import torch
-from helpers import compose_cfg
+from helpers import compose_cfg, compose_task
 from helpers.tmpfs import fill, remount, tmpfs
 
 from imm import diskspace
+from imm.data import latents
 from imm.diskspace import DiskFullError, disk_errno, human
 from imm.evaluation import figures
 from imm.tracking.mlflow_run import Tracker
-from imm.training import checkpoint, diskwatch
+from imm.training import checkpoint, diskwatch, rundir
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # tiny tensors (conftest.py)
 
@@ -96,6 +97,45 @@ def test_torchs_zip_writer_error_without_an_errno_counts_as_a_full_disk_only_whe
     assert str(quota).endswith(
         "but your quota is used up); free some of your quota (or ask for more), then run the same command again"
     )
+
+
+# -- the small files: status, best, link, manifest, figure ---------------------------------------------------
+def test_small_writes_on_a_full_disk_leave_what_was_there(tmp_path):
+    with tmpfs(tmp_path / "small", "200k") as mnt:
+        run = mnt / "run"
+        rundir.write_status(run, status="KILLED", step=100)
+        checkpoint.write_best(run, {"best/energy_1step": 0.5})
+        snap = checkpoint.save_snapshot(state(10, 100), run, 100)
+        link = checkpoint.link_best(run, "1step", snap)
+        (mnt / "lat").mkdir()
+        latents.write_manifest(mnt / "lat", {"shards": [1]})
+        fig = figures.Figure(figsize=(2, 2))
+        fig.add_subplot().plot([0, 1], [1, 0])
+        figures.save_png(fig, mnt / "steps.png")
+        before = {name: (mnt / name).read_bytes() for name in files(mnt)}
+        fill(mnt)
+
+        big = {"summary": {f"m{i}": i for i in range(2000)}}  # more than the last page holds
+        with pytest.raises(DiskFullError, match=r"^no space left on device for .*/run/status\.json \(it needs"):
+            rundir.write_status(run, status="FINISHED", step=200, **big)
+        with pytest.raises(DiskFullError, match=r"/run/snapshots/best\.json"):
+            checkpoint.write_best(run, big["summary"])
+        with pytest.raises(DiskFullError, match=r"/lat/manifest\.json"):
+            latents.write_manifest(mnt / "lat", {"shards": list(range(5000))})
+        big_fig = figures.Figure(figsize=(8, 8))
+        big_fig.add_subplot().imshow(torch.rand(256, 256, 3).numpy())
+        with pytest.raises(DiskFullError, match=r"/steps\.png"):
+            figures.save_png(big_fig, mnt / "steps.png")
+        (mnt / "filler").unlink()
+
+        assert files(mnt) == sorted(before)  # no temporary file left behind
+        assert {name: (mnt / name).read_bytes() for name in before} == before
+        assert rundir.read_status(run)["status"] == "KILLED" and checkpoint.read_best(run) == {"best/energy_1step": 0.5}
+
+        remount(mnt, read_only=True)  # a symlink fits in a full tmpfs's inode: the link is tried read-only
+        with pytest.raises(DiskFullError, match=r"is a read-only file system, so .*/snapshots/best-1step\.pt cannot"):
+            checkpoint.link_best(run, "1step", checkpoint.snapshot_path(run, 200))
+        assert os.readlink(link) == snap.name
 
 
 # -- what does not stop the work: MLflow, a figure of the training -------------------------------------------
@@ -198,3 +238,21 @@ def test_low_space_is_one_warning_line_per_interval_and_the_check_before_trainin
         fill(mnt, leave=50_000)
         with pytest.raises(DiskFullError, match=r"it needs 64\.0 kB"):  # before Hydra writes its files (RunDirCheck)
             diskspace.check_free(run)
+
+
+# -- sample's outputs --------------------------------------------------------------------------------------------
+def test_sample_on_a_full_disk_is_one_sentence_and_leaves_no_partial_file(tmp_path):
+    from imm.tasks import sample
+    from imm.training.loop import train
+
+    no_mlflow = "tracking.enabled=false"
+    train(compose_cfg("debug=toy", "train.steps=10", "train.ckpt_every=10", no_mlflow), tmp_path / "run")
+    with tmpfs(tmp_path / "small", "100k") as mnt:
+        out = mnt / "samples"
+        with pytest.raises(DiskFullError) as e:  # 20,000 2-D points in float32: 160 kB
+            sample.run(compose_task("sample", f"ckpt={tmp_path / 'run'}", f"out={out}", "n=20000", no_mlflow))
+        assert str(e.value) == (
+            f"no space left on device for {out / 'samples.npy'} (it needs 160 kB, {human(e.value.free)} is free on"
+            f" {mnt}); free some space there, then run the same command again"
+        )
+        assert files(out) == []
