@@ -250,6 +250,10 @@ def _quiet(handler: logging.FileHandler, original):
 
 
 def not_disk_full(record: logging.LogRecord) -> bool:
-    """A logging filter: drops a library's own report (with traceback) of an error that is a full disk, which
-    its caller raises and this project says in one sentence (MLflow logs every SQLAlchemy error so)."""
-    return not (record.exc_info and record.exc_info[1] is not None and disk_errno(record.exc_info[1]) is not None)
+    """A logging filter: drops a library's own report of an error that is a full disk (MLflow logs every
+    SQLAlchemy error with its traceback, and its system-metrics thread each failed insert with the SQL, many
+    lines each), which this project says in one line of its own."""
+    if record.exc_info and record.exc_info[1] is not None and disk_errno(record.exc_info[1]) is not None:
+        return False
+    text = record.getMessage().lower()
+    return not any(needle in text for needle in MESSAGES)

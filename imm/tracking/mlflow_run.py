@@ -32,8 +32,10 @@ from imm.diskspace import DiskFullError, disk_errno, not_disk_full, skipped
 
 PARAM_LIMIT = 6000  # MLflow's max param value length
 log = logging.getLogger("imm.tracking")
-# MLflow logs every SQLAlchemy error with its traceback before raising it; a full disk is said in one line here
-logging.getLogger("mlflow.store.db.utils").addFilter(not_disk_full)
+# MLflow logs every SQLAlchemy error with its traceback before raising it, and its system-metrics thread each
+# failed write with the SQL; a full disk is said in one line here
+for _name in ("mlflow.store.db.utils", "mlflow.system_metrics.system_metrics_monitor"):
+    logging.getLogger(_name).addFilter(not_disk_full)
 # A store or artifact write that finds the disk full, the quota used up or a read-only file system: one line,
 # and the run goes on (its checkpoints hold what a resume needs; a full disk there stops it, see diskspace).
 NOT_LOGGED = "MLflow {} not logged"
