@@ -34,6 +34,7 @@ import threading
 import time
 from pathlib import Path
 
+from imm.diskspace import writing
 from imm.errors import RunDirError
 
 LOCK_FILE, STATUS_FILE = ".lock", "status.json"
@@ -226,7 +227,7 @@ class RunLock:
                     ) from None
                 path.unlink(missing_ok=True)  # stale (or unreadable): take it over
                 continue
-            with os.fdopen(fd, "w") as f:
+            with writing(path, partial=path), os.fdopen(fd, "w") as f:  # a full disk: no half-written lock left
                 json.dump(info, f)
             return cls(path, info)
         raise RunDirError(f"run directory {directory}: could not take its lock {path}; try again.")
@@ -302,8 +303,10 @@ def _replace_status(directory, status: dict) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{STATUS_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(status, indent=1, default=float) + "\n")
-    os.replace(tmp, directory / STATUS_FILE)
+    text = json.dumps(status, indent=1, default=float) + "\n"
+    with writing(directory / STATUS_FILE, needed=len(text), partial=tmp):  # a full disk: the previous one stays
+        tmp.write_text(text)
+        os.replace(tmp, directory / STATUS_FILE)
 
 
 def finished(status: dict, steps: int) -> bool:

@@ -7,6 +7,7 @@ Hydra-composed configs, the training loop, the sample and evaluate commands, an 
 
 import json
 import pickle
+import re
 import shutil
 import signal
 
@@ -15,6 +16,7 @@ import pytest
 import torch
 from helpers import ROOT, compose_cfg, compose_task, launch, one_thread_env
 from helpers.latents import CLASSES, class_folder, tiny_vae
+from helpers.tmpfs import remount, tmpfs
 
 from imm.data import SIGMA_DATA, DataError, build_dataset
 from imm.data import latents as latents_mod
@@ -342,6 +344,50 @@ def test_encode_offline_exits_2_and_killed_mid_shard_continues_to_the_bytes_of_a
     assert sorted(p.name for p in (tmp_path / "lat").iterdir()) == files  # no temporary files left
     for name in files:
         assert (tmp_path / "lat" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_encode_that_fills_the_disk_mid_shard_stops_with_one_sentence_and_continues_once_there_is_space(
+    world, tmp_path
+):
+    """out= on a real 32 kB tmpfs (8 pages): shard 0 (5 latents, 5 flipped, 5 labels: 5 pages) and the manifest
+    fit, shard 1 does not. The encode stops with one sentence (exit 2), its manifest lists shard 0 only, and
+    nothing of shard 1 is left; grown, the same command continues with shard 1 and ends with the bytes of the
+    module's uninterrupted encode (the same shards and batches)."""
+    _, vae, src, reference, _ = world
+    with tmpfs(tmp_path / "small", "32k") as small:
+        out = small / "lat"
+        args = (
+            "--config-name",
+            "encode",
+            *encode_args(src, vae, out, "shard_size=5", "batch_size=3", "data.hflip=true"),
+        )
+        full = launch(tmp_path, *args)
+        said = full.stdout + full.stderr
+        assert full.returncode == 2 and "Traceback" not in said, said[-3000:]
+        (msg,) = [line.split("[ERROR] - ", 1)[1] for line in said.splitlines() if "[ERROR]" in line]
+        assert re.fullmatch(
+            rf"no space left on device for {re.escape(str(out))}/(latents|flipped)-00001\.npy \(it needs 5.25 kB, \d+"
+            rf" k?B is free on {re.escape(str(small))}\); 1 of the 5 shards are complete \(the others need about 42.7"
+            r" kB more\); free some space there, then run the same command again: it continues with shard 1",
+            msg,
+        ), msg
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert [s["latents"] for s in manifest["shards"]] == ["latents-00000.npy"] and not manifest["complete"]
+        assert sorted(p.name for p in out.iterdir()) == [
+            "flipped-00000.npy",
+            "labels-00000.npy",
+            "latents-00000.npy",
+            "manifest.json",
+        ]
+
+        remount(small, "1m")
+        again = launch(tmp_path, *args, check=True)
+        assert "continuing after shard 1" in again.stdout + again.stderr
+        names = sorted(p.name for p in reference.iterdir())
+        assert sorted(p.name for p in out.iterdir()) == names
+        for name in names:
+            assert (out / name).read_bytes() == (reference / name).read_bytes(), name
 
 
 TINY_DIT = ("arch=dit_s_2", "arch.hidden_size=32", "arch.depth=1", "arch.num_heads=2")

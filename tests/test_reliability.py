@@ -5,7 +5,8 @@ directory in tmp_path (so the default MLflow store `sqlite:///<tmp>/mlflow.db` l
 tiny model so that each run takes seconds. Faults are real: SIGKILL/SIGTERM/SIGINT sent to the
 process, a checkpoint write cut off halfway by SIGKILL, NaN/inf injected into the loss or the
 gradients (tests/faults/inject.py runs launch.py's own main with the fault patched in), a crafted
-pickle that would run a shell command, a tracking server port with nothing listening.
+pickle that would run a shell command, a tracking server port with nothing listening, a run directory on a
+small tmpfs that fills up (tests/helpers/tmpfs.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import LAUNCH, ROOT, one_thread_env
+from helpers.tmpfs import remount, tmpfs
 from mlflow.tracking import MlflowClient
 
 from imm import runs as rundir
@@ -802,3 +804,82 @@ def test_a_sweep_interrupted_after_one_of_three_jobs_relaunches_only_the_other_t
     assert parent.data.tags["sweep.children"] == "3"
     assert sorted(c.data.tags["sweep.id"] for c in children) == [parent.info.run_id] * 3
     assert all(c.info.status == "FINISHED" for c in children)
+
+
+# -- 10. the disk fills up (issue 31) ------------------------------------------------------------------------
+def test_a_full_disk_stops_at_the_save_with_one_sentence_and_the_same_command_resumes_once_there_is_space(tmp_path):
+    """The run directory on a real tmpfs, the MLflow store beside the launch. The toy's training state is 1.19 MB
+    and its snapshot 299 kB. 1.7 MB: snapshot and checkpoint at step 100 fit, the warning comes (the next two
+    saves need 1.49 MB), and the snapshot at step 200 does not fit. Grown to 2.9 MB: the same command resumes,
+    the snapshot fits, the checkpoint at step 200 does not. Again without space: refused before training.
+    Grown to 8 MB: the same command finishes the same MLflow run. The step-100 checkpoint is never touched."""
+    with tmpfs(tmp_path / "small", "1700k") as small:
+        run_dir = small / "r"
+        common = [
+            *TINY,
+            "train.steps=300",
+            "train.ckpt_every=100",
+            "train.snapshot_every=100",
+            f"hydra.run.dir={run_dir}",
+        ]
+        resume = re.escape(f"python {LAUNCH} {shlex.join(common)}")
+        first = run_dir / "checkpoints" / "step-00000100.pt"
+        kept = rf"the last complete checkpoint is step 100 \({re.escape(str(first))}\); free some space there, then"
+
+        proc = launch(tmp_path, *common)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        msg = one_error_line(proc.stderr)
+        snapshot = re.escape(str(checkpoint.snapshot_path(run_dir, 200)))
+        assert re.fullmatch(
+            rf"no space left on device for {snapshot} \(it needs 299 kB, \d+ kB is free on {re.escape(str(small))}\);"
+            rf" {kept} resume with: {resume}",
+            msg,
+        ), msg
+        (warning,) = [line.split(" - ", 1)[1] for line in proc.stderr.splitlines() if "low disk space" in line]
+        assert re.fullmatch(
+            rf"low disk space: \d+ kB is free on {re.escape(str(small))}, and the next two saves \(snapshot at step"
+            r" 200, checkpoint at step 200\) need 1.49 MB; free some space there, or the run stops at the first save"
+            r" that does not fit \(the same command then resumes it\)",
+            warning,
+        ), warning
+        run = only_run(tmp_path)
+        assert run.info.status == "FAILED" and run.data.tags["mlflow.note.content"].startswith(
+            f"**Stopped at step 200:** {msg}\n\n"
+        )
+        assert run.data.tags["disk.low_space"] == f"step 100: {warning}"
+        saved = first.read_bytes()
+        assert checkpoint_names(run_dir) == [first.name] and not list((run_dir / "snapshots").glob(".tmp-*"))
+
+        remount(small, "2900k")
+        proc = launch(tmp_path, *common)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert f"resumed from {first} at step 100" in proc.stderr
+        msg = one_error_line(proc.stderr)
+        second = re.escape(str(run_dir / "checkpoints" / "step-00000200.pt"))
+        assert re.fullmatch(
+            rf"no space left on device for {second} \(it needs 1.19 MB, \S+ [kM]B is free on {re.escape(str(small))}\);"
+            rf" {kept} resume with: {resume}",
+            msg,
+        ), msg
+        assert checkpoint_names(run_dir) == [first.name] and first.read_bytes() == saved
+        assert checkpoint.load(first)["step"] == 100
+        ended = only_run(tmp_path).info
+        assert ended.run_id == run.info.run_id and ended.status == "FAILED"
+
+        proc = launch(tmp_path, *common)  # nothing freed: refused before any step, the MLflow run left alone
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        msg = one_error_line(proc.stderr)
+        assert re.fullmatch(
+            rf"no space left on device for {second} \(it needs 1.19 MB, .*; {kept} resume with: {resume}", msg
+        )
+        again = only_run(tmp_path).info  # not reopened: the same status and end time
+        assert (again.status, again.end_time) == ("FAILED", ended.end_time)
+
+        remount(small, "8m")
+        proc = ok(launch(tmp_path, *common))
+        assert f"resumed from {first} at step 100" in proc.stderr and "low disk space" not in proc.stderr
+        assert checkpoint_names(run_dir) == ["step-00000100.pt", "step-00000200.pt", "step-00000300.pt"]
+        assert first.read_bytes() == saved
+        finished = only_run(tmp_path)
+        assert finished.info.run_id == run.info.run_id and finished.info.status == "FINISHED"
+        assert "resumed_from_step_100" in finished.data.tags

@@ -31,6 +31,7 @@ import torch
 from imm.data import images
 from imm.data import vae as vae_mod
 from imm.data.loader import SIGMA_DATA, BaseDataset
+from imm.diskspace import writing
 from imm.errors import DataError, DataNotFoundError
 
 log = logging.getLogger("imm.data")
@@ -64,10 +65,13 @@ def read_manifest(root) -> dict:
 
 
 def write_manifest(root: Path, manifest: dict) -> None:
-    """Write-then-rename: a killed encode leaves the previous manifest, never half of one."""
+    """Write-then-rename: a killed encode, or one that fills the disk (DiskFullError), leaves the previous
+    manifest, never half of one."""
     tmp = root / f"{MANIFEST}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, root / MANIFEST)
+    text = json.dumps(manifest, indent=1) + "\n"
+    with writing(root / MANIFEST, needed=len(text), partial=tmp):
+        tmp.write_text(text)
+        os.replace(tmp, root / MANIFEST)
 
 
 def merge_channel_stats(stats: dict, z: np.ndarray) -> dict:

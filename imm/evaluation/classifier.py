@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from imm.diskspace import skipped
 from imm.evaluation.metrics import frechet_distance, gaussian_stats
 
 log = logging.getLogger("imm.evaluation")
@@ -123,9 +124,10 @@ class ClassifierMetric:
             path = Path(cache_file)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent jobs never read half a file
-            torch.save({"key": key, "state_dict": net.state_dict()}, tmp)
-            os.replace(tmp, path)
-            log.info("trained the evaluation classifier (%d steps) and cached it in %s", TRAIN_STEPS, path)
+            with skipped("not cached, trained again next time", path, partial=tmp):  # a full disk
+                torch.save({"key": key, "state_dict": net.state_dict()}, tmp)
+                os.replace(tmp, path)
+                log.info("trained the evaluation classifier (%d steps) and cached it in %s", TRAIN_STEPS, path)
         return net
 
     def fd(self, features: torch.Tensor) -> float:

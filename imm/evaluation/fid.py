@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from imm.diskspace import skipped
 from imm.nets import module_fingerprint
 
 # Official TF Inception weights converted by torch-fidelity; this is the URL the library
@@ -244,8 +245,9 @@ class FIDEvaluator:
         self.reference_cache.parent.mkdir(parents=True, exist_ok=True)
         # Write-then-rename so concurrent jobs never read a half-written file.
         tmp = self.reference_cache.with_name(f"{self.reference_cache.name}.{os.getpid()}.tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, self.reference_cache)
+        with skipped("not cached, computed again next time", self.reference_cache, partial=tmp):  # a full disk
+            torch.save(payload, tmp)
+            os.replace(tmp, self.reference_cache)
 
     def prepare_reference(self, real_images: ImageBatches, dataset_key: str) -> None:
         """Loads the reference statistics from the cache, or computes and caches them.

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from imm.diskspace import replacing
 from imm.evaluation.fid import to_uint8
 
 _DATA_STYLE = {"s": 2, "c": "0.8", "linewidths": 0, "rasterized": True}
@@ -24,9 +25,11 @@ _MAX_ZOOM_OUT = 2.0
 
 
 def save_png(fig: Figure, path: str | os.PathLike, dpi: int = 150) -> None:
-    """Writes ``fig`` as PNG, creating the parent directory."""
+    """Writes ``fig`` as PNG, creating the parent directory; a full disk leaves any earlier file at ``path``
+    (DiskFullError)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, format="png", dpi=dpi, bbox_inches="tight")
+    with replacing(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
 
 
 def _points(x) -> np.ndarray:

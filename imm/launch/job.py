@@ -2,7 +2,9 @@
 and what each way of ending means.
 
 Errors a user can fix (any UserError: config, data, checkpoint, tracking, run directory) are printed as one
-sentence and the process exits with status 2, before any data is loaded or any MLflow run is created. A run
+sentence and the process exits with status 2, before any data is loaded or any MLflow run is created. So is a
+write that finds the disk full, the quota used up or the file system read-only (imm.diskspace), whenever it
+happens: a training's sentence names the last complete checkpoint and the command that resumes. A run
 stopped by non-finite values (train.max_nonfinite in a row) prints one line and exits with 1 (MLflow run
 FAILED); one stopped by SIGINT/SIGTERM prints one line with the command that resumes it and exits with
 128 + the signal number (130, 143; MLflow run KILLED), after saving a checkpoint at the step it stopped.
@@ -13,6 +15,7 @@ Ctrl-C outside a training step is launch.py's one line (exit 130).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from typing import NamedTuple
@@ -21,6 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from imm.diskspace import DiskFullError, check_free, quiet_log_files
 from imm.errors import USER_EXIT_STATUS, RunDirError, UserError, error_line, exit_on_user_error
 from imm.runs import check_writable, record_error, resume_command, sweep_info
 from imm.tracking.mlflow_run import TrackingError, check_reachable, default_uri
@@ -83,6 +87,7 @@ def run(cfg, command):
     128 + its number after the checkpoint, and a bug keeps its traceback (a sweep job's goes to its log)."""
     hc = HydraConfig.get()
     name, tags, argv = run_name_and_tags(cfg, hc)
+    quiet_log_files()  # launch.log on a full disk: one line, not a traceback per log line
     try:
         return command(cfg, Launch(hc, name, tags, argv))
     except UserError as e:
@@ -125,7 +130,8 @@ def _failed(hc, name: str, message: str, exit_status: int, record: bool = True) 
     if hc.mode.name != "MULTIRUN":
         sys.exit(exit_status)
     if record:
-        record_error(hc.runtime.output_dir, name, message, exit_status)
+        with contextlib.suppress(DiskFullError):  # status.json on a full disk: the job's log holds the sentence
+            record_error(hc.runtime.output_dir, name, message, exit_status)
 
 
 class RunDirCheck(Callback):
@@ -135,3 +141,4 @@ class RunDirCheck(Callback):
     def on_run_start(self, config, **kwargs) -> None:
         with exit_on_user_error():
             check_writable(config.hydra.run.dir)
+            check_free(config.hydra.run.dir)  # Hydra writes its config files there next, with no check of its own

@@ -20,6 +20,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
+from imm.diskspace import check_free, writing
 from imm.errors import ConfigError, exit_on_user_error
 from imm.launch.job import swept_run_name
 from imm.launch.watcher import JOB_LOG, JobWatcher, SweepProcesses, job_line, sweep_lock
@@ -108,6 +109,7 @@ class MLflowSweepCallback(Callback):
         if invalid and len(invalid) == len(jobs):
             raise ConfigError(f"all {len(jobs)} jobs of this sweep are invalid (each said above); none was started.")
         check_writable(self.sweep_dir)
+        check_free(self.sweep_dir)  # a full disk: one sentence now, not Hydra's traceback at its first file
         self.sweep_dir.mkdir(parents=True, exist_ok=True)  # sweep.json goes there before any job starts
         keys = swept_keys(config)
         if not _in_process(config):  # a line per job as it starts and ends (in-process jobs: Hydra's, and _report's)
@@ -144,7 +146,8 @@ class MLflowSweepCallback(Callback):
         tracker.set_tags({"sweep.id": tracker.run_id})
         self.client, self.run_id = tracker.client, tracker.run_id
         info = {"parent_run_id": tracker.run_id, "keys": keys, "argv": sys.argv}  # argv: the jobs' source and command
-        (sweep_dir / SWEEP_FILE).write_text(json.dumps(info) + "\n")
+        with writing(sweep_dir / SWEEP_FILE):
+            (sweep_dir / SWEEP_FILE).write_text(json.dumps(info) + "\n")
         # Hydra raises out of the sweep when a job fails, skipping on_multirun_end: never leave RUNNING.
         atexit.register(self._end, False)
         again = "relaunched: reopened" if tracker.run_id == parent else "opened"

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from imm import runs
+from imm.diskspace import writing
 
 log = logging.getLogger("imm.sweep")
 JOB_LOG = "launch.log"  # Hydra's job log: <hydra.job.name>.log in the job directory
@@ -93,7 +94,8 @@ class SweepProcesses:
         self.dir.mkdir(parents=True, exist_ok=True)
         me = runs.this_process()
         self.entry = self.dir / f"{me['host']}-{me['pid']}.json"
-        self.entry.write_text(json.dumps(me) + "\n")
+        with writing(self.entry):  # a full disk: DiskFullError, one sentence
+            self.entry.write_text(json.dumps(me) + "\n")
 
     def others_alive(self) -> bool:
         """Another launching process of this sweep still runs on this host."""

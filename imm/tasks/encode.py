@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from imm import factory
 from imm.data import latents as latents_mod
 from imm.data import vae as vae_mod
+from imm.diskspace import DiskFullError, human, writing
 from imm.errors import ConfigError
 from imm.ranges import check_values
 from imm.tasks.common import check_choices
@@ -127,7 +128,8 @@ def run(cfg) -> dict:
     if manifest["complete"]:
         log.info("%s already holds this encode, complete (%d images); nothing to do", out, manifest["count"])
         return manifest
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):  # a read-only file system: DiskFullError
+        out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*.tmp*"):  # what a killed encode was writing (never in the manifest)
         stale.unlink()
     n, size, first = manifest["count"], manifest["shard_size"], len(manifest["shards"])
@@ -194,13 +196,23 @@ def _write_shard(out: Path, manifest: dict, k: int, pending: dict) -> None:
     names = latents_mod.shard_files(k)
     arrays = {key: np.concatenate(pending[key]) for key in pending if pending[key]}
     arrays = {key: a.astype(manifest["dtype"]) if key != "labels" else a for key, a in arrays.items()}
-    for key, array in arrays.items():
-        tmp = out / f"{names[key]}.{os.getpid()}.tmp.npy"
-        np.save(tmp, array)
-        os.replace(tmp, out / names[key])
-    manifest["stats"] = latents_mod.merge_channel_stats(manifest["stats"], arrays["latents"])
-    manifest["shards"].append({**{key: names[key] for key in arrays}, "count": len(arrays["labels"])})
-    latents_mod.write_manifest(out, manifest)
+    try:
+        for key, array in arrays.items():
+            tmp = out / f"{names[key]}.{os.getpid()}.tmp.npy"
+            with writing(out / names[key], needed=array.nbytes + 128, partial=tmp):  # 128: the .npy header
+                np.save(tmp, array)
+                os.replace(tmp, out / names[key])
+        manifest["stats"] = latents_mod.merge_channel_stats(manifest["stats"], arrays["latents"])
+        manifest["shards"].append({**{key: names[key] for key in arrays}, "count": len(arrays["labels"])})
+        latents_mod.write_manifest(out, manifest)
+    except DiskFullError as e:  # the manifest on disk still lists the shards before k: the same command redoes k
+        for name in names.values():  # shard k's files written so far: never read (not in the manifest), space back
+            (out / name).unlink(missing_ok=True)
+        rest = (manifest["n_shards"] - k) * sum(a.nbytes + 128 for a in arrays.values())
+        raise e.then(
+            f"{k} of the {manifest['n_shards']} shards are complete (the others need about {human(rest)} more);"
+            f" {e.fix()}, then run the same command again: it continues with shard {k}"
+        ) from None
 
 
 def _progress(bar, k: int, manifest: dict, seconds: float, done0: int) -> None:

@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 
 from imm.config import EvaluateOptions
 from imm.core.sampling import GRIDS, SAMPLERS
+from imm.diskspace import replacing, writing
 from imm.errors import ConfigError
 from imm.evaluation import figures
 from imm.evaluation.evaluator import FEATURE_NETS, Evaluator, has_classifier_metric
@@ -210,7 +211,8 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     prefix = metric_prefix(restored.weights, ev_cfg)  # never the training's eval/: its history stays as logged
     results = {f"{prefix}/{k.split('/', 1)[1]}": v for k, v in results.items()}
 
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):  # a read-only file system: DiskFullError
+        out.mkdir(parents=True, exist_ok=True)
     text = table(results)
     header = (
         f"{restored.path} (step {restored.step}, {restored.weights} weights): {what},"
@@ -218,7 +220,8 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     )
     if 2 in ev_cfg.steps and ev_cfg.two_step_eta is not None:
         header += f" (2 steps: eta {ev_cfg.two_step_eta:g})"
-    (out / "results.txt").write_text(header + "\n" + text + "\n")
+    with replacing(out / "results.txt") as tmp:  # a full disk: DiskFullError, any earlier results kept
+        tmp.write_text(header + "\n" + text + "\n")
     label = f"step{restored.step:08d}-{restored.weights}"
     record = {
         "ckpt": str(restored.path.resolve()),
@@ -235,7 +238,8 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         "feature_net": ev_cfg.feature_net if fid else None,
         "results": results,
     }
-    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    with replacing(out / "results.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
     files = ["results.txt", "results.json"]
     for name, fig in figs.items():
         figures.save_png(fig, out / "steps.png")

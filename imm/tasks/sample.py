@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from imm.core.sampling import GRIDS, SAMPLERS, grid_spec, nfe
+from imm.diskspace import replacing, writing
 from imm.errors import ConfigError
 from imm.evaluation import figures
 from imm.evaluation.evaluator import Evaluator, guidance_tag, nfe_metric
@@ -122,7 +123,8 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     x = ev.samples(restored.net, N)
     seconds = time.perf_counter() - t0
 
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):  # a read-only file system: DiskFullError
+        out.mkdir(parents=True, exist_ok=True)
     title = f"{N} step{'s' * (N > 1)}, {cfg.sampler}{guidance_tag(guidance).replace('_w', ', w=')}"
     if restored.kind == "points":
         files = _write_points(x, restored, bundle, out, title)
@@ -152,7 +154,8 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         "label": label,
         "training_run_id": restored.run_id,
     }
-    (out / "sample.json").write_text(json.dumps(record, indent=2) + "\n")
+    with replacing(out / "sample.json") as tmp:
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
     files.append("sample.json")
 
     shown = ("steps", "nfe", "sampler", "grid", "guidance", "labels", "n", "seed", "weights")
@@ -176,7 +179,8 @@ def _write_points(x, restored, bundle, out: Path, title: str) -> list[str]:
     """samples.npy (in the data's units) and samples.png (a scatter over the held-out points)."""
     unscale = restored.standardizer.unscale if restored.standardizer is not None else bundle.unscale
     data_units = unscale(x.float())
-    np.save(out / "samples.npy", data_units.numpy())
+    with replacing(out / "samples.npy", needed=data_units.numpy().nbytes) as tmp:  # full disk: DiskFullError
+        np.save(tmp, data_units.numpy())
     figures.save_png(figures.scatter(data_units, bundle.unscale(bundle.heldout), title=title), out / "samples.png")
     return ["samples.npy", "samples.png"]
 
@@ -191,11 +195,12 @@ def _write_images(x, ev, bundle, grid, out: Path, batch_size: int) -> list[str]:
         arrays = {"images": x.float().clamp(-1, 1).numpy()}
     else:  # model space, no [-1, 1] range; the images are the VAE's decoding (uint8)
         arrays = {"latents": x.float().numpy()}
-    np.savez(
-        out / "samples.npz", **arrays, uint8=u8.permute(0, 2, 3, 1).numpy(), labels=labels.numpy(), grid=grid.numpy()
-    )
+    arrays.update(uint8=u8.permute(0, 2, 3, 1).numpy(), labels=labels.numpy(), grid=grid.numpy())
+    with replacing(out / "samples.npz", needed=sum(a.nbytes for a in arrays.values())) as tmp:
+        np.savez(tmp, **arrays)
     k = min(n, GRID_PNG_MAX)
-    Image.fromarray(figures.image_grid(u8[:k], nrow=math.ceil(math.sqrt(k)))).save(out / "samples.png")
+    with replacing(out / "samples.png") as tmp:
+        Image.fromarray(figures.image_grid(u8[:k], nrow=math.ceil(math.sqrt(k)))).save(tmp)
     return ["samples.npz", "samples.png"]
 
 

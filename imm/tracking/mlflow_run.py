@@ -28,11 +28,19 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from imm.diskspace import DiskFullError, disk_errno, not_disk_full, skipped
 from imm.errors import TrackingError, error_line
 from imm.runs import file_lock, unwritable
 
 PARAM_LIMIT = 6000  # MLflow's max param value length
 log = logging.getLogger("imm.tracking")
+# MLflow logs every SQLAlchemy error with its traceback before raising it, and its system-metrics thread each
+# failed write with the SQL; a full disk is said in one line here
+for _name in ("mlflow.store.db.utils", "mlflow.system_metrics.system_metrics_monitor"):
+    logging.getLogger(_name).addFilter(not_disk_full)
+# A store or artifact write that finds the disk full, the quota used up or a read-only file system: one line,
+# and the run goes on (its checkpoints hold what a resume needs; a full disk there stops it, see diskspace).
+NOT_LOGGED = "MLflow {} not logged"
 
 
 def default_uri(launch_dir) -> str:
@@ -236,6 +244,8 @@ class Tracker:
         except TrackingError:
             raise
         except Exception as e:  # noqa: BLE001  MLflow's, SQLAlchemy's and the OS's errors of a store
+            if (code := disk_errno(e)) is not None and uri.startswith("sqlite:///"):
+                raise DiskFullError(uri[len("sqlite:///") :], code) from None
             raise unusable(uri, e) from None
         tracker = cls(client, run.info.run_id, end_at_exit=end_at_exit)
         tracker.log_params(params)
@@ -249,8 +259,9 @@ class Tracker:
         from mlflow.entities import Param
 
         items = [Param(k, v) for k, v in params.items()]
-        for i in range(0, len(items), 100) if self.enabled else ():  # MLflow's batch limit
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+        with skipped(NOT_LOGGED.format("params")):
+            for i in range(0, len(items), 100) if self.enabled else ():  # MLflow's batch limit
+                self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled or not metrics:
@@ -259,30 +270,35 @@ class Tracker:
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
-        for i in range(0, len(batch), 1000):
-            self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
+        with skipped(NOT_LOGGED.format("metrics")):
+            for i in range(0, len(batch), 1000):
+                self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.enabled:
-            for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, str(v))
+            with skipped(NOT_LOGGED.format("tags")):
+                for k, v in tags.items():
+                    self.client.set_tag(self.run_id, k, str(v))
 
     def log_artifact(self, path, artifact_path: str | None = None) -> None:
         if self.enabled:
-            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            with skipped(NOT_LOGGED.format("artifacts")):
+                self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.enabled:
-            self.client.log_text(self.run_id, text, artifact_file)
+            with skipped(NOT_LOGGED.format("artifacts")):
+                self.client.log_text(self.run_id, text, artifact_file)
 
     def log_figure(self, figure, artifact_file: str) -> None:
         """A matplotlib figure or a PIL/numpy image, as a PNG artifact."""
         if not self.enabled:
             return
-        if hasattr(figure, "savefig"):
-            self.client.log_figure(self.run_id, figure, artifact_file)
-        else:
-            self.client.log_image(self.run_id, figure, artifact_file)
+        with skipped(NOT_LOGGED.format("artifacts")):
+            if hasattr(figure, "savefig"):
+                self.client.log_figure(self.run_id, figure, artifact_file)
+            else:
+                self.client.log_image(self.run_id, figure, artifact_file)
 
     def log_dataset(self, *, name: str, digest: str, source: str, shape, rows: int, num_classes: int) -> None:
         """The training data as the run's input (MLflow's Datasets column): name, digest, source, and the
@@ -303,7 +319,8 @@ class Tracker:
         )
         profile = {"num_rows": rows, "sample_shape": list(shape), "num_classes": num_classes}
         dataset = Dataset(name, digest, kind, json.dumps(where), json.dumps(schema.to_dict()), json.dumps(profile))
-        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "train")])])
+        with skipped(NOT_LOGGED.format("dataset")):
+            self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "train")])])
 
     def start_system_metrics(self, uri: str, every: float, *, resume: bool) -> None:
         """CPU, memory, disk and network (psutil), and GPU (nvidia-ml-py, on CUDA machines) every `every`
@@ -321,8 +338,9 @@ class Tracker:
         )
         self.monitor.start()
 
-    def end(self, status: str = "FINISHED", log_file=None) -> None:
-        """Stop the system metrics, upload log_file (launch.log) and end the run with `status`."""
+    def end(self, status: str = "FINISHED", log_file=None, note: str | None = None) -> None:
+        """Stop the system metrics, upload log_file (launch.log), put `note` (why it stopped) above the run's
+        description and end the run with `status`."""
         if not self.enabled:
             return
         if self.monitor is not None:
@@ -336,8 +354,13 @@ class Tracker:
             self.monitor = None
         if log_file is not None and Path(log_file).is_file():
             self.log_artifact(log_file)
+        if note:
+            with skipped(NOT_LOGGED.format("note")):
+                old = self.client.get_run(self.run_id).data.tags.get("mlflow.note.content")
+                self.set_tags(note_tag(f"{note}\n\n{old}" if old else note))
         atexit.unregister(self._end_at_exit)
-        self.client.set_terminated(self.run_id, status=status)
+        with skipped(f"the MLflow run {self.run_id} stays RUNNING until the same command runs again"):
+            self.client.set_terminated(self.run_id, status=status)
 
     def _end_at_exit(self) -> None:
         try:  # only a run still RUNNING (one ended by end() is not)

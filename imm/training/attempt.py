@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 from imm import runs
+from imm.diskspace import DiskFullError, skipped
 from imm.tracking.mlflow_run import Tracker
-from imm.training import distributed
+from imm.training import diskwatch, distributed
 from imm.training.progress import log_file, summary_text
 from imm.training.signals import Interrupted, in_submitit_job
 
@@ -72,14 +73,25 @@ class Attempt:
             )
 
     def __exit__(self, kind, error, traceback) -> None:
+        stopped = None
+        if isinstance(error, DiskFullError) and error.after is None:  # a save found no space: what is kept, and
+            stopped = diskwatch.stopped(error, self.run_dir, self.resume_hint("FAILED"))  # how to resume
         try:
             if self.action is not None:
-                self._end(_status(kind))
+                self._end(_status(kind), note=stopped and f"**Stopped at step {self.step}:** {stopped}")
         finally:
             if self.lock is not None:
                 self.lock.release()
+        if stopped is not None:
+            raise stopped from None
 
-    def _end(self, status: str) -> None:
+    def resume_hint(self, status: str) -> str:
+        """The command that continues this run (to twice its steps when it FINISHED); a sweep job's: its sweep's."""
+        if in_submitit_job():
+            return "run the sweep command again"
+        return runs.resume_command(sys.argv, steps=2 * self.steps if status == "FINISHED" else None)
+
+    def _end(self, status: str, note: str | None = None) -> None:
         for close in self.closing:
             close()
         if self.env.is_main:  # before the MLflow run ends, so that its launch.log artifact holds the summary
@@ -95,21 +107,22 @@ class Attempt:
                     run_dir=self.run_dir,
                     uri=self.tracking_uri if self.tracker.enabled else None,
                     run_id=self.tracker.run_id,
-                    resume=_resume_hint(status, self.steps),
+                    resume=self.resume_hint(status),
                 ),
             )
-        self.tracker.end(status, log_file=log_file(self.run_dir))
+        self.tracker.end(status, log_file=log_file(self.run_dir), note=note)
         distributed.shutdown(self.env)
         if self.env.is_main:
-            runs.write_status(
-                self.run_dir,
-                status=status,
-                step=self.step,
-                action=self.action,
-                from_step=self.start_step,
-                name=self.run_name,
-                summary=self.summary,
-            )
+            with skipped(f"{runs.STATUS_FILE} keeps the last attempt's outcome", self.run_dir / runs.STATUS_FILE):
+                runs.write_status(
+                    self.run_dir,
+                    status=status,
+                    step=self.step,
+                    action=self.action,
+                    from_step=self.start_step,
+                    name=self.run_name,
+                    summary=self.summary,
+                )
 
 
 def _status(kind) -> str:
@@ -118,10 +131,3 @@ def _status(kind) -> str:
         return "FINISHED"
     # SystemExit: submitit exits after requeueing
     return "KILLED" if issubclass(kind, (Interrupted, KeyboardInterrupt, SystemExit)) else "FAILED"
-
-
-def _resume_hint(status: str, steps: int) -> str:
-    """The command that continues this run (to twice its steps when it FINISHED); a sweep job's is its sweep's."""
-    if in_submitit_job():
-        return "run the sweep command again"
-    return runs.resume_command(sys.argv, steps=2 * steps if status == "FINISHED" else None)

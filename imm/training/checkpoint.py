@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from imm.diskspace import DiskFullError, disk_errno, writing
 from imm.errors import CheckpointError
 
 CKPT_DIR = "checkpoints"
@@ -129,9 +130,10 @@ def link_best(run_dir, key: str, snapshot: Path) -> Path:
     atomically), so `ckpt=<run>/snapshots/best-1step.pt` samples the 1-step best."""
     link = snapshot_dir(run_dir) / f"best-{key}.pt"
     tmp = link.with_name(f"{PARTIAL_PREFIX}{link.name}{PARTIAL_SUFFIX}")
-    tmp.unlink(missing_ok=True)
-    os.symlink(Path(snapshot).name, tmp)
-    os.replace(tmp, link)
+    with writing(link, partial=tmp):  # a full disk: the previous link stays
+        tmp.unlink(missing_ok=True)
+        os.symlink(Path(snapshot).name, tmp)
+        os.replace(tmp, link)
     return link
 
 
@@ -145,16 +147,22 @@ def write_best(run_dir, best: dict) -> None:
     path = snapshot_dir(run_dir) / BEST_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{PARTIAL_PREFIX}{BEST_FILE}{PARTIAL_SUFFIX}")
-    tmp.write_text(json.dumps(best, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps(best, indent=1, sort_keys=True) + "\n"
+    with writing(path, needed=len(text), partial=tmp):  # a full disk: the previous best.json stays
+        tmp.write_text(text)
+        os.replace(tmp, path)
 
 
 def _write_atomic(obj: dict, final: Path) -> Path:
-    """torch.save `obj` to a temporary file beside `final`, fsync it, rename it over `final`, fsync the folder."""
+    """torch.save `obj` to a temporary file beside `final`, fsync it, rename it over `final`, fsync the folder.
+    A full disk, quota or read-only file system is DiskFullError naming `final` and the bytes it needs."""
     d = final.parent
-    d.mkdir(parents=True, exist_ok=True)
-    _remove_partial(d)  # left by a write that a kill interrupted (only the main process saves)
-    fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=PARTIAL_SUFFIX, dir=d)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        _remove_partial(d)  # left by a write that a kill interrupted (only the main process saves)
+        fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=PARTIAL_SUFFIX, dir=d)
+    except OSError as e:
+        raise _disk_full(e, final, obj) or e
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; a checkpoint is as readable as any file
         with os.fdopen(fd, "wb") as f:
@@ -163,10 +171,64 @@ def _write_atomic(obj: dict, final: Path) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, final)
         _fsync_dir(d)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)  # first: the space it took is free again, and the free space is measured
+        if isinstance(e, Exception) and (full := _disk_full(e, final, obj)) is not None:
+            raise full from None
         raise
     return final
+
+
+class _Counter:
+    """A file that only counts what torch.save writes to it."""
+
+    def __init__(self):
+        self.n = 0
+
+    def write(self, b) -> int:
+        self.n += len(b)
+        return len(b)
+
+    def flush(self) -> None:
+        pass
+
+
+def serialized_size(obj) -> int | None:
+    """The exact bytes torch.save writes for `obj` (it serializes once more, writing nothing: for the error of
+    a failed save only); None when that fails too."""
+    counter = _Counter()
+    try:
+        torch.save(obj, counter)
+    except Exception:  # noqa: BLE001  the size is a detail of the error being raised
+        return None
+    return counter.n
+
+
+def stored_bytes(obj) -> int:
+    """The bytes of the tensors in `obj` (each storage once): a lower bound of its file's size, free to compute."""
+    storages = {}
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            storage = x.untyped_storage()
+            storages[storage.data_ptr(), storage.device] = storage.nbytes()
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return sum(storages.values())
+
+
+def _disk_full(e: Exception, final: Path, obj) -> DiskFullError | None:
+    """`e` as DiskFullError when the save failed for lack of space or quota or on a read-only file system.
+    torch's zip writer hides the errno (`unexpected pos ...`): then the free space decides, against the exact
+    size the file needs."""
+    if not isinstance(e, (OSError, RuntimeError)):
+        return None
+    needed = serialized_size(obj)
+    code = disk_errno(e, final.parent, needed)
+    return None if code is None else DiskFullError(final, code, needed=needed)
 
 
 def _remove_partial(d: Path) -> list[Path]:

@@ -23,11 +23,12 @@ from omegaconf import OmegaConf
 from imm import factory, runs
 from imm.data import ResumableBatches
 from imm.data import digest as data_digest
+from imm.diskspace import replacing, skipped
 from imm.evaluation.evaluator import Evaluator
 from imm.evaluation.metrics import lower_is_better, primary_metrics
 from imm.nets import count_parameters
 from imm.tracking.mlflow_run import Tracker, check_store, flatten, note_tag, source_tags
-from imm.training import checkpoint, distributed
+from imm.training import checkpoint, diskwatch, distributed
 from imm.training.attempt import Attempt
 from imm.training.progress import Progress, run_description
 from imm.training.signals import StopFlag
@@ -77,6 +78,9 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
             state.load_state_dict(saved, device)
             step = saved["step"]
             log.info("resumed from %s at step %d", ckpt_path, step)
+        # the next checkpoint must fit: said now, not after train.ckpt_every steps that could not be saved
+        space = diskwatch.SpaceWatch(run_dir, cfg.train, diskwatch.estimates(state, device))
+        space.check_room(step, attempt.resume_hint("FAILED"))
 
         # -- evaluation and tracking -------------------------------------------------------------------------
         # missing FID weights fail here, before any MLflow run exists
@@ -133,6 +137,8 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
                 _track_best(best, results, step, tracker, run_dir, snapshot)
             if step % cfg.train.ckpt_every == 0 and step < cfg.train.steps:
                 _save(state, device, run_dir, env, cfg, step, extras)
+            if env.is_main:
+                space.check(step, tracker)  # a warning while the next two saves still fit
             if stop_signum is not None:
                 stop.request(stop_signum)
                 _save(state, device, run_dir, env, cfg, step, extras)
@@ -312,7 +318,8 @@ def _open_tracker(cfg, run_dir: Path, uri: str, run_name: str, run_id, tags: dic
         uri, cfg.tracking.experiment, run_name=run_name, run_id=run_id, params=flatten(cfg), tags=tags
     )
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_ID_FILE).write_text(tracker.run_id + "\n")
+    with replacing(run_dir / RUN_ID_FILE) as tmp:  # a full disk: the id a relaunch reopens stays
+        tmp.write_text(tracker.run_id + "\n")
     if run_id is None:
         tracker.log_text(OmegaConf.to_yaml(cfg), "config.yaml")
         tracker.log_text(str(checkpoint.ckpt_dir(run_dir).resolve()) + "\n", "checkpoints.txt")
@@ -383,9 +390,11 @@ def _evaluate(evaluator: Evaluator | None, model, tracker: Tracker, run_dir: Pat
     tracker.log_metrics(results, step)
     for name, fig in figs.items():
         fig_path = run_dir / name.replace("figures/", f"figures/step{step:08d}-")
-        fig_path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(fig_path, dpi=110)
-        tracker.log_artifact(fig_path, "figures")
+        with skipped("figure not saved; training goes on", fig_path, partial=fig_path):
+            fig_path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(fig_path, dpi=110)
+        if fig_path.is_file():
+            tracker.log_artifact(fig_path, "figures")
     shown = ", ".join(f"{k[5:]}={v:.4g}" for k, v in results.items() if k.split("/")[1].startswith(SHOWN))
     log.info("eval @ %d: %s", step, shown)
     return results

@@ -242,6 +242,9 @@ def log_file(run_dir: Path) -> Path | None:
     run_dir = run_dir.resolve()
     for handler in logging.root.handlers:
         if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == run_dir:
-            handler.flush()
+            try:
+                handler.flush()
+            except OSError:  # a full disk: the file holds what fit (imm.diskspace.quiet_log_files said so once)
+                pass
             return Path(handler.baseFilename)
     return None
