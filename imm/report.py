@@ -14,7 +14,7 @@ from pathlib import Path
 
 from imm.evaluation.metrics import find_metric
 from imm.runs import sweep_info
-from imm.tracking.mlflow_run import default_uri
+from imm.tracking.mlflow_run import default_uri, sqlite_path
 
 
 def find_sweep(client, sweep: str):
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     from mlflow.tracking import MlflowClient
 
     uri = args.tracking_uri or default_uri(Path.cwd())
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+    if (db := sqlite_path(uri)) is not None and not db.is_file():
         raise SystemExit(f"no MLflow store at {uri}; run from the directory you launched from or pass --tracking-uri")
     client = MlflowClient(tracking_uri=uri)
     parent, children = find_sweep(client, args.sweep)

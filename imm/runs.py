@@ -71,14 +71,18 @@ SWEEP_FILE = "sweep.json"  # a sweep directory's parent run id, swept keys and c
 
 
 # -- identity -----------------------------------------------------------------------------------------
+def override_key(override) -> str:
+    """The key a command-line override sets: `+loss.k=15` -> loss.k, `~tracking.uri` -> tracking.uri."""
+    return str(override).lstrip("+~").partition("=")[0]
+
+
 def experiment_overrides(overrides) -> list[str]:
     """The command-line overrides that define the experiment, normalised and sorted (order does not matter)."""
     kept = []
     for o in overrides:
-        o = str(o).lstrip("+")
-        key = o.lstrip("~").partition("=")[0]
+        key = override_key(o)
         if key != FRESH_KEY and not key.startswith(RESUMABLE_KEYS):
-            kept.append(o)
+            kept.append(str(o).lstrip("+"))
     return sorted(kept)
 
 
@@ -131,7 +135,7 @@ def resume_command(argv, steps: int | None = None) -> str:
     run) or resume= (the run directory now holds its own checkpoints); with `steps`, one that trains on
     to train.steps=steps."""
     drop = (FRESH_KEY, "resume") + (("train.steps",) if steps is not None else ())
-    keep = [a for a in argv[1:] if a.lstrip("+~").partition("=")[0] not in drop]
+    keep = [a for a in argv[1:] if override_key(a) not in drop]
     return shlex.join(["python", argv[0], *keep, *([f"train.steps={steps}"] if steps is not None else [])])
 
 

@@ -122,7 +122,7 @@ def sweep(hydra_context, config, launcher, jobs, *, keys=None) -> list:
         print(f"tracking: {e}", flush=True)
         failed += 1
     for num, overrides in enumerate(jobs):
-        swept = [o for o in overrides if keys is None or o.lstrip("+~").partition("=")[0] in keys]
+        swept = [o for o in overrides if keys is None or runs.override_key(o) in keys]
         shown = " ".join(swept or overrides)
         try:
             cfg = hydra_context.config_loader.load_sweep_config(config, list(overrides))

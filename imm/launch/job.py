@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from imm.diskspace import DiskFullError, check_free, quiet_log_files
 from imm.errors import USER_EXIT_STATUS, RunDirError, UserError, error_line, exit_on_user_error
-from imm.runs import check_writable, record_error, resume_command, sweep_info
+from imm.runs import check_writable, override_key, record_error, resume_command, sweep_info
 from imm.tracking.mlflow_run import TrackingError, check_reachable, default_uri
 from imm.training.checkpoint import resolve
 from imm.training.signals import Interrupted, in_submitit_job
@@ -68,7 +68,7 @@ def sweep_tags(hc, info: dict) -> dict[str, str]:
 
 def swept_run_name(overrides, keys) -> str:
     """`kernel=inv_stride,loss.k=15`: a sweep job's values of the swept keys only."""
-    return ",".join(o.lstrip("+~") for o in overrides if o.lstrip("+~").partition("=")[0] in keys)
+    return ",".join(o.lstrip("+~") for o in overrides if override_key(o) in keys)
 
 
 class Launch(NamedTuple):

@@ -38,7 +38,7 @@ from imm import runs
 from imm.errors import ConfigError, UserError
 from imm.evaluation.metrics import find_metric
 from imm.launch import dry_run
-from imm.tracking.mlflow_run import client_for, default_uri, sqlite_lock
+from imm.tracking.mlflow_run import client_for, default_uri, sqlite_lock, sqlite_path
 from imm.validation import not_allowed, validate
 
 log = logging.getLogger("imm.search")
@@ -107,7 +107,8 @@ def job_overrides(fixed: list[str], params: dict) -> list[str]:
 def default_storage(config) -> str:
     """sqlite:///<the directory of the SQLite MLflow store>/optuna.db, else in the launch directory."""
     uri = config.tracking.uri or default_uri(config.hydra.runtime.cwd)
-    folder = Path(uri[len("sqlite:///") :]).parent if uri.startswith("sqlite:///") else Path(config.hydra.runtime.cwd)
+    db = sqlite_path(uri)
+    folder = db.parent if db is not None else Path(config.hydra.runtime.cwd)
     return f"sqlite:///{folder.resolve() / 'optuna.db'}"
 
 

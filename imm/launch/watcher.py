@@ -76,7 +76,7 @@ class JobWatcher:
             overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
         except (OSError, yaml.YAMLError):
             return ""
-        return " ".join(o for o in overrides if str(o).lstrip("+~").partition("=")[0] in self.keys)
+        return " ".join(o for o in overrides if runs.override_key(o) in self.keys)
 
 
 def _newer(path: Path, since: float) -> bool:

@@ -21,7 +21,7 @@ from imm.data.points import Standardizer
 from imm.errors import CheckpointError, ConfigError, TrackingError
 from imm.evaluation.evaluator import LABEL_MODES
 from imm.factory import loss_T
-from imm.tracking.mlflow_run import Tracker, check_store, default_uri, flatten
+from imm.tracking.mlflow_run import Tracker, check_store, default_uri, flatten, sqlite_path
 from imm.training import checkpoint
 from imm.validation import POINT_DATA, Sampling, not_allowed, sampling_plan
 
@@ -195,7 +195,7 @@ class ResultsRun:
             "set tracking.uri to the store the training logged to (the launch directory's mlflow.db), or"
             " tracking.new_run=true to log into a new run"
         )
-        if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
+        if (db := sqlite_path(uri)) is not None and not db.is_file():
             raise TrackingError(
                 f"the checkpoint's MLflow run {run_id} cannot be in {uri}: the file does not exist; {hint}"
             )

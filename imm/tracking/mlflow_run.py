@@ -48,11 +48,15 @@ def default_uri(launch_dir) -> str:
     return f"sqlite:///{Path(launch_dir).resolve() / 'mlflow.db'}"
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///PATH` tracking URI, None for any other store."""
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") and uri != "sqlite:///" else None
+
+
 def artifact_root(uri: str) -> str | None:
     """For a SQLite store, artifacts go beside the database (not ./mlruns of whatever the cwd is)."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
-    return None
+    db = sqlite_path(uri)
+    return None if db is None else (db.parent / "mlartifacts").as_uri()
 
 
 @contextlib.contextmanager
@@ -60,10 +64,9 @@ def sqlite_lock(uri: str):
     """One process at a time in the block, for an SQLite database (a lock file beside it; other URIs: no lock).
     MLflow's schema migration is not safe against a second process doing the same (two runs started
     together on a fresh store: one dies with `sqlite3.OperationalError: duplicate column name: step`)."""
-    if not uri.startswith("sqlite:///"):
+    if (db := sqlite_path(uri)) is None:
         yield
         return
-    db = Path(uri[len("sqlite:///") :])
     with file_lock(db.parent / f".{db.name}.lock"):
         yield
 
@@ -113,12 +116,11 @@ def check_store(uri: str) -> None:
 
 
 def _check_sqlite(uri: str) -> None:
-    if not uri.startswith("sqlite:///") or uri == "sqlite:///":
+    if (db := sqlite_path(uri)) is None:
         raise TrackingError(
             f"tracking.uri={uri} names no SQLite file; write sqlite:/// and the file's path"
             " (sqlite:////absolute/path/mlflow.db or sqlite:///relative/path/mlflow.db)."
         )
-    db = Path(uri[len("sqlite:///") :])
     try:
         head = db.read_bytes()[:16] if db.is_file() else b""
     except OSError as e:
@@ -244,8 +246,8 @@ class Tracker:
         except TrackingError:
             raise
         except Exception as e:  # noqa: BLE001  MLflow's, SQLAlchemy's and the OS's errors of a store
-            if (code := disk_errno(e)) is not None and uri.startswith("sqlite:///"):
-                raise DiskFullError(uri[len("sqlite:///") :], code) from None
+            if (code := disk_errno(e)) is not None and sqlite_path(uri) is not None:
+                raise DiskFullError(sqlite_path(uri), code) from None
             raise unusable(uri, e) from None
         tracker = cls(client, run.info.run_id, end_at_exit=end_at_exit)
         tracker.log_params(params)
