@@ -247,7 +247,8 @@ def check_same_run(cfg, saved_yaml: str, path) -> dict[str, str]:
     """Resuming must continue the same experiment: only RESUMABLE_KEYS may differ. Returns those that
     did, as tags (MLflow params are logged once, when the run is created, and cannot change)."""
     saved = flatten(OmegaConf.create(saved_yaml))
-    now = flatten(cfg)
+    # a sweep job's full config (the dry run's) also holds Hydra's node, which resolves only inside the job
+    now = flatten(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg)
     changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     for k in changed:
         if not k.startswith(RESUMABLE_KEYS):

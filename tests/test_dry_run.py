@@ -107,3 +107,21 @@ def test_the_meta_network_has_the_real_parameter_count():
         meta = factory.net(cfg, (1, 16, 16), 10)
     real = factory.net(cfg, (1, 16, 16), 10)
     assert sum(p.numel() for p in meta.parameters()) == sum(p.numel() for p in real.parameters())
+
+
+@pytest.mark.slow
+def test_a_dry_run_of_a_sweep_that_ran_says_what_its_relaunch_does(tmp_path):
+    """Checking a relaunch (docs/runs.md): the jobs' configs hold Hydra's own node, which resolves only inside a
+    job; the dry run compares the rest with each job's checkpoint (it crashed in Hydra's interpolation before)."""
+    common = ("-m", "loss.k=11,12", "debug=toy", "train.steps=20", "tracking.enabled=false")
+    launch(tmp_path, *common, check=True)
+    sweep_dir = next((tmp_path / "multirun" / "toy").iterdir())
+    before = {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()}
+    proc = launch(tmp_path, *common, "dry_run=true")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr and "Warning" not in proc.stderr
+    jobs = [line for line in proc.stdout.splitlines() if line.startswith("job ")]
+    assert len(jobs) == 2 and all(j.endswith("(FINISHED at step 20 before: a launch would do nothing)") for j in jobs)
+    longer = launch(tmp_path, *common, "train.steps=40", "dry_run=true", check=True)
+    relative = sweep_dir.relative_to(tmp_path)  # the sweep directory as Hydra names it, from the launch directory
+    assert f"(resumes from {relative}/1/checkpoints/step-00000020.pt at step 20)" in longer.stdout
+    assert {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()} == before

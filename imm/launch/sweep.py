@@ -156,6 +156,8 @@ class MLflowSweepCallback(Callback):
         )
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        if self.sweep_dir is None:  # a dry run: on_multirun_start started nothing
+            return
         if self.watcher is not None:
             self.watcher.stop()  # the last jobs' lines before the sweep's own
         jobs = self._jobs()
