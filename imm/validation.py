@@ -243,6 +243,16 @@ def check_guidance(cfg, num_classes: int) -> None:
     raise ConfigError(f"eval.guidance={cfg.eval.guidance} needs class-conditional data, but {why}; use {fix}.")
 
 
+def check_steps_reached(cfg, step: int, path) -> None:
+    """A run resumed from its checkpoint at `step` trains on to train.steps: fewer steps than it has is a typo
+    (it would end FINISHED at a step beyond what was asked, without training)."""
+    if cfg.train.steps < step:
+        raise ConfigError(
+            f"train.steps={cfg.train.steps} is below step {step}, which this run has reached ({path}); use"
+            f" train.steps={step} or more to train on, or fresh=true for a new run of this experiment."
+        )
+
+
 def check_same_run(cfg, saved_yaml: str, path) -> dict[str, str]:
     """Resuming must continue the same experiment: only RESUMABLE_KEYS may differ. Returns those that
     did, as tags (MLflow params are logged once, when the run is created, and cannot change)."""

@@ -572,6 +572,10 @@ def test_a_signal_mid_training_checkpoints_at_that_step_and_ends_killed(tmp_path
     assert max(s for s, _ in metric_history(tmp_path, run_info, "train/loss")) <= stop_step
 
     if signum == signal.SIGTERM:  # a relaunch continues from the stop step and finishes the same MLflow run
+        short = launch(tmp_path, *common, f"train.steps={stop_step - 1}")  # fewer steps than it has: a typo
+        assert short.returncode == 2
+        assert one_error_line(short.stderr).startswith(f"train.steps={stop_step - 1} is below step {stop_step}, ")
+        assert only_run(tmp_path).info.status == "KILLED"  # refused before the MLflow run reopens
         out = ok(launch(tmp_path, *common, f"train.steps={stop_step + 20}"))
         assert f"resumed from {saved} at step {stop_step}" in out.stderr
         run_info = only_run(tmp_path)

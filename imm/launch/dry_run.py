@@ -26,7 +26,7 @@ from imm.launch.job import tracking_uri
 from imm.nets import count_parameters
 from imm.tracking.mlflow_run import check_store
 from imm.training import checkpoint, distributed
-from imm.validation import check_precision, check_same_run, load_data, validate
+from imm.validation import check_precision, check_same_run, check_steps_reached, load_data, validate
 
 SUBMITIT = "hydra_plugins.hydra_submitit_launcher.submitit_launcher."
 
@@ -57,6 +57,8 @@ def _run_dir_state(cfg, run_dir: Path) -> str:
         check_same_run(cfg, saved["config"], path)
     if runs.finished(last := runs.read_status(run_dir), cfg.train.steps):
         return f"FINISHED at step {last['step']} before: a launch would do nothing"
+    if saved is not None:
+        check_steps_reached(cfg, saved["step"], path)
     return f"resumes from {path} at step {saved['step']}" if saved else "starts at step 0"
 
 

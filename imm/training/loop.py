@@ -33,7 +33,7 @@ from imm.training.attempt import Attempt
 from imm.training.progress import Progress, run_description
 from imm.training.signals import StopFlag
 from imm.training.threads import torch_threads
-from imm.validation import check_precision, check_same_run, load_data, validate
+from imm.validation import check_precision, check_same_run, check_steps_reached, load_data, validate
 
 log = logging.getLogger("imm.train")
 
@@ -75,6 +75,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
         torch.manual_seed(cfg.train.seed + 1000 * env.rank)  # dropout streams differ per rank
         step = 0
         if saved:
+            check_steps_reached(cfg, saved["step"], ckpt_path)
             state.load_state_dict(saved, device)
             step = saved["step"]
             log.info("resumed from %s at step %d", ckpt_path, step)
