@@ -85,6 +85,7 @@ def test_user_errors_exit_2_with_one_sentence(toy, tmp_path):
     assert "guidance=1.5 needs a class-conditional model" in out and "Traceback" not in out
     proc = launch(tmp_path, "--config-name", "sample")
     assert proc.returncode == 2 and "ckpt is missing" in proc.stdout + proc.stderr
+    assert "e.g. ckpt=runs/toy/e3b0c442." in proc.stderr  # a run directory as runs are named (runs/<experiment>/<hash>)
 
 
 # -- what gets sampled ---------------------------------------------------------------------------

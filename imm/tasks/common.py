@@ -80,7 +80,8 @@ def require_ckpt(ckpt):
     """`ckpt`, or the ConfigError that says it is missing."""
     if ckpt is None or str(ckpt).strip() == "":
         raise ConfigError(
-            "ckpt is missing; give a checkpoint file or a run directory, e.g. ckpt=runs/2025-01-01/12-00-00-000000."
+            "ckpt is missing; give a checkpoint file or a run directory (runs/<experiment>/<hash>), e.g."
+            " ckpt=runs/toy/e3b0c442."
         )
     return ckpt
 
