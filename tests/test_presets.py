@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from imm import data, factory, nets
 from imm.config import CHOICES, ConfigError, loss_T, validate
-from imm.core import mapping, objective, parameterization, sampling, schedules
+from imm.core import mapping, methods, objective, parameterization, sampling, schedules
 from imm.nets.dit import DIT_PRESETS
 from imm.search import corners, job_overrides, search_space
 
@@ -73,7 +73,7 @@ def test_digits_narrows_dit_s_4_as_its_delta():
 def test_option_lists_are_the_code_s():
     assert CHOICES["kernel.weighting"] == objective.WEIGHTINGS
     assert CHOICES["kernel.function"] == objective.KERNELS
-    assert CHOICES["loss.objective"] == tuple(objective.OBJECTIVES)
+    assert CHOICES["loss.objective"] == tuple(methods.OBJECTIVES)
     assert CHOICES["loss.mapping"] == mapping.MAPPINGS
     assert CHOICES["schedule.name"] == tuple(schedules.SCHEDULES)
     assert CHOICES["schedule.param"] == tuple(parameterization.PARAMETERIZATIONS)
