@@ -128,8 +128,8 @@ class MeanFlowObjective(_Objective):
             )
         if guided and self.label_dropout == 0.0:
             raise ArgumentError(
-                f"{{omega}}={omega} mixes in the null-label velocity, which label_dropout=0 never trains; use"
-                " label_dropout > 0 (the paper: 0.1)",
+                f"{{omega}}={omega} mixes in the null-label velocity, which {{label_dropout}}=0 never trains; use"
+                " {label_dropout} > 0 (the paper: 0.1)",
                 "omega",
                 "label_dropout",
             )
