@@ -12,6 +12,7 @@ from helpers import compose_cfg
 from mlflow.tracking import MlflowClient
 from test_reliability import Started, assert_identical, launch, ok, run_dirs
 
+from imm import factory
 from imm.config import ConfigError, validate
 from imm.training import checkpoint
 
@@ -90,3 +91,36 @@ def test_kill_9_then_relaunch_resumes_bit_exactly(tmp_path, loss):
     b = checkpoint.load(cut / "checkpoints" / "step-00000400.pt")
     assert_identical(a, b, skip={"mlflow_run_id"})
     assert any(isinstance(v, torch.Tensor) for v in a["model"].values())
+
+
+def test_the_cifar10_presets_hold_the_papers_values():
+    """docs/presets.md, row by row where a value is a config key."""
+    mf = compose_cfg("experiment=cifar10_meanflow")
+    m = mf.loss.meanflow
+    assert (mf.loss.objective, m.P_mean, m.P_std, m.ratio, m.norm_p, m.norm_eps) == (
+        "meanflow",
+        -2,
+        2,
+        0.75,
+        0.75,
+        1e-3,
+    )
+    assert (mf.optim.name, mf.optim.lr, mf.optim.weight_decay, mf.optim.warmup_steps) == ("adamw", 6e-4, 0, 9800)
+    assert (mf.train.batch_size, mf.train.steps, mf.ema.decay, mf.arch.dropout) == (1024, 800_000, 0.9999, 0.2)
+    assert (mf.arch.name, mf.schedule.param, mf.data.use_labels, mf.data.augment_p) == (
+        "ddpmpp",
+        "euler_fm",
+        False,
+        0.12,
+    )
+    ict = compose_cfg("experiment=cifar10_ict")
+    i = ict.loss.ict
+    assert (ict.loss.objective, i.s0, i.s1, i.rho, i.P_mean, i.P_std, i.huber) == ("ict", 10, 1280, 7, -1.1, 2, None)
+    par = factory.parameterization(ict)
+    assert par.sigma_of(ict.loss.eps).item() == pytest.approx(0.002, rel=1e-12)
+    assert par.sigma_of(ict.loss.T).item() == pytest.approx(80.0, rel=1e-12)
+    assert (ict.optim.name, ict.optim.lr, ict.train.batch_size, ict.train.steps) == ("radam", 1e-4, 1024, 400_000)
+    assert (ict.ema.decay, ict.arch.dropout, ict.data.use_labels, ict.target.kind) == (0.99993, 0.3, False, "online")
+    assert ict.eval.sampler == "restart" and 0.5 * ict.eval.two_step_eta == pytest.approx(0.821)
+    for cfg in (mf, ict):
+        validate(cfg)

@@ -13,7 +13,7 @@ platform's inputs: c_in(t) x_t equals EDM's c_in(sigma) x_sigma = x_sigma / sqrt
 and the noise input is time_scale t (a monotone relabelling of sigma, the same for every method here).
 The platform's time range [eps, T] is [t(sigma_min), t(sigma_max)].
 
-The consistency function (EDM boundary-condition parameterization, iCT Sec. 2 / CM App. C):
+The consistency function (EDM's boundary-condition parameterization, as iCT uses it):
     f(x_sigma, sigma) = c_skip(sigma) x_sigma + c_out(sigma) F,
     c_skip = sigma_d^2 / ((sigma - sigma_min)^2 + sigma_d^2),
     c_out = sigma_d (sigma - sigma_min) / sqrt(sigma_d^2 + sigma^2),
@@ -42,16 +42,16 @@ HUBER_SCALE = 0.00054  # c = 0.00054 sqrt(d) (Sec. 3.3): 0.03 for CIFAR-10's d =
 # the paper's formulas (tests/test_ict.py checks each against its printed value)
 # --------------------------------------------------------------------------------------------
 def discretization_steps(k: int, K: int, s0: int = 10, s1: int = 1280) -> int:
-    """N(k) = min(s0 2^floor(k / K'), s1) + 1 with K' = floor(K / (log2 floor(s1 / s0) + 1)) (Eq. 7, the
-    doubling curriculum; s0 = 10, s1 = 1280). K' is at least 1, so a run shorter than the number of doublings
-    still ends at s1 + 1."""
+    """N(k) = min(s0 2^floor(k / K'), s1) + 1 with K' = floor(K / (log2 floor(s1 / s0) + 1)) (the
+    doubling curriculum; s0 = 10, s1 = 1280). K' is floored at 1: a run of fewer steps than doublings doubles N
+    at every step."""
     K_prime = max(1, math.floor(K / (math.log2(math.floor(s1 / s0)) + 1)))
     return min(s0 * 2 ** (k // K_prime), s1) + 1
 
 
 def karras_sigmas(N: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
     """sigma_i = (sigma_min^(1/rho) + (i - 1)/(N - 1) (sigma_max^(1/rho) - sigma_min^(1/rho)))^rho, i = 1..N,
-    ascending (Sec. 2, from EDM), float64 [N]."""
+    ascending (EDM's grid, as iCT uses it), float64 [N]."""
     frac = torch.arange(N, dtype=torch.float64) / (N - 1)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     return (lo + frac * (hi - lo)) ** rho
@@ -59,7 +59,8 @@ def karras_sigmas(N: int, sigma_min: float, sigma_max: float, rho: float = 7.0) 
 
 def lognormal_probs(sigmas: Tensor, P_mean: float = -1.1, P_std: float = 2.0) -> Tensor:
     """p(sigma_i) proportional to erf((log sigma_{i+1} - P_mean)/(sqrt 2 P_std)) - erf((log sigma_i - P_mean)/(sqrt 2
-    P_std)), i = 1..N-1 (Eq. 8): the lognormal mass of [sigma_i, sigma_{i+1}), normalised, float64 [N - 1]."""
+    P_std)), i = 1..N-1 (the lognormal noise schedule, Sec. 3): the lognormal mass of [sigma_i, sigma_{i+1}),
+    normalised, float64 [N - 1]."""
     cdf = torch.special.erf((torch.log(f64(sigmas)) - P_mean) / (math.sqrt(2.0) * P_std))
     mass = cdf[1:] - cdf[:-1]
     return mass / mass.sum()
@@ -71,7 +72,7 @@ def huber_c(D: int) -> float:
 
 
 def pseudo_huber(x: Tensor, y: Tensor, c: float) -> Tensor:
-    """d(x, y) = sqrt(||x - y||^2 + c^2) - c per sample [B] (Eq. 6): L2-like near 0, L1-like far away."""
+    """d(x, y) = sqrt(||x - y||^2 + c^2) - c per sample [B] (Sec. 3.3): L2-like near 0, L1-like far away."""
     sq = (x.float() - y.float()).square().flatten(1).sum(1)
     return torch.sqrt(sq + c * c) - c
 

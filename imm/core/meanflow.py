@@ -2,13 +2,13 @@
 
 The network predicts the AVERAGE velocity u(z_t, r, t) = 1/(t - r) int_r^t v(z_tau, tau) dtau of the
 flow from time t back to r (t = 1 prior, 0 data), so one step z_r = z_t - (t - r) u lands exactly
-on the trajectory. Training uses the MeanFlow identity (Eq. 6):
+on the trajectory. Training uses the MeanFlow identity:
 
     u(z_t, r, t) = v(z_t, t) - (t - r) d/dt u(z_t, r, t),   d/dt u = v . grad_z u + du/dt,
 
 with the total derivative computed by ONE Jacobian-vector product through the network, tangent
 (v, 0, 1) for (z, r, t). The target u_tgt = sg(v - (t - r) d/dt u) is regressed with the adaptive
-weight w = 1 / (||u - u_tgt||^2 + c)^p (Eq. 9 with sg(w)).
+weight w = 1 / (||u - u_tgt||^2 + c)^p under stop-gradient.
 
 How it sits on this platform: the OT-FM interpolant z_t = (1 - t) x + t eps with eps ~ N(0, sigma_d^2 I)
 (so v = eps - x) and the Euler-FM parameterization f_{s,t}(z) = z - (t - s) sigma_d G, read as
@@ -36,13 +36,13 @@ Tensor = torch.Tensor
 # pieces, each with its formula (tests/test_meanflow.py checks them)
 # --------------------------------------------------------------------------------------------
 def logit_normal(normal: Tensor, mean: float, std: float) -> Tensor:
-    """t = sigmoid(mean + std n) for standard normal draws n (Sec. 4.3, "logit-normal")."""
+    """t = sigmoid(mean + std n) for standard normal draws n (the paper's "logit-normal" time sampler)."""
     return torch.sigmoid(mean + std * normal)
 
 
 def order_and_tie(t: Tensor, r: Tensor, u: Tensor, ratio: float) -> tuple[Tensor, Tensor]:
     """(t, r) = (max, min) of two independent draws, then r = t unless u < ratio: a fraction `ratio` of the
-    samples has r != t (Table 1a; the paper's CIFAR-10 code draws this per sample, as here)."""
+    samples has r != t (the paper's ablation of this ratio; its CIFAR-10 code draws this per sample, as here)."""
     t, r = torch.maximum(t, r), torch.minimum(t, r)
     return t, torch.where(u < ratio, r, t)
 
@@ -55,13 +55,13 @@ def mean_flow_target(u_fn, z: Tensor, v: Tensor, t: Tensor, r: Tensor) -> tuple[
 
 
 def adaptive_weight(sq_error: Tensor, p: float, c: float) -> Tensor:
-    """w = 1 / (||Delta||^2 + c)^p per sample (Eq. 9; p = 0 is the plain squared L2 loss, p = 1/2 a
+    """w = 1 / (||Delta||^2 + c)^p per sample (the adaptive loss weight; p = 0 is the plain squared L2 loss, p = 1/2 a
     pseudo-Huber-like loss); the caller stops its gradient."""
     return 1.0 / (sq_error + c) ** p
 
 
 def guided_velocity(v: Tensor, v_uncond: Tensor, v_cond: Tensor | None, omega, kappa) -> Tensor:
-    """The training-time guidance field (Eq. 13 and App. B.1 "improved CFG"):
+    """The training-time guidance field (the paper's guidance-in-training, with kappa as in the authors' JAX code):
     v~ = omega v + kappa u(z_t, t, t | c) + (1 - omega - kappa) u(z_t, t, t | null); omega = 1, kappa = 0
     is v itself. omega and kappa are per-sample [B] (1 and 0 outside the guidance interval)."""
     out = bcast(omega, v) * v + bcast(1.0 - omega - kappa, v) * v_uncond
@@ -221,6 +221,6 @@ class MeanFlowObjective(_Objective):
 
 
 def average_velocity_step(u: Tensor, z_t: Tensor, r, t) -> Tensor:
-    """z_r = z_t - (t - r) u: one MeanFlow step (Eq. 12); the platform's Euler-FM pushforward computes the same
+    """z_r = z_t - (t - r) u: one MeanFlow step; the platform's Euler-FM pushforward computes the same
     with u = sigma_d G."""
     return z_t - bcast((f64(t) - f64(r)).clamp(min=0.0), z_t) * u
