@@ -25,6 +25,7 @@ each rank with its own gradient, without any error.
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from imm.core.objective import Draws, _fp32, _Objective, _replay_rng, _rng_state
 from imm.core.util import ArgumentError, bcast, f64
@@ -186,7 +187,9 @@ class MeanFlowObjective(_Objective):
         def u_fn(z, tt):
             return self._velocity(target, z, r, tt, labels, augment_labels)
 
-        with torch.no_grad():
+        # Forward-mode AD has no rule for the fused attention kernels (flash / memory-efficient SDPA); the math
+        # kernel is plain matmuls and softmax, which it differentiates.
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             return mean_flow_target(u_fn, z_t.float(), v_g.float(), t, r)[1]
 
     def loss(self, net, x: Tensor, draws: Draws, *, target=None):
