@@ -73,10 +73,40 @@ class KernelConfig:
 
 
 @dataclass
+class MeanFlowConfig:
+    """loss=meanflow's options (imm/core/meanflow.py). Defaults: the MeanFlow paper's ablation defaults (Table 1,
+    Sec. 4.3); experiment=cifar10_meanflow sets its CIFAR-10 values (docs/presets.md)."""
+
+    P_mean: float = ranged(-0.4)  # (t, r) ~ logit-normal(P_mean, P_std)
+    P_std: float = ranged(1.0, "> 0")
+    ratio: float = ranged(0.25, "[0, 1]", "the fraction of samples with r != t")
+    norm_p: float = ranged(1.0, ">= 0", "0: the squared L2 loss")  # adaptive weight 1 / (||D||^2 + c)^p
+    norm_eps: float = ranged(1e-3, "> 0")  # its c
+    omega: float = ranged(1.0, "> 0", "1: no guidance in training")  # class-conditional data only
+    kappa: float = ranged(0.0, "[0, 1)", "0: omega alone")
+    t_guide_min: float = ranged(0.0, "[0, 1]")  # guidance only for t in [t_guide_min, t_guide_max]
+    t_guide_max: float = ranged(1.0, "[0, 1]")
+
+
+@dataclass
+class ICTConfig:
+    """loss=ict's options (imm/core/consistency.py); the paper's values (iCT Sec. 3). Its noise range is loss.eps
+    and loss.T (sigma = sigma_d eta(t)), which conf/loss/ict.yaml sets to sigma_min = 0.002, sigma_max = 80."""
+
+    total_steps: Optional[int] = ranged(None, ">= 1", "null: train.steps")  # K of the curriculum N(k)
+    s0: int = ranged(10, ">= 1")  # N(k) = min(s0 2^floor(k/K'), s1) + 1
+    s1: int = ranged(1280, ">= 1")
+    rho: float = ranged(7.0, "> 0")  # the Karras grid's exponent
+    P_mean: float = ranged(-1.1)  # the lognormal noise-level distribution
+    P_std: float = ranged(2.0, "> 0")
+    huber: Optional[float] = ranged(None, "> 0", "null: 0.00054 sqrt(d)")  # the pseudo-Huber c
+
+
+@dataclass
 class LossConfig:
     """Defaults: Table 5's ImageNet column (k=12, a=1, b=4, M=4, p(t) = U(0, T)), the loss=imm option."""
 
-    objective: str = "imm"  # or fm (the flow-matching baseline)
+    objective: str = "imm"  # or fm (the flow-matching baseline), meanflow, ict (CHOICES["loss.objective"])
     M: int = ranged(4, note=CORE)  # particles per group
     k: int = ranged(12, "[1, 24]", "the paper uses 12 to 15")  # r(s,t) step = range / 2^k
     a: float = ranged(1.0, "{1, 2}", "the time weight's exponent, Eq. 13")
@@ -91,6 +121,8 @@ class LossConfig:
     drop_target_labels: bool = False  # target pass sees the student's dropped labels
     target_fp32: bool = True  # target pass outside autocast
     share_dropout: bool = True  # target pass reuses the student's dropout masks
+    meanflow: MeanFlowConfig = field(default_factory=MeanFlowConfig)  # loss.objective=meanflow only
+    ict: ICTConfig = field(default_factory=ICTConfig)  # loss.objective=ict only
 
 
 @dataclass
@@ -360,6 +392,17 @@ class EncodeConfig:
     dtype: str = "float32"  # of the stored latents: float32 | float16 (half the disk)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     data: DataConfig = field(default_factory=DataConfig)  # data.hflip=true also encodes flipped copies
+
+
+def saved_config(text: str):
+    """A config a checkpoint stored, over today's schema: keys added since it was written get their defaults, so
+    a run started by an earlier version resumes and samples as it was (a key the schema no longer has: the
+    config as it was saved). The one migration of saved configs."""
+    saved = OmegaConf.create(text)
+    try:
+        return OmegaConf.merge(OmegaConf.structured(Config), saved)
+    except Exception:  # noqa: BLE001  OmegaConf's errors for a key or type the schema no longer has
+        return saved
 
 
 def register(choices=None) -> None:

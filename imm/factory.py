@@ -8,10 +8,13 @@ import torch
 from omegaconf import OmegaConf
 
 from imm import nets
+from imm.core import consistency as consistency_mod
 from imm.core import mapping as mapping_mod
+from imm.core import meanflow as meanflow_mod
 from imm.core import objective as objective_mod
 from imm.core import parameterization as param_mod
 from imm.core import schedules
+from imm.core.util import ArgumentError
 from imm.data import DataBundle, build_dataset
 from imm.data.augment import AUGMENT_DIM, Augment
 from imm.errors import ConfigError
@@ -40,10 +43,12 @@ LR_SCHEDULES = ("constant", "cosine")  # optim.lr_schedule, see lr_at
 
 
 def parameterization(cfg) -> param_mod.Parameterization:
+    """schedule.param around the network; iCT's consistency function in its place when loss.objective=ict."""
     sch = cfg.schedule
-    return param_mod.get(
-        sch.param, schedule=sch.name, sigma_data=sch.sigma_data, time_scale=sch.time_scale, second_time=sch.second_time
-    )
+    common = dict(schedule=sch.name, sigma_data=sch.sigma_data, time_scale=sch.time_scale, second_time=sch.second_time)
+    if cfg.loss.get("objective") == "ict":  # the boundary condition f(x, sigma_min) = x sits at t = loss.eps
+        return consistency_mod.Consistency(t_min=cfg.loss.eps, **common)
+    return param_mod.get(sch.param, **common)
 
 
 def mapping(cfg) -> mapping_mod.Mapping:
@@ -108,7 +113,36 @@ def objective(cfg, num_classes: int = 0, rank: int = 0, world_size: int = 1):
     )
     if cfg.loss.objective == "fm":
         return objective_mod.FMObjective(parameterization(cfg), eps=cfg.loss.eps, T=loss_T(cfg), **common)
+    if cfg.loss.objective in ("meanflow", "ict"):
+        try:  # a rule that needs the data (guidance on unlabelled data) is known only now
+            return method_objective(cfg, **common)
+        except ArgumentError as e:
+            raise method_error(e, cfg.loss.objective) from None
     return imm_objective(cfg, **common)
+
+
+# imm.core argument names -> config keys, so the new objectives' argument errors name the keys a user sets
+METHOD_ARG_KEYS = {"param": "schedule.param", "eps": "loss.eps", "T": "loss.T", "label_dropout": "loss.label_dropout"}
+
+
+def method_error(e: ArgumentError, objective: str) -> ConfigError:
+    """A MeanFlow or iCT argument error as one sentence naming the config keys (loss.<objective>.<arg>)."""
+    keys = {**{arg: f"loss.{objective}.{arg}" for arg in e.args_named}, **METHOD_ARG_KEYS}
+    if e.allowed is not None:
+        return ConfigError(f"{keys.get(e.arg, e.arg)}={e.value!r} is not allowed; choose one of {list(e.allowed)}.")
+    return ConfigError(e.render(keys) + ".")
+
+
+def method_objective(cfg, **common):
+    """The MeanFlow or iCT objective of cfg (loss.meanflow.*, loss.ict.*); `common` as imm_objective's."""
+    lo, kw = cfg.loss, dict(eps=cfg.loss.eps, T=loss_T(cfg), target_fp32=cfg.loss.target_fp32)
+    kw["share_dropout"] = lo.share_dropout
+    if lo.objective == "meanflow":
+        options = OmegaConf.to_container(lo.meanflow)
+        return meanflow_mod.MeanFlowObjective(parameterization(cfg), **options, **kw, **common)
+    ict = OmegaConf.to_container(lo.ict)
+    ict["total_steps"] = ict["total_steps"] or cfg.train.steps  # K: set it to extend a run without moving N(k)
+    return consistency_mod.ICTObjective(parameterization(cfg), **ict, **kw, **common)
 
 
 def dataset(cfg) -> DataBundle:

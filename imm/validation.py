@@ -18,8 +18,9 @@ import torch
 from omegaconf import OmegaConf
 
 from imm import data as data_mod
-from imm import factory, nets
-from imm.core import mapping, objective, parameterization, sampling, schedules
+from imm import factory, method_checks, nets
+from imm.config import saved_config
+from imm.core import mapping, methods, objective, parameterization, sampling, schedules
 from imm.core.util import ArgumentError
 from imm.errors import ConfigError
 from imm.evaluation.metrics import KNN_K, MIN_POINTS
@@ -58,7 +59,7 @@ def choices() -> dict[str, tuple]:
         "schedule.second_time": tuple(parameterization.SECOND_TIME_INPUTS),
         "kernel.weighting": tuple(objective.WEIGHTINGS),
         "kernel.function": tuple(objective.KERNELS),
-        "loss.objective": tuple(objective.OBJECTIVES),
+        "loss.objective": tuple(methods.OBJECTIVES),
         "loss.mapping": tuple(mapping.MAPPINGS),
         "target.kind": ("online", "ema"),  # imm.training.loop: theta^- is the online net unless ema
         "data.name": tuple(data_mod.DATASET_NAMES),
@@ -117,6 +118,7 @@ def validate(cfg, world_size: int = 1) -> None:
         factory.imm_objective(cfg, label_dropout=label_dropout, num_classes=1, augment=factory.augment(cfg))
     except ArgumentError as e:  # num_classes=1: whether the data have labels is known once they are loaded
         raise from_core(e) from None
+    method_checks.check(cfg)  # loss=meanflow / ict: their options, and the IMM options they do not use
 
     B, M = cfg.train.batch_size, cfg.loss.M
     if B % (M * world_size):
@@ -256,7 +258,7 @@ def check_steps_reached(cfg, step: int, path) -> None:
 def check_same_run(cfg, saved_yaml: str, path) -> dict[str, str]:
     """Resuming must continue the same experiment: only RESUMABLE_KEYS may differ. Returns those that
     did, as tags (MLflow params are logged once, when the run is created, and cannot change)."""
-    saved = flatten(OmegaConf.create(saved_yaml))
+    saved = flatten(saved_config(saved_yaml))  # keys added to the schema since: their defaults
     # a sweep job's full config (the dry run's) also holds Hydra's node, which resolves only inside the job
     now = flatten(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg)
     changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]

@@ -303,3 +303,17 @@ def test_help_ends_with_every_keys_range():
         assert any(line.split()[:1] == [key] and line.endswith(r.describe()) for line in lines), key
     assert any(line.split()[:1] == ["loss.mapping"] and "eta_decrement" in line for line in lines)
     assert "  train.keep_last" in footer and "$" not in footer  # Hydra's help template substitutes $NAMES
+
+
+def test_a_run_saved_before_a_key_existed_resumes_with_its_default():
+    """A checkpoint's config written before loss.meanflow / loss.ict existed is the same experiment (the keys get
+    their defaults); a changed value is still refused."""
+    from imm.validation import check_same_run
+
+    cfg = compose_cfg()
+    old = OmegaConf.to_container(cfg)
+    del old["loss"]["meanflow"], old["loss"]["ict"]
+    assert check_same_run(cfg, OmegaConf.to_yaml(old), "old.pt") == {}
+    old["loss"]["k"] = 13
+    with pytest.raises(ConfigError, match=r"different config \(loss.k was '13', now '12'\)"):
+        check_same_run(cfg, OmegaConf.to_yaml(old), "old.pt")

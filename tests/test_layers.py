@@ -24,7 +24,7 @@ FLOORS = {
         "imm.training.threads"],
     2: ["imm.config"],
     3: ["imm.factory"],
-    4: ["imm.validation"],
+    4: ["imm.validation", "imm.method_checks"],
     5: ["imm.evaluation"],
     6: ["imm.training", "imm.tasks", "imm.report"],
     7: ["imm.launch"],

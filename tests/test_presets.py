@@ -8,7 +8,7 @@ from helpers import CONF, ROOT, compose_cfg
 from omegaconf import OmegaConf
 
 from imm import data, factory, nets
-from imm.core import mapping, objective, parameterization, sampling, schedules
+from imm.core import mapping, methods, objective, parameterization, sampling, schedules
 from imm.errors import ConfigError
 from imm.factory import loss_T
 from imm.launch.search import corners, job_overrides, search_space
@@ -77,7 +77,7 @@ def test_digits_narrows_dit_s_4_as_its_delta():
 def test_option_lists_are_the_code_s():
     assert CHOICES["kernel.weighting"] == objective.WEIGHTINGS
     assert CHOICES["kernel.function"] == objective.KERNELS
-    assert CHOICES["loss.objective"] == tuple(objective.OBJECTIVES)
+    assert CHOICES["loss.objective"] == tuple(methods.OBJECTIVES)
     assert CHOICES["loss.mapping"] == mapping.MAPPINGS
     assert CHOICES["schedule.name"] == tuple(schedules.SCHEDULES)
     assert CHOICES["schedule.param"] == tuple(parameterization.PARAMETERIZATIONS)

@@ -5,9 +5,20 @@ Modules (each function's docstring gives its formula and the spec section):
 - parameterization: the one-step map f_{s,t} (euler_fm, simple_edm, identity) around a network;
 - mapping: r(s, t);
 - objective: kernels, kernel weightings, time weight w(s,t), group MMD, IMM and FM objectives;
-- sampling: time grids, pushforward and restart samplers, classifier-free guidance.
+- sampling: time grids, pushforward and restart samplers, classifier-free guidance;
+- meanflow, consistency: the MeanFlow and iCT objectives (and iCT's consistency parameterization);
+- methods: the registry of objectives (loss.objective).
 """
 
-from imm.core import mapping, objective, parameterization, sampling, schedules
+from imm.core import consistency, mapping, meanflow, methods, objective, parameterization, sampling, schedules
 
-__all__ = ["mapping", "objective", "parameterization", "sampling", "schedules"]
+__all__ = [
+    "consistency",
+    "mapping",
+    "meanflow",
+    "methods",
+    "objective",
+    "parameterization",
+    "sampling",
+    "schedules",
+]

@@ -512,7 +512,7 @@ class FMObjective(_Objective):
         return loss, {"t": t.mean().detach(), "t_minus_s": (t - s).mean().detach()}
 
 
-OBJECTIVES = {"imm": IMMObjective, "fm": FMObjective}  # loss.objective
+# loss.objective's registry, with the methods of other modules: imm/core/methods.py
 
 
 # --------------------------------------------------------------------------------------------

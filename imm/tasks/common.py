@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from imm import factory
-from imm.config import Config
+from imm.config import saved_config
 from imm.data import DataBundle
 from imm.data.latents import LatentCodec
 from imm.data.points import Standardizer
@@ -86,15 +86,6 @@ def require_ckpt(ckpt):
     return ckpt
 
 
-def _training_config(text: str):
-    """The stored training config over today's schema (keys added since then get their defaults)."""
-    saved = OmegaConf.create(text)
-    try:
-        return OmegaConf.merge(OmegaConf.structured(Config), saved)
-    except Exception:  # a key the schema no longer has: use the config as it was saved
-        return saved
-
-
 def restore(ckpt, *, weights: str = "ema", device: str = "auto", data=None) -> Restored:
     """Load the file `ckpt` names (an EMA snapshot or a training state, or a run directory: its newest of
     either; weights_only) and rebuild its network with the EMA or, from a training state, the online weights;
@@ -109,7 +100,7 @@ def restore(ckpt, *, weights: str = "ema", device: str = "auto", data=None) -> R
             f"{path} is an EMA snapshot, which holds no online weights; for weights=online give a training state"
             f" (a step-XXXXXXXX.pt file in the run's {checkpoint.CKPT_DIR}/), or use weights=ema."
         )
-    cfg = _training_config(state["config"])
+    cfg = saved_config(state["config"])
     for key in ("root", "path"):  # the data moved since training
         if data is not None and data.get(key):
             OmegaConf.update(cfg, f"data.{key}", data.get(key), force_add=True)

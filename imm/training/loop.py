@@ -110,8 +110,9 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
             generator.manual_seed(_step_seed(cfg.train.seed, step))
             for group in optimizer.param_groups:
                 group["lr"] = factory.lr_at(cfg, step)
-            with autocast:
-                draws = objective.draw(x, labels, generator)  # for the whole share, whatever train.micro_batch
+            with autocast:  # for the whole share, whatever train.micro_batch; iCT's curriculum N(k) needs the step
+                step_kw = {"step": step} if getattr(objective, "needs_step", False) else {}
+                draws = objective.draw(x, labels, generator, **step_kw)
             optimizer.zero_grad(set_to_none=True)
             loss, diag = _backward(cfg, env, objective, student, target, x, draws, scaler, autocast)
             scaler.unscale_(optimizer)
