@@ -20,9 +20,10 @@ from pathlib import Path
 from imm import runs
 from imm.diskspace import DiskFullError, skipped
 from imm.tracking.mlflow_run import Tracker
-from imm.training import diskwatch, distributed
+from imm.training import checkpoint, diskwatch, distributed
 from imm.training.progress import log_file, summary_text
 from imm.training.signals import Interrupted, in_submitit_job
+from imm.validation import check_same_run
 
 log = logging.getLogger("imm.train")
 
@@ -47,8 +48,11 @@ class Attempt:
         """The last attempt FINISHED at train.steps or beyond: a relaunch has nothing to do."""
         return runs.finished(self.last, self.steps)
 
-    def skip(self) -> dict:
-        """Say that the run is done and record the relaunch as skipped; the last attempt's summary."""
+    def skip(self, cfg) -> dict:
+        """Say that the run is done and record the relaunch as skipped; the last attempt's summary. Another
+        experiment in this directory is refused, not skipped."""
+        if (newest := checkpoint.resolve(None, self.run_dir)) is not None:
+            check_same_run(cfg, checkpoint.load(newest)["config"], newest)
         log.info(
             "%s: already FINISHED at step %d; nothing to do (raise train.steps to train on, or fresh=true for a"
             " new run)",

@@ -49,9 +49,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     device = _set_up(cfg, run_dir, env, tracking_uri)
     with Attempt(run_dir, env, steps=cfg.train.steps, run_name=run_name, tracking_uri=tracking_uri) as attempt:
         if attempt.finished():
-            if (newest := checkpoint.resolve(None, run_dir)) is not None:  # another experiment is refused, not skipped
-                check_same_run(cfg, checkpoint.load(newest)["config"], newest)
-            return attempt.skip()
+            return attempt.skip(cfg)
 
         # -- data, network, objective, optimizer (all before any MLflow run is created) ---------------------
         bundle = load_data(cfg)
@@ -73,12 +71,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
         saved = checkpoint.load(ckpt_path, required=state.required) if ckpt_path is not None else None
         resumed_tags = check_same_run(cfg, saved["config"], ckpt_path) if saved else {}
         torch.manual_seed(cfg.train.seed + 1000 * env.rank)  # dropout streams differ per rank
-        step = 0
-        if saved:
-            check_steps_reached(cfg, saved["step"], ckpt_path)
-            state.load_state_dict(saved, device)
-            step = saved["step"]
-            log.info("resumed from %s at step %d", ckpt_path, step)
+        step = _restore(cfg, state, saved, ckpt_path, device) if saved else 0
         # the next checkpoint must fit: said now, not after train.ckpt_every steps that could not be saved
         space = diskwatch.SpaceWatch(run_dir, cfg.train, diskwatch.estimates(state, device))
         space.check_room(step, attempt.resume_hint("FAILED"))
@@ -88,9 +81,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
         evaluator = Evaluator.from_config(cfg, bundle, objective.param, device=device) if env.is_main else None
         stop = StopFlag()  # before the MLflow run exists: a signal from here on ends it KILLED, never RUNNING
         if env.is_main and cfg.tracking.enabled:
-            tags = {**_run_tags(run_dir, device, env), **(extra_tags or {}), **resumed_tags}
-            if ckpt_path is not None:
-                tags[f"resumed_from_step_{step}"] = str(ckpt_path)
+            tags = {**_run_tags(run_dir, device, env, ckpt_path, step), **(extra_tags or {}), **resumed_tags}
             run_id = _read_run_id(run_dir) or (saved or {}).get("mlflow_run_id")  # a requeue before its 1st ckpt
             attempt.tracker = _open_tracker(cfg, run_dir, tracking_uri, run_name, run_id, tags, bundle, net, command)
         tracker, summary = attempt.tracker, attempt.summary
@@ -155,12 +146,19 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
             tracker.log_artifact(checkpoint.list_snapshots(run_dir)[-1], "weights")
         final = _evaluate(evaluator, ema.ema_model, tracker, run_dir, step)
         _track_best(best, final, step, tracker, run_dir, snapshot)
-        summary.update({f"final/{k[5:]}": v for k, v in final.items()})
-        if evaluator is not None:  # logged at the first evaluation only; the summary shows them
-            summary.update({f"final/{k[5:]}": v for k, v in evaluator.floors().items()})
-        summary.update(best)
+        # the noise floors are logged at the first evaluation only; the summary shows them
+        floors = evaluator.floors() if evaluator is not None else {}
+        summary.update({f"final/{k[5:]}": v for k, v in {**final, **floors}.items()}, **best)
         tracker.log_metrics(summary, step)
         return summary
+
+
+def _restore(cfg, state: checkpoint.CheckpointIO, saved: dict, ckpt_path, device) -> int:
+    """Load a checkpoint's training state (model, EMA, optimizer, data position, RNG); the step it reached."""
+    check_steps_reached(cfg, saved["step"], ckpt_path)
+    state.load_state_dict(saved, device)
+    log.info("resumed from %s at step %d", ckpt_path, saved["step"])
+    return saved["step"]
 
 
 def _set_up(cfg, run_dir: Path, env, tracking_uri: str | None) -> torch.device:
@@ -307,8 +305,10 @@ def _step_seed(seed: int, step: int) -> int:
 
 
 # -- tracking and outputs ---------------------------------------------------------------------------
-def _run_tags(run_dir: Path, device, env) -> dict[str, str]:
-    return {"run_dir": str(run_dir.resolve()), "device": str(device), "world_size": str(env.world_size)}
+def _run_tags(run_dir: Path, device, env, ckpt_path, step: int) -> dict[str, str]:
+    """Where the run runs, and the checkpoint an attempt resumed from (a tag per resume)."""
+    tags = {"run_dir": str(run_dir.resolve()), "device": str(device), "world_size": str(env.world_size)}
+    return tags if ckpt_path is None else {**tags, f"resumed_from_step_{step}": str(ckpt_path)}
 
 
 def _open_tracker(cfg, run_dir: Path, uri: str, run_name: str, run_id, tags: dict, bundle, net, command) -> Tracker:
