@@ -235,11 +235,11 @@ def check_guidance(cfg, num_classes: int) -> None:
     """Guidance mixes a class-conditional and the null-label output: refuse it for unconditional training."""
     if cfg.eval.guidance == 1.0 or num_classes > 0:
         return
-    unlabelled = not cfg.data.use_labels
+    unlabelled = not cfg.data.use_labels and cfg.data.name not in POINT_DATA  # labels the run leaves out
     why = (
         f"data.use_labels=false trains data.name={cfg.data.name!r} unconditionally"
         if unlabelled
-        else f"data.name={cfg.data.name!r} has no labels"
+        else f"data.name={cfg.data.name!r} is unconditional"
     )
     fix = "eval.guidance=1" + (" or data.use_labels=true" if unlabelled else "")
     raise ConfigError(f"eval.guidance={cfg.eval.guidance} needs class-conditional data, but {why}; use {fix}.")
