@@ -449,8 +449,22 @@ def augment_cases(su, args):
     def alone(module):
         return lambda: module.Augment(p)(su.x, rows)
 
-    steps = {f"imm_step augment_p={p} ({name})": step(m.Augment(p)) for name, m in versions.items()}
+    steps = {f"imm_step augment_p={p} ({name})": step(_as_now(m.Augment(p))) for name, m in versions.items()}
     return steps, {name: alone(m) for name, m in versions.items()}
+
+
+class _as_now:
+    """An Augment of another revision behind today's interface: the objective passes the global batch's
+    reflection margin, which a revision without Augment.margin computes for each batch itself."""
+
+    def __init__(self, augment):
+        self.augment, self.draw = augment, augment.draw
+
+    def margin(self, params, H, W):
+        return self.augment.margin(params, H, W) if hasattr(self.augment, "margin") else None
+
+    def __call__(self, x, params, margin=None):
+        return self.augment(x, params) if margin is None else self.augment(x, params, margin)
 
 
 def augment_summary(raw, alone, args, device, key):

@@ -67,26 +67,18 @@ def test_step_cost(tmp_path):
     assert "| imm_step |" in text and "targets:" in text
 
 
+# a tiny DiT-S/4 for one timed step on 8x8 images
+TINY_DIT_STEP = (
+    *("--arch", "dit_s_4", "--arch-override", "hidden_size=32", "--arch-override", "depth=1"),
+    *("--arch-override", "num_heads=2", "--resolution", "8", "--batch", "8", "--repeats", "1", "--warmup", "0"),
+)
+
+
 def test_step_cost_image_net_channels_last(tmp_path):
     out = tmp_path / "s.json"
     run(
         "step_cost.py",
-        "--arch",
-        "dit_s_4",
-        "--arch-override",
-        "hidden_size=32",
-        "--arch-override",
-        "depth=1",
-        "--arch-override",
-        "num_heads=2",
-        "--resolution",
-        "8",
-        "--batch",
-        "8",
-        "--repeats",
-        "1",
-        "--warmup",
-        "0",
+        *TINY_DIT_STEP,
         "--no-memory",
         "--compare-channels-last",
         "--out",
@@ -99,22 +91,7 @@ def test_step_cost_compare_augment(tmp_path):
     out = tmp_path / "s.json"
     text = run(
         "step_cost.py",
-        "--arch",
-        "dit_s_4",
-        "--arch-override",
-        "hidden_size=32",
-        "--arch-override",
-        "depth=1",
-        "--arch-override",
-        "num_heads=2",
-        "--resolution",
-        "8",
-        "--batch",
-        "8",
-        "--repeats",
-        "1",
-        "--warmup",
-        "0",
+        *TINY_DIT_STEP,
         "--no-split",
         "--no-memory",
         "--compare-augment",
