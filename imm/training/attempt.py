@@ -1,13 +1,13 @@
 """The run protocol around one training attempt in a run directory, so that the loop is only the loop.
 
 `with Attempt(run_dir, env, ...) as attempt:` holds the directory's lock (a second process is refused) and
-reads how the last attempt ended (`attempt.last`; `attempt.finished(steps)`: nothing to do). Once the loop
-is about to run, `attempt.begin(step, resumed=...)` says what this attempt does (started, resumed, rerun);
-from then on, however the block is left, the summary is printed, the MLflow run ends FINISHED (the block
-ended), KILLED (a signal, Ctrl-C, submitit's requeue) or FAILED (any other exception), distributed training
-shuts down and status.json records the outcome. A block left before `begin` (a user error while the data
-load, say) only releases the lock: the last attempt's status stays as it was. Other ranks hold no lock and
-write nothing.
+reads how the last attempt ended (`attempt.last`; `attempt.finished()`: nothing to do at train.steps). Once
+the loop is about to run, `attempt.begin(step, resumed=...)` says what this attempt does (started, resumed,
+rerun); from then on, however the block is left, the summary is printed, the MLflow run ends FINISHED (the
+block ended), KILLED (a signal, Ctrl-C, submitit's requeue) or FAILED (any other exception), distributed
+training shuts down and status.json records the outcome. A block left before `begin` (a user error while the
+data loads, say) only releases the lock: the last attempt's status stays as it was. Other ranks hold no lock
+and write nothing.
 """
 
 from __future__ import annotations
