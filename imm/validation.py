@@ -53,6 +53,7 @@ ARG_KEYS = {
 
 @functools.cache
 def choices() -> dict[str, tuple]:
+    """{option key: its allowed values}, each list from the code that implements the options."""
     return {
         "schedule.name": tuple(schedules.SCHEDULES),
         "schedule.param": tuple(parameterization.PARAMETERIZATIONS),
