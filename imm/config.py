@@ -25,7 +25,7 @@ from imm import data as data_mod
 from imm import runs
 from imm.core.sampling import TWO_STEP_ETA
 from imm.data.vae import PAPER_VAE
-from imm.evaluation.metrics import KNN_K, MIN_POINTS
+from imm.metrics import KNN_K, MIN_POINTS
 from imm.ranges import allowed_values, ranged
 
 

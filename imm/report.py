@@ -12,7 +12,7 @@ import math
 import sys
 from pathlib import Path
 
-from imm.evaluation.metrics import find_metric
+from imm.metrics import find_metric
 from imm.runs import sweep_info
 from imm.tracking.mlflow_run import default_uri, sqlite_path
 

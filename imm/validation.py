@@ -12,18 +12,18 @@ one sentence: the key, the value, what is allowed.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from omegaconf import OmegaConf
 
 from imm import data as data_mod
-from imm import factory, method_checks, nets
-from imm.config import saved_config
+from imm import factory, nets
+from imm.config import ICTConfig, KernelConfig, LossConfig, MeanFlowConfig, saved_config
 from imm.core import mapping, methods, objective, parameterization, sampling, schedules
 from imm.core.util import ArgumentError
 from imm.errors import ConfigError
-from imm.evaluation.metrics import KNN_K, MIN_POINTS
+from imm.metrics import KNN_K, MIN_POINTS
 from imm.ranges import check_values
 from imm.runs import RESUMABLE_KEYS
 from imm.tracking.mlflow_run import flatten
@@ -119,7 +119,7 @@ def validate(cfg, world_size: int = 1) -> None:
         factory.imm_objective(cfg, label_dropout=label_dropout, num_classes=1, augment=factory.augment(cfg))
     except ArgumentError as e:  # num_classes=1: whether the data have labels is known once they are loaded
         raise from_core(e) from None
-    method_checks.check(cfg)  # loss=meanflow / ict: their options, and the IMM options they do not use
+    check_method(cfg)  # loss=meanflow / ict: their options, and the IMM options they do not use
 
     B, M = cfg.train.batch_size, cfg.loss.M
     if B % (M * world_size):
@@ -160,6 +160,52 @@ def validate(cfg, world_size: int = 1) -> None:
         fail("data.root is missing; data=latents needs data.root=/path/to/latents (the out= of --config-name encode).")
     if points:  # point data never have labels; image data are checked once loaded (load_data)
         check_guidance(cfg, num_classes=0)
+
+
+# -- loss.objective=meanflow|ict: each method's options only on its own runs, the IMM options off theirs --
+NEW_METHODS = ("meanflow", "ict")
+METHOD_NODES = {"meanflow": MeanFlowConfig, "ict": ICTConfig}  # loss.<method>.*: that method's options
+# IMM's own keys: a MeanFlow or iCT run that sets one has asked for something it would silently ignore
+IMM_LOSS_KEYS = ("M", "k", "a", "b", "mapping", "eta_max", "eta_min", "min_gap", "drop_target_labels")
+IMM_KERNEL_KEYS = ("function", "ref_dim", "kappa")
+
+
+def check_method(cfg) -> None:
+    """Raise ConfigError for a method option on another method's run (e.g. loss.meanflow.ratio on an IMM run, loss.k
+    on a MeanFlow run, target=ema on an iCT run) and for an impossible MeanFlow or iCT setting."""
+    objective = cfg.loss.objective
+    for method, schema in METHOD_NODES.items():
+        if method == objective:
+            continue
+        defaults = schema()
+        for f in fields(schema):
+            value = cfg.loss[method][f.name]
+            if value != getattr(defaults, f.name):
+                raise ConfigError(
+                    f"loss.{method}.{f.name}={value} is a {method} option, unused by loss.objective={objective};"
+                    f" drop it or use loss={method}."
+                )
+    if objective not in NEW_METHODS:
+        return
+    loss_defaults, kernel_defaults = LossConfig(), KernelConfig()
+    changed = [f"loss.{k}={cfg.loss[k]}" for k in IMM_LOSS_KEYS if cfg.loss[k] != getattr(loss_defaults, k)]
+    changed += [f"kernel.{k}={cfg.kernel[k]}" for k in IMM_KERNEL_KEYS if cfg.kernel[k] != getattr(kernel_defaults, k)]
+    if cfg.kernel.weighting != "paper":
+        changed.append(f"kernel.weighting={cfg.kernel.weighting}")
+    if changed:
+        raise ConfigError(
+            f"{changed[0]} is an IMM option, unused by loss.objective={objective}; drop it (or use loss=imm)."
+        )
+    if cfg.target.kind != "online":
+        raise ConfigError(
+            f"target.kind={cfg.target.kind} is an IMM option: loss.objective={objective} takes its target from the"
+            " online weights under stop-gradient (iCT removes the EMA teacher, Sec. 3.2); use target=online."
+        )
+    try:  # num_classes=1: whether the data have labels is known once they are loaded (factory checks it again)
+        label_dropout = factory.label_dropout(cfg, num_classes=1)  # as a class-conditional run resolves it
+        factory.method_objective(cfg, label_dropout=label_dropout, num_classes=1, augment=factory.augment(cfg))
+    except ArgumentError as e:
+        raise factory.method_error(e, objective) from None
 
 
 def time_grids(key: str, steps, options, *, schedule, T: float, eps: float) -> dict[int, torch.Tensor]:

@@ -11,7 +11,7 @@ from imm.errors import ConfigError
 from imm.evaluation import classifier as classifier_mod
 from imm.evaluation.classifier import ClassifierMetric
 from imm.evaluation.evaluator import fid_cache_file, fid_dataset_key
-from imm.evaluation.metrics import frechet_distance, gaussian_stats
+from imm.metrics import frechet_distance, gaussian_stats
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -67,8 +67,8 @@ def test_point_evaluation_repeats_the_training_numbers_and_lands_in_its_run(toy,
 
 
 def test_point_energy_is_the_mean_over_draws_and_the_first_draw_is_unchanged(toy):
+    from imm import metrics
     from imm.core import sampling
-    from imm.evaluation import metrics
     from imm.tasks.common import restore
 
     r = restore(toy.ckpt)

@@ -19,12 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # higher one
 FLOORS = {
     0: ["imm", "imm.errors", "imm.diskspace", "imm.runs", "imm.ranges", "imm.core", "imm.nets", "imm.data",
-        "imm.evaluation.metrics"],
+        "imm.metrics"],
     1: ["imm.tracking", "imm.training.checkpoint", "imm.training.distributed", "imm.training.signals",
         "imm.training.threads"],
     2: ["imm.config"],
     3: ["imm.factory"],
-    4: ["imm.validation", "imm.method_checks"],
+    4: ["imm.validation"],
     5: ["imm.evaluation"],
     6: ["imm.training", "imm.tasks", "imm.report"],
     7: ["imm.launch"],

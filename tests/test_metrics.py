@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from imm.evaluation import metrics
-from imm.evaluation.metrics import (
+from imm import metrics
+from imm.metrics import (
     energy_distance,
     knn_precision_recall,
     noise_floor,

@@ -16,9 +16,9 @@ from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from imm.errors import ConfigError
-from imm.evaluation.metrics import find_metric
 from imm.launch.search import corners, job_overrides, search_space
 from imm.launch.sweep import MLflowSweepCallback
+from imm.metrics import find_metric
 from imm.tracking.mlflow_run import ensure_store
 
 # tiny trials: 20 steps of the toy run, the objective its 1-step energy distance over the floor

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from imm.errors import DataError, DataNotFoundError
-from imm.evaluation.metrics import MIN_POINTS
+from imm.metrics import MIN_POINTS
 
 # The evaluation's metrics need this many held-out points (and the noise floor as many training
 # points), so a file smaller than twice it cannot give both splits that many rows.

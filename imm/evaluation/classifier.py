@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from imm.diskspace import skipped
-from imm.evaluation.metrics import frechet_distance, gaussian_stats
+from imm.metrics import frechet_distance, gaussian_stats
 
 log = logging.getLogger("imm.evaluation")
 

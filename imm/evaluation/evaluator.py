@@ -21,10 +21,11 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from imm import metrics
 from imm.config import EvalConfig
 from imm.core import sampling
 from imm.errors import ConfigError
-from imm.evaluation import figures, metrics
+from imm.evaluation import figures
 from imm.evaluation.classifier import ClassifierMetric
 from imm.evaluation.fid import FIDEvaluator, MissingInceptionWeights
 from imm.factory import loss_T

@@ -36,8 +36,8 @@ from omegaconf import OmegaConf
 
 from imm import runs
 from imm.errors import ConfigError, UserError
-from imm.evaluation.metrics import find_metric
 from imm.launch import dry_run
+from imm.metrics import find_metric
 from imm.tracking.mlflow_run import client_for, default_uri, sqlite_lock, sqlite_path
 from imm.validation import not_allowed, validate
 

@@ -34,7 +34,7 @@ from imm.errors import ConfigError
 from imm.evaluation import figures
 from imm.evaluation.evaluator import FEATURE_NETS, Evaluator, has_classifier_metric
 from imm.evaluation.fid import MissingInceptionWeights, resolve_inception_weights
-from imm.evaluation.metrics import metric_parts
+from imm.metrics import metric_parts
 from imm.ranges import check_values
 from imm.report import render
 from imm.tasks.common import (

@@ -36,7 +36,7 @@ from imm.errors import ConfigError
 from imm.evaluation import figures
 from imm.evaluation.evaluator import Evaluator, guidance_tag, nfe_metric
 from imm.evaluation.fid import to_uint8
-from imm.evaluation.metrics import MIN_POINTS
+from imm.metrics import MIN_POINTS
 from imm.ranges import check_values
 from imm.tasks.common import (
     WEIGHTS,

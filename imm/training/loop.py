@@ -25,7 +25,7 @@ from imm.data import ResumableBatches
 from imm.data import digest as data_digest
 from imm.diskspace import replacing, skipped
 from imm.evaluation.evaluator import Evaluator
-from imm.evaluation.metrics import lower_is_better, primary_metrics
+from imm.metrics import lower_is_better, primary_metrics
 from imm.nets import count_parameters
 from imm.tracking.mlflow_run import Tracker, check_store, flatten, note_tag, source_tags
 from imm.training import checkpoint, diskwatch, distributed

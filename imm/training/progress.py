@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from imm.evaluation.metrics import metric_parts
+from imm.metrics import metric_parts
 from imm.training import checkpoint, distributed
 
 log = logging.getLogger("imm.train")
