@@ -34,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from imm.diskspace import writing
+from imm.diskspace import replacing, writing
 from imm.errors import RunDirError
 
 LOCK_FILE, STATUS_FILE = ".lock", "status.json"
@@ -306,11 +306,9 @@ def record_error(directory, name: str, message: str, exit_status: int) -> None:
 def _replace_status(directory, status: dict) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{STATUS_FILE}.tmp-{os.getpid()}"
     text = json.dumps(status, indent=1, default=float) + "\n"
-    with writing(directory / STATUS_FILE, needed=len(text), partial=tmp):  # a full disk: the previous one stays
+    with replacing(directory / STATUS_FILE, needed=len(text)) as tmp:  # a full disk: the previous one stays
         tmp.write_text(text)
-        os.replace(tmp, directory / STATUS_FILE)
 
 
 def finished(status: dict, steps: int) -> bool:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import bisect
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch
 from imm.data import images
 from imm.data import vae as vae_mod
 from imm.data.loader import SIGMA_DATA, BaseDataset
-from imm.diskspace import writing
+from imm.diskspace import replacing
 from imm.errors import DataError, DataNotFoundError
 
 log = logging.getLogger("imm.data")
@@ -67,11 +66,9 @@ def read_manifest(root) -> dict:
 def write_manifest(root: Path, manifest: dict) -> None:
     """Write-then-rename: a killed encode, or one that fills the disk (DiskFullError), leaves the previous
     manifest, never half of one."""
-    tmp = root / f"{MANIFEST}.{os.getpid()}.tmp"
     text = json.dumps(manifest, indent=1) + "\n"
-    with writing(root / MANIFEST, needed=len(text), partial=tmp):
+    with replacing(root / MANIFEST, needed=len(text)) as tmp:
         tmp.write_text(text)
-        os.replace(tmp, root / MANIFEST)
 
 
 def merge_channel_stats(stats: dict, z: np.ndarray) -> dict:
