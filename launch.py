@@ -4,6 +4,7 @@
 A thin entry point: Hydra composes conf/, imm.cli.run validates and runs the task.
 """
 
+import os
 import sys
 
 # Ctrl-C outside a training step (while torch loads, Hydra composes, the data load, or between a sweep's jobs)
@@ -13,7 +14,7 @@ STOPPED = "stopped by SIGINT (Ctrl-C) outside a training step; nothing was lost:
 try:
     import hydra
 
-    from imm.launch import register
+    from imm.launch import overrides, register
 
     register()
 except KeyboardInterrupt:
@@ -28,9 +29,27 @@ def main(cfg):
     return run(cfg)
 
 
-if __name__ == "__main__":
+def composed():
+    """main(), with Hydra's errors about what was typed (a misspelled key, a value of the wrong type, an unknown
+    option) as one sentence and exit status 2 (imm/launch/overrides.py); anything else as Hydra reports it."""
+    hydra_prints = "HYDRA_FULL_ERROR" not in os.environ
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises its errors here instead of printing them
     try:
         main()
+    except Exception as e:
+        line = overrides.sentence(e, [a for a in sys.argv[1:] if not a.startswith("-")])
+        if line is not None:
+            sys.stderr.write(line + "\n")
+            sys.exit(2)
+        if hydra_prints and isinstance(e, hydra.errors.HydraException):
+            sys.stderr.write(f"{e}\n")  # Hydra's own text, as it prints it
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    try:
+        composed()
     except KeyboardInterrupt:
         sys.stderr.write(STOPPED + "\n")
         sys.exit(130)

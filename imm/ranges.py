@@ -110,7 +110,7 @@ def check_values(cfg) -> None:
     for prefix, node, known in _typed_nodes(cfg):
         for key in node:
             if key not in known and not (prefix == "" and key == "hydra"):
-                raise _unknown_key(prefix, key, node[key], known)
+                raise ConfigError(unknown_key(prefix, key, node[key], known, added=True))
         for name, f in known.items():
             if RANGE in f.metadata and not OmegaConf.is_missing(node, name):
                 f.metadata[RANGE].check(prefix + name, node[name])
@@ -134,12 +134,12 @@ def allowed_values(cfg, choices: dict[str, tuple]) -> str:
     )
 
 
-def _unknown_key(prefix: str, key: str, value, known) -> ConfigError:
-    """`+loss.kk=3` (a key added to a schema node): name the nearest real key."""
+def unknown_key(prefix: str, key: str, value, known, *, added: bool = False) -> str:
+    """`train.step=300` (a misspelled key) or, `added`, `+loss.kk=3` (a key added to a schema node): one
+    sentence naming the nearest real key."""
     value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
     near = [prefix + k for k in difflib.get_close_matches(key, known, n=1)]
     node = prefix.rstrip(".") or "the config"
     fix = f"the nearest is {near[0]}: use {near[0]}={value}." if near else f"its keys are {', '.join(known)}."
-    return ConfigError(
-        f"{prefix}{key}={value} is not a key of {node} (a + override adds keys the schema does not have); {fix}"
-    )
+    why = " (a + override adds keys the schema does not have)" if added else ""
+    return f"{prefix}{key}={value} is not a key of {node}{why}; {fix}"

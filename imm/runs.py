@@ -222,13 +222,7 @@ class RunLock:
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                holder = _read_json(path)
-                if holder is not None and not _stale(holder, path, info):
-                    raise RunDirError(
-                        f"run directory {directory} is in use by process {holder.get('pid')} on"
-                        f" {holder.get('host')}; wait for it to end or stop it, or start a new run of this"
-                        " experiment with fresh=true."
-                    ) from None
+                check_not_held(directory)
                 path.unlink(missing_ok=True)  # stale (or unreadable): take it over
                 continue
             with writing(path, partial=path), os.fdopen(fd, "w") as f:  # a full disk: no half-written lock left
@@ -249,6 +243,18 @@ class RunLock:
         self._stop.set()
         if _read_json(self.path) == self.info:  # never remove a lock another process took over
             self.path.unlink(missing_ok=True)
+
+
+def check_not_held(directory) -> None:
+    """RunDirError naming the live process that holds `directory`, if one does (a launch says so before it
+    writes anything there)."""
+    path = Path(directory) / LOCK_FILE
+    holder = _read_json(path) if path.exists() else None
+    if holder is not None and not _stale(holder, path, this_process()):
+        raise RunDirError(
+            f"run directory {directory} is in use by process {holder.get('pid')} on {holder.get('host')}; wait"
+            " for it to end or stop it, or start a new run of this experiment with fresh=true."
+        )
 
 
 def _stale(holder: dict, path: Path, me: dict) -> bool:

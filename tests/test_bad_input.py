@@ -283,6 +283,7 @@ def test_bad_input_gets_one_sentence_before_any_work(tmp_path, case):
     setup, overrides, status, needles = CASES[case]
     extra = setup(tmp_path) if setup else []
     runs_before = len(runs(tmp_path))  # a case's own store may hold a (deleted) run
+    files_before = _files(tmp_path)
     proc = helpers.launch(tmp_path, *overrides, *extra, timeout=300)
     assert proc.returncode == status, proc.stderr[-3000:]
     msg = the_error(proc)
@@ -291,6 +292,12 @@ def test_bad_input_gets_one_sentence_before_any_work(tmp_path, case):
         assert needle in msg, msg
     assert len(runs(tmp_path)) == runs_before  # no MLflow run was created
     assert checkpoints(tmp_path) == []
+    # a launch that did no work leaves no run directory: no .hydra/, no launch.log, no folders of its own
+    assert _files(tmp_path) - files_before <= {"mlflow.db", ".mlflow.db.lock"}, _files(tmp_path) - files_before
+
+
+def _files(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
 @pytest.mark.slow
@@ -311,10 +318,12 @@ def test_a_launch_directory_that_cannot_be_written_is_one_sentence(tmp_path):
 @pytest.mark.parametrize("case", SAMPLE_CASES)
 def test_the_sample_command_says_what_the_file_is_not_how_to_resume(tmp_path, case):
     make, needles = SAMPLE_CASES[case]
-    proc = helpers.launch(tmp_path, "--config-name", "sample", f"ckpt={make(tmp_path)}", timeout=300)
+    ckpt = make(tmp_path)
+    proc = helpers.launch(tmp_path, "--config-name", "sample", f"ckpt={ckpt}", timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     msg = the_error(proc)
     assert "resume" not in msg and all(n in msg for n in needles), msg
+    assert _files(tmp_path) == {ckpt.name}  # the failed command left no output directory
 
 
 @pytest.mark.slow
@@ -358,6 +367,7 @@ def test_ctrl_c_while_the_data_load_is_one_line_and_leaves_no_lock(tmp_path):
     assert proc.returncode == 130, proc.stderr[-3000:]
     assert the_error(proc) == STOPPED
     assert runs(tmp_path) == [] and checkpoints(tmp_path) == [] and not (run_dir / rundir.LOCK_FILE).exists()
+    assert not run_dir.exists()  # the launch did no work: it leaves no directory
     ok = helpers.launch(tmp_path, *TINY, f"hydra.run.dir={run_dir}", timeout=300)
     assert ok.returncode == 0, ok.stderr[-3000:]
 

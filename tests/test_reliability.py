@@ -572,9 +572,12 @@ def test_a_signal_mid_training_checkpoints_at_that_step_and_ends_killed(tmp_path
     assert max(s for s, _ in metric_history(tmp_path, run_info, "train/loss")) <= stop_step
 
     if signum == signal.SIGTERM:  # a relaunch continues from the stop step and finishes the same MLflow run
+        before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != rundir.LOCK_FILE}
         short = launch(tmp_path, *common, f"train.steps={stop_step - 1}")  # fewer steps than it has: a typo
         assert short.returncode == 2
         assert one_error_line(short.stderr).startswith(f"train.steps={stop_step - 1} is below step {stop_step}, ")
+        # the refused launch left the run as it was: its .hydra/ config and launch.log are the last real launch's
+        assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != rundir.LOCK_FILE} == before
         assert only_run(tmp_path).info.status == "KILLED"  # refused before the MLflow run reopens
         out = ok(launch(tmp_path, *common, f"train.steps={stop_step + 20}"))
         assert f"resumed from {saved} at step {stop_step}" in out.stderr
@@ -742,9 +745,15 @@ def test_a_second_process_on_a_held_run_directory_is_refused_and_a_stale_lock_is
     holder = Started(tmp_path, *common)
     holder.wait_for(lambda: any(checkpoint.list_checkpoints(d) for d in run_dirs(tmp_path)), what="a checkpoint")
     (run_dir,) = run_dirs(tmp_path)
-    second = launch(tmp_path, *common)
+    hydra_files = {p: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}
+    log_size = (run_dir / "launch.log").stat().st_size
+    second = launch(tmp_path, *common[:-1], "train.steps=7")  # the same run, asking for other steps
     assert second.returncode == 2
-    msg = one_error_line(second.stderr)
+    # refused before Hydra wrote anything: the live run's recorded config and log are its own
+    assert {p: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == hydra_files
+    assert b"train.steps=7" not in (run_dir / "launch.log").read_bytes()[log_size:]
+    assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1, second.stderr
+    msg = second.stderr.strip()
     assert msg == (
         f"run directory {run_dir} is in use by process {holder.proc.pid} on {socket.gethostname()}; wait for it to"
         " end or stop it, or start a new run of this experiment with fresh=true."
@@ -762,7 +771,8 @@ def test_a_second_process_on_a_held_run_directory_is_refused_and_a_stale_lock_is
     lock = run_dir / rundir.LOCK_FILE
     lock.write_text('{"pid": 4242, "host": "node-elsewhere", "start": null, "slurm_job": "77"}')
     proc = launch(tmp_path, *TINY, "train.ckpt_every=100", f"train.steps={killed_at + 40}")
-    assert proc.returncode == 2 and "in use by process 4242 on node-elsewhere;" in one_error_line(proc.stderr)
+    assert proc.returncode == 2 and "in use by process 4242 on node-elsewhere;" in proc.stderr.strip().splitlines()[0]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     old = time.time() - rundir.STALE_AFTER_S - 60
     os.utime(lock, (old, old))
     ok(launch(tmp_path, *TINY, "train.ckpt_every=100", f"train.steps={killed_at + 40}"))

@@ -9,7 +9,8 @@ script submitit would submit. Nothing is trained, nothing is written to MLflow, 
 no checkpoint or run directory is left behind. A job that fails a check prints its sentence; the
 dry run then exits with status 2.
 Not checked (they need the run's own machine or minutes of work): FID reference statistics and
-Inception weights, and whether the run directory is held by a live process.
+Inception weights; a sweep job's directory held by a live process (a single run's is refused before Hydra
+writes anything, imm.launch.job.RunDirCheck).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from omegaconf import OmegaConf, open_dict
 
 from imm import factory, runs
 from imm.errors import ConfigError, UserError
-from imm.launch.job import tracking_uri
+from imm.launch import overrides as typed
+from imm.launch.job import remove_empty, tracking_uri
 from imm.nets import count_parameters
 from imm.tracking.mlflow_run import check_store
 from imm.training import checkpoint, distributed
@@ -78,7 +80,7 @@ def run(cfg, hc) -> dict:
             check_store(uri)
         found = check(cfg, world_size=env.world_size, device=factory.device(cfg.train.device), run_dir=run_dir)
     finally:
-        _remove_if_empty(run_dir, Path(hc.runtime.cwd))
+        remove_empty(run_dir, Path(hc.runtime.cwd))
     lines = [
         "dry run: the checks a launch makes passed; nothing was trained, logged to MLflow or queued.",
         f"  network     {cfg.arch.name}: {found['parameters']:,} parameters",
@@ -90,18 +92,6 @@ def run(cfg, hc) -> dict:
     ]
     print("\n".join(lines), flush=True)
     return {}
-
-
-def _remove_if_empty(run_dir: Path, launch_dir: Path) -> None:
-    """Hydra makes the run directory before any task runs: remove it (and its parents up to the launch
-    directory) when the dry run left it empty, i.e. no earlier run lives there."""
-    path, stop = run_dir.resolve(), launch_dir.resolve()
-    while path != stop and stop in path.parents:
-        try:
-            path.rmdir()  # only an empty directory
-        except OSError:
-            return
-        path = path.parent
 
 
 # -- a multirun ------------------------------------------------------------------------------------------
@@ -133,7 +123,7 @@ def sweep(hydra_context, config, launcher, jobs, *, keys=None) -> list:
             run_dir = Path(cfg.hydra.sweep.dir) / str(cfg.hydra.sweep.subdir)
             found = check(cfg, world_size=world_size, device=_job_device(cfg, device), run_dir=run_dir)
         except (UserError, HydraException) as e:
-            print(f"job {num} {shown}: {e}", flush=True)
+            print(f"job {num} {shown}: {typed.sentence(e, list(overrides)) or e}", flush=True)
             failed += 1
             continue
         bundle = found["data"]

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import shutil
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 from hydra.core.hydra_config import HydraConfig
@@ -26,7 +29,15 @@ from omegaconf import OmegaConf
 
 from imm.diskspace import DiskFullError, check_free, quiet_log_files
 from imm.errors import USER_EXIT_STATUS, RunDirError, UserError, error_line, exit_on_user_error
-from imm.runs import check_writable, override_key, record_error, resume_command, sweep_info
+from imm.runs import (
+    LOCK_FILE,
+    check_not_held,
+    check_writable,
+    override_key,
+    record_error,
+    resume_command,
+    sweep_info,
+)
 from imm.tracking.mlflow_run import TrackingError, check_reachable, default_uri
 from imm.training.checkpoint import resolve
 from imm.training.signals import Interrupted, in_submitit_job
@@ -86,6 +97,15 @@ def run(cfg, command):
     job records it and returns, so the sweep's other jobs run), non-finite training exits 1, a signal exits
     128 + its number after the checkpoint, and a bug keeps its traceback (a sweep job's goes to its log)."""
     hc = HydraConfig.get()
+    try:
+        return _run(cfg, command, hc)
+    except BaseException:
+        if (found := _FOUND.pop(Path(hc.runtime.output_dir).resolve(), None)) is not None:
+            found.put_back()  # a launch that did no work leaves the directory as it found it
+        raise
+
+
+def _run(cfg, command, hc):
     name, tags, argv = run_name_and_tags(cfg, hc)
     quiet_log_files()  # launch.log on a full disk: one line, not a traceback per log line
     try:
@@ -135,10 +155,86 @@ def _failed(hc, name: str, message: str, exit_status: int, record: bool = True) 
 
 
 class RunDirCheck(Callback):
-    """Hydra callback: a run directory that cannot be written is one sentence and exit status 2 before Hydra
-    creates it (Hydra's own mkdir would end in a traceback)."""
+    """Hydra callback: a run directory that cannot be written, or that a live process holds, is one sentence and
+    exit status 2 before Hydra writes anything there (Hydra's own mkdir would end in a traceback; its config
+    files would overwrite the live run's). What the directory held is noted, so that a launch that then does
+    no work leaves it as it was (Found)."""
 
     def on_run_start(self, config, **kwargs) -> None:
+        run_dir = Path(config.hydra.run.dir).resolve()
         with exit_on_user_error():
-            check_writable(config.hydra.run.dir)
-            check_free(config.hydra.run.dir)  # Hydra writes its config files there next, with no check of its own
+            check_writable(run_dir)
+            check_free(run_dir)  # Hydra writes its config files there next, with no check of its own
+            check_not_held(run_dir)
+        _FOUND[run_dir] = Found(run_dir, config.hydra.runtime.cwd)
+
+
+class Found:
+    """A run directory as a launch found it, before Hydra wrote its config files (.hydra/) and its log there.
+    `put_back` after a launch that did no work (refused, failed or interrupted before it wrote anything of its
+    own): a directory the launch made goes, with the empty folders above it up to the launch directory; one
+    that existed gets back its .hydra/ files and its log as they were."""
+
+    def __init__(self, run_dir, launch_dir):
+        self.run_dir, self.launch_dir = Path(run_dir).resolve(), Path(launch_dir).resolve()
+        self.existed = self.run_dir.is_dir()
+        self.work = self._work()
+        self.hydra_files = {p.name: p.read_bytes() for p in self._hydra_dir().glob("*") if p.is_file()}
+        self.log_sizes = {p.name: p.stat().st_size for p in self.run_dir.glob("*.log")}
+
+    def _hydra_dir(self) -> Path:
+        return self.run_dir / HYDRA_SUBDIR
+
+    def _work(self) -> dict:
+        """Every file and folder in the directory but Hydra's own and the lock: (size, mtime) of each file."""
+        if not self.run_dir.is_dir():
+            return {}
+        found = {}
+        for p in self.run_dir.rglob("*"):
+            rel = p.relative_to(self.run_dir)
+            if rel.parts[0] == HYDRA_SUBDIR or rel.name == LOCK_FILE or (len(rel.parts) == 1 and p.suffix == ".log"):
+                continue
+            found[str(rel)] = None if p.is_dir() else (p.stat().st_size, p.stat().st_mtime_ns)
+        return found
+
+    def put_back(self) -> None:
+        now = self._work()
+        if any(now.get(k, "gone") != v for k, v in self.work.items()) or any(
+            v is not None for k, v in now.items() if k not in self.work
+        ):
+            return  # the launch wrote files of its own: they and Hydra's stay, as a record of what ran
+        if not self.existed:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            remove_empty(self.run_dir.parent, self.launch_dir)
+            return
+        for folder in sorted((k for k in now if k not in self.work), key=len, reverse=True):
+            (self.run_dir / folder).rmdir()  # empty folders the launch made
+        hydra_dir = self._hydra_dir()
+        for p in hydra_dir.glob("*"):
+            if p.name not in self.hydra_files:
+                p.unlink()
+        for name, content in self.hydra_files.items():
+            (hydra_dir / name).write_bytes(content)
+        if not self.hydra_files:
+            with contextlib.suppress(OSError):
+                hydra_dir.rmdir()
+        for p in self.run_dir.glob("*.log"):
+            if p.name in self.log_sizes:
+                os.truncate(p, self.log_sizes[p.name])
+            else:
+                p.unlink()
+
+
+def remove_empty(path: Path, launch_dir: Path) -> None:
+    """Remove `path` and its parents up to `launch_dir` while they are empty folders."""
+    path, stop = Path(path).resolve(), Path(launch_dir).resolve()
+    while path != stop and stop in path.parents:
+        try:
+            path.rmdir()  # only an empty directory
+        except OSError:
+            return
+        path = path.parent
+
+
+_FOUND: dict[Path, Found] = {}  # run directory -> what it held when this process's launch began
+HYDRA_SUBDIR = ".hydra"  # conf/config.yaml's hydra.output_subdir

@@ -17,11 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict, read_write
 
 from imm.diskspace import check_free, writing
-from imm.errors import ConfigError, exit_on_user_error
+from imm.errors import ConfigError, error_line, exit_on_user_error
+from imm.launch import overrides
 from imm.launch.job import swept_run_name
 from imm.launch.watcher import JOB_LOG, JobWatcher, SweepProcesses, job_line, sweep_lock
 from imm.runs import SWEEP_FILE, check_writable, failed_since, outcome, read_status, status_line, sweep_info
@@ -68,8 +70,8 @@ def invalid_jobs(config: DictConfig, config_name: str | None, jobs) -> list[tupl
     for num, job in enumerate(jobs):
         try:
             cfg = compose(config_name=config_name, overrides=job)
-        except Exception:  # noqa: BLE001  a job that does not compose: Hydra's sweeper says so before any job runs
-            continue
+        except HydraException as e:  # a typo in a key or an option: the sweep starts no job
+            raise ConfigError(overrides.sentence(e, job) or f"job {num} {' '.join(job)}: {error_line(e)}") from None
         try:
             validate(cfg, world_size)
         except ConfigError as e:
