@@ -191,12 +191,14 @@ def optimizer(cfg, params, device: torch.device) -> torch.optim.Optimizer:
     return cls(params, **kwargs)
 
 
-def lr_at(cfg, step: int) -> float:
-    """Linear warm-up over optim.warmup_steps, then constant or cosine decay to min_lr_ratio * lr."""
+def lr_at(cfg, step: int, steps: int | None = None) -> float:
+    """Linear warm-up over optim.warmup_steps, then constant or cosine decay to min_lr_ratio * lr at train.steps
+    (or `steps`). The cosine spans the train.steps of the launch that runs: a run extended to more steps
+    follows the longer cosine from the step it reached (docs/runs.md#extending-a-run)."""
     o = cfg.optim
     warm = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
     if o.lr_schedule == "constant":
         return o.lr * warm
-    progress = min(1.0, step / max(1, cfg.train.steps))
+    progress = min(1.0, step / max(1, steps or cfg.train.steps))
     decay = o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return o.lr * warm * decay

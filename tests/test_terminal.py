@@ -4,12 +4,16 @@ and the summary at the end."""
 
 import os
 import re
+import shlex
 import struct
 import sys
 import time
 
 import pytest
-from helpers import LAUNCH, launch, one_thread_env
+from helpers import LAUNCH, compose_cfg, launch, one_thread_env
+from mlflow.tracking import MlflowClient
+
+from imm import factory
 
 RUN = ("debug=toy", "train.steps=60", "train.log_every=10", "eval.every=30", "train.ckpt_every=30")
 LOSS_LINE = re.compile(r"step (\d+)/60 loss ")
@@ -92,6 +96,20 @@ def test_a_pipe_gets_loss_lines_and_the_summary_and_launch_log_the_same_history(
     command = re.search(r"train on +(.*)", summary)[1]
     assert command == f"python {LAUNCH} {' '.join(RUN[:1] + RUN[2:])} hydra.run.dir={run_dir} train.steps=120"
     assert "MLflow       run " in summary and "mlflow ui --workers 1 --backend-store-uri sqlite:///" in summary
+
+    # training on stretches the cosine over the new train.steps: the summary said so, and the relaunch says it
+    cfg = compose_cfg(*RUN)
+    lr_60, lr_120 = factory.lr_at(cfg, 60), factory.lr_at(cfg, 60, 120)
+    assert lr_60 < 1e-6 < lr_120 and f"goes from {lr_60:.3g} to {lr_120:.3g}" in summary
+    on = launch(tmp_path, *shlex.split(command)[2:], check=True)
+    said = "train.steps 60 -> 120: the cosine learning-rate schedule spans train.steps, so the lr at step 60 goes from"
+    assert f"{said} {lr_60:.3g} to {lr_120:.3g} and decays to step 120" in on.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("imm").experiment_id])
+    lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/lr")}
+    assert lrs[60] == pytest.approx(factory.lr_at(cfg, 59), abs=1e-12)  # the step-60 line: the lr of step 59
+    assert lrs[70] == pytest.approx(factory.lr_at(cfg, 69, 120), rel=1e-6)
+    assert run.info.run_name == "debug=toy"  # the experiment's name, not the first command's train.steps
 
 
 def test_the_summary_table_puts_the_nfe_beside_a_guided_step_count_only():

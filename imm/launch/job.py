@@ -31,6 +31,7 @@ from imm.diskspace import DiskFullError, check_free, quiet_log_files
 from imm.errors import USER_EXIT_STATUS, RunDirError, UserError, error_line, exit_on_user_error
 from imm.runs import (
     LOCK_FILE,
+    RESUMABLE_KEYS,
     check_not_held,
     check_writable,
     override_key,
@@ -43,7 +44,9 @@ from imm.training.checkpoint import resolve
 from imm.training.signals import Interrupted, in_submitit_job
 
 log = logging.getLogger("imm")
-NOT_IN_RUN_NAME = ("hydra", "tracking.", "resume", "train.device", "+sweep", "sweep")
+# keys that do not change the experiment (RESUMABLE_KEYS: train.steps, evaluation, tracking, ...) stay out of its
+# name, so a run extended or evaluated differently keeps the name it was created with
+NOT_IN_RUN_NAME = (*RESUMABLE_KEYS, "+sweep", "sweep")
 
 
 def run_name_from_overrides(overrides, experiment: str | None) -> str:

@@ -37,6 +37,7 @@ class Attempt:
         self.tracker = Tracker.disabled()  # the loop opens the MLflow run once its tags are known
         self.action, self.start_step, self.step, self.closing = None, 0, 0, ()
         self.summary: dict = {}
+        self.lr_note: str | None = None  # what training on past train.steps does to the lr (the summary says it)
 
     def __enter__(self) -> "Attempt":
         if self.env.is_main:
@@ -112,6 +113,7 @@ class Attempt:
                     uri=self.tracking_uri if self.tracker.enabled else None,
                     run_id=self.tracker.run_id,
                     resume=self.resume_hint(status),
+                    lr_note=self.lr_note,
                 ),
             )
         self.tracker.end(status, log_file=log_file(self.run_dir), note=note)

@@ -30,7 +30,7 @@ from imm.nets import count_parameters
 from imm.tracking.mlflow_run import Tracker, check_store, flatten, note_tag, source_tags
 from imm.training import checkpoint, diskwatch, distributed
 from imm.training.attempt import Attempt
-from imm.training.progress import Progress, run_description
+from imm.training.progress import Progress, run_description, stretched_lr
 from imm.training.signals import StopFlag
 from imm.training.threads import torch_threads
 from imm.validation import check_precision, check_same_run, check_steps_reached, load_data, validate
@@ -93,6 +93,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
 
         # -- the loop ------------------------------------------------------------------------------------------
         progress = Progress(cfg, env, tracker, step, device, ema)
+        attempt.lr_note = stretched_lr(cfg, cfg.train.steps, cfg.train.steps, 2 * cfg.train.steps)
         attempt.begin(step, resumed=saved is not None, closing=(stop.restore, progress.close))
         generator = torch.Generator(device)
         autocast = _autocast(cfg.train.precision, device)
@@ -158,6 +159,9 @@ def _restore(cfg, state: checkpoint.CheckpointIO, saved: dict, ckpt_path, device
     check_steps_reached(cfg, saved["step"], ckpt_path)
     state.load_state_dict(saved, device)
     log.info("resumed from %s at step %d", ckpt_path, saved["step"])
+    before = OmegaConf.select(OmegaConf.create(saved["config"]), "train.steps")
+    if (lr_note := stretched_lr(cfg, saved["step"], before, cfg.train.steps)) is not None:
+        log.warning("%s", lr_note)
     return saved["step"]
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from imm import factory
 from imm.metrics import metric_parts
 from imm.training import checkpoint, distributed
 
@@ -193,6 +194,7 @@ def summary_text(
     uri: str | None,
     run_id: str | None,
     resume: str | None,
+    lr_note: str | None = None,
 ) -> str:
     """The end-of-run summary, one block of lines (logged as one record, so it reads as a table)."""
     head = f"run {status}: step {start_step} -> {step} of {steps} in {duration(seconds)}"
@@ -213,8 +215,22 @@ def summary_text(
         where.append(("MLflow", f"run {run_id} in {uri}; open the UI with: {ui}"))
     if resume:
         where.append(("train on" if status == "FINISHED" else "resume", resume))
+        if status == "FINISHED" and lr_note:
+            where.append(("", lr_note))
     width = max(len(label) for label, _ in where)
     return "\n  ".join([*lines, *(f"{label.ljust(width)}  {value}" for label, value in where)])
+
+
+def stretched_lr(cfg, step: int, before: int, after: int) -> str | None:
+    """What training on from `step` with train.steps `after` instead of `before` does to the learning rate, in
+    words (the cosine spans train.steps, so extending a run stretches it); None when the lr does not change."""
+    if cfg.optim.lr_schedule != "cosine" or before == after:
+        return None
+    old, new = factory.lr_at(cfg, step, before), factory.lr_at(cfg, step, after)
+    return (
+        f"train.steps {before} -> {after}: the cosine learning-rate schedule spans train.steps, so the lr at step"
+        f" {step} goes from {old:.3g} to {new:.3g} and decays to step {after} (docs/runs.md#extending-a-run)"
+    )
 
 
 def run_description(cfg, bundle, net, command) -> str:
