@@ -136,7 +136,15 @@ def resume_command(argv, steps: int | None = None) -> str:
     to train.steps=steps."""
     drop = (FRESH_KEY, "resume") + (("train.steps",) if steps is not None else ())
     keep = [a for a in argv[1:] if override_key(a) not in drop]
-    return shlex.join(["python", argv[0], *keep, *([f"train.steps={steps}"] if steps is not None else [])])
+    return shlex.join([*command_line(argv[:1]), *keep, *([f"train.steps={steps}"] if steps is not None else [])])
+
+
+def command_line(argv) -> list[str]:
+    """The command a user types for `argv`: `python launch.py ...` for a script, `imm ...` for the console
+    script (argv[0] is its full path in the virtualenv)."""
+    if str(argv[0]).endswith(".py"):
+        return ["python", *map(str, argv)]
+    return [Path(argv[0]).name, *map(str, argv[1:])]
 
 
 # -- writability ---------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ FLOORS = {
     5: ["imm.evaluation"],
     6: ["imm.training", "imm.tasks", "imm.report"],
     7: ["imm.launch"],
-    8: ["imm.cli", "hydra_plugins"],
+    8: ["imm.cli", "imm.__main__", "hydra_plugins"],
 }  # fmt: skip
 
 

@@ -26,7 +26,16 @@ from imm.errors import ConfigError, error_line, exit_on_user_error
 from imm.launch import overrides
 from imm.launch.job import swept_run_name
 from imm.launch.watcher import JOB_LOG, JobWatcher, SweepProcesses, job_line, sweep_lock
-from imm.runs import SWEEP_FILE, check_writable, failed_since, outcome, read_status, status_line, sweep_info
+from imm.runs import (
+    SWEEP_FILE,
+    check_writable,
+    command_line,
+    failed_since,
+    outcome,
+    read_status,
+    status_line,
+    sweep_info,
+)
 from imm.tracking.mlflow_run import Tracker, client_for, default_uri, ensure_store, note_tag, source_tags
 from imm.training.threads import parallel_jobs
 from imm.validation import validate
@@ -140,7 +149,7 @@ class MLflowSweepCallback(Callback):
                 "sweep.keys": ",".join(keys),
                 "sweep.role": "parent",
                 **source_tags(sys.argv[0]),
-                **note_tag(f"`{shlex.join(['python', *sys.argv])}`\n\nA sweep over {', '.join(keys)}."),
+                **note_tag(f"`{shlex.join(command_line(sys.argv))}`\n\nA sweep over {', '.join(keys)}."),
             },
             run_id=parent if parent and _exists(uri, parent) else None,
             end_at_exit=False,  # _end ends it, when no other sweeper process of this sweep runs

@@ -23,6 +23,7 @@ import torch
 
 from imm import factory
 from imm.metrics import metric_parts
+from imm.runs import command_line
 from imm.training import checkpoint, distributed
 
 log = logging.getLogger("imm.train")
@@ -246,7 +247,7 @@ def run_description(cfg, bundle, net, command) -> str:
     classes = f", {bundle.num_classes} classes" if bundle.num_classes else ""
     n_params = sum(p.numel() for p in net.parameters())
     return (
-        f"`{shlex.join(['python', *map(str, command)])}`\n\n"
+        f"`{shlex.join(command_line(command))}`\n\n"
         f"{method} on {bundle.name} ({len(bundle.train)} samples of shape {tuple(bundle.shape)}{classes}) with"
         f" {cfg.arch.name} ({n_params / 1e6:.2f}M parameters), schedule {cfg.schedule.name} ({cfg.schedule.param});"
         f" {cfg.train.steps} steps of batch {cfg.train.batch_size}, {cfg.optim.name} lr {cfg.optim.lr:g}."
