@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imm.data.loader import BaseDataset, InMemoryDataset
+from imm.data.loader import BaseDataset, HeldTensors, InMemoryDataset
 from imm.data.points import split_points
 from imm.errors import DataError, DataNotFoundError
 
@@ -31,18 +31,8 @@ MNIST_FILES = [
 ]
 
 
-class UInt8Images(BaseDataset):
+class UInt8Images(HeldTensors):
     """Images kept as uint8 ``[N, C, H, W]`` (4x smaller than float) and scaled per access."""
-
-    def __init__(self, data: torch.Tensor, labels: torch.Tensor, num_classes: int, hflip: bool = False):
-        self.data = data
-        self.labels = labels.long()
-        self.num_classes = int(num_classes)
-        self.hflip = bool(hflip)
-        self.shape = tuple(data.shape[1:])
-
-    def __len__(self) -> int:
-        return len(self.data)
 
     def get(self, index: int, flip: bool) -> tuple[torch.Tensor, int]:
         x = self.data[index].float() / 127.5 - 1.0

@@ -44,12 +44,9 @@ class BaseDataset(Dataset):
         return self.get(int(index), flip)
 
 
-class InMemoryDataset(BaseDataset):
-    """Samples held as one tensor ``data [N, ...]`` with optional int labels ``[N]``.
-
-    :class:`ResumableBatches` indexes these tensors directly instead of going
-    through a DataLoader (toy, point and digits data are small).
-    """
+class HeldTensors(BaseDataset):
+    """Samples held in memory as one tensor ``data [N, ...]`` with optional int labels ``[N]`` (-1 each when
+    None); subclasses say in ``get`` how a stored sample becomes a model-space one."""
 
     def __init__(
         self, data: torch.Tensor, labels: torch.Tensor | None = None, num_classes: int = 0, hflip: bool = False
@@ -66,6 +63,14 @@ class InMemoryDataset(BaseDataset):
 
     def __len__(self) -> int:
         return len(self.data)
+
+
+class InMemoryDataset(HeldTensors):
+    """Samples held as one tensor ``data [N, ...]`` in model space, with optional int labels ``[N]``.
+
+    :class:`ResumableBatches` indexes these tensors directly instead of going
+    through a DataLoader (toy, point and digits data are small).
+    """
 
     def get(self, index: int, flip: bool) -> tuple[torch.Tensor, int]:
         x = self.data[index]
