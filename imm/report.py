@@ -193,6 +193,8 @@ def main(argv=None) -> int:
     header, rows = table(parent, children, args.metric, args.columns.split(",") if args.columns else None)
     print(f"{parent.info.run_name} ({parent.info.run_id}), {len(children)} runs, sorted by {args.metric}")
     print(render(header, rows))
+    if any("loss" in h.split("/")[-1] for h in header) and len(loss_panels(children, "loss")) > 1:
+        print(f"(a loss column is on each run's own scale, set by {' and '.join(LOSS_SCALE)}: not a ranking)")
     metric = args.plot or shared_eval_metric(children) or "train/loss"
     out = Path(args.out or _sweep_dir(args.sweep, parent) / f"report-{metric.replace('/', '_')}.png")
     path, panels = plot(client, children, metric, out)

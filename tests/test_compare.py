@@ -125,6 +125,8 @@ def _printed_addresses_show_the_run(toy_sweep, base: str, shots: Path) -> None:
     child = toy_sweep["children"][NAMES[0]]
     summary = (Path(child.data.tags["run_dir"]) / "launch.log").read_text()
     printed = {label: re.search(rf"{label} +(\S+)", summary)[1] for label in ("run page", "runs table")}
+    parent = toy_sweep["parent"].info.run_id  # the sweep's last line: the parent run's page
+    assert f"the sweep's parent run {printed['runs table']}/{parent};" in toy_sweep["output"]
     local = {label: url.replace("http://127.0.0.1:5000", base, 1) for label, url in printed.items()}
     assert local["run page"] != printed["run page"], printed  # the address `mlflow ui` serves by default
     with ui.chromium_driver(shots, presets=False) as driver:
@@ -203,6 +205,7 @@ def _hand_made_sweep(root: Path, weightings=("paper", "inv_stride", "unit")) -> 
             client.log_metric(rid, "eval/energy_ratio5k_2step", 4.0 + i, step=step)
             client.log_metric(rid, "eval/recall_1step", 0.9, step=step)
         client.log_metric(rid, "final/energy_1step", 0.01 * (i + 1), step=20)
+        client.log_metric(rid, "final/loss", 0.3 / (i + 1) ** 2, step=20)
         client.set_terminated(rid)
     client.set_terminated(parent)
     sweep_dir.mkdir()
@@ -231,6 +234,10 @@ def test_report_plots_the_shared_evaluation_metric_into_the_sweep_dir_and_never_
 
     lines = report()
     assert lines[0].startswith("sweep kernel_weighting sweep (") and "3 runs" in lines[0], lines[0]
+    assert (
+        lines[-2]
+        == "(a loss column is on each run's own scale, set by loss.objective and kernel.weighting: not a ranking)"
+    )
     png = sweep_dir / "report-eval_energy_ratio5k_1step.png"
     assert lines[-1] == f"plot of eval/energy_ratio5k_1step against step: {png}", lines[-1]
     assert png.is_file() and not list(elsewhere.iterdir())
