@@ -23,9 +23,13 @@ Nothing here contacts any host but 127.0.0.1: MLflow telemetry is disabled in
 the server's environment, and Chromium resolves every other host name to
 NOTFOUND (``--host-resolver-rules``) with background networking disabled.
 
-MLflow 3.17 UI notes (what the selectors rely on):
+MLflow 3.17/3.18 UI notes (what the selectors rely on):
   * The experiment page defaults to the GenAI workflow (traces overview); the
     runs table lives at ``#/experiments/<id>/runs?workflowType=machine_learning``.
+    On a first visit (no localStorage) ``#/experiments/<id>`` opens "Send your
+    first trace", while ``#/experiments/<id>/runs`` ("Training runs") and
+    ``#/experiments/<id>/runs/<run_id>`` (the run page) show the runs as they
+    are: the addresses the training summary prints (checked with 3.18.0).
   * The runs table is an ag-grid: rows are ``[role=row][row-id=<run_id>]`` (each
     row is split into pinned-left/center/right containers, so a row-id appears
     several times); the run-name cell is ``[role=gridcell][col-id="attributes.`Run Name`"]``
