@@ -213,6 +213,7 @@ def _hand_made_sweep(root: Path, weightings=("paper", "inv_stride", "unit")) -> 
     return uri, sweep_dir
 
 
+@pytest.mark.slow
 def test_report_plots_the_shared_evaluation_metric_into_the_sweep_dir_and_never_mixes_loss_scales(tmp_path):
     """python -m imm.report: the default plot is the evaluation metric all runs share (not train/loss, whose scale
     the kernel weighting sets), the PNG goes into the sweep directory, the header names the sweep once; a loss
