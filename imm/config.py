@@ -348,7 +348,8 @@ class SampleConfig(SamplingOptions):
     # not the evaluations' 1234: the README's documented samples were drawn with seed 0
     seed: int = ranged(0)
     labels: Any = "cycle"  # cycle (all classes in turn) | uncond (the null label) | a list of class ids
-    n: Optional[int] = ranged(None, ">= 1", "null: 64 images, 5000 points")  # number of samples
+    # number of samples; points by default as many as `evaluate` measures, so steps.png's ED/floor reads at its n
+    n: Optional[int] = ranged(None, ">= 1", "null: 64 images, the held-out size for points")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out: Optional[str] = None  # output directory; null: the Hydra run directory (runs/samples/<date>/<time>)
     compare_steps: List[int] = ranged(text=">= 1", note="[]: no figure", factory=lambda: [1, 2, 4, 8])

@@ -204,8 +204,14 @@ def knn_precision_recall(real: ArrayLike, fake: ArrayLike, k: int = KNN_K) -> tu
     """
     real, fake = _as_pair(real, fake)
     precision = _fraction_covered(fake, real, _knn_radii(real, k))
-    recall = _fraction_covered(real, fake, _knn_radii(fake, k))
-    return precision, recall
+    return precision, knn_recall(real, fake, k)
+
+
+@torch.no_grad()
+def knn_recall(real: ArrayLike, fake: ArrayLike, k: int = KNN_K) -> float:
+    """The recall of knn_precision_recall alone: the fraction of real samples inside the fake support."""
+    real, fake = _as_pair(real, fake)
+    return _fraction_covered(real, fake, _knn_radii(fake, k))
 
 
 def point_metrics(

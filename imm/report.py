@@ -1,8 +1,12 @@
 """A sweep's child runs as a table, sorted by a metric, and a metric-against-step plot; through the
 MLflow client API.
 
-    python -m imm.report <sweep id | sweep dir> [--metric final/energy_1step] [--plot train/loss]
+    python -m imm.report <sweep id | sweep dir> [--metric final/energy_1step] [--plot eval/energy_ratio5k_1step]
                          [--tracking-uri sqlite:///mlflow.db] [--out report.png]
+
+The plot defaults to the evaluation metric every run of the sweep logged (imm.metrics.PRIMARY: the energy
+ratio, the classifier's FD ratio or FID, at the fewest steps), which reads the same whatever the objective.
+A loss is on its objective's and kernel weighting's own scale: runs that differ in either get a panel each.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import math
 import sys
 from pathlib import Path
 
-from imm.metrics import find_metric
+from imm.metrics import find_metric, metric_parts, primary_metrics
 from imm.runs import sweep_info
 from imm.tracking.mlflow_run import default_uri, sqlite_path
 
@@ -86,24 +90,52 @@ def swept_params(parent, children) -> list[str]:
     return out
 
 
-def plot(client, children, metric: str, path) -> Path:
-    """One line per child run: `metric` against training step, saved as a PNG."""
+# The params that set a loss's scale: its values are comparable only between runs that agree on these.
+LOSS_SCALE = ("loss.objective", "kernel.weighting")
+
+
+def shared_eval_metric(children) -> str | None:
+    """The evaluation metric to plot: of the eval/ metrics every run logged, the primary one (imm.metrics.PRIMARY)
+    at the fewest steps, unguided first (eval/energy_ratio5k_1step); None when the runs share none."""
+    common = set.intersection(*(set(r.data.metrics) for r in children)) if children else set()
+    found = primary_metrics(sorted(m for m in common if m.startswith("eval/"))).values()
+    return min(found, key=lambda m: (metric_parts(m)[1], metric_parts(m)[2] is not None, m), default=None)
+
+
+def loss_panels(children, metric: str) -> dict[str, list]:
+    """{panel title: its runs}: one panel for any metric but a loss; a loss gets one per value of LOSS_SCALE."""
+    if "loss" not in metric.split("/")[-1]:
+        return {metric: list(children)}
+    panels: dict[str, list] = {}
+    for r in children:
+        scale = ", ".join(f"{k}={r.data.params.get(k, '?')}" for k in LOSS_SCALE)
+        panels.setdefault(f"{metric} ({scale})", []).append(r)
+    return panels
+
+
+def plot(client, children, metric: str, path) -> tuple[Path, int]:
+    """One line per child run: `metric` against training step, saved as a PNG; a loss of runs with different
+    objectives or kernel weightings in a panel per scale (loss_panels), never on one axis. (path, panels)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.2))
-    ax = fig.subplots()
-    for r in sorted(children, key=lambda r: r.info.run_name):
-        history = client.get_metric_history(r.info.run_id, metric)
-        if history:
-            ax.plot([m.step for m in history], [m.value for m in history], label=r.info.run_name, marker=".")
-    ax.set_xlabel("step")
-    ax.set_ylabel(metric)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    panels = loss_panels(children, metric)
+    fig = Figure(figsize=(7, 4.2 * len(panels)))
+    for ax, (title, runs) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], sorted(panels.items())):
+        for r in sorted(runs, key=lambda r: r.info.run_name):
+            history = client.get_metric_history(r.info.run_id, metric)
+            if history:
+                ax.plot([m.step for m in history], [m.value for m in history], label=r.info.run_name, marker=".")
+        ax.set_title(title if len(panels) > 1 else metric, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel(metric)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    if len(panels) > 1:
+        fig.suptitle(f"{metric}: one panel per {' and '.join(LOSS_SCALE)}, whose scales differ", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
-    return path
+    return path, len(panels)
 
 
 def _fmt(v) -> str:
@@ -139,8 +171,13 @@ def main(argv=None) -> int:
         help="comma-separated metrics to show (default: final/loss, the final energy ratios, recalls or FIDs, and the"
         " NFE of guided sampling; e.g. final/nfe_8step for the NFE of unguided 8-step sampling)",
     )
-    p.add_argument("--plot", default="train/loss", help="the metric to plot against step")
-    p.add_argument("--out", default=None, help="PNG path for the plot (default: <sweep>-<metric>.png here)")
+    p.add_argument(
+        "--plot",
+        default=None,
+        help="the metric to plot against step (default: the evaluation metric every run logged, e.g."
+        " eval/energy_ratio5k_1step; a loss gets a panel per objective and kernel weighting)",
+    )
+    p.add_argument("--out", default=None, help="PNG path for the plot (default: report-<metric>.png in the sweep dir)")
     args = p.parse_args(argv)
 
     from mlflow.tracking import MlflowClient
@@ -154,11 +191,24 @@ def main(argv=None) -> int:
         print(f"sweep {parent.info.run_name} ({parent.info.run_id}) has no child runs yet", file=sys.stderr)
         return 1
     header, rows = table(parent, children, args.metric, args.columns.split(",") if args.columns else None)
-    print(f"sweep {parent.info.run_name} ({parent.info.run_id}), {len(children)} runs, sorted by {args.metric}")
+    print(f"{parent.info.run_name} ({parent.info.run_id}), {len(children)} runs, sorted by {args.metric}")
     print(render(header, rows))
-    out = args.out or f"{parent.info.run_id[:8]}-{args.plot.replace('/', '_')}.png"
-    print(f"plot of {args.plot} against step: {plot(client, children, args.plot, out)}")
+    if any("loss" in h.split("/")[-1] for h in header) and len(loss_panels(children, "loss")) > 1:
+        print(f"(a loss column is on each run's own scale, set by {' and '.join(LOSS_SCALE)}: not a ranking)")
+    metric = args.plot or shared_eval_metric(children) or "train/loss"
+    out = Path(args.out or _sweep_dir(args.sweep, parent) / f"report-{metric.replace('/', '_')}.png")
+    path, panels = plot(client, children, metric, out)
+    split = f" (a panel per {' and '.join(LOSS_SCALE)}: a loss's scale depends on them)" if panels > 1 else ""
+    print(f"plot of {metric} against step{split}: {path}")
     return 0
+
+
+def _sweep_dir(sweep: str, parent) -> Path:
+    """Where the sweep's files are: the directory given, else the one its parent run names (else here)."""
+    if Path(sweep).is_dir():
+        return Path(sweep)
+    recorded = Path(parent.data.tags.get("sweep.dir", "."))
+    return recorded if recorded.is_dir() else Path.cwd()
 
 
 if __name__ == "__main__":

@@ -56,6 +56,7 @@ def toy_sweep(tmp_path_factory):
         "parent": parent,
         "children": children,
         "client": client,
+        "output": proc.stdout + proc.stderr,
     }
 
 

@@ -1,6 +1,7 @@
 """Comparing runs: what a sweep's runs carry, the report command, and the MLflow UI in a real browser."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -118,6 +119,21 @@ def test_report_reads_a_ratio_named_without_its_n(tmp_path):
     assert [(r[0], r[column]) for r in rows] == [("loss.k=12", "2"), ("loss.k=8", "3")]  # sorted by it
 
 
+def _printed_addresses_show_the_run(toy_sweep, base: str, shots: Path) -> None:
+    """A first visit (no UI settings stored): the run page and runs table addresses a job's summary printed
+    (launch.log) show that run, where the UI's own front page is MLflow 3's GenAI "Send your first trace"."""
+    child = toy_sweep["children"][NAMES[0]]
+    summary = (Path(child.data.tags["run_dir"]) / "launch.log").read_text()
+    printed = {label: re.search(rf"{label} +(\S+)", summary)[1] for label in ("run page", "runs table")}
+    parent = toy_sweep["parent"].info.run_id  # the sweep's last line: the parent run's page
+    assert f"the sweep's parent run {printed['runs table']}/{parent};" in toy_sweep["output"]
+    local = {label: url.replace("http://127.0.0.1:5000", base, 1) for label, url in printed.items()}
+    assert local["run page"] != printed["run page"], printed  # the address `mlflow ui` serves by default
+    with ui.chromium_driver(shots, presets=False) as driver:
+        ui.open_address(driver, local["run page"], [NAMES[0], child.info.run_id, "Overview"], "printed-run-page")
+        ui.open_address(driver, local["runs table"], [toy_sweep["parent"].info.run_name], "printed-runs-table")
+
+
 def _nontrivial_png(path: Path) -> None:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, path
@@ -137,6 +153,7 @@ def test_mlflow_ui_shows_the_sweep_in_a_real_browser(toy_sweep, tmp_path, monkey
     run_ids = [children[n].info.run_id for n in NAMES]
     figure = [a.path for a in toy_sweep["client"].list_artifacts(run_ids[0], "figures")][-1]
     with ui.mlflow_server(toy_sweep["uri"], toy_sweep["root"] / "mlartifacts") as base:
+        _printed_addresses_show_the_run(toy_sweep, base, shots)
         with ui.chromium_driver(shots) as driver:
             paths = [ui.open_experiment(driver, base, exp_id, expected_runs=4)]
             visible = ui.run_names_visible(driver)
@@ -164,3 +181,69 @@ def test_mlflow_ui_shows_the_sweep_in_a_real_browser(toy_sweep, tmp_path, monkey
     if os.environ.get("IMM_UPDATE_DOCS"):  # regenerate the docs' screenshots from this test
         shutil.copy(compare_shot, ROOT / "docs" / "figures" / "mlflow_compare.png")
         shutil.copy(run_shot, ROOT / "docs" / "figures" / "mlflow_run.png")
+
+
+def _hand_made_sweep(root: Path, weightings=("paper", "inv_stride", "unit")) -> tuple[str, Path]:
+    """A sweep over the kernel weighting in a real MLflow store, written through the client: (uri, sweep dir)."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    uri, sweep_dir = f"sqlite:///{root}/mlflow.db", root / "sweep"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("imm")
+    tags = {"sweep.role": "parent", "sweep.keys": "kernel", "sweep.dir": str(sweep_dir)}
+    parent = client.create_run(exp, run_name="sweep kernel_weighting sweep", tags=tags).info.run_id
+    for i, weighting in enumerate(weightings):
+        run = client.create_run(exp, run_name=f"kernel={weighting}", tags={"sweep.id": parent, "sweep.role": "child"})
+        rid = run.info.run_id
+        client.log_param(rid, "kernel.weighting", weighting)
+        client.log_param(rid, "loss.objective", "imm")
+        for step in (10, 20):  # a loss on each weighting's own scale; evaluation metrics on one scale
+            client.log_metric(rid, "train/loss", 0.3 / (i + 1) ** 2 / step, step=step)
+            client.log_metric(rid, "eval/energy_ratio5k_1step", 3.0 + i - step / 10, step=step)
+            client.log_metric(rid, "eval/energy_ratio5k_2step", 4.0 + i, step=step)
+            client.log_metric(rid, "eval/recall_1step", 0.9, step=step)
+        client.log_metric(rid, "final/energy_1step", 0.01 * (i + 1), step=20)
+        client.log_metric(rid, "final/loss", 0.3 / (i + 1) ** 2, step=20)
+        client.set_terminated(rid)
+    client.set_terminated(parent)
+    sweep_dir.mkdir()
+    (sweep_dir / "sweep.json").write_text(json.dumps({"parent_run_id": parent, "keys": ["kernel"], "argv": []}))
+    return uri, sweep_dir
+
+
+@pytest.mark.slow
+def test_report_plots_the_shared_evaluation_metric_into_the_sweep_dir_and_never_mixes_loss_scales(tmp_path):
+    """python -m imm.report: the default plot is the evaluation metric all runs share (not train/loss, whose scale
+    the kernel weighting sets), the PNG goes into the sweep directory, the header names the sweep once; a loss
+    asked for gets a panel per weighting, and says so."""
+    uri, sweep_dir = _hand_made_sweep(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def report(*args):
+        proc = subprocess.run(
+            [sys.executable, "-m", "imm.report", str(sweep_dir), "--tracking-uri", uri, *args],
+            capture_output=True,
+            text=True,
+            cwd=elsewhere,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.splitlines()
+
+    lines = report()
+    assert lines[0].startswith("sweep kernel_weighting sweep (") and "3 runs" in lines[0], lines[0]
+    assert (
+        lines[-2]
+        == "(a loss column is on each run's own scale, set by loss.objective and kernel.weighting: not a ranking)"
+    )
+    png = sweep_dir / "report-eval_energy_ratio5k_1step.png"
+    assert lines[-1] == f"plot of eval/energy_ratio5k_1step against step: {png}", lines[-1]
+    assert png.is_file() and not list(elsewhere.iterdir())
+    loss = report("--plot", "train/loss")[-1]
+    assert loss == (
+        "plot of train/loss against step (a panel per loss.objective and kernel.weighting: a loss's scale depends"
+        f" on them): {sweep_dir / 'report-train_loss.png'}"
+    ), loss

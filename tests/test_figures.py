@@ -67,6 +67,32 @@ def test_scatter_saves_png(tmp_path):
     assert _read_png(path)[0] == "PNG"
 
 
+def test_the_held_out_points_stay_visible_under_many_samples(tmp_path):
+    """samples.png of 5000 samples over 1000 held-out points from the same ring: the held-out points show (their
+    colour covers at least half the pixels it covers alone), as they did not when drawn beneath the samples."""
+    from matplotlib.colors import to_rgb
+
+    from imm.evaluation import figures
+
+    data, samples = (
+        _ring(n=1000, seed=0),
+        _ring(n=5000, seed=1) * np.random.default_rng(2).uniform(0.97, 1.03, (5000, 1)),
+    )
+    colour = np.array(to_rgb(figures._DATA_STYLE["c"])) * 255
+
+    def data_pixels(fig, name):
+        save_png(fig, tmp_path / name)
+        rgb = np.asarray(Image.open(tmp_path / name).convert("RGB"), dtype=float)
+        return int((np.abs(rgb - colour).max(axis=2) < 40).sum())
+
+    alone = data_pixels(scatter(samples[:0], data=data), "alone.png")
+    assert alone > 500
+    shown = data_pixels(scatter(samples, data=data), "over.png")
+    assert shown >= alone / 2, (shown, alone)
+    legend = [t.get_text() for t in scatter(samples, data=data).axes[0].get_legend().get_texts()]
+    assert legend == ["samples (5000)", "held-out (1000)"]
+
+
 def test_step_comparison_points_panels_titles_and_metrics(tmp_path):
     samples = {4: _ring(seed=4), 1: _ring(seed=1) * 0.5, 2: torch.tensor(_ring(seed=2))}
     metrics = {1: {"recall": 0.71, "energy": 0.0123}, 4: "ok"}

@@ -4,7 +4,9 @@ The checkpoints come from very short real trainings (imm.training.loop.train) in
 MLflow store; the sample configs are composed by Hydra from conf/sample.yaml.
 """
 
+import datetime
 import json
+import re
 
 import numpy as np
 import pytest
@@ -75,6 +77,34 @@ def test_sample_command_writes_files_and_logs_into_the_training_run(toy, tmp_pat
     assert {f"samples/{label}/{f}" for f in ("samples.npy", "samples.png", "steps.png", "sample.json")} <= logged
     assert json.loads(run.data.tags[f"samples.{label}"])["grid"] == pytest.approx(record["grid"])
     assert [m.step for m in client.get_metric_history(toy.run_id, "sample/seconds_2step")] == [20]
+
+
+@pytest.mark.slow
+def test_sample_and_evaluate_agree_on_n_say_the_draws_account_for_the_time_and_link_the_run(toy, tmp_path):
+    """By default sample's steps.png and evaluate read ED/floor at one n (the held-out size) and label the noise
+    draws behind it; the times sample logs cover the time it took; both print the run's page in the MLflow UI."""
+    sampled = launch(toy.root, "--config-name", "sample", f"ckpt={toy.run_dir}", f"out={tmp_path / 's'}")
+    evaluated = launch(toy.root, "--config-name", "evaluate", f"ckpt={toy.run_dir}", f"out={tmp_path / 'e'}")
+    assert sampled.returncode == 0 and evaluated.returncode == 0, sampled.stderr[-2000:] + evaluated.stderr[-2000:]
+    record = json.loads((tmp_path / "s" / "sample.json").read_text())
+    results = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert record["n"] == results["n_samples"] == 200  # debug=toy's data.n_heldout
+    assert list(record["steps_figure"]["1"]) == ["ED/floor (n=200, 1 draw)", "recall"]
+    assert "evaluate/energy_ratio200_1step" in results["results"]  # the mean of eval.draws=8 draws at n = 200
+
+    lines = [line for line in sampled.stderr.splitlines() if "[imm.sample]" in line]
+    start = next(line for line in lines if "] - sampling " in line)
+    total = float(re.search(r"; ([\d.]+) s in all$", lines[-1])[1])
+    elapsed = (_stamp(lines[-1]) - _stamp(start)).total_seconds()
+    assert elapsed <= total + 0.05, (elapsed, total, lines)
+
+    experiment = MlflowClient(tracking_uri=toy.uri).get_run(toy.run_id).info.experiment_id
+    page = f"in the MLflow UI: http://127.0.0.1:5000/#/experiments/{experiment}/runs/{toy.run_id}"
+    assert page in sampled.stderr and page in evaluated.stderr
+
+
+def _stamp(line: str) -> datetime.datetime:
+    return datetime.datetime.strptime(line[1:24], "%Y-%m-%d %H:%M:%S,%f")  # [2026-12-08 00:57:09,501][imm...
 
 
 @pytest.mark.slow

@@ -96,6 +96,12 @@ def test_a_pipe_gets_loss_lines_and_the_summary_and_launch_log_the_same_history(
     command = re.search(r"train on +(.*)", summary)[1]
     assert command == f"python {LAUNCH} {' '.join(RUN[:1] + RUN[2:])} hydra.run.dir={run_dir} train.steps=120"
     assert "MLflow       run " in summary and "mlflow ui --workers 1 --backend-store-uri sqlite:///" in summary
+    # the direct addresses in the UI (MLflow 3 opens on its GenAI pages): tests/test_compare.py opens them in a browser
+    run_id = re.search(r"MLflow +run (\w+) in", summary)[1]
+    experiment = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).info.experiment_id
+    runs = f"http://127.0.0.1:5000/#/experiments/{experiment}/runs"
+    assert re.search(r"run page +(\S+)", summary)[1] == f"{runs}/{run_id}"
+    assert re.search(r"runs table +(\S+)", summary)[1] == runs
 
     # training on stretches the cosine over the new train.steps: the summary said so, and the relaunch says it
     cfg = compose_cfg(*RUN)

@@ -17,8 +17,10 @@ from matplotlib.figure import Figure
 from imm.diskspace import replacing
 from imm.evaluation.fid import to_uint8
 
-_DATA_STYLE = {"s": 2, "c": "0.8", "linewidths": 0, "rasterized": True}
-_SAMPLE_STYLE = {"s": 1.5, "c": "tab:blue", "linewidths": 0, "rasterized": True}
+# The held-out points are drawn over the samples, smaller and in a contrasting colour: under thousands of
+# samples a grey layer beneath them vanished exactly where the samples cover the data.
+_DATA_STYLE = {"s": 0.6, "c": "tab:orange", "linewidths": 0, "rasterized": True, "zorder": 2}
+_SAMPLE_STYLE = {"s": 1.5, "c": "tab:blue", "alpha": 0.5, "linewidths": 0, "rasterized": True, "zorder": 1}
 # Sample outliers (e.g. from a diverging sampler) may not stretch the axes beyond this many
 # data half-widths around the data centre; they are counted in the panel instead.
 _MAX_ZOOM_OUT = 2.0
@@ -58,9 +60,9 @@ def _square_limits(data: np.ndarray | None, samples: list[np.ndarray]) -> tuple[
 
 def _draw_points(ax, samples: np.ndarray, data: np.ndarray | None, limits) -> None:
     cx, cy, half = limits
+    ax.scatter(samples[:, 0], samples[:, 1], label=f"samples ({len(samples)})", **_SAMPLE_STYLE)
     if data is not None:
-        ax.scatter(data[:, 0], data[:, 1], **_DATA_STYLE)
-    ax.scatter(samples[:, 0], samples[:, 1], **_SAMPLE_STYLE)
+        ax.scatter(data[:, 0], data[:, 1], label=f"held-out ({len(data)})", **_DATA_STYLE)
     ax.set_xlim(cx - half, cx + half)
     ax.set_ylim(cy - half, cy + half)
     ax.set_aspect("equal")
@@ -81,12 +83,14 @@ def _draw_points(ax, samples: np.ndarray, data: np.ndarray | None, limits) -> No
 
 
 def scatter(samples, data=None, title: str | None = None, size: float = 4.0) -> Figure:
-    """2-D samples (small dots) over the data (light grey), on fixed square axes covering both."""
+    """2-D samples (blue) with the data drawn over them (small orange dots), on fixed square axes covering both."""
     samples = _points(samples)
     data = _points(data) if data is not None else None
     fig = Figure(figsize=(size, size))
     ax = fig.add_subplot()
     _draw_points(ax, samples, data, _square_limits(data, [samples]))
+    if data is not None:
+        ax.legend(loc="upper right", fontsize=7, markerscale=6, framealpha=0.8)
     if title:
         ax.set_title(title)
     return fig

@@ -36,7 +36,7 @@ from imm.runs import (
     status_line,
     sweep_info,
 )
-from imm.tracking.mlflow_run import Tracker, client_for, default_uri, ensure_store, note_tag, source_tags
+from imm.tracking.mlflow_run import Tracker, client_for, default_uri, ensure_store, note_tag, source_tags, ui_links
 from imm.training.threads import parallel_jobs
 from imm.validation import validate
 
@@ -177,6 +177,8 @@ class MLflowSweepCallback(Callback):
         if not self._end(True):
             log.info("this sweeper process is done; another one of this sweep still runs and ends the parent run")
         log.info("sweep finished: %d jobs, %d failed", len(jobs), len(failed))
+        if self.client is not None and (links := ui_links(self.client.tracking_uri, self.run_id)):
+            log.info("in the MLflow UI: the sweep's parent run %s; its jobs' runs, under it, %s", *links)
         if failed:  # the sweep's exit status: 2 when a job failed on a user error, else 1
             sys.exit(max((failed_since(status, self.started) or {}).get("exit_status", 1) for _, status in failed))
 

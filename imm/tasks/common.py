@@ -21,7 +21,7 @@ from imm.data.points import Standardizer
 from imm.errors import CheckpointError, ConfigError, TrackingError
 from imm.evaluation.evaluator import LABEL_MODES
 from imm.factory import loss_T
-from imm.tracking.mlflow_run import Tracker, check_store, default_uri, flatten, sqlite_path
+from imm.tracking.mlflow_run import Tracker, check_store, default_uri, flatten, sqlite_path, ui_links
 from imm.training import checkpoint
 from imm.validation import POINT_DATA, Sampling, not_allowed, sampling_plan
 
@@ -147,6 +147,14 @@ def restore(ckpt, *, weights: str = "ema", device: str = "auto", data=None) -> R
     )
 
 
+def sample_count(n, bundle: DataBundle, *, images: int) -> int:
+    """`n` samples, or by default `images` for images and the held-out size for points: `sample`'s steps.png and
+    `evaluate` read ED/floor at the same n unless told otherwise (docs/commands.md)."""
+    if n:
+        return int(n)
+    return images if bundle.kind == "images" else len(bundle.heldout)
+
+
 # -- where things go -------------------------------------------------------------------------------
 def task_dirs(cfg, launch_dir=None, out_dir=None) -> tuple[Path, Path]:
     """(launch directory, output directory): Hydra's when run through launch.py, else the cwd and `out`."""
@@ -233,10 +241,12 @@ class ResultsRun:
             self.tracker.end(status)
 
     def where(self) -> str:
+        """The run and its store; and its page in the MLflow UI, a direct address (MLflow 3 opens on GenAI pages)."""
         if not self.enabled:
             return "MLflow logging disabled (tracking.enabled=false)"
         which = "new MLflow run" if self.new else "the checkpoint's MLflow run"
-        return f"{which} {self.tracker.run_id} in {self.uri}"
+        links = ui_links(self.uri, self.tracker.run_id)
+        return f"{which} {self.tracker.run_id} in {self.uri}" + (f"; in the MLflow UI: {links[0]}" if links else "")
 
 
 def task_params(cfg, restored: Restored) -> dict:

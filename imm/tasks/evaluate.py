@@ -45,6 +45,7 @@ from imm.tasks.common import (
     require_ckpt,
     resolve_guidance,
     restore,
+    sample_count,
     task_dirs,
 )
 from imm.validation import check_point_samples
@@ -185,7 +186,7 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         )
         raise ConfigError(f"eval.fid=false leaves nothing to measure {why}; use eval.fid=true.")
     results_run = ResultsRun(cfg, restored, launch_dir, "evaluate")
-    n = ev_cfg.n_samples or (FID_N_DEFAULT if images else len(bundle.heldout))
+    n = sample_count(ev_cfg.n_samples, bundle, images=FID_N_DEFAULT)
     evaluator = _evaluator(ev_cfg, restored, bundle, plan, n, guidances, fid)
     n_heldout = 0 if bundle.heldout is None else len(bundle.heldout)
     what = _what(n, guidances, ev_cfg.feature_net if fid else None, evaluator.classifier, n_heldout)

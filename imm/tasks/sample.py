@@ -4,12 +4,16 @@ Rebuilds the network, parameterization and data from the config stored in the ch
 through the trainer's Evaluator (so the noise, labels and grids follow the same rules as the
 evaluations logged during training), and writes into `out`:
 
-- samples.png: an image grid (the first 256 images) or a 2-D scatter over the held-out data;
+- samples.png: an image grid (the first 256 images) or a 2-D scatter with the held-out data drawn over it;
 - samples.npz (images: `images` float32 in [-1, 1] [N, C, H, W], `uint8` [N, H, W, C], `labels`,
   `grid`; latents: `latents` float32 [N, C, h, w] in model space and `uint8` the images the VAE decodes
   them to) or samples.npy (points, [N, D] in DATA units: the checkpoint's standardizer undone);
-- steps.png: the same noise decoded with each of `compare_steps` (1, 2, 4, 8) side by side;
-- sample.json: the options, the exact time grid, the NFE, the checkpoint and the timing.
+- steps.png: the same noise decoded with each of `compare_steps` (1, 2, 4, 8) side by side; for points with
+  each panel's ED/floor (one noise draw, at the n of the floor) and recall;
+- sample.json: the options, the exact time grid, the NFE, the checkpoint, the panels' numbers and the timing.
+
+Points default to the held-out size, the n `evaluate` measures at, so steps.png's ED/floor and evaluate's
+energy_ratio<n> have the same n (evaluate's is the mean over eval.draws noise draws; the label says which).
 
 Everything is logged to the checkpoint's MLflow run (artifacts under samples/<label>/, the options
 as a tag), or to a new run when the checkpoint has none or tracking.new_run=true.
@@ -48,6 +52,7 @@ from imm.tasks.common import (
     require_ckpt,
     resolve_guidance,
     restore,
+    sample_count,
     task_dirs,
 )
 
@@ -90,6 +95,7 @@ def _label(cfg, restored, N: int, guidance: float, spec, n: int) -> str:
 
 def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     """Sample according to `cfg` (conf/sample.yaml); returns what sample.json records."""
+    started = time.perf_counter()
     _validate(cfg)
     launch_dir, out = task_dirs(cfg, launch_dir, out_dir)
     restored = restore(cfg.ckpt, weights=cfg.weights, device=cfg.device, data=cfg.data)
@@ -99,11 +105,18 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     plan = restored.plan(cfg, {"steps": [N], "compare_steps": compare}, guidance)
     grid = plan.grids[N]
     results_run = ResultsRun(cfg, restored, launch_dir, "sample")
-    bundle = restored.bundle(need_data=restored.kind == "points")  # points: the held-out data under the scatter
-    n = cfg.n or (64 if restored.kind == "images" else 5000)
-
-    ev = Evaluator.from_options(
-        cfg, bundle, restored.param, plan, device=restored.device, n_samples=n, labels=spec, max_images=None
+    bundle = restored.bundle(need_data=restored.kind == "points")  # points: the held-out data in the scatter
+    n = sample_count(cfg.n, bundle, images=64)
+    ev = Evaluator.from_options(  # the figure's panels show ED/floor and recall only: the energy's floor suffices
+        cfg,
+        bundle,
+        restored.param,
+        plan,
+        device=restored.device,
+        n_samples=n,
+        labels=spec,
+        max_images=None,
+        energy_floor_only=True,
     )
     log.info(
         "sampling %d %s from %s (step %d, %s weights): %d step%s (NFE %d), %s, grid %s, guidance %g",
@@ -122,6 +135,7 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     t0 = time.perf_counter()
     x = ev.samples(restored.net, N)
     seconds = time.perf_counter() - t0
+    log.info("sampled in %.2f s", seconds)
 
     with writing(out):  # a read-only file system: DiskFullError
         out.mkdir(parents=True, exist_ok=True)
@@ -130,9 +144,7 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         files = _write_points(x, restored, bundle, out, title)
     else:
         files = _write_images(x, ev, bundle, grid, out, cfg.batch_size)
-    if compare:
-        figures.save_png(_steps_figure(x, ev, restored, N, compare), out / "steps.png")
-        files.append("steps.png")
+    panels = _write_steps_figure(x, ev, restored, N, compare, out, files) if compare else {}
 
     label = _label(cfg, restored, N, guidance, spec, n)
     record = {
@@ -149,6 +161,7 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         "seed": cfg.seed,
         "kind": restored.kind,
         "compare_steps": compare,
+        "steps_figure": {str(k): v for k, v in panels.items()},  # each panel's text: ED/floor (n, draws), recall
         "seconds": round(seconds, 3),
         "files": files,
         "label": label,
@@ -169,9 +182,10 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         tags={f"samples.{label}": json.dumps({k: record[k] for k in shown})},
         metrics={f"sample/seconds_{N}step": seconds, nfe_metric(N, guidance, prefix="sample"): record["nfe"]},
     )
-    log.info("wrote %s to %s in %.2f s", ", ".join(files), out.resolve(), seconds)
     if results_run.enabled:
-        log.info("logged to %s under samples/%s", results_run.where(), label)
+        log.info("logged under samples/%s to %s", label, results_run.where())
+    # the whole command since its start (loading, the floor, the figure, MLflow), not the sampling alone
+    log.info("wrote %s to %s; %.1f s in all", ", ".join(files), out.resolve(), time.perf_counter() - started)
     return record
 
 
@@ -204,13 +218,30 @@ def _write_images(x, ev, bundle, grid, out: Path, batch_size: int) -> list[str]:
     return ["samples.npz", "samples.png"]
 
 
-def _steps_figure(x, ev, restored, N: int, compare):
-    """The step-comparison figure: the same noise at each of `compare` step counts (x: the N-step samples)."""
-    # images: the figure shows 8 per row; points: up to 5000 for the panels' metrics (2000 are drawn)
-    k = min(len(x), 8 if restored.kind == "images" else 5000)
+def _write_steps_figure(x, ev, restored, N: int, compare, out: Path, files: list) -> dict:
+    """steps.png (added to `files`), its time logged; returns {step count: its panel's text}."""
+    started = time.perf_counter()
+    fig, panels = _steps_figure(x, ev, restored, N, compare)
+    figures.save_png(fig, out / "steps.png")
+    files.append("steps.png")
+    log.info(
+        "steps.png: %s steps on the same noise%s in %.2f s",
+        ", ".join(map(str, compare)),
+        f", ED/floor and recall of {ev.floor_n} samples each" if panels else "",
+        time.perf_counter() - started,
+    )
+    return panels
+
+
+def _steps_figure(x, ev, restored, N: int, compare) -> tuple[object, dict]:
+    """The step-comparison figure: the same noise at each of `compare` step counts (x: the N-step samples), and
+    {step count: its panel's text}. Points: the panels' ED/floor on as many samples as the floor (floor_n)."""
+    # images: the figure shows 8 per row; points: as many as the floor has for the panels' metrics (2000 drawn)
+    k = min(len(x), 8 if restored.kind == "images" else ev.floor_n)
+    measured = restored.kind == "points" and k == ev.floor_n and k >= MIN_POINTS  # the k-NN recall needs that many
     by_steps, text = {}, {}
     for n_steps in compare:
         by_steps[n_steps] = x[:k] if n_steps == N else ev.samples(restored.net, n_steps, n=k)
-        if restored.kind == "points" and k >= MIN_POINTS:  # the k-NN recall needs that many
-            text[n_steps] = ev.point_results(by_steps[n_steps], n_steps)[1]
-    return ev.figures(by_steps, text or None)["figures/steps.png"]
+        if measured:
+            text[n_steps] = ev.panel_text(by_steps[n_steps])
+    return ev.figures(by_steps, text or None)["figures/steps.png"], text

@@ -401,3 +401,19 @@ def ensure_store(uri: str) -> None:
         client_for(uri).search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001  as in Tracker.open
         raise unusable(uri, e) from None
+
+
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves unless told otherwise
+
+
+def ui_links(uri: str, run_id: str) -> tuple[str, str] | None:
+    """(the run's page, its experiment's runs table) in the MLflow UI, as direct addresses: MLflow 3's UI opens
+    on its GenAI pages ("Send your first trace"), two clicks away from a training run. A tracking server's own
+    address, else `mlflow ui`'s default; None when the store cannot say the run's experiment."""
+    try:
+        experiment = client_for(uri).get_run(run_id).info.experiment_id
+    except Exception:  # noqa: BLE001  a summary line is not worth an error: the run id and URI are printed anyway
+        return None
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else UI_ADDRESS
+    runs = f"{base}/#/experiments/{experiment}/runs"
+    return f"{runs}/{run_id}", runs

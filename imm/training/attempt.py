@@ -19,7 +19,7 @@ from pathlib import Path
 
 from imm import runs
 from imm.diskspace import DiskFullError, skipped
-from imm.tracking.mlflow_run import Tracker
+from imm.tracking.mlflow_run import Tracker, ui_links
 from imm.training import checkpoint, diskwatch, distributed
 from imm.training.progress import log_file, summary_text
 from imm.training.signals import Interrupted, in_submitit_job
@@ -114,6 +114,7 @@ class Attempt:
                     run_id=self.tracker.run_id,
                     resume=self.resume_hint(status),
                     lr_note=self.lr_note,
+                    links=ui_links(self.tracking_uri, self.tracker.run_id) if self.tracker.enabled else None,
                 ),
             )
         self.tracker.end(status, log_file=log_file(self.run_dir), note=note)

@@ -196,8 +196,10 @@ def summary_text(
     run_id: str | None,
     resume: str | None,
     lr_note: str | None = None,
+    links: tuple[str, str] | None = None,
 ) -> str:
-    """The end-of-run summary, one block of lines (logged as one record, so it reads as a table)."""
+    """The end-of-run summary, one block of lines (logged as one record, so it reads as a table); `links`: the run's
+    page and its experiment's runs table in the MLflow UI (imm.tracking.mlflow_run.ui_links)."""
     head = f"run {status}: step {start_step} -> {step} of {steps} in {duration(seconds)}"
     if "final/loss" in summary:
         head += f", last train/loss {summary['final/loss']:.4g}"
@@ -212,8 +214,7 @@ def summary_text(
     if (run_dir / "figures").is_dir():
         where.append(("figures", str((run_dir / "figures").resolve())))
     if uri:
-        ui = f"mlflow ui --workers 1 --backend-store-uri {uri}"  # one web worker starts faster (docs/runs.md)
-        where.append(("MLflow", f"run {run_id} in {uri}; open the UI with: {ui}"))
+        where += mlflow_lines(uri, run_id, links)
     if resume:
         where.append(("train on" if status == "FINISHED" else "resume", resume))
         if status == "FINISHED" and lr_note:
@@ -232,6 +233,17 @@ def stretched_lr(cfg, step: int, before: int, after: int) -> str | None:
         f"train.steps {before} -> {after}: the cosine learning-rate schedule spans train.steps, so the lr at step"
         f" {step} goes from {old:.3g} to {new:.3g} and decays to step {after} (docs/runs.md#extending-a-run)"
     )
+
+
+def mlflow_lines(uri: str, run_id: str | None, links: tuple[str, str] | None) -> list[tuple[str, str]]:
+    """The summary's MLflow rows: the run and its store, how to start the UI, the direct addresses to open."""
+    rows = [("MLflow", f"run {run_id} in {uri}")]
+    if not uri.startswith(("http://", "https://")):  # a server is its own UI; a local store needs `mlflow ui`
+        ui = f"mlflow ui --workers 1 --backend-store-uri {uri}"  # one web worker starts faster (docs/runs.md)
+        rows.append(("MLflow UI", ui + (", then open" if links else "")))
+    if links:
+        rows += [("run page", links[0]), ("runs table", links[1])]
+    return rows
 
 
 def run_description(cfg, bundle, net, command) -> str:

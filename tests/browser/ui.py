@@ -23,9 +23,13 @@ Nothing here contacts any host but 127.0.0.1: MLflow telemetry is disabled in
 the server's environment, and Chromium resolves every other host name to
 NOTFOUND (``--host-resolver-rules``) with background networking disabled.
 
-MLflow 3.17 UI notes (what the selectors rely on):
+MLflow 3.17/3.18 UI notes (what the selectors rely on):
   * The experiment page defaults to the GenAI workflow (traces overview); the
     runs table lives at ``#/experiments/<id>/runs?workflowType=machine_learning``.
+    On a first visit (no localStorage) ``#/experiments/<id>`` opens "Send your
+    first trace", while ``#/experiments/<id>/runs`` ("Training runs") and
+    ``#/experiments/<id>/runs/<run_id>`` (the run page) show the runs as they
+    are: the addresses the training summary prints (checked with 3.18.0).
   * The runs table is an ag-grid: rows are ``[role=row][row-id=<run_id>]`` (each
     row is split into pinned-left/center/right containers, so a row-id appears
     several times); the run-name cell is ``[role=gridcell][col-id="attributes.`Run Name`"]``
@@ -268,12 +272,15 @@ def chromium_driver(
     height: int = 1000,
     chromium: str = CHROMIUM,
     chromedriver: str = CHROMEDRIVER,
+    presets: bool = True,
 ):
     """Headless Chromium driven through the system chromedriver (no Selenium Manager).
 
     Yields a ``selenium.webdriver.Chrome`` with a fresh temporary profile and a
     ``width`` x ``height`` viewport; page helpers save screenshots into
     ``screenshot_dir`` (created if needed, kept on ``driver.imm_screenshot_dir``).
+    ``presets=False`` leaves localStorage empty: the UI as a researcher's first visit shows it
+    (MLflow 3 then opens an experiment on its GenAI pages, the assistant panel open).
     """
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -301,7 +308,8 @@ def chromium_driver(
             )
             + "} catch (e) {}"
         )
-        driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": script})
+        if presets:
+            driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": script})
         # --window-size is the outer size; make the *viewport* width x height.
         dw, dh = driver.execute_script(
             "return [window.outerWidth - window.innerWidth, window.outerHeight - window.innerHeight]"
@@ -787,12 +795,18 @@ def open_run(
     """Open a run's page (Overview) and wait until its visible text holds every
     string in ``expected_text`` (e.g. a line of the description, a system metric's
     name, the dataset).  Returns the screenshot path ``run-<run_id[:8]>.png``."""
-    name = f"run-{run_id[:8]}"
-    _navigate(driver, _hash_url(base, f"experiments/{experiment_id}/runs/{run_id}"))
+    url = _hash_url(base, f"experiments/{experiment_id}/runs/{run_id}")
+    return open_address(driver, url, expected_text, f"run-{run_id[:8]}", timeout=timeout)
+
+
+def open_address(driver, url: str, expected_text: Sequence[str], name: str, *, timeout: float | None = None) -> Path:
+    """Open ``url`` as it was printed (e.g. a run page's address from a training summary) and wait until the
+    page's visible text holds every string in ``expected_text``.  Returns the screenshot path ``<name>.png``."""
+    _navigate(driver, url)
     _wait(
         driver,
         lambda d: all(t in page_text(d) for t in expected_text),
-        lambda: f"{[t for t in expected_text if t not in page_text(driver)]} on the run page",
+        lambda: f"{[t for t in expected_text if t not in page_text(driver)]} on {url}",
         name,
         timeout,
     )
