@@ -48,6 +48,11 @@ def test_sweep_runs_carry_names_params_tags_metrics_and_figures(toy_sweep):
         figures = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
         assert len(figures) == 2 and all(f.endswith(".png") for f in figures)
         assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    # a job's summary (jobs run in this process, whose command line is the whole sweep's) points at the sweep
+    train_on = [
+        line.split("train on", 1)[1].strip() for line in toy_sweep["output"].splitlines() if "train on " in line
+    ]
+    assert train_on == ["run the sweep command again with a larger train.steps"] * len(NAMES), train_on
 
 
 @pytest.mark.slow

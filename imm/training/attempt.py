@@ -17,6 +17,9 @@ import sys
 import time
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
 from imm import runs
 from imm.diskspace import DiskFullError, skipped
 from imm.tracking.mlflow_run import Tracker, ui_links
@@ -92,8 +95,8 @@ class Attempt:
 
     def resume_hint(self, status: str) -> str:
         """The command that continues this run (to twice its steps when it FINISHED); a sweep job's: its sweep's."""
-        if in_submitit_job():
-            return "run the sweep command again"
+        if in_submitit_job() or _in_multirun():  # sys.argv is the whole sweep's command
+            return "run the sweep command again" + (" with a larger train.steps" if status == "FINISHED" else "")
         return runs.resume_command(sys.argv, steps=2 * self.steps if status == "FINISHED" else None)
 
     def _end(self, status: str, note: str | None = None) -> None:
@@ -130,6 +133,11 @@ class Attempt:
                     name=self.run_name,
                     summary=self.summary,
                 )
+
+
+def _in_multirun() -> bool:
+    """A job of a sweep that Hydra's basic launcher runs in this process."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _status(kind) -> str:
