@@ -4,6 +4,7 @@
 A thin entry point: Hydra composes conf/, imm.cli.run validates and runs the task.
 """
 
+import functools
 import os
 import sys
 
@@ -32,8 +33,8 @@ def main(cfg):
 def composed():
     """main(), with Hydra's errors about what was typed (a misspelled key, a value of the wrong type, an unknown
     option) as one sentence and exit status 2 (imm/launch/overrides.py); anything else as Hydra reports it."""
-    hydra_prints = "HYDRA_FULL_ERROR" not in os.environ
-    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises its errors here instead of printing them
+    hydra_reports = "HYDRA_FULL_ERROR" not in os.environ
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors here instead of printing them
     try:
         main()
     except Exception as e:
@@ -41,10 +42,17 @@ def composed():
         if line is not None:
             sys.stderr.write(line + "\n")
             sys.exit(2)
-        if hydra_prints and isinstance(e, hydra.errors.HydraException):
-            sys.stderr.write(f"{e}\n")  # Hydra's own text, as it prints it
-            sys.exit(1)
-        raise
+        if not hydra_reports:
+            raise
+        del os.environ["HYDRA_FULL_ERROR"]
+        # Hydra's own report (the function hydra.main reports through; hydra-core is pinned below 1.4)
+        from hydra._internal.utils import run_and_report
+
+        run_and_report(functools.partial(_raise, e))
+
+
+def _raise(error: Exception):
+    raise error
 
 
 if __name__ == "__main__":

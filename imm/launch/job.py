@@ -47,6 +47,8 @@ log = logging.getLogger("imm")
 # keys that do not change the experiment (RESUMABLE_KEYS: train.steps, evaluation, tracking, ...) stay out of its
 # name, so a run extended or evaluated differently keeps the name it was created with
 NOT_IN_RUN_NAME = (*RESUMABLE_KEYS, "+sweep", "sweep")
+HYDRA_SUBDIR = ".hydra"  # conf/config.yaml's hydra.output_subdir
+_FOUND: dict[Path, Found] = {}  # run directory -> what it held when this process's launch began (RunDirCheck)
 
 
 def run_name_from_overrides(overrides, experiment: str | None) -> str:
@@ -237,7 +239,3 @@ def remove_empty(path: Path, launch_dir: Path) -> None:
         except OSError:
             return
         path = path.parent
-
-
-_FOUND: dict[Path, Found] = {}  # run directory -> what it held when this process's launch began
-HYDRA_SUBDIR = ".hydra"  # conf/config.yaml's hydra.output_subdir
