@@ -58,6 +58,9 @@ class ScheduleConfig:
     sigma_data: float = ranged(0.5, "> 0")
     time_scale: float = ranged(1000.0, "> 0")  # c_noise(t) = time_scale * t (Table 5: 1000t)
     second_time: str = "s"  # the second time input: s, or stride = t - s (the DiT-XL* variant)
+    # how the network call rounds: standard (float64 times, cast at the network), or official (the official IMM
+    # generator's: float32 time inputs, float32 eta grid points, the guidance mix in float64; imported models)
+    numerics: str = "standard"
 
 
 @dataclass
@@ -296,6 +299,7 @@ class DiTArch:
     patch_size: int = ranged(MISSING, ">= 1", "dividing the resolution")
     mlp_ratio: float = ranged(4.0, "> 0")
     dropout: float = ranged(0.0, "[0, 1)")
+    time_features: str = "float32"  # the sin/cos time features in float32, or float64 (the official IMM DiT)
 
 
 @dataclass
@@ -306,6 +310,8 @@ class DDPMppArch:
     num_blocks: int = ranged(4, ">= 1")
     attn_resolutions: List[int] = ranged(text=">= 1", factory=lambda: [16])
     dropout: float = ranged(0.2, "[0, 1)")
+    # float64: the time features and the mapping network in float64 (EDM's SongUNet, the official IMM CIFAR-10 net)
+    time_features: str = "float32"
 
 
 ARCH_SCHEMAS = {"arch_mlp": MLPArch, "arch_dit": DiTArch, "arch_ddpmpp": DDPMppArch}

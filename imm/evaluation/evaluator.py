@@ -313,6 +313,7 @@ class Evaluator:
             T=T,
             eps=eps,
             guidance=overrides.pop("guidance", None),
+            numerics=cfg.schedule.numerics,
         )
         data_root = cfg.data.get("root", None)
         return cls.from_options(cfg.eval, bundle, param, plan, device=device, data_root=data_root, **overrides)

@@ -52,7 +52,15 @@ class Restored:
     def plan(self, options, steps: dict[str, list], guidance: float) -> Sampling:
         """The Sampling of `options` on this model's schedule, T and eps (imm.validation.sampling_plan); a grid
         the options cannot give: ConfigError naming its key."""
-        return sampling_plan(options, steps, schedule=self.param.schedule, T=self.T, eps=self.eps, guidance=guidance)
+        return sampling_plan(
+            options,
+            steps,
+            schedule=self.param.schedule,
+            T=self.T,
+            eps=self.eps,
+            guidance=guidance,
+            numerics=self.param.numerics,
+        )
 
     @property
     def kind(self) -> str:
