@@ -153,7 +153,8 @@ class Parameterization:
         else:  # cosine
             alpha, sigma = torch.cos(t32 * torch.pi * 0.5), torch.sin(t32 * torch.pi * 0.5)
         c_in = (alpha**2 + sigma**2).rsqrt() / self.sigma_data
-        x_in = bcast(c_in, x_t) * x_t.to(torch.float32)
+        x32 = x_t.to(torch.float32)
+        x_in = c_in.reshape(-1, *([1] * (x32.ndim - 1))) * x32
         second = s32 if self.second_time == "s" else t32 - s32
         return x_in, t32 * self.time_scale, second * self.time_scale
 
