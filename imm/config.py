@@ -353,8 +353,12 @@ class SampleConfig(SamplingOptions):
     guidance: Optional[float] = ranged(None, note="null: the training run's eval.guidance; 1: none")
     # not the evaluations' 1234: the README's documented samples were drawn with seed 0
     seed: int = ranged(0)
-    labels: Any = "cycle"  # cycle (all classes in turn) | uncond (the null label) | a list of class ids
-    n: Optional[int] = ranged(None, ">= 1", "null: 64 images, 5000 points")  # number of samples
+    # cycle (all classes in turn) | uncond (the null label) | a list of class ids (cycled) | a .npy file: an id a sample
+    labels: Any = "cycle"
+    n: Optional[int] = ranged(None, ">= 1", "null: 64 images, 5000 points; with noise: its count")  # number of samples
+    # a .npy file [n, *sample shape]: the sampler's first state x_T, already scaled by sigma_data (as the official
+    # generator's latents are); null: drawn from seed
+    noise: Optional[str] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out: Optional[str] = None  # output directory; null: the Hydra run directory (runs/samples/<date>/<time>)
     compare_steps: List[int] = ranged(text=">= 1", note="[]: no figure", factory=lambda: [1, 2, 4, 8])
@@ -400,6 +404,33 @@ class EncodeConfig:
     data: DataConfig = field(default_factory=DataConfig)  # data.hflip=true also encodes flipped copies
 
 
+@dataclass
+class ImportConfig:
+    """`--config-name import`: a checkpoint the IMM authors released (lumalabs/imm) as a run directory of ours. Each
+    null setting is what the file says (imm/official/convert.py); a value replaces it (the official README passes
+    network.temb_type=identity for imagenet256_s_a1.pkl: here second_time=s)."""
+
+    src: str = MISSING  # the official file: a pickle or torch.save of {'ema': IMMPrecond, ...}
+    out: str = MISSING  # the run directory to write (must not hold a run)
+    entry: str = "ema"  # the dict entry holding the network
+    param: Optional[str] = None  # schedule.param (the file's f_type)
+    second_time: Optional[str] = None  # schedule.second_time (the file's temb_type: identity -> s, stride)
+    noise_schedule: Optional[str] = None  # schedule.name (the file's noise_schedule: fm, vp_cosine -> cosine)
+    sigma_data: Optional[float] = ranged(None, "> 0", "null: the file's")
+    time_scale: Optional[float] = ranged(None, "> 0", "null: the file's")
+    T: Optional[float] = ranged(None, "(0, 1]", "null: the file's")
+    eps: Optional[float] = ranged(None, "[0, 1)", "null: the file's")
+    num_heads: Optional[int] = ranged(None, ">= 1", "null: the file's (DiT)")
+    time_features: str = "float64"  # arch.time_features of the run (float64: the official forward pass)
+    numerics: str = "official"  # schedule.numerics of the run (official: the official generator's rounding)
+    # the experiment preset the run takes its training and sampling settings from; null: the paper's preset of a
+    # released model (cifar10_paper, imagenet256_paper, imagenet256_paper_a2), else none
+    preset: Optional[str] = None
+    # the run's data option; null: the preset's, else cifar10 (3 channels, 32x32), latents (4 channels) or folder
+    dataset: Optional[str] = None
+    overrides: List[str] = field(default_factory=list)  # more keys of the run's config, e.g. ["data.root=/data"]
+
+
 def saved_config(text: str):
     """A config a checkpoint stored, over today's schema: keys added since it was written get their defaults, so
     a run started by an earlier version resumes and samples as it was (a key the schema no longer has: the
@@ -434,3 +465,4 @@ def register(choices=None) -> None:
     cs.store(name="sample_schema", node=SampleConfig)  # conf/sample.yaml, evaluate.yaml, encode.yaml
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="encode_schema", node=EncodeConfig)
+    cs.store(name="import_schema", node=ImportConfig)

@@ -50,7 +50,7 @@ POS_EMBED_TOL = 1e-6
 
 # What an import may set against what the file says (the import command's keys), and the config key each feeds.
 METHOD_KEYS = {
-    "schedule": "schedule.name",
+    "noise_schedule": "schedule.name",
     "param": "schedule.param",
     "second_time": "schedule.second_time",
     "sigma_data": "schedule.sigma_data",

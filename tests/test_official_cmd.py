@@ -1,0 +1,95 @@
+"""The released models' commands end to end through launch.py, on the fixture of tests/data/official (how it was
+made: tests/test_official.py): `--config-name import` writes a run directory of ours, `sample` reads it (the
+official generator's noise and labels from files: the same samples), `evaluate` measures FID against a reference
+statistics file, and training's `init=` fine-tunes from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import launch
+
+DATA = Path(__file__).parent / "data" / "official"
+NO_TRACKING = "tracking.enabled=false"
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    """Both fixture networks imported through launch.py (for 1x8x8 digits-like data)."""
+    root = tmp_path_factory.mktemp("official")
+    runs = {}
+    for name, src in (("dit", "dit.pkl"), ("songunet", "songunet.pt")):
+        proc = launch(
+            root,
+            "--config-name",
+            "import",
+            f"src={DATA / src}",
+            f"out={root / name}",
+            "dataset=digits",
+            'overrides=["data.resolution=8"]',
+            check=True,
+        )
+        runs[name] = (root / name, proc.stdout)
+    return root, runs
+
+
+def test_import_writes_a_run_directory_and_says_what_it_found(imported):
+    root, runs = imported
+    run, out = runs["dit"]
+    assert (run / "snapshots" / "snapshot-00000000.pt").is_file() and (run / ".hydra" / "config.yaml").is_file()
+    record = json.loads((run / "import.json").read_text())
+    assert record["network_class"] == "DiT" and record["format"] == "pickle" and len(record["sha256"]) == 64
+    assert record["arch"]["time_features"] == "float64" and record["numerics"] == "official"
+    assert record["method"]["schedule.second_time"] == "stride" and record["sources"]["temb_type"] == "file"
+    assert "posix.system" not in record["globals_not_imported"]
+    assert "timm.layers.mlp.Mlp" in record["globals_not_imported"]
+    assert "nothing from it was run" in out and "arch=dit_s_2" in out and "second time input t - s" in out
+    unet = json.loads((runs["songunet"][0] / "import.json").read_text())
+    assert unet["format"] == "torch.save (zip)" and unet["arch"]["channel_mult"] == [1, 2]
+
+
+def test_sample_reads_the_run_and_repeats_the_official_generator(imported, tmp_path):
+    root, runs = imported
+    gen = np.load(DATA / "generator.npz")
+    np.save(tmp_path / "noise.npy", gen["dit_noise"])
+    np.save(tmp_path / "labels.npy", gen["dit_labels"])
+    out = tmp_path / "s"
+    launch(
+        tmp_path,
+        "--config-name",
+        "sample",
+        f"ckpt={runs['dit'][0]}",
+        f"out={out}",
+        "steps=4",
+        "noise=noise.npy",
+        "labels=labels.npy",
+        "guidance=1.5",
+        "compare_steps=[]",
+        NO_TRACKING,
+        check=True,
+    )
+    s = np.load(out / "samples.npz")
+    assert s["samples"].dtype == np.float64 and np.array_equal(s["labels"], gen["dit_labels"])
+    assert np.abs(s["samples"] - gen["dit_uniform4_w1.5"]).max() <= 1e-4
+    record = json.loads((out / "sample.json").read_text())
+    assert record["noise"] == str((tmp_path / "noise.npy").resolve()) and record["n"] == 6
+
+    np.save(tmp_path / "unet_noise.npy", gen["songunet_noise"])
+    out2 = tmp_path / "u"
+    launch(
+        tmp_path,
+        "--config-name",
+        "sample",
+        f"ckpt={runs['songunet'][0]}",
+        f"out={out2}",
+        "steps=2",
+        "noise=unet_noise.npy",
+        "compare_steps=[]",
+        NO_TRACKING,
+        check=True,
+    )
+    s2 = np.load(out2 / "samples.npz")
+    assert np.abs(s2["samples"] - gen["songunet_eta1.4"]).max() <= 1e-4  # two_step_eta 1.4 by default
