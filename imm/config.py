@@ -272,6 +272,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     resume: Optional[str] = None  # a checkpoint file or run directory to resume from
+    # the weights a new training starts from (step 0, a fresh optimizer, the EMA from the same weights): a run
+    # directory (e.g. `--config-name import`'s out), a checkpoint or snapshot file, or a released official checkpoint
+    init: Optional[str] = None
     fresh: bool = False  # true: a new run directory of this experiment, not its newest (imm/runs.py)
     dry_run: bool = (
         False  # true: check everything a launch checks, print what it would do, train nothing (imm/launch/dry_run.py)

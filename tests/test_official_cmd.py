@@ -93,3 +93,35 @@ def test_sample_reads_the_run_and_repeats_the_official_generator(imported, tmp_p
     )
     s2 = np.load(out2 / "samples.npz")
     assert np.abs(s2["samples"] - gen["songunet_eta1.4"]).max() <= 1e-4  # two_step_eta 1.4 by default
+
+
+DIT_ARCH = ["arch=dit_s_2", "arch.hidden_size=16", "arch.depth=2", "arch.num_heads=2", "arch.time_features=float64"]
+DIGITS8 = ["data=digits", "data.resolution=8"]
+
+
+def test_fine_tune_from_the_imported_run(imported, tmp_path):
+    """init=DIR: 20 steps from the imported weights (step 0, fresh optimizer, EMA from the same weights); init
+    enters the run's identity (its own run directory)."""
+    root, runs = imported
+    common = [f"init={runs['dit'][0]}", *DIT_ARCH, *DIGITS8, "schedule=fm", "schedule.second_time=stride"]
+    small = ["train.batch_size=32", "eval.every=0", "eval.n_samples=16", "eval.steps=[1]", NO_TRACKING]
+    proc = launch(tmp_path, *common, "schedule.numerics=official", "train.steps=20", *small, check=True)
+    assert f"weights from the EMA weights of {runs['dit'][0]}/snapshots/snapshot-00000000.pt (step 0)" in proc.stderr
+    assert "step 0 -> 20 of 20" in proc.stderr
+    (run_dir,) = (tmp_path / "runs" / "toy").iterdir()
+    assert (run_dir / "checkpoints" / "step-00000020.pt").is_file()
+    # without init the same command is another experiment: another run directory
+    launch(tmp_path, *common[1:], "train.steps=1", *small, check=True)
+    assert len(list((tmp_path / "runs" / "toy").iterdir())) == 2
+
+
+def test_init_of_another_architecture_is_one_sentence(imported, tmp_path):
+    root, runs = imported
+    proc = launch(tmp_path, f"init={runs['dit'][0]}", "arch=dit_s_2", *DIGITS8, "train.steps=2", NO_TRACKING)
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert "does not fit the network this config builds (arch=dit_s_2): its x_embedder.proj.weight is" in line
+    assert "[16, 1, 2, 2] where this network's is [384, 1, 2, 2]" in line
+    assert not (tmp_path / "mlflow.db").exists() and not list(tmp_path.rglob("step-*.pt"))
+    proc = launch(tmp_path, f"init={tmp_path / 'nowhere'}", "debug=toy", NO_TRACKING)
+    assert proc.returncode == 2 and "init=" in proc.stderr and "does not exist" in proc.stderr
