@@ -233,6 +233,9 @@ class EvalOptions(SamplingOptions):
     draws: int = ranged(8, ">= 1")
     classifier: bool = True  # labelled images with a held-out split (digits, MNIST): the classifier metric
     fid_cache: Optional[str] = None  # reference statistics cache; null: ~/.cache/imm/fid
+    # a .npz of reference statistics (mu, sigma: EDM's cifar10-32x32.npz, ADM's VIRTUAL_imagenet256_labeled.npz), as
+    # papers measure FID; null: the statistics of the training images, computed here (and cached in fid_cache)
+    fid_ref: Optional[str] = None
     inception_weights: Optional[str] = None  # a local Inception weights file (offline machines)
 
 

@@ -125,3 +125,65 @@ def test_init_of_another_architecture_is_one_sentence(imported, tmp_path):
     assert not (tmp_path / "mlflow.db").exists() and not list(tmp_path.rglob("step-*.pt"))
     proc = launch(tmp_path, f"init={tmp_path / 'nowhere'}", "debug=toy", NO_TRACKING)
     assert proc.returncode == 2 and "init=" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_evaluate_against_a_reference_statistics_file(imported, tmp_path):
+    """eval.fid_ref: FID against fixed mu/sigma (the paper's protocol); no training data is read, and the command
+    says which reference it used."""
+    root, runs = imported
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(100, 32))  # tiny_random's 32 features
+    np.savez(tmp_path / "ref.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
+    out = tmp_path / "ev"
+    proc = launch(
+        tmp_path,
+        "--config-name",
+        "evaluate",
+        f"ckpt={runs['songunet'][0]}",
+        f"out={out}",
+        "eval.fid_ref=ref.npz",
+        "eval.feature_net=tiny_random",
+        "eval.n_samples=16",
+        "eval.steps=[1,2]",
+        NO_TRACKING,
+        check=True,
+    )
+    record = json.loads((out / "results.json").read_text())
+    assert record["fid_reference"] == f"the file {(tmp_path / 'ref.npz').resolve()}"
+    assert set(record["results"]) >= {"evaluate/fid16_1step", "evaluate/fid16_2step"}
+    assert f"FID reference statistics: the file {(tmp_path / 'ref.npz').resolve()}" in proc.stdout
+    np.savez(tmp_path / "bad.npz", mu=np.zeros(5), sigma=np.eye(5))
+    proc = launch(
+        tmp_path,
+        "--config-name",
+        "evaluate",
+        f"ckpt={runs['songunet'][0]}",
+        f"out={out}2",
+        "eval.fid_ref=bad.npz",
+        "eval.feature_net=tiny_random",
+        "eval.n_samples=16",
+        NO_TRACKING,
+    )
+    assert proc.returncode == 2 and "holds statistics of [5] features" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_reference_file_gives_the_fid_of_the_images_it_summarises(tmp_path):
+    """mu/sigma written from reference images give the same FID as those images' statistics."""
+    import torch
+
+    from imm.evaluation.evaluator import TinyRandomFeatures
+    from imm.evaluation.fid import FIDEvaluator
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(64, 3, 16, 16, generator=g) * 2 - 1
+    fake = torch.rand(32, 3, 16, 16, generator=g) * 1.6 - 0.9
+    computed = FIDEvaluator(feature_net=TinyRandomFeatures(), device="cpu")
+    computed.prepare_reference(real, "test")
+    m = computed.metric
+    n = int(m.real_features_num_samples)
+    mu = (m.real_features_sum / n).double()
+    sigma = (m.real_features_cov_sum - n * torch.outer(mu, mu)) / (n - 1)
+    np.savez(tmp_path / "ref.npz", mu=mu.numpy(), sigma=sigma.numpy())
+    from_file = FIDEvaluator(feature_net=TinyRandomFeatures(), device="cpu")
+    from_file.load_reference(tmp_path / "ref.npz")
+    assert abs(from_file.fid(fake) - computed.fid(fake)) < 1e-6 * computed.fid(fake)
