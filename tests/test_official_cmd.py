@@ -187,3 +187,30 @@ def test_reference_file_gives_the_fid_of_the_images_it_summarises(tmp_path):
     from_file = FIDEvaluator(feature_net=TinyRandomFeatures(), device="cpu")
     from_file.load_reference(tmp_path / "ref.npz")
     assert abs(from_file.fid(fake) - computed.fid(fake)) < 1e-6 * computed.fid(fake)
+
+
+def test_bad_input_to_import_is_one_sentence_and_writes_nothing(tmp_path):
+    import shutil
+
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    (tmp_path / "trunc.pkl").write_bytes((DATA / "dit.pkl").read_bytes()[:5000])
+    blob = (DATA / "dit.pkl").read_bytes()  # the class name 'DiT' (a 3-character string) renamed in the pickle
+    assert b"\x8c\x03DiT" in blob
+    (tmp_path / "adm.pkl").write_bytes(blob.replace(b"\x8c\x03DiT", b"\x8c\x03ADM"))
+    shutil.copy(DATA / "dit.pkl", tmp_path / "dit.pkl")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    cases = {
+        "src=notes.txt": "is not an official IMM checkpoint: it begins b'not a checkp'",
+        "src=trunc.pkl": "is truncated or damaged",
+        "src=adm.pkl": "its network class 'ADM' is not one this project has",
+        "src=missing.pkl": "does not exist",
+        "src=dit.pkl num_heads=3": "not divisible by num_heads 3",
+    }
+    for args, words in cases.items():
+        proc = launch(tmp_path, "--config-name", "import", *args.split(), "out=imported")
+        line = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and words in line, (args, proc.stderr[-2000:])
+        assert not (tmp_path / "imported").exists()
+    proc = launch(tmp_path, "--config-name", "import", "src=dit.pkl", "out=full")
+    assert proc.returncode == 2 and "out=full is not empty" in proc.stderr
