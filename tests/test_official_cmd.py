@@ -214,3 +214,30 @@ def test_bad_input_to_import_is_one_sentence_and_writes_nothing(tmp_path):
         assert not (tmp_path / "imported").exists()
     proc = launch(tmp_path, "--config-name", "import", "src=dit.pkl", "out=full")
     assert proc.returncode == 2 and "out=full is not empty" in proc.stderr
+
+
+def test_a_latent_space_import_records_the_official_codec(tmp_path):
+    """A latent-space model (the released ImageNet ones: data=latents) carries the official encoder's VAE by name
+    and the run's channel statistics, with no weight hash and no source images: its FID needs eval.fid_ref."""
+    import torch
+    from helpers import compose_task
+
+    from imm.errors import ConfigError
+    from imm.tasks import evaluate, importer
+
+    cfg = compose_task(
+        "import",
+        f"src={DATA / 'dit.pkl'}",
+        f"out={tmp_path / 'run'}",
+        "dataset=latents",
+        'overrides=["data.latent_mean=[0.1]","data.latent_std=[2.0]","data.resolution=64"]',
+    )
+    importer.run(cfg)
+    snap = torch.load(tmp_path / "run" / "snapshots" / "snapshot-00000000.pt", weights_only=True)
+    assert snap["latents"]["vae"] == "stabilityai/sd-vae-ft-ema" and snap["latents"]["vae_sha256"] is None
+    assert snap["latents"]["mean"] == [0.1] and snap["latents"]["std"] == [2.0] and snap["latents"]["scale"] == 0.5
+    ev = compose_task(
+        "evaluate", f"ckpt={tmp_path / 'run'}", f"out={tmp_path / 'ev'}", "eval.feature_net=tiny_random", NO_TRACKING
+    )
+    with pytest.raises(ConfigError, match="records no images its latents came from .* set eval.fid_ref"):
+        evaluate.run(ev)

@@ -175,6 +175,12 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     images = restored.kind == "images"
     fid = images and ev_cfg.fid
     _check_against_model(ev_cfg, restored, guidances, fid)
+    if fid and not ev_cfg.fid_ref and restored.latents is not None and not restored.latents.source.get("root"):
+        raise ConfigError(
+            f"{restored.path} records no images its latents came from (an imported model), so FID needs reference"
+            " statistics: set eval.fid_ref=FILE.npz (ADM's VIRTUAL_imagenet256_labeled.npz for ImageNet-256), or"
+            " data.source_root=DIR (the images) and data.vae."
+        )
     # with fixed reference statistics (eval.fid_ref) images need no training data, unless a classifier metric does
     no_classifier = not ev_cfg.classifier or restored.num_classes == 0
     bundle = restored.bundle(need_data=not (images and fid and ev_cfg.fid_ref and no_classifier))

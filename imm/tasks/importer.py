@@ -152,7 +152,7 @@ def _latents_state(run_cfg) -> dict:
             "root": None,
             "resolution": d.resolution,
             "class_subfolders": True,
-            "shape": None,
+            "shape": [3, d.resolution, d.resolution] if d.resolution else None,
             "count": None,
         },
         "scale": 0.5,
@@ -171,7 +171,10 @@ def run(cfg, *, launch_dir=None) -> dict:
     found = convert.convert(ckpt, entry=cfg.entry, overrides=overrides)
     run_cfg = compose_run_config(run_overrides(found, cfg))
     try:
-        validate(run_cfg)
+        # where the data live is for a later training or a reference set (data.root: a resumable key), not the import
+        check = run_cfg.copy()
+        check.data.root = check.data.root or "data.root"
+        validate(check)
         with torch.device("meta"):  # the run's config builds the file's network (no memory on the meta device)
             ours = factory.net(run_cfg, found.shape, found.num_classes).state_dict()
     except ConfigError as e:
