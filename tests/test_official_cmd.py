@@ -123,6 +123,8 @@ def test_init_of_another_architecture_is_one_sentence(imported, tmp_path):
     assert "does not fit the network this config builds (arch=dit_s_2): its x_embedder.proj.weight is" in line
     assert "[16, 1, 2, 2] where this network's is [384, 1, 2, 2]" in line
     assert not (tmp_path / "mlflow.db").exists() and not list(tmp_path.rglob("step-*.pt"))
+    dry = launch(tmp_path, f"init={runs['dit'][0]}", "arch=dit_s_2", *DIGITS8, "dry_run=true", NO_TRACKING)
+    assert dry.returncode == 2 and "its x_embedder.proj.weight is [16, 1, 2, 2]" in dry.stderr
     proc = launch(tmp_path, f"init={tmp_path / 'nowhere'}", "debug=toy", NO_TRACKING)
     assert proc.returncode == 2 and "init=" in proc.stderr and "does not exist" in proc.stderr
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from imm.diskspace import DiskFullError, disk_errno, writing
-from imm.errors import CheckpointError
+from imm.errors import CheckpointError, ConfigError
 
 CKPT_DIR = "checkpoints"
 PATTERN = re.compile(r"^step-(\d{8,})\.pt$")
@@ -381,3 +381,15 @@ def first_difference(ours: dict, theirs: dict) -> str | None:
             return f"its {name} is {list(theirs[name].shape)} where this network's is {list(value.shape)}"
     extra = next((name for name in theirs if name not in ours), None)
     return None if extra is None else f"its {extra} {list(theirs[extra].shape)} has no place in this network"
+
+
+def init_for(init, ours: dict, arch: str) -> tuple[dict, str]:
+    """(weights in `ours`' order and dtypes, what they are) of init=`init` for a network whose state_dict is `ours`
+    (arch `arch`); weights that do not fit are ConfigError, one sentence naming the first tensor that differs."""
+    weights, _file, what = init_weights(init)
+    if (why := first_difference(ours, weights)) is not None:
+        raise ConfigError(
+            f"init={init} does not fit the network this config builds (arch={arch}): {why}; compose the"
+            " architecture the weights were trained with (an imported run's is in its .hydra/config.yaml)."
+        )
+    return {k: weights[k].to(v.dtype) for k, v in ours.items()}, what

@@ -24,7 +24,6 @@ from imm import factory, runs
 from imm.data import ResumableBatches
 from imm.data import digest as data_digest
 from imm.diskspace import replacing, skipped
-from imm.errors import ConfigError
 from imm.evaluation.evaluator import Evaluator
 from imm.metrics import lower_is_better, primary_metrics
 from imm.nets import count_parameters
@@ -243,16 +242,9 @@ def _say_ema(e, steps: int) -> None:
 
 
 def _init(cfg, net) -> None:
-    """init=DIR|FILE: the weights the training starts from (step 0, a fresh optimizer; the EMAs copy them); one that
-    does not fit the composed network is one sentence naming the first tensor that differs."""
-    weights, file, what = checkpoint.init_weights(cfg.init)
-    ours = net.state_dict()
-    if (why := checkpoint.first_difference(ours, weights)) is not None:
-        raise ConfigError(
-            f"init={cfg.init} does not fit the network this config builds (arch={cfg.arch.name}): {why}; compose the"
-            " architecture the weights were trained with (an imported run's is in its .hydra/config.yaml)."
-        )
-    net.load_state_dict({k: weights[k].to(v.dtype) for k, v in ours.items()})
+    """init=DIR|FILE: the weights the training starts from (step 0, a fresh optimizer; the EMAs copy them)."""
+    weights, what = checkpoint.init_for(cfg.init, net.state_dict(), cfg.arch.name)
+    net.load_state_dict(weights)
     log.info("weights from %s (init=%s)", what, cfg.init)
 
 
