@@ -257,3 +257,25 @@ def _norm_record():
     stub = reader.Stub.__new__(reader.Stub)
     stub.state = {"_parameters": {"weight": torch.ones(8), "bias": torch.zeros(8)}, "_modules": {}}
     return stub
+
+
+def test_reference_file_gives_the_fid_of_the_images_it_summarises(tmp_path):
+    """mu/sigma written from reference images give the same FID as those images' statistics."""
+    import torch
+
+    from imm.evaluation.evaluator import TinyRandomFeatures
+    from imm.evaluation.fid import FIDEvaluator
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(64, 3, 16, 16, generator=g) * 2 - 1
+    fake = torch.rand(32, 3, 16, 16, generator=g) * 1.6 - 0.9
+    computed = FIDEvaluator(feature_net=TinyRandomFeatures(), device="cpu")
+    computed.prepare_reference(real, "test")
+    m = computed.metric
+    n = int(m.real_features_num_samples)
+    mu = (m.real_features_sum / n).double()
+    sigma = (m.real_features_cov_sum - n * torch.outer(mu, mu)) / (n - 1)
+    np.savez(tmp_path / "ref.npz", mu=mu.numpy(), sigma=sigma.numpy())
+    from_file = FIDEvaluator(feature_net=TinyRandomFeatures(), device="cpu")
+    from_file.load_reference(tmp_path / "ref.npz")
+    assert abs(from_file.fid(fake) - computed.fid(fake)) < 1e-6 * computed.fid(fake)
