@@ -1,8 +1,8 @@
 """What launch.py runs inside Hydra: the command the config names, from one table.
 
-`python launch.py` trains; `--config-name sample|evaluate|encode` runs that command on a checkpoint or a
-dataset; `dry_run=true` checks a training launch and trains nothing. Each runs as one Hydra job
-(imm.launch.job.run: run name, exit status, the one-sentence errors).
+`python launch.py` trains; `--config-name sample|evaluate|encode|import` runs that command on a checkpoint, a
+dataset or a released official checkpoint; `dry_run=true` checks a training launch and trains nothing. Each runs as
+one Hydra job (imm.launch.job.run: run name, exit status, the one-sentence errors).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from hydra.core.hydra_config import HydraConfig
 
 from imm.launch import dry_run, job
-from imm.tasks import encode, evaluate, sample
+from imm.tasks import encode, evaluate, importer, sample
 from imm.training.loop import train
 
 
@@ -32,6 +32,7 @@ COMMANDS = {
     "sample": lambda cfg, launch: sample.run(cfg),
     "evaluate": lambda cfg, launch: evaluate.run(cfg),
     "encode": lambda cfg, launch: encode.run(cfg),
+    "import": lambda cfg, launch: importer.run(cfg),
 }
 
 

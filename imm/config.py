@@ -58,6 +58,9 @@ class ScheduleConfig:
     sigma_data: float = ranged(0.5, "> 0")
     time_scale: float = ranged(1000.0, "> 0")  # c_noise(t) = time_scale * t (Table 5: 1000t)
     second_time: str = "s"  # the second time input: s, or stride = t - s (the DiT-XL* variant)
+    # how the network call rounds: standard (float64 times, cast at the network), or official (the official IMM
+    # generator's: float32 time inputs, float32 eta grid points, the guidance mix in float64; imported models)
+    numerics: str = "standard"
 
 
 @dataclass
@@ -230,6 +233,9 @@ class EvalOptions(SamplingOptions):
     draws: int = ranged(8, ">= 1")
     classifier: bool = True  # labelled images with a held-out split (digits, MNIST): the classifier metric
     fid_cache: Optional[str] = None  # reference statistics cache; null: ~/.cache/imm/fid
+    # a .npz of reference statistics (mu, sigma: EDM's cifar10-32x32.npz, ADM's VIRTUAL_imagenet256_labeled.npz), as
+    # papers measure FID; null: the statistics of the training images, computed here (and cached in fid_cache)
+    fid_ref: Optional[str] = None
     inception_weights: Optional[str] = None  # a local Inception weights file (offline machines)
 
 
@@ -269,6 +275,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     resume: Optional[str] = None  # a checkpoint file or run directory to resume from
+    # the weights a new training starts from (step 0, a fresh optimizer, the EMA from the same weights): a run
+    # directory (e.g. `--config-name import`'s out), a checkpoint or snapshot file, or a released official checkpoint
+    init: Optional[str] = None
     fresh: bool = False  # true: a new run directory of this experiment, not its newest (imm/runs.py)
     dry_run: bool = (
         False  # true: check everything a launch checks, print what it would do, train nothing (imm/launch/dry_run.py)
@@ -296,6 +305,7 @@ class DiTArch:
     patch_size: int = ranged(MISSING, ">= 1", "dividing the resolution")
     mlp_ratio: float = ranged(4.0, "> 0")
     dropout: float = ranged(0.0, "[0, 1)")
+    time_features: str = "float32"  # the sin/cos time features in float32, or float64 (the official IMM DiT)
 
 
 @dataclass
@@ -306,6 +316,8 @@ class DDPMppArch:
     num_blocks: int = ranged(4, ">= 1")
     attn_resolutions: List[int] = ranged(text=">= 1", factory=lambda: [16])
     dropout: float = ranged(0.2, "[0, 1)")
+    # float64: the time features and the mapping network in float64 (EDM's SongUNet, the official IMM CIFAR-10 net)
+    time_features: str = "float32"
 
 
 ARCH_SCHEMAS = {"arch_mlp": MLPArch, "arch_dit": DiTArch, "arch_ddpmpp": DDPMppArch}
@@ -347,9 +359,13 @@ class SampleConfig(SamplingOptions):
     guidance: Optional[float] = ranged(None, note="null: the training run's eval.guidance; 1: none")
     # not the evaluations' 1234: the README's documented samples were drawn with seed 0
     seed: int = ranged(0)
-    labels: Any = "cycle"  # cycle (all classes in turn) | uncond (the null label) | a list of class ids
+    # cycle (all classes in turn) | uncond (the null label) | a list of class ids (cycled) | a .npy file: an id a sample
+    labels: Any = "cycle"
     # number of samples; points by default as many as `evaluate` measures, so steps.png's ED/floor reads at its n
-    n: Optional[int] = ranged(None, ">= 1", "null: 64 images, the held-out size for points")
+    n: Optional[int] = ranged(None, ">= 1", "null: 64 images, the held-out size for points; with noise: its count")
+    # a .npy file [n, *sample shape]: the sampler's first state x_T, already scaled by sigma_data (as the official
+    # generator's latents are); null: drawn from seed
+    noise: Optional[str] = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out: Optional[str] = None  # output directory; null: the Hydra run directory (runs/samples/<date>/<time>)
     compare_steps: List[int] = ranged(text=">= 1", note="[]: no figure", factory=lambda: [1, 2, 4, 8])
@@ -395,6 +411,33 @@ class EncodeConfig:
     data: DataConfig = field(default_factory=DataConfig)  # data.hflip=true also encodes flipped copies
 
 
+@dataclass
+class ImportConfig:
+    """`--config-name import`: a checkpoint the IMM authors released (lumalabs/imm) as a run directory of ours. Each
+    null setting is what the file says (imm/official/convert.py); a value replaces it (the official README passes
+    network.temb_type=identity for imagenet256_s_a1.pkl: here second_time=s)."""
+
+    src: str = MISSING  # the official file: a pickle or torch.save of {'ema': IMMPrecond, ...}
+    out: str = MISSING  # the run directory to write (must not hold a run)
+    entry: str = "ema"  # the dict entry holding the network
+    param: Optional[str] = None  # schedule.param (the file's f_type)
+    second_time: Optional[str] = None  # schedule.second_time (the file's temb_type: identity -> s, stride)
+    noise_schedule: Optional[str] = None  # schedule.name (the file's noise_schedule: fm, vp_cosine -> cosine)
+    sigma_data: Optional[float] = ranged(None, "> 0", "null: the file's")
+    time_scale: Optional[float] = ranged(None, "> 0", "null: the file's")
+    T: Optional[float] = ranged(None, "(0, 1]", "null: the file's")
+    eps: Optional[float] = ranged(None, "[0, 1)", "null: the file's")
+    num_heads: Optional[int] = ranged(None, ">= 1", "null: the file's (DiT)")
+    time_features: str = "float64"  # arch.time_features of the run (float64: the official forward pass)
+    numerics: str = "official"  # schedule.numerics of the run (official: the official generator's rounding)
+    # the experiment preset the run takes its training and sampling settings from; null: the paper's preset of a
+    # released model (cifar10_paper, imagenet256_paper, imagenet256_paper_a2), else none
+    preset: Optional[str] = None
+    # the run's data option; null: the preset's, else cifar10 (3 channels, 32x32), latents (4 channels) or folder
+    dataset: Optional[str] = None
+    overrides: List[str] = field(default_factory=list)  # more keys of the run's config, e.g. ["data.root=/data"]
+
+
 def saved_config(text: str):
     """A config a checkpoint stored, over today's schema: keys added since it was written get their defaults, so
     a run started by an earlier version resumes and samples as it was (a key the schema no longer has: the
@@ -429,3 +472,4 @@ def register(choices=None) -> None:
     cs.store(name="sample_schema", node=SampleConfig)  # conf/sample.yaml, evaluate.yaml, encode.yaml
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="encode_schema", node=EncodeConfig)
+    cs.store(name="import_schema", node=ImportConfig)

@@ -45,7 +45,13 @@ LR_SCHEDULES = ("constant", "cosine")  # optim.lr_schedule, see lr_at
 def parameterization(cfg) -> param_mod.Parameterization:
     """schedule.param around the network; iCT's consistency function in its place when loss.objective=ict."""
     sch = cfg.schedule
-    common = dict(schedule=sch.name, sigma_data=sch.sigma_data, time_scale=sch.time_scale, second_time=sch.second_time)
+    common = dict(
+        schedule=sch.name,
+        sigma_data=sch.sigma_data,
+        time_scale=sch.time_scale,
+        second_time=sch.second_time,
+        numerics=sch.numerics,
+    )
     if cfg.loss.get("objective") == "ict":  # the boundary condition f(x, sigma_min) = x sits at t = loss.eps
         return consistency_mod.Consistency(t_min=cfg.loss.eps, **common)
     return param_mod.get(sch.param, **common)

@@ -35,6 +35,7 @@ ARG_KEYS = {
     "schedule": "schedule.name",
     "param": "schedule.param",
     "second_time": "schedule.second_time",
+    "numerics": "schedule.numerics",
     "kernel": "kernel.function",
     "weighting": "kernel.weighting",
     "ref_dim": "kernel.ref_dim",
@@ -58,6 +59,7 @@ def choices() -> dict[str, tuple]:
         "schedule.name": tuple(schedules.SCHEDULES),
         "schedule.param": tuple(parameterization.PARAMETERIZATIONS),
         "schedule.second_time": tuple(parameterization.SECOND_TIME_INPUTS),
+        "schedule.numerics": tuple(parameterization.NUMERICS),
         "kernel.weighting": tuple(objective.WEIGHTINGS),
         "kernel.function": tuple(objective.KERNELS),
         "loss.objective": tuple(methods.OBJECTIVES),
@@ -114,6 +116,8 @@ def validate(cfg, world_size: int = 1) -> None:
     for key, allowed in choices().items():
         if key not in core_checked and _get(cfg, key) not in allowed:
             raise not_allowed(key, _get(cfg, key), allowed)
+    if "time_features" in cfg.arch and cfg.arch.time_features not in nets.TIME_FEATURES:  # the image nets' option
+        raise not_allowed("arch.time_features", cfg.arch.time_features, nets.TIME_FEATURES)
     try:
         label_dropout = cfg.loss.label_dropout or 0.0
         factory.imm_objective(cfg, label_dropout=label_dropout, num_classes=1, augment=factory.augment(cfg))
@@ -208,11 +212,14 @@ def check_method(cfg) -> None:
         raise factory.method_error(e, objective) from None
 
 
-def time_grids(key: str, steps, options, *, schedule, T: float, eps: float) -> dict[int, torch.Tensor]:
+def time_grids(
+    key: str, steps, options, *, schedule, T: float, eps: float, float32_points: bool = False
+) -> dict[int, torch.Tensor]:
     """{N: the N-step grid} for each step count in `steps` (listed under the option `key`), by
     imm.core.sampling.time_grid's rules with the options' grid, two_step_eta and etas (where they have
-    them). A grid the options cannot give is the one-sentence ConfigError naming `key`: the commands'
-    and the trainer's check before they sample."""
+    them); float32_points: the official generator's rounding of the eta points (schedule.numerics=official). A
+    grid the options cannot give is the one-sentence ConfigError naming `key`: the commands' and the trainer's
+    check before they sample."""
     grids = {}
     for N in steps:
         try:
@@ -224,6 +231,7 @@ def time_grids(key: str, steps, options, *, schedule, T: float, eps: float) -> d
                 eps=eps,
                 two_step_eta=options.two_step_eta,
                 etas=getattr(options, "etas", None),
+                float32_points=float32_points,
             )
         except ValueError as e:
             raise ConfigError(f"{key}: no {int(N)}-step grid: {e}.") from None
@@ -244,14 +252,18 @@ class Sampling:
     batch_size: int
 
 
-def sampling_plan(options, steps: dict[str, list], *, schedule: str, T: float, eps: float, guidance=None) -> Sampling:
+def sampling_plan(
+    options, steps: dict[str, list], *, schedule: str, T: float, eps: float, guidance=None, numerics="standard"
+) -> Sampling:
     """The Sampling of `options` (a SamplingOptions node: the training's `eval`, `evaluate`'s `eval`, `sample`'s
     top level) for the step counts listed under each option key in `steps` (the first key's are evaluated, the
     others only sampled, as `sample`'s compare_steps); `guidance`: the scale a command resolved (default: the
-    options'). A grid the options cannot give is the ConfigError naming its key."""
+    options'); `numerics`: the model's schedule.numerics (official: the eta points rounded as the official
+    generator's). A grid the options cannot give is the ConfigError naming its key."""
     grids = {}
+    points32 = numerics == "official"
     for key, counts in steps.items():
-        grids.update(time_grids(key, counts, options, schedule=schedule, T=T, eps=eps))
+        grids.update(time_grids(key, counts, options, schedule=schedule, T=T, eps=eps, float32_points=points32))
     first = next(iter(steps.values()))
     return Sampling(
         steps=tuple(int(n) for n in first),

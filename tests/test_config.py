@@ -277,7 +277,7 @@ APPENDED = {
     "+train.stesp=30": f"train.stesp=30 is not a key of train {ADDS}; the nearest is train.steps: use train.steps=30.",
     "++arch.widht=64": f"arch.widht=64 is not a key of arch {ADDS}; the nearest is arch.width: use arch.width=64.",
     "+foo=1": f"foo=1 is not a key of the config {ADDS}; its keys are arch, schedule, kernel, loss, target, ema, data,"
-    " optim, train, eval, tracking, resume, fresh, dry_run.",
+    " optim, train, eval, tracking, resume, init, fresh, dry_run.",
 }
 
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # higher one
 FLOORS = {
     0: ["imm", "imm.errors", "imm.diskspace", "imm.runs", "imm.ranges", "imm.core", "imm.nets", "imm.data",
-        "imm.metrics"],
+        "imm.metrics", "imm.official"],
     1: ["imm.tracking", "imm.training.checkpoint", "imm.training.distributed", "imm.training.signals",
         "imm.training.threads"],
     2: ["imm.config"],

@@ -29,6 +29,12 @@ Tensor = torch.Tensor
 Net = Callable[..., Tensor]
 
 SECOND_TIME_INPUTS = ("s", "stride")
+# How the network call rounds (schedule.numerics): "standard" forms c_in(t) x_t and the time inputs in float64 and
+# casts them to the network's dtype at the last moment, and mixes guidance in the network's dtype; "official" is
+# the official IMM generator's rounding (lumalabs/imm training/preconds.py: IMMPrecond.cfg_forward): t and s cast
+# to float32 first, c_in(t), c_in x_t, time_scale t and time_scale (t - s) formed in float32, and the guidance mix
+# G_u + w (G_c - G_u) in float64 on a doubled batch whose unconditional half comes first.
+NUMERICS = ("standard", "official")
 
 
 class Parameterization:
@@ -36,12 +42,21 @@ class Parameterization:
 
     name: str = ""
 
-    def __init__(self, schedule="fm", sigma_data: float = 0.5, time_scale: float = 1000.0, second_time: str = "s"):
+    def __init__(
+        self,
+        schedule="fm",
+        sigma_data: float = 0.5,
+        time_scale: float = 1000.0,
+        second_time: str = "s",
+        numerics: str = "standard",
+    ):
         check_choice("second_time", second_time, SECOND_TIME_INPUTS, "second time input")
+        check_choice("numerics", numerics, NUMERICS, "rounding of the network call")
         self.schedule = schedules.get(schedule)
         self.sigma_data = float(sigma_data)
         self.time_scale = float(time_scale)
         self.second_time = second_time
+        self.numerics = numerics
 
     # -- coefficients (float64) ---------------------------------------------------------------
     def c_skip(self, s, t) -> Tensor:
@@ -91,10 +106,29 @@ class Parameterization:
         B = x_t.shape[0]
         s, t = (f64(v).to(x_t.device).expand(B) for v in (s, t))  # scalars or [B]
         net_dtype = net_dtype or (torch.float32 if x_t.dtype == torch.float64 else x_t.dtype)
-        x_in = (bcast(self.c_in(t), x_t) * x_t).to(net_dtype)
-        noise_t, noise_2 = (v.to(torch.float32) for v in self.noise_inputs(s, t))
+        if self.numerics == "official":
+            x_in, noise_t, noise_2 = self._official_inputs(x_t, s, t)
+        else:
+            x_in = (bcast(self.c_in(t), x_t) * x_t).to(net_dtype)
+            noise_t, noise_2 = (v.to(torch.float32) for v in self.noise_inputs(s, t))
         # only when given: a network trained without augmentation has no such input
         augment = {} if augment_labels is None else {"augment_labels": augment_labels}
+        if guidance != 1.0 and self.numerics == "official":
+            if labels is None or null_label is None:
+                raise ValueError("classifier-free guidance needs class labels and the null label index")
+            null = torch.full_like(labels, null_label)
+            G_u, G_c = (
+                net(
+                    torch.cat([x_in, x_in]),
+                    torch.cat([noise_t, noise_t]),
+                    torch.cat([noise_2, noise_2]),
+                    torch.cat([null, labels]),
+                    **{k: torch.cat([v, v]) for k, v in augment.items()},
+                )
+                .to(torch.float64)
+                .chunk(2)
+            )
+            return (G_u + guidance * (G_c - G_u)).to(x_t.dtype)
         if guidance != 1.0:
             if labels is None or null_label is None:
                 raise ValueError("classifier-free guidance needs class labels and the null label index")
@@ -111,6 +145,19 @@ class Parameterization:
             G = net(x_in, noise_t, noise_2, labels, **augment)
         return G.to(x_t.dtype)
 
+    def _official_inputs(self, x_t: Tensor, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(c_in(t) x_t, time_scale t, second input) as the official generator rounds them (NUMERICS)."""
+        t32, s32 = t.to(torch.float32), s.to(torch.float32)
+        if self.schedule.name == "fm":
+            alpha, sigma = 1 - t32, t32
+        else:  # cosine
+            alpha, sigma = torch.cos(t32 * torch.pi * 0.5), torch.sin(t32 * torch.pi * 0.5)
+        c_in = (alpha**2 + sigma**2).rsqrt() / self.sigma_data
+        x32 = x_t.to(torch.float32)
+        x_in = c_in.reshape(-1, *([1] * (x32.ndim - 1))) * x32
+        second = s32 if self.second_time == "s" else t32 - s32
+        return x_in, t32 * self.time_scale, second * self.time_scale
+
     def f(self, net: Net, x_t: Tensor, s, t, labels=None, **kw) -> Tensor:
         """f_{s,t}(x_t) = c_skip(s,t) x_t + c_out(s,t) G (Sec. 4.2); f_{s,s}(x) = x."""
         G = self.net_output(net, x_t, s, t, labels, **kw)
@@ -121,9 +168,10 @@ class Parameterization:
         return bcast(self.c_skip(s, t), x_t) * x_t + bcast(self.c_out(s, t), x_t) * G
 
     def __repr__(self) -> str:
+        numerics = "" if self.numerics == "standard" else f", numerics={self.numerics!r}"
         return (
             f"{type(self).__name__}(schedule={self.schedule.name!r}, sigma_data={self.sigma_data},"
-            f" time_scale={self.time_scale}, second_time={self.second_time!r})"
+            f" time_scale={self.time_scale}, second_time={self.second_time!r}{numerics})"
         )
 
 
@@ -207,9 +255,12 @@ def get(
     sigma_data: float = 0.5,
     time_scale: float = 1000.0,
     second_time: str = "s",
+    numerics: str = "standard",
 ) -> Parameterization:
     """The parameterization called `name` on `schedule`; an instance is returned unchanged."""
     if isinstance(name, Parameterization):
         return name
     check_choice("param", name, list(PARAMETERIZATIONS), "parameterization")
-    return PARAMETERIZATIONS[name](schedule, sigma_data=sigma_data, time_scale=time_scale, second_time=second_time)
+    return PARAMETERIZATIONS[name](
+        schedule, sigma_data=sigma_data, time_scale=time_scale, second_time=second_time, numerics=numerics
+    )

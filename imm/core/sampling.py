@@ -38,10 +38,17 @@ def edm_grid(N: int, schedule, T: float, eps: float, rho: float = 7.0) -> Tensor
     return grid
 
 
-def eta_grid(etas, schedule, T: float, eps: float) -> Tensor:
-    """[T, t(eta_1), ..., eps] for explicit intermediate eta points (e.g. (1.4,) for 2 steps)."""
+def eta_grid(etas, schedule, T: float, eps: float, *, float32_points: bool = False) -> Tensor:
+    """[T, t(eta_1), ..., eps] for explicit intermediate eta points (e.g. (1.4,) for 2 steps).
+
+    float32_points: each eta and each t(eta) rounded to float32, as the official generator forms its `mid_nt`
+    points (torch.as_tensor(1.4) is float32; nt_to_t returns its input's dtype); T and eps stay float64."""
     sch = schedules.get(schedule)
-    mids = sch.t_from_eta(torch.tensor(list(etas), dtype=torch.float64))
+    if float32_points:
+        etas32 = torch.tensor(list(etas), dtype=torch.float32).to(torch.float64)
+        mids = sch.t_from_eta(etas32).to(torch.float32).to(torch.float64)
+    else:
+        mids = sch.t_from_eta(torch.tensor(list(etas), dtype=torch.float64))
     grid = torch.cat([f64([T]), mids, f64([eps])])
     if not bool((grid[1:] < grid[:-1]).all()):
         raise ValueError(
@@ -89,13 +96,16 @@ def time_grid(
     etas=None,
     two_step_eta: float | None = None,
     rho: float = 7.0,
+    float32_points: bool = False,
 ) -> Tensor:
-    """The N-step sampling grid from T down to eps that grid_spec names (float64 [N + 1])."""
+    """The N-step sampling grid from T down to eps that grid_spec names (float64 [N + 1]); float32_points: the
+    eta grid's intermediate points rounded as the official generator's (eta_grid)."""
     kind, points = grid_spec(grid, N, etas=etas, two_step_eta=two_step_eta)
     if kind == "endpoints":
         return f64([T, eps])
     if kind == "eta":
-        return eta_grid(points if points is not None else [TWO_STEP_ETA], schedule, T, eps)
+        etas = points if points is not None else [TWO_STEP_ETA]
+        return eta_grid(etas, schedule, T, eps, float32_points=float32_points)
     if kind == "uniform":
         return uniform_grid(N, T, eps)
     return edm_grid(N, schedule, T, eps, rho)

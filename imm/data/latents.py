@@ -159,7 +159,8 @@ class LatentCodec:
         """The VAE on `device` (loaded on the first call), refused when its weights are not the encoder's."""
         if self._model is None:
             model = vae_mod.load(self.vae, key="data.vae", device=device)
-            if (sha := vae_mod.fingerprint(model)) != self.vae_sha256:
+            # None: an imported model's codec (the official encoder's VAE by name; no weight hash recorded)
+            if self.vae_sha256 is not None and (sha := vae_mod.fingerprint(model)) != self.vae_sha256:
                 raise vae_mod.VAEError(
                     f"data.vae={self.vae!r} holds other weights than the VAE these latents were encoded with"
                     f" (weight hash {sha}, not {self.vae_sha256}); point data.vae at that VAE."

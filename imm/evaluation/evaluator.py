@@ -139,6 +139,7 @@ class FIDSettings:
     feature_net: str = "inception"
     allow_download: bool = True
     dataset_key: str | None = None
+    reference: str | None = None  # a file of reference statistics (mu, sigma) instead of the training images'
 
 
 def _typed(options):
@@ -257,7 +258,7 @@ class Evaluator:
         self.fid_n_samples = int(fid.n_samples)
         self.fid_guidances = [float(w) for w in (fid.guidances if fid.guidances is not None else [self.guidance])]
         self.fid_key = fid.dataset_key or fid_dataset_key(self.bundle)
-        cache = None if fid.cache is None else fid_cache_file(fid.cache, self.fid_key, fid.feature_net)
+        cache = None if fid.cache is None or fid.reference else fid_cache_file(fid.cache, self.fid_key, fid.feature_net)
         evaluator = FIDEvaluator(
             feature_net=TinyRandomFeatures() if fid.feature_net == "tiny_random" else None,
             inception_weights=fid.inception_weights,
@@ -266,7 +267,12 @@ class Evaluator:
             batch_size=self.batch_size,
             allow_download=fid.allow_download,
         )
-        if self.bundle.latents is not None and (cache is None or not cache.is_file()):
+        if fid.reference:  # the paper's protocol: fixed statistics (checked now, before anything is sampled)
+            try:
+                evaluator.load_reference(fid.reference)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        elif self.bundle.latents is not None and (cache is None or not cache.is_file()):
             self.bundle.latents.check_source()  # the reference images are read at the first FID, long after this
         return evaluator
 
@@ -298,9 +304,11 @@ class Evaluator:
             inception_weights=option("inception_weights"),
             feature_net=option("feature_net", FIDSettings.feature_net),
             allow_download=option("allow_download", True),
+            reference=option("fid_ref"),
         )
         if option("fid", False) and bundle.kind == "images":
-            kwargs["fid"] = dataclasses.replace(fid, dataset_key=fid_dataset_key(bundle, data_root))
+            key = f"file={fid.reference}" if fid.reference else fid_dataset_key(bundle, data_root)
+            kwargs["fid"] = dataclasses.replace(fid, dataset_key=key)
         kwargs.update(overrides)
         try:
             return cls(bundle, param, plan, **kwargs)
@@ -319,6 +327,7 @@ class Evaluator:
             T=T,
             eps=eps,
             guidance=overrides.pop("guidance", None),
+            numerics=cfg.schedule.numerics,
         )
         data_root = cfg.data.get("root", None)
         return cls.from_options(cfg.eval, bundle, param, plan, device=device, data_root=data_root, **overrides)

@@ -274,6 +274,34 @@ class FIDEvaluator:
             self._save_cache(key)
         self.reference_source = "computed"
 
+    def load_reference(self, path: str | os.PathLike) -> None:
+        """Reference statistics from a file instead of real images: the `mu` [F] and `sigma` [F, F] a .npz holds
+        (EDM's fid-refs/cifar10-32x32.npz, ADM's VIRTUAL_imagenet256_labeled.npz), as papers measure FID. Raises
+        ValueError (one sentence) for a file that holds no such statistics or another feature size."""
+        import numpy as np
+
+        path = Path(path).expanduser()
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                if "mu" not in f or "sigma" not in f:
+                    raise ValueError(f"holds {', '.join(f.files) or 'nothing'}, not the arrays mu and sigma")
+                mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"eval.fid_ref={path} cannot be used as FID reference statistics ({e}).") from None
+        m = self.metric
+        dim = m.real_features_sum.shape[0]
+        if mu.shape != (dim,) or sigma.shape != (dim, dim):
+            raise ValueError(
+                f"eval.fid_ref={path} holds statistics of {list(mu.shape)} features (sigma {list(sigma.shape)}), but"
+                f" the feature network gives {dim}; use reference statistics of the same network (Inception-v3: 2048)."
+            )
+        # torchmetrics keeps sums: with n = 2 its mean is sum / 2 and its covariance (cov_sum - 2 mu mu^T) / 1
+        mu_t, sigma_t = torch.from_numpy(mu), torch.from_numpy(sigma)
+        m.real_features_sum = (2 * mu_t).to(m.real_features_sum)
+        m.real_features_cov_sum = (sigma_t + 2 * torch.outer(mu_t, mu_t)).to(m.real_features_cov_sum)
+        m.real_features_num_samples = torch.tensor(2, device=self.device)
+        self.reference_source = f"the file {path.resolve()}"
+
     # ------------------------------------------------------------------ evaluation
     def fid(self, generated_images: ImageBatches) -> float:
         """FID of images in [-1, 1] (a tensor [N, C, H, W] or an iterable of batches).

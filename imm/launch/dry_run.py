@@ -41,6 +41,8 @@ def check(cfg, *, world_size: int, device, run_dir: Path) -> dict:
     bundle = load_data(cfg)
     with torch.device("meta"):  # the shapes without the memory or the initialisation
         net = factory.net(cfg, bundle.shape, bundle.num_classes)
+    if cfg.init and state == "starts at step 0":  # the weights a new run starts from must fit its network
+        checkpoint.init_for(cfg.init, net.state_dict(), cfg.arch.name)
     return {
         "parameters": count_parameters(net),
         "data": bundle,

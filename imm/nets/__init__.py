@@ -34,6 +34,7 @@ from torch import nn
 
 from imm.nets.ddpmpp import DDPMpp
 from imm.nets.dit import DIT_PRESETS, DiT
+from imm.nets.embeddings import TIME_FEATURES
 from imm.nets.mlp import MLP
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "IMAGE_ARCHS",
     "MLP",
     "POINT_ARCHS",
+    "TIME_FEATURES",
     "build",
     "count_parameters",
     "count_parameters_of",

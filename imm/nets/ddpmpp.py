@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imm.nets.embeddings import augment_embedding, check_inputs, sinusoidal_embedding
+from imm.nets.embeddings import augment_embedding, check_inputs, sinusoidal_embedding, time_features_dtype
 
 
 def _init_weight(weight: torch.Tensor, scale: float) -> None:
@@ -142,7 +142,9 @@ class UNetBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         orig = x
         x = self.conv0(F.silu(self.norm0(x)))
-        params = self.affine(emb)[:, :, None, None].to(x.dtype)
+        # in the embedding's dtype (float64 with time_features="float64", as EDM's SongUNet), then the features'
+        params = F.linear(emb, self.affine.weight.to(emb.dtype), self.affine.bias.to(emb.dtype))
+        params = params[:, :, None, None].to(x.dtype)
         if self.adaptive_scale:
             scale, shift = params.chunk(2, dim=1)
             x = F.silu(torch.addcmul(shift, self.norm1(x), scale + 1))
@@ -193,8 +195,12 @@ class DDPMpp(nn.Module):
         resample_filter: Sequence[int] = (1, 1),
         adaptive_scale: bool = False,
         augment_dim: int = 0,
+        time_features: str = "float32",
     ):
         super().__init__()
+        # "float64": the time features and the whole mapping network (t and s paths, the label and the blocks'
+        # affine layers) in float64, as EDM's SongUNet runs them in the official IMM code
+        self.time_dtype = time_features_dtype(time_features)
         levels = len(channel_mult)
         if img_resolution % (2 ** (levels - 1)):
             raise ValueError(
@@ -267,10 +273,20 @@ class DDPMpp(nn.Module):
         self.out_conv = Conv2d(cout, self.out_channels, 3, init_scale=INIT_ZERO)
 
     def _time_features(self, noise: torch.Tensor) -> torch.Tensor:
-        emb = sinusoidal_embedding(noise, self.noise_channels, endpoint=True)
+        emb = sinusoidal_embedding(noise, self.noise_channels, endpoint=True, dtype=self.time_dtype)
         # EDM's SongUNet swaps the halves to [sin | cos]; kept for fidelity with its layout.
         emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)
-        return emb.to(self.map_layer0.weight.dtype)
+        return emb.to(self._mapping_dtype())
+
+    def _mapping_dtype(self) -> torch.dtype:
+        """The mapping network's dtype: the weights', or float64 with time_features="float64"."""
+        return torch.float64 if self.time_dtype == torch.float64 else self.map_layer0.weight.dtype
+
+    def _mlp(self, layer0: nn.Linear, layer1: nn.Linear, emb: torch.Tensor) -> torch.Tensor:
+        def linear(layer, v):
+            return F.linear(v, layer.weight.to(v.dtype), layer.bias.to(v.dtype))
+
+        return linear(layer1, F.silu(linear(layer0, emb)))
 
     def forward(
         self,
@@ -293,9 +309,9 @@ class DDPMpp(nn.Module):
         if labels is not None:
             emb_t = emb_t + self.map_label(labels).to(emb_t.dtype)
         if augment_labels is not None:
-            emb_t = emb_t + self.map_augment(augment_labels.to(emb_t.dtype))
-        emb_t = self.map_layer1(F.silu(self.map_layer0(emb_t)))
-        emb_s = self.map_layer1_s(F.silu(self.map_layer0_s(self._time_features(noise_s))))
+            emb_t = emb_t + F.linear(augment_labels.to(emb_t.dtype), self.map_augment.weight.to(emb_t.dtype))
+        emb_t = self._mlp(self.map_layer0, self.map_layer1, emb_t)
+        emb_s = self._mlp(self.map_layer0_s, self.map_layer1_s, self._time_features(noise_s))
         emb = F.silu(emb_t + emb_s)
 
         skips = []

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imm.nets.embeddings import LabelEmbedder, TimeEmbedder, augment_embedding, check_inputs
+from imm.nets.embeddings import LabelEmbedder, TimeEmbedder, augment_embedding, check_inputs, time_features_dtype
 
 # Sizes of the DiT paper (Table 1); the suffix is the patch size.
 DIT_PRESETS: dict[str, dict[str, int]] = {
@@ -37,17 +37,18 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
 
     Half of the channels encode the column index and half the row index (MAE's meshgrid puts
     the width coordinate first), each as [sin | cos] with frequencies 1/10000^(k/(dim/4)).
+    Formed in float64 and rounded to float32, as MAE's NumPy code (and so the official IMM DiT's table) does.
     """
-    coords = torch.arange(grid_size, dtype=torch.float32)
+    coords = torch.arange(grid_size, dtype=torch.float64)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
 
     def one_axis(pos: torch.Tensor) -> torch.Tensor:
         quarter = dim // 4
-        omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+        omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
         args = pos.reshape(-1, 1) * omega[None, :]
         return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
 
-    return torch.cat([one_axis(cols), one_axis(rows)], dim=1)
+    return torch.cat([one_axis(cols), one_axis(rows)], dim=1).to(torch.float32)
 
 
 class PatchEmbed(nn.Module):
@@ -135,8 +136,10 @@ class DiT(nn.Module):
         num_classes: int = 0,
         dropout: float = 0.0,
         augment_dim: int = 0,
+        time_features: str = "float32",
     ):
         super().__init__()
+        features_dtype = time_features_dtype(time_features)
         if input_size % patch_size:
             raise ValueError(f"DiT input size {input_size} is not divisible by the patch size {patch_size}.")
         if hidden_size % num_heads:
@@ -153,8 +156,9 @@ class DiT(nn.Module):
         self.augment_dim = augment_dim
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
-        self.t_embedder = TimeEmbedder(hidden_size, freq_dim=256)
-        self.s_embedder = TimeEmbedder(hidden_size, freq_dim=256)
+        # time_features="float64": the sin/cos features in float64 (then float32 for the MLP), as the official IMM DiT
+        self.t_embedder = TimeEmbedder(hidden_size, freq_dim=256, features_dtype=features_dtype)
+        self.s_embedder = TimeEmbedder(hidden_size, freq_dim=256, features_dtype=features_dtype)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size) if num_classes > 0 else None
         self.augment_embedder = augment_embedding(augment_dim, hidden_size)
         grid = input_size // patch_size

@@ -13,11 +13,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The precision the time features are formed in (the nets' `time_features` option): float32, or float64 as the
+# official IMM code forms them (its DiT casts the features to float32 for the MLP; its SongUNet, EDM's, runs the
+# whole mapping network in float64). Sines of ~1000-valued arguments in float32 are off by up to ~6e-5.
+TIME_FEATURES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def time_features_dtype(name: str) -> torch.dtype:
+    if name not in TIME_FEATURES:
+        raise ValueError(f"time_features={name!r} is not allowed; choose one of {', '.join(TIME_FEATURES)}.")
+    return TIME_FEATURES[name]
+
 
 def sinusoidal_embedding(
-    x: torch.Tensor, dim: int, max_period: float = 10000.0, endpoint: bool = False
+    x: torch.Tensor, dim: int, max_period: float = 10000.0, endpoint: bool = False, dtype=torch.float32
 ) -> torch.Tensor:
-    """Sin/cos features of a batch of scalars: [B] -> [B, dim], laid out as [cos | sin].
+    """Sin/cos features of a batch of scalars: [B] -> [B, dim], laid out as [cos | sin], in `dtype`.
 
     Frequencies run geometrically from 1 down to 1/max_period. With endpoint=False (DDPM/DiT
     style) the last frequency stops one step short of 1/max_period; endpoint=True (EDM's
@@ -25,12 +36,12 @@ def sinusoidal_embedding(
     """
     _check_even(dim)
     half = dim // 2
-    # float32 regardless of the input: the sampler may hand us float64 times, and under autocast
+    # float32 (or float64) regardless of the input: the sampler may hand us float64 times, and under autocast
     # the sines of ~1000-valued arguments must not be taken in bf16/fp16.
-    steps = torch.arange(half, dtype=torch.float32, device=x.device)
+    steps = torch.arange(half, dtype=dtype, device=x.device)
     steps = steps / max(half - (1 if endpoint else 0), 1)
     freqs = torch.exp(-math.log(max_period) * steps)
-    args = x.to(torch.float32)[:, None] * freqs[None, :]
+    args = x.to(dtype)[:, None] * freqs[None, :]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
@@ -52,16 +63,18 @@ class TimeEmbedder(nn.Module):
         freq_dim: int = 256,
         max_period: float = 10000.0,
         endpoint: bool = False,
+        features_dtype: torch.dtype = torch.float32,
     ):
         super().__init__()
         _check_even(freq_dim)  # when the network is built (before a run starts), not at its first forward
         self.freq_dim = freq_dim
         self.max_period = max_period
         self.endpoint = endpoint
+        self.features_dtype = features_dtype
         self.mlp = nn.Sequential(nn.Linear(freq_dim, out_dim), nn.SiLU(), nn.Linear(out_dim, out_dim))
 
     def forward(self, noise: torch.Tensor) -> torch.Tensor:
-        feats = sinusoidal_embedding(noise, self.freq_dim, self.max_period, self.endpoint)
+        feats = sinusoidal_embedding(noise, self.freq_dim, self.max_period, self.endpoint, self.features_dtype)
         # Match the weights so that .double()/.half() models work without autocast.
         return self.mlp(feats.to(self.mlp[0].weight.dtype))
 

@@ -52,7 +52,15 @@ class Restored:
     def plan(self, options, steps: dict[str, list], guidance: float) -> Sampling:
         """The Sampling of `options` on this model's schedule, T and eps (imm.validation.sampling_plan); a grid
         the options cannot give: ConfigError naming its key."""
-        return sampling_plan(options, steps, schedule=self.param.schedule, T=self.T, eps=self.eps, guidance=guidance)
+        return sampling_plan(
+            options,
+            steps,
+            schedule=self.param.schedule,
+            T=self.T,
+            eps=self.eps,
+            guidance=guidance,
+            numerics=self.param.numerics,
+        )
 
     @property
     def kind(self) -> str:
@@ -294,15 +302,39 @@ def resolve_guidance(value, restored: Restored, key: str) -> float:
 
 
 def check_labels(labels) -> None:
-    """`labels` is cycle, uncond or a list (before anything is loaded; the ids are checked by label_spec)."""
+    """`labels` is cycle, uncond, a list or a .npy file (before anything is loaded; the ids are checked by
+    label_spec)."""
+    if isinstance(labels, str) and labels.endswith(".npy"):
+        if not Path(labels).expanduser().is_file():
+            raise ConfigError(f"labels={labels} does not exist; give a .npy file of one class id per sample.")
+        return
     if not (labels in LABEL_MODES or OmegaConf.is_list(labels) or isinstance(labels, (list, tuple))):
         raise ConfigError(
-            f"labels={labels!r} is not allowed; use cycle, uncond or a list of class ids like labels=[3,7]."
+            f"labels={labels!r} is not allowed; use cycle, uncond, a list of class ids like labels=[3,7] or a .npy"
+            " file of one id per sample."
         )
 
 
+def read_npy(path, key: str):
+    """The array of the .npy file the option `key` names; a file that is not one: ConfigError."""
+    import numpy as np
+
+    try:
+        return np.load(Path(path).expanduser(), allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}={path} cannot be read as a .npy array ({str(e).splitlines()[0]}).") from None
+
+
 def label_spec(labels, restored: Restored, guidance: float):
-    """`labels` (cycle | uncond | a list of class ids) checked against the model: the Evaluator's label spec."""
+    """`labels` (cycle | uncond | a list of class ids | a .npy file of ids) checked against the model: the
+    Evaluator's label spec."""
+    if isinstance(labels, str) and labels.endswith(".npy"):
+        ids = read_npy(labels, "labels")
+        if ids.ndim != 1 or ids.dtype.kind not in "iu":
+            raise ConfigError(
+                f"labels={labels} holds {ids.dtype} of shape {list(ids.shape)}, not one class id per sample."
+            )
+        labels = ids.tolist()
     spec = labels if isinstance(labels, str) else [int(c) for c in labels]
     nc = restored.num_classes
     if isinstance(spec, list):

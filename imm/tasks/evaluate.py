@@ -176,7 +176,15 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     images = restored.kind == "images"
     fid = images and ev_cfg.fid
     _check_against_model(ev_cfg, restored, guidances, fid)
-    bundle = restored.bundle(need_data=True)
+    if fid and not ev_cfg.fid_ref and restored.latents is not None and not restored.latents.source.get("root"):
+        raise ConfigError(
+            f"{restored.path} records no images its latents came from (an imported model), so FID needs reference"
+            " statistics: set eval.fid_ref=FILE.npz (ADM's VIRTUAL_imagenet256_labeled.npz for ImageNet-256), or"
+            " data.source_root=DIR (the images) and data.vae."
+        )
+    # with fixed reference statistics (eval.fid_ref) images need no training data, unless a classifier metric does
+    no_classifier = not ev_cfg.classifier or restored.num_classes == 0
+    bundle = restored.bundle(need_data=not (images and fid and ev_cfg.fid_ref and no_classifier))
     classifier = images and ev_cfg.classifier and has_classifier_metric(bundle)
     if images and not (fid or classifier):
         why = (
@@ -204,11 +212,9 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         results.update(evaluator.classifier_results(restored.net, guidances=guidances[1:]))
     seconds = time.perf_counter() - t0
     if fid:
-        log.info(
-            "FID reference statistics: %s (%s)",
-            evaluator.fid_evaluator.reference_source,
-            evaluator.fid_evaluator.reference_cache,
-        )
+        fe = evaluator.fid_evaluator
+        cache = f" ({fe.reference_cache})" if fe.reference_cache is not None else ""
+        log.info("FID reference statistics: %s%s", fe.reference_source, cache)
     prefix = metric_prefix(restored.weights, ev_cfg)  # never the training's eval/: its history stays as logged
     results = {f"{prefix}/{k.split('/', 1)[1]}": v for k, v in results.items()}
 
@@ -221,6 +227,8 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     )
     if 2 in ev_cfg.steps and ev_cfg.two_step_eta is not None:
         header += f" (2 steps: eta {ev_cfg.two_step_eta:g})"
+    if fid:
+        header += f"; FID reference statistics: {evaluator.fid_evaluator.reference_source}"
     with replacing(out / "results.txt") as tmp:  # a full disk: DiskFullError, any earlier results kept
         tmp.write_text(header + "\n" + text + "\n")
     label = f"step{restored.step:08d}-{restored.weights}"
@@ -237,6 +245,7 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         "seed": ev_cfg.seed,
         "seconds": round(seconds, 2),
         "feature_net": ev_cfg.feature_net if fid else None,
+        "fid_reference": evaluator.fid_evaluator.reference_source if fid else None,
         "results": results,
     }
     with replacing(out / "results.json") as tmp:

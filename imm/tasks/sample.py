@@ -5,15 +5,19 @@ through the trainer's Evaluator (so the noise, labels and grids follow the same 
 evaluations logged during training), and writes into `out`:
 
 - samples.png: an image grid (the first 256 images) or a 2-D scatter with the held-out data drawn over it;
-- samples.npz (images: `images` float32 in [-1, 1] [N, C, H, W], `uint8` [N, H, W, C], `labels`,
-  `grid`; latents: `latents` float32 [N, C, h, w] in model space and `uint8` the images the VAE decodes
-  them to) or samples.npy (points, [N, D] in DATA units: the checkpoint's standardizer undone);
+- samples.npz (images and latents: `samples`, the sampler's float64 output in model space, unclamped;
+  images: `images` float32 in [-1, 1] [N, C, H, W], `uint8` [N, H, W, C], `labels`, `grid`; latents: `latents`
+  float32 [N, C, h, w] in model space and `uint8` the images the VAE decodes them to) or samples.npy (points,
+  [N, D] in DATA units: the checkpoint's standardizer undone);
 - steps.png: the same noise decoded with each of `compare_steps` (1, 2, 4, 8) side by side; for points with
   each panel's ED/floor (one noise draw, at the n of the floor) and recall;
 - sample.json: the options, the exact time grid, the NFE, the checkpoint, the panels' numbers and the timing.
 
 Points default to the held-out size, the n `evaluate` measures at, so steps.png's ED/floor and evaluate's
 energy_ratio<n> have the same n (evaluate's is the mean over eval.draws noise draws; the label says which).
+With `noise=FILE.npy` the sampler starts from the file's states ([n, *sample shape], already scaled by
+sigma_data, as the official generator's latents are) instead of drawing them, and `labels` may be a list or a
+.npy file of one class id per sample: any result can be compared with another tool's on identical inputs.
 
 Everything is logged to the checkpoint's MLflow run (artifacts under samples/<label>/, the options
 as a tag), or to a new run when the checkpoint has none or tracking.new_run=true.
@@ -49,6 +53,7 @@ from imm.tasks.common import (
     check_labels,
     label_spec,
     log_results,
+    read_npy,
     require_ckpt,
     resolve_guidance,
     restore,
@@ -71,6 +76,24 @@ def _validate(cfg) -> None:
             f"etas={list(cfg.etas)} must hold steps - 1 = {cfg.steps - 1} eta points for steps={cfg.steps}."
         )
     check_labels(cfg.labels)
+    if cfg.noise is not None and not Path(cfg.noise).expanduser().is_file():
+        raise ConfigError(f"noise={cfg.noise} does not exist; give a .npy file of the sampler's first states.")
+
+
+def _noise(cfg, restored) -> torch.Tensor | None:
+    """noise=FILE.npy: [n, *sample shape] floats, the sampler's first state as it is (already x sigma_data)."""
+    if cfg.noise is None:
+        return None
+    noise = read_npy(cfg.noise, "noise")
+    shape = list(restored.shape)
+    if noise.dtype.kind != "f" or list(noise.shape[1:]) != shape or noise.ndim != len(shape) + 1 or not len(noise):
+        raise ConfigError(
+            f"noise={cfg.noise} holds {noise.dtype} of shape {list(noise.shape)}; this model samples floats of shape"
+            f" [n, {', '.join(map(str, shape))}]."
+        )
+    if cfg.n is not None and cfg.n != len(noise):
+        raise ConfigError(f"n={cfg.n} but noise={cfg.noise} holds {len(noise)} samples; leave n out with noise.")
+    return torch.from_numpy(noise.copy())
 
 
 def _grid_name(N: int, cfg) -> str:
@@ -106,7 +129,10 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
     grid = plan.grids[N]
     results_run = ResultsRun(cfg, restored, launch_dir, "sample")
     bundle = restored.bundle(need_data=restored.kind == "points")  # points: the held-out data in the scatter
-    n = sample_count(cfg.n, bundle, images=64)
+    noise = _noise(cfg, restored)
+    n = len(noise) if noise is not None else sample_count(cfg.n, bundle, images=64)
+    if isinstance(spec, list) and isinstance(cfg.labels, str) and len(spec) != n:
+        raise ConfigError(f"labels={cfg.labels} holds {len(spec)} ids for {n} samples; give one id per sample.")
     ev = Evaluator.from_options(  # the figure's panels show ED/floor and recall only: the energy's floor suffices
         cfg,
         bundle,
@@ -118,6 +144,8 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         max_images=None,
         energy_floor_only=True,
     )
+    if noise is not None:  # the sampler's first states from the file (the labels as the spec gives them)
+        ev.noise = noise
     log.info(
         "sampling %d %s from %s (step %d, %s weights): %d step%s (NFE %d), %s, grid %s, guidance %g",
         n,
@@ -159,6 +187,7 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
         "labels": spec,
         "n": n,
         "seed": cfg.seed,
+        "noise": None if noise is None else str(Path(cfg.noise).expanduser().resolve()),
         "kind": restored.kind,
         "compare_steps": compare,
         "steps_figure": {str(k): v for k, v in panels.items()},  # each panel's text: ED/floor (n, draws), recall
@@ -209,7 +238,8 @@ def _write_images(x, ev, bundle, grid, out: Path, batch_size: int) -> list[str]:
         arrays = {"images": x.float().clamp(-1, 1).numpy()}
     else:  # model space, no [-1, 1] range; the images are the VAE's decoding (uint8)
         arrays = {"latents": x.float().numpy()}
-    arrays.update(uint8=u8.permute(0, 2, 3, 1).numpy(), labels=labels.numpy(), grid=grid.numpy())
+    # the sampler's float64 output in model space, as it is (unclamped): what another tool's samples compare with
+    arrays.update(samples=x.numpy(), uint8=u8.permute(0, 2, 3, 1).numpy(), labels=labels.numpy(), grid=grid.numpy())
     with replacing(out / "samples.npz", needed=sum(a.nbytes for a in arrays.values())) as tmp:
         np.savez(tmp, **arrays)
     k = min(n, GRID_PNG_MAX)

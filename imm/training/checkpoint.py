@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from imm.diskspace import DiskFullError, disk_errno, writing
-from imm.errors import CheckpointError
+from imm.errors import CheckpointError, ConfigError
 
 CKPT_DIR = "checkpoints"
 PATTERN = re.compile(r"^step-(\d{8,})\.pt$")
@@ -347,3 +347,49 @@ def _newest(run_dir, snapshots: bool) -> Path | None:
     if snapshots:
         found += [(step, 1, p) for step, p in _numbered(snapshot_dir(run_dir), SNAPSHOT_PATTERN)]
     return max(found)[2] if found else None
+
+
+# -- init=: the weights a training starts from -----------------------------------------------------------------
+def init_weights(path, key: str = "init") -> tuple[dict, Path, str]:
+    """(weights, file, what) of the option `key`=`path`: a run directory (its newest snapshot or training state,
+    e.g. one `--config-name import` wrote), one of this project's checkpoint files (their EMA weights), or a
+    released official IMM checkpoint (read with imm.official: nothing in it runs). CheckpointError otherwise."""
+    file = resolve(path, key=key, snapshots=True)
+    try:
+        state = load(file, required=("ema",))
+    except CheckpointError as ours:
+        from imm.official import convert, reader
+
+        try:
+            found = convert.convert(reader.read(file))
+        except CheckpointError:
+            raise ours from None
+        return found.weights, file, f"the official {found.network_class} in {file}"
+    prefix = "ema_model."
+    weights = {k[len(prefix) :]: v for k, v in state["ema"].items() if k.startswith(prefix)}
+    if not weights:
+        raise CheckpointError(f"{key}={path}: {file} holds no EMA weights (no ema_model.* keys).")
+    return weights, file, f"the EMA weights of {file} (step {state.get('step', '?')})"
+
+
+def first_difference(ours: dict, theirs: dict) -> str | None:
+    """The first tensor in which two state_dicts differ in name or shape, said in words (None: they fit)."""
+    for name, value in ours.items():
+        if name not in theirs:
+            return f"it has no {name} {list(value.shape)}"
+        if tuple(theirs[name].shape) != tuple(value.shape):
+            return f"its {name} is {list(theirs[name].shape)} where this network's is {list(value.shape)}"
+    extra = next((name for name in theirs if name not in ours), None)
+    return None if extra is None else f"its {extra} {list(theirs[extra].shape)} has no place in this network"
+
+
+def init_for(init, ours: dict, arch: str) -> tuple[dict, str]:
+    """(weights in `ours`' order and dtypes, what they are) of init=`init` for a network whose state_dict is `ours`
+    (arch `arch`); weights that do not fit are ConfigError, one sentence naming the first tensor that differs."""
+    weights, _file, what = init_weights(init)
+    if (why := first_difference(ours, weights)) is not None:
+        raise ConfigError(
+            f"init={init} does not fit the network this config builds (arch={arch}): {why}; compose the"
+            " architecture the weights were trained with (an imported run's is in its .hydra/config.yaml)."
+        )
+    return {k: weights[k].to(v.dtype) for k, v in ours.items()}, what

@@ -55,6 +55,8 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
         bundle = load_data(cfg)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         net = factory.net(cfg, bundle.shape, bundle.num_classes).to(device)
+        if cfg.init and checkpoint.resolve(cfg.resume, run_dir) is None:  # a resume continues its own weights
+            _init(cfg, net)  # before the EMAs copy the net: they start from the same weights
         objective = factory.objective(cfg, bundle.num_classes, env.rank, env.world_size)
         optimizer = factory.optimizer(cfg, net.parameters(), device)
         ema, target_ema = _emas(cfg, net)
@@ -171,6 +173,8 @@ def _set_up(cfg, run_dir: Path, env, tracking_uri: str | None) -> torch.device:
     if not env.is_main:  # one process owns the logs, files and MLflow
         logging.getLogger("imm").setLevel(logging.WARNING)
     validate(cfg, env.world_size)
+    if cfg.init:  # a missing init= file is one sentence before the data are loaded
+        checkpoint.resolve(cfg.init, key="init", snapshots=True)
     device = factory.device(cfg.train.device, local_rank=env.local_rank)
     _configure_precision(cfg.train.precision, device)
     n_threads, threads_from = torch_threads(cfg.train.threads, cfg.arch.name)
@@ -239,6 +243,13 @@ def _say_ema(e, steps: int) -> None:
         )
     else:
         log.info("evaluation EMA: decay %g from step %d of %d", e.decay, full, steps)
+
+
+def _init(cfg, net) -> None:
+    """init=DIR|FILE: the weights the training starts from (step 0, a fresh optimizer; the EMAs copy them)."""
+    weights, what = checkpoint.init_for(cfg.init, net.state_dict(), cfg.arch.name)
+    net.load_state_dict(weights)
+    log.info("weights from %s (init=%s)", what, cfg.init)
 
 
 def _emas(cfg, net) -> tuple[EMA, EMA | None]:
