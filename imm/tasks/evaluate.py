@@ -165,14 +165,8 @@ def _evaluator(ev_cfg, restored, bundle, plan, n: int, guidances, fid: bool) -> 
     return Evaluator.from_options(ev_cfg, bundle, restored.param, plan, device=restored.device, n_samples=n)
 
 
-def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
-    """Evaluate according to `cfg` (conf/evaluate.yaml); returns {metric name: value}."""
-    _validate(cfg)
-    launch_dir, out = task_dirs(cfg, launch_dir, out_dir)
-    ev_cfg = cfg.eval
-    restored = restore(cfg.ckpt, weights=cfg.weights, device=cfg.device, data=cfg.data)
-    guidances = _guidances(cfg, restored)
-    plan = restored.plan(ev_cfg, {"eval.steps": ev_cfg.steps}, guidances[0])
+def _measured(ev_cfg, restored, guidances) -> tuple[bool, bool, object]:
+    """Whether FID and the classifier metric are measured, and the data the measuring needs, else ConfigError."""
     images = restored.kind == "images"
     fid = images and ev_cfg.fid
     _check_against_model(ev_cfg, restored, guidances, fid)
@@ -193,6 +187,18 @@ def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
             else f"as data.name={restored.cfg.data.name!r} has no classifier metric (labelled digits or mnist)"
         )
         raise ConfigError(f"eval.fid=false leaves nothing to measure {why}; use eval.fid=true.")
+    return fid, classifier, bundle
+
+
+def run(cfg, *, launch_dir=None, out_dir=None) -> dict:
+    """Evaluate according to `cfg` (conf/evaluate.yaml); returns {metric name: value}."""
+    _validate(cfg)
+    launch_dir, out = task_dirs(cfg, launch_dir, out_dir)
+    ev_cfg = cfg.eval
+    restored = restore(cfg.ckpt, weights=cfg.weights, device=cfg.device, data=cfg.data)
+    guidances = _guidances(cfg, restored)
+    plan = restored.plan(ev_cfg, {"eval.steps": ev_cfg.steps}, guidances[0])
+    fid, classifier, bundle = _measured(ev_cfg, restored, guidances)
     results_run = ResultsRun(cfg, restored, launch_dir, "evaluate")
     n = sample_count(ev_cfg.n_samples, bundle, images=FID_N_DEFAULT)
     evaluator = _evaluator(ev_cfg, restored, bundle, plan, n, guidances, fid)

@@ -55,8 +55,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
         bundle = load_data(cfg)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         net = factory.net(cfg, bundle.shape, bundle.num_classes).to(device)
-        if cfg.init and checkpoint.resolve(cfg.resume, run_dir) is None:  # a resume continues its own weights
-            _init(cfg, net)  # before the EMAs copy the net: they start from the same weights
+        _init(cfg, net, run_dir)  # before the EMAs copy the net: they start from the same weights
         objective = factory.objective(cfg, bundle.num_classes, env.rank, env.world_size)
         optimizer = factory.optimizer(cfg, net.parameters(), device)
         ema, target_ema = _emas(cfg, net)
@@ -87,8 +86,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
             run_id = _read_run_id(run_dir) or (saved or {}).get("mlflow_run_id")  # a requeue before its 1st ckpt
             attempt.tracker = _open_tracker(cfg, run_dir, tracking_uri, run_name, run_id, tags, bundle, net, command)
         tracker, summary = attempt.tracker, attempt.summary
-        if env.is_main:
-            _log_start(cfg, run_dir, net, tracker, tracking_uri, step)
+        _log_start(cfg, env, run_dir, net, tracker, tracking_uri, step)
         extras = _checkpoint_extras(cfg, bundle, tracker)
         best = checkpoint.read_best(run_dir)  # the bests of the evaluations before a resume
         snapshot = functools.partial(_snapshot_for_best, cfg, state, run_dir, env, extras)
@@ -245,8 +243,11 @@ def _say_ema(e, steps: int) -> None:
         log.info("evaluation EMA: decay %g from step %d of %d", e.decay, full, steps)
 
 
-def _init(cfg, net) -> None:
-    """init=DIR|FILE: the weights the training starts from (step 0, a fresh optimizer; the EMAs copy them)."""
+def _init(cfg, net, run_dir: Path) -> None:
+    """init=DIR|FILE: the weights the training starts from (step 0, a fresh optimizer; the EMAs copy them); a
+    resume continues its own weights instead."""
+    if not cfg.init or checkpoint.resolve(cfg.resume, run_dir) is not None:
+        return
     weights, what = checkpoint.init_for(cfg.init, net.state_dict(), cfg.arch.name)
     net.load_state_dict(weights)
     log.info("weights from %s (init=%s)", what, cfg.init)
@@ -354,7 +355,9 @@ def _open_tracker(cfg, run_dir: Path, uri: str, run_name: str, run_id, tags: dic
     return tracker
 
 
-def _log_start(cfg, run_dir: Path, net, tracker: Tracker, uri, step: int) -> None:
+def _log_start(cfg, env, run_dir: Path, net, tracker: Tracker, uri, step: int) -> None:
+    if not env.is_main:
+        return
     n_params = count_parameters(net)
     log.info("run directory: %s", run_dir.resolve())
     log.info("network: %s, %.2fM parameters", cfg.arch.name, n_params / 1e6)
