@@ -55,6 +55,7 @@ def test_step_cost(tmp_path):
         "--compare-adamw",
         "--compare-ema",
         "--compare-sync",
+        "--methods",
         "--memory-steps",
         "1",
         "--out",
@@ -62,6 +63,9 @@ def test_step_cost(tmp_path):
     )
     r = json.loads(out.read_text())
     assert {"imm_over_fm_time", "math_share", "imm_over_fm_memory", "targets", "adamw", "ema", "sync"} <= set(r)
+    steps = ("imm_step", "fm_step", "meanflow_step", "ict_step", "meanflow_jvp")
+    assert set(steps) <= set(r["over_imm_step"]) and r["over_imm_step"]["imm_step"] == 1.0
+    assert all(r["memory"][k]["mb"] > 0 for k in ("meanflow", "ict"))
     assert r["objective_math_ops"] > r["fm_math_ops"] > 0
     assert r["imm_over_fm_time"] > 0 and r["memory"]["imm"]["mb"] > 0
     assert "| imm_step |" in text and "targets:" in text
