@@ -37,6 +37,8 @@ def run_dirs(paths) -> list[Path]:
     for p in map(Path, paths):
         if (p / "mlflow_run_id").is_file():
             out.append(p)
+        elif not p.is_dir():
+            raise SystemExit(f"{p} is not a directory; give a run directory or a sweep directory")
         else:
             jobs = sorted((d for d in p.iterdir() if d.name.isdigit()), key=lambda d: int(d.name))
             out += [d for d in jobs if (d / "mlflow_run_id").is_file()]
@@ -93,6 +95,11 @@ def collect(client, dirs, steps) -> list[dict]:
     return records
 
 
+def num(v: float) -> str:
+    """Three significant digits, without an exponent (flow matching's 1-step energy ratio reads 1206)."""
+    return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+
+
 def rows_of(records, steps) -> tuple[list[str], list[list[str]], dict]:
     """The table (seeds as 'a / b', the mean after them) and the means by (data, method, sampling)."""
     groups: dict[tuple, list[dict]] = {}
@@ -112,7 +119,7 @@ def rows_of(records, steps) -> tuple[list[str], list[list[str]], dict]:
                 row.append("")
                 continue
             mean[n] = statistics.mean(values)
-            text = " / ".join(f"{v:.3g}" for v in values) + (f" (mean {mean[n]:.3g})" if len(values) > 1 else "")
+            text = " / ".join(map(num, values)) + (f" (mean {num(mean[n])})" if len(values) > 1 else "")
             if all(c is not None for c in comps):
                 mean[n + "_companion"] = statistics.mean(comps)
                 text += " [" + " / ".join(f"{c:.3f}" for c in comps) + "]"
