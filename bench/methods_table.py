@@ -60,7 +60,7 @@ def cells(metrics: dict, prefix: str, steps) -> tuple[str, dict] | None:
             value = pick(metrics, metric.format(p=prefix, n=n))
             if value is not None:
                 c, f = (pick(metrics, q.format(p=prefix, n=n)) if q else None for q in (companion, nfe))
-                out[n] = (value, c, f if f is not None else n)  # unguided: one network call per step
+                out[n] = (value, c, int(f) if f is not None else n)  # unguided: one network call per step
         if out:
             return family, out
     return None
