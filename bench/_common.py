@@ -351,6 +351,20 @@ def objectives(M: int = 4, k: float = 12, a: float = 1.0, b: float = 4.0, weight
     return par, imm, fm
 
 
+def method_objective(name: str, steps: int = 3000):
+    """The training objective of `loss=name` (meanflow, ict, ...) as the platform builds it from conf/ (each
+    option at its default; iCT's curriculum K = `steps`), for an unconditional net."""
+    from hydra import compose, initialize_config_dir
+
+    from imm import factory
+    from imm.launch import register
+
+    register()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose("config", overrides=[f"loss={name}", f"train.steps={steps}"])
+    return factory.objective(cfg)
+
+
 def module_at(rev: str, path: str = "imm/data/augment.py"):
     """The file `path` of this repository as it was at git revision `rev`, loaded as a module of its own
     (to measure old code beside the current in one process)."""

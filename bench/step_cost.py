@@ -1,6 +1,7 @@
-"""Cost of one IMM training step against one flow-matching step with the same network and batch.
+"""Cost of one IMM training step against one flow-matching step with the same network and batch, and with
+--methods against a MeanFlow step and an iCT step too.
 
-    python bench/step_cost.py --arch dit_s_4 --resolution 32 --batch 32 --M 4 --device cpu
+    python bench/step_cost.py --arch dit_s_4 --resolution 32 --batch 32 --M 4 --device cpu [--methods]
 
 Measures, alternately in one process (round-robin over --repeats rounds, medians):
 
@@ -15,8 +16,13 @@ Measures, alternately in one process (round-robin over --repeats rounds, medians
                    c_in/c_skip/c_out, RNG replay, the three kernel matrices, w~ and w, diagnostics;
   optimizer        gradient clipping + AdamW step;
   fm_math          the same stand-in measurement for FMObjective;
+- with --methods: meanflow_step and ict_step, the same step with loss=meanflow and loss=ict as conf/ builds
+  them (imm.factory.objective, every option at its default), and the MeanFlow target alone
+  (meanflow_jvp: the torch.func.jvp pass under no_grad, which forward-mode AD makes cost about a forward
+  and a backward); each step's time over the IMM step's is the median of per-round ratios;
 
-and the peak memory of an IMM step and of an FM step, each in a fresh subprocess (CUDA:
+and the peak memory of an IMM step and of an FM step (with --methods: of each method's step), each in a fresh
+subprocess (CUDA:
 torch.cuda.max_memory_allocated; CPU: the process's peak RSS, VmHWM, minus its RSS once torch and
 its lazily loaded libraries are in, i.e. parameters + gradients + optimizer state + activations +
 allocator slack).
@@ -40,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 TARGETS = {"time_ratio": 1.45, "math_share": 0.02, "memory_ratio": 1.10}
+METHODS = ("meanflow", "ict")  # the --methods objectives, by their loss= name
 
 
 class StandIn(nn.Module):
@@ -118,8 +125,14 @@ def parse_args(argv=None):
     p.add_argument("--memory-steps", type=int, default=3, help="steps run by each memory subprocess")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--no-split", action="store_true", help="time only the two full steps")
+    p.add_argument(
+        "--methods",
+        action="store_true",
+        help="also time a MeanFlow and an iCT step (loss=meanflow, loss=ict at their defaults), alternately with"
+        " the IMM and FM steps, and their peak memory",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--child", choices=["imm", "fm", "none"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["imm", "fm", *METHODS, "none"], help=argparse.SUPPRESS)
     C.add_common_args(p, "step_cost")
     args = p.parse_args(argv)
     if args.out is None:
@@ -154,6 +167,16 @@ class Setup:
         self.x_t = self.imm._interpolate(self.x, noise, self.t_b)
         self.x_r = self.imm._interpolate(self.x, noise, self.r_b)
         self.standin = StandIn().to(device)
+        self.methods = {name: C.method_objective(name) for name in METHODS} if args.methods else {}
+        if self.methods:
+            mf = self.methods["meanflow"]
+            t, r = mf.sample_times(args.batch, self.gen, device)
+            self.mf_times, self.mf_z = (t, r), mf._interpolate(self.x, noise, t)
+            self.mf_v = noise - self.x
+
+    def objective_of(self, name: str):
+        """The objective a step of `name` (imm, fm, meanflow, ict) runs."""
+        return {"imm": self.imm, "fm": self.fm, **self.methods}[name]
 
     def _seed(self):
         self.gen.manual_seed(self.args.seed * 100003 + self.step_no)
@@ -181,6 +204,15 @@ class Setup:
 
     def fm_step(self):
         self.step(self.fm)
+
+    def method_step(self, name: str):
+        return lambda: self.step(self.methods[name])
+
+    def meanflow_jvp(self):
+        mf = self.methods["meanflow"]
+        t, r = self.mf_times
+        with torch.no_grad():  # as MeanFlowObjective.loss runs it (its target is a stop-gradient)
+            mf.target_velocity(self.net, self.mf_z, self.mf_v, t, r, None, None)
 
     def student_fwd_bwd(self):
         self.opt.zero_grad(set_to_none=True)
@@ -228,17 +260,21 @@ def child(args) -> None:
     device = C.resolve_device(args.device)
     C.setup_threads(args.threads)
     _load_libraries(device)
+    if args.methods:  # Hydra and the config schema, which building the methods' objectives loads, in the baseline
+        C.method_objective("meanflow")
     library_rss = C.proc_status_kb("VmRSS")
     su = Setup(args, device)
     # drop what only the timing split needs, so the child holds exactly what a training step holds
     del su.x_t, su.x_r
+    if su.methods:
+        del su.mf_z, su.mf_v
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     setup_rss = C.proc_status_kb("VmRSS")
     if args.child != "none":
         for _ in range(args.memory_steps):
-            su.step(su.imm if args.child == "imm" else su.fm)
+            su.step(su.objective_of(args.child))
     C.sync(device)
     out = {"library_rss_kb": library_rss, "setup_rss_kb": setup_rss, "peak_rss_kb": C.proc_status_kb("VmHWM")}
     if device.type == "cuda":
@@ -271,6 +307,10 @@ def main(argv=None):
                 "fm_math": su.fm_math,
             }
         )
+    for name in su.methods:
+        cases[f"{name}_step"] = su.method_step(name)
+    if su.methods and not args.no_split:
+        cases["meanflow_jvp"] = su.meanflow_jvp
     if args.compare_augment:
         augment_steps, augment_alone = augment_cases(su, args)
         cases.update(augment_steps)
@@ -303,6 +343,8 @@ def main(argv=None):
         "median_s": med,
         "rows": rows,
         "imm_over_fm_time": time_ratio,
+        # every measured step and piece over the IMM step, paired per round (the load of a shared machine cancels)
+        "over_imm_step": {n: C.paired_ratio(raw[n][key], raw["imm_step"][key]) for n in cases},
     }
     if not args.no_split:
         math_share = C.paired_ratio(raw["objective_math"][key], raw["imm_step"][key])
@@ -345,21 +387,27 @@ def main(argv=None):
         }
 
     if not args.no_memory:
-        mem = {kind: C.memory_child(__file__, kind) for kind in ("none", "imm", "fm")}
-        result["memory"] = {k: {**v, "mb": C.memory_mb(v, device)} for k, v in mem.items()}
-        result["imm_over_fm_memory"] = result["memory"]["imm"]["mb"] / result["memory"]["fm"]["mb"]
-        if device.type == "cpu":
-            # the same ratio without the setup (weights, batch): what the step itself adds
-            def step_mb(k):
-                return (mem[k]["peak_rss_kb"] - mem[k]["setup_rss_kb"]) / 1024
-
-            result["imm_over_fm_step_memory"] = step_mb("imm") / step_mb("fm")
+        result.update(peak_memory(args, device, ("imm", "fm", *su.methods)))
 
     result["targets"] = targets_status(result, args)
     print_report(result, args)
     path = C.write_json(args.out, result)
     print(f"\nwrote {path}")
     return result
+
+
+def peak_memory(args, device, kinds) -> dict:
+    """Each step's peak memory in a fresh process ('none': the setup alone), and IMM's over FM's."""
+    mem = {kind: C.memory_child(__file__, kind) for kind in ("none", *kinds)}
+    out = {"memory": {k: {**v, "mb": C.memory_mb(v, device)} for k, v in mem.items()}}
+    out["imm_over_fm_memory"] = out["memory"]["imm"]["mb"] / out["memory"]["fm"]["mb"]
+    if device.type == "cpu":
+        # the same ratio without the setup (weights, batch): what the step itself adds
+        def step_mb(k):
+            return (mem[k]["peak_rss_kb"] - mem[k]["setup_rss_kb"]) / 1024
+
+        out["imm_over_fm_step_memory"] = step_mb("imm") / step_mb("fm")
+    return out
 
 
 def compare_adamw(su, args, device, key):
@@ -578,6 +626,9 @@ def print_report(r, args):
             ],
         )
     )
+    if args.methods:
+        ratios = ", ".join(f"{n} {v:.3f}" for n, v in r["over_imm_step"].items() if n.endswith(("_step", "_jvp")))
+        print(f"\nover an IMM step (median of per-round ratios, {r['clock_for_ratios']} time): {ratios}")
     if "adamw" in r:
         print("\nAdamW step alone (with gradient clipping):")
         print(

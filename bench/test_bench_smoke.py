@@ -31,6 +31,7 @@ def run(script, *args, timeout=600):
         "threads.py",
         "accumulation.py",
         "sweep_table.py",
+        "methods_table.py",
         "augment_resampling.py",
     ],
 )
@@ -55,6 +56,7 @@ def test_step_cost(tmp_path):
         "--compare-adamw",
         "--compare-ema",
         "--compare-sync",
+        "--methods",
         "--memory-steps",
         "1",
         "--out",
@@ -62,6 +64,9 @@ def test_step_cost(tmp_path):
     )
     r = json.loads(out.read_text())
     assert {"imm_over_fm_time", "math_share", "imm_over_fm_memory", "targets", "adamw", "ema", "sync"} <= set(r)
+    steps = ("imm_step", "fm_step", "meanflow_step", "ict_step", "meanflow_jvp")
+    assert set(steps) <= set(r["over_imm_step"]) and r["over_imm_step"]["imm_step"] == 1.0
+    assert all(r["memory"][k]["mb"] > 0 for k in ("meanflow", "ict"))
     assert r["objective_math_ops"] > r["fm_math_ops"] > 0
     assert r["imm_over_fm_time"] > 0 and r["memory"]["imm"]["mb"] > 0
     assert "| imm_step |" in text and "targets:" in text
@@ -249,3 +254,33 @@ def test_sweep_table_averages_seeds_and_adds_the_evaluate_runs(tmp_path):
     assert set(means) == {"0.0 | pushforward, uniform", "1.0 | pushforward, uniform", "0.0 | restart, uniform"}
     assert "| 0.0 | pushforward, uniform | 2 |" in text and "| 0.0 | restart, uniform | 1 |" in text
     assert all(v["ED/floor 1"] > 0 for v in means.values())
+
+
+def test_methods_table_gives_each_seed_and_the_mean_per_method(tmp_path):
+    """A real 4-job sweep (loss=fm,ict x train.seed=0,1, debug=toy) read back per method, with each run's wall time."""
+    env = {"PATH": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(BENCH.parent)}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["-m", "debug=toy", "train.steps=5", "eval.steps=[1,2]", "loss=fm,ict", "train.seed=0,1"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH.parent / "launch.py"),
+            *args,
+            f"tracking.uri={uri}",
+            f"hydra.sweep.dir={tmp_path}/s",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "t.json"
+    text = run("methods_table.py", str(tmp_path / "s"), "--tracking-uri", uri, "--steps", "1", "2", "--out", str(out))
+    assert "| data | method | sampling | seeds | 1 step | 2 steps | NFE | wall min |" in text
+    assert text.index("| fm | pushforward | 0 / 1 |") < text.index("| ict | pushforward | 0 / 1 |")
+    r = json.loads(out.read_text())
+    assert set(r["means"]) == {"checkerboard | fm | pushforward", "checkerboard | ict | pushforward"}
+    assert len(r["runs"]) == 4 and all(run["wall_min"] is not None and run["status"] == "FINISHED" for run in r["runs"])
+    assert all(v["1"] > 0 and v["2"] > 0 for v in r["means"].values())

@@ -1,6 +1,7 @@
 """The four methods behind one switch (loss.objective=imm|fm|meanflow|ict): each method's options only on its own
 runs (one sentence otherwise), one sweep through launch.py trains all four and evaluates them alike (same metrics,
-same NFE), and a MeanFlow or iCT run killed with SIGKILL resumes bit for bit."""
+same NFE), a MeanFlow or iCT run killed with SIGKILL resumes bit for bit, and its micro-batches, alone and under
+DDP, train the weights of one batch."""
 
 import re
 import signal
@@ -10,6 +11,8 @@ import pytest
 import torch
 from helpers import compose_cfg
 from mlflow.tracking import MlflowClient
+from test_accumulation import TINY as ACC_TINY
+from test_accumulation import assert_same_weights, final_model, torchrun
 from test_reliability import Started, assert_identical, launch, ok, run_dirs
 
 from imm import factory
@@ -92,6 +95,21 @@ def test_kill_9_then_relaunch_resumes_bit_exactly(tmp_path, loss):
     b = checkpoint.load(cut / "checkpoints" / "step-00000400.pt")
     assert_identical(a, b, skip={"mlflow_run_id"})
     assert any(isinstance(v, torch.Tensor) for v in a["model"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["meanflow", "ict"])
+def test_micro_batches_alone_and_under_ddp_train_the_weights_of_one_batch(tmp_path, loss):
+    """Through the loop: a batch of 64 in one step, in micro-batches of 16, and as 2 gloo processes x 32 in
+    micro-batches of 8 (DDP all-reduces once, after the last) train the same weights (float summation order only)."""
+    args = [*ACC_TINY, f"loss={loss}"]
+    for name, extra in (("one", []), ("micro", ["train.micro_batch=16"])):
+        ok(launch(tmp_path, *args, *extra, f"hydra.run.dir={tmp_path / name}"))
+    ddp = torchrun(tmp_path, *args, "train.micro_batch=8", f"hydra.run.dir={tmp_path / 'ddp'}")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = final_model(tmp_path / "one")
+    assert_same_weights(one, final_model(tmp_path / "micro"))
+    assert_same_weights(one, final_model(tmp_path / "ddp"))
 
 
 def test_the_cifar10_presets_hold_the_papers_values():
