@@ -1,7 +1,8 @@
 """What launch.py runs inside Hydra: the command the config names, from one table.
 
 `python launch.py` trains; `--config-name sample|evaluate|encode` runs that command on a checkpoint or a
-dataset; `dry_run=true` checks a training launch and trains nothing. Each runs as one Hydra job
+dataset, `--config-name sync` completes a training's MLflow record from its run directory's journal;
+`dry_run=true` checks a training launch and trains nothing. Each runs as one Hydra job
 (imm.launch.job.run: run name, exit status, the one-sentence errors).
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 from hydra.core.hydra_config import HydraConfig
 
 from imm.launch import dry_run, job
-from imm.tasks import encode, evaluate, sample
+from imm.tasks import encode, evaluate, sample, sync
 from imm.training.loop import train
 
 
@@ -32,6 +33,7 @@ COMMANDS = {
     "sample": lambda cfg, launch: sample.run(cfg),
     "evaluate": lambda cfg, launch: evaluate.run(cfg),
     "encode": lambda cfg, launch: encode.run(cfg),
+    "sync": lambda cfg, launch: sync.run(cfg),
 }
 
 

@@ -2,12 +2,16 @@
 
 `with Attempt(run_dir, env, ...) as attempt:` holds the directory's lock (a second process is refused) and
 reads how the last attempt ended (`attempt.last`; `attempt.finished()`: nothing to do at train.steps). Once
-the loop is about to run, `attempt.begin(step, resumed=...)` says what this attempt does (started, resumed,
-rerun); from then on, however the block is left, the summary is printed, the MLflow run ends FINISHED (the
-block ended), KILLED (a signal, Ctrl-C, submitit's requeue) or FAILED (any other exception), distributed
-training shuts down and status.json records the outcome. A block left before `begin` (a user error while the
-data loads, say) only releases the lock: the last attempt's status stays as it was. Other ranks hold no lock
-and write nothing.
+the loop is about to run, `attempt.begin(step, resumed=..., rescue=...)` says what this attempt does (started,
+resumed, rerun); from then on, however the block is left, the summary is printed, the MLflow run ends FINISHED
+(the block ended), KILLED (a signal, Ctrl-C, submitit's requeue) or FAILED (any other exception), distributed
+training shuts down and status.json records the outcome. An exception that ends the loop first calls `rescue`
+(a checkpoint of the last completed step), unless it is a stop that saved already (a signal), a save that found
+the disk full, or non-finite values (whose last good checkpoint is the one to resume from). The MLflow record is
+waited for (tracking.flush_timeout seconds) before the summary, which says when the store did not take all of
+it and prints the `sync` command that completes it. A block left before `begin` (a user error while the data
+load, say) only releases the lock: the last attempt's status stays as it was. Other ranks hold no lock and write
+nothing.
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ from pathlib import Path
 
 from imm import runs
 from imm.diskspace import DiskFullError, skipped
+from imm.errors import error_line
 from imm.tracking.mlflow_run import Tracker
+from imm.tracking.sync import sync_command
 from imm.training import checkpoint, diskwatch, distributed
 from imm.training.progress import log_file, summary_text
 from imm.training.signals import Interrupted, in_submitit_job
@@ -35,7 +41,7 @@ class Attempt:
         self.started_at = time.time()
         self.lock, self.last = None, {}
         self.tracker = Tracker.disabled()  # the loop opens the MLflow run once its tags are known
-        self.action, self.start_step, self.step, self.closing = None, 0, 0, ()
+        self.action, self.start_step, self.step, self.closing, self.rescue = None, 0, 0, (), None
         self.summary: dict = {}
 
     def __enter__(self) -> "Attempt":
@@ -63,11 +69,12 @@ class Attempt:
             runs.write_status(self.run_dir, **{**self.last, "action": "skipped"})
         return self.last.get("summary", {})
 
-    def begin(self, step: int, *, resumed: bool, closing=()) -> None:
+    def begin(self, step: int, *, resumed: bool, closing=(), rescue=None) -> None:
         """The loop starts at `step`: from here on, leaving the block records how the attempt ended, after
-        calling each of `closing` (the loop's signal handlers and progress bar)."""
+        calling each of `closing` (the loop's signal handlers and progress bar); an exception first calls
+        `rescue(step)` with the last completed step (it writes that step's checkpoint)."""
         self.action, self.start_step, self.step = runs.action(self.last, resumed=resumed), step, step
-        self.closing = closing
+        self.closing, self.rescue = closing, rescue
         if self.action == "rerun":
             log.info(
                 "the last attempt in %s FAILED at step %s; running again from step %d",
@@ -81,6 +88,8 @@ class Attempt:
         if isinstance(error, DiskFullError) and error.after is None:  # a save found no space: what is kept, and
             stopped = diskwatch.stopped(error, self.run_dir, self.resume_hint("FAILED"))  # how to resume
         try:
+            if self.action is not None and kind is not None and _rescued(kind) and self.rescue is not None:
+                self._rescue()
             if self.action is not None:
                 self._end(_status(kind), note=stopped and f"**Stopped at step {self.step}:** {stopped}")
         finally:
@@ -95,9 +104,17 @@ class Attempt:
             return "run the sweep command again"
         return runs.resume_command(sys.argv, steps=2 * self.steps if status == "FINISHED" else None)
 
+    def _rescue(self) -> None:
+        try:
+            self.rescue(self.step)
+        except Exception as e:  # noqa: BLE001  the error that ended the loop is the one to see
+            log.warning("no checkpoint of step %d, the last completed step: %s", self.step, error_line(e))
+
     def _end(self, status: str, note: str | None = None) -> None:
         for close in self.closing:
             close()
+        complete = self.tracker.flush()  # the record so far is in the store, or waits in the journal
+        sync = None if complete else sync_command(sys.argv[0], self.run_dir)
         if self.env.is_main:  # before the MLflow run ends, so that its launch.log artifact holds the summary
             log.info(
                 "%s",
@@ -112,9 +129,16 @@ class Attempt:
                     uri=self.tracking_uri if self.tracker.enabled else None,
                     run_id=self.tracker.run_id,
                     resume=self.resume_hint(status),
+                    incomplete=sync and (self.tracker.writer.waiting, self.tracker.journal, sync),
                 ),
             )
-        self.tracker.end(status, log_file=log_file(self.run_dir), note=note)
+        if not self.tracker.end(status, log_file=log_file(self.run_dir), note=note, wait=complete) and complete:
+            log.warning(  # the store went away during these last seconds
+                "the MLflow store %s did not take the end of the run's record; it waits in %s, and %s sends it",
+                self.tracking_uri,
+                self.tracker.journal,
+                sync_command(sys.argv[0], self.run_dir),
+            )
         distributed.shutdown(self.env)
         if self.env.is_main:
             with skipped(f"{runs.STATUS_FILE} keeps the last attempt's outcome", self.run_dir / runs.STATUS_FILE):
@@ -127,6 +151,13 @@ class Attempt:
                     name=self.run_name,
                     summary=self.summary,
                 )
+
+
+def _rescued(kind) -> bool:
+    """Whether an exception of type `kind` that ends the loop is followed by a checkpoint of the last completed
+    step: not a stop that saved already (a signal; submitit's requeue exits after its checkpoint), a save that
+    found the disk full, or non-finite values (the state that went non-finite is not one to resume from)."""
+    return not issubclass(kind, (Interrupted, SystemExit, DiskFullError, FloatingPointError))
 
 
 def _status(kind) -> str:

@@ -193,8 +193,10 @@ def summary_text(
     uri: str | None,
     run_id: str | None,
     resume: str | None,
+    incomplete: tuple | None = None,
 ) -> str:
-    """The end-of-run summary, one block of lines (logged as one record, so it reads as a table)."""
+    """The end-of-run summary, one block of lines (logged as one record, so it reads as a table). `incomplete`:
+    (records, journal, command) when the MLflow store did not take the whole record."""
     head = f"run {status}: step {start_step} -> {step} of {steps} in {duration(seconds)}"
     if "final/loss" in summary:
         head += f", last train/loss {summary['final/loss']:.4g}"
@@ -211,6 +213,15 @@ def summary_text(
     if uri:
         ui = f"mlflow ui --workers 1 --backend-store-uri {uri}"  # one web worker starts faster (docs/runs.md)
         where.append(("MLflow", f"run {run_id} in {uri}; open the UI with: {ui}"))
+    if uri and incomplete:
+        records, journal, command = incomplete
+        where.append(
+            (
+                "MLflow record",
+                f"INCOMPLETE: the store did not take {records} records, which wait in {journal}; complete the run"
+                f" with: {command} (add tracking.uri=... to copy it into another store)",
+            )
+        )
     if resume:
         where.append(("train on" if status == "FINISHED" else "resume", resume))
     width = max(len(label) for label, _ in where)
