@@ -32,6 +32,7 @@ def run(script, *args, timeout=600):
         "accumulation.py",
         "sweep_table.py",
         "augment_resampling.py",
+        "tracking_cost.py",
     ],
 )
 def test_help(script):
@@ -249,3 +250,27 @@ def test_sweep_table_averages_seeds_and_adds_the_evaluate_runs(tmp_path):
     assert set(means) == {"0.0 | pushforward, uniform", "1.0 | pushforward, uniform", "0.0 | restart, uniform"}
     assert "| 0.0 | pushforward, uniform | 2 |" in text and "| 0.0 | restart, uniform | 1 |" in text
     assert all(v["ED/floor 1"] > 0 for v in means.values())
+
+
+def test_tracking_cost(tmp_path):
+    out = tmp_path / "t.json"
+    text = run(
+        "tracking_cost.py",
+        "--jobs",
+        "default",
+        "--repeats",
+        "1",
+        "--steps",
+        "20",
+        "--log-every",
+        "5",
+        "--calls",
+        "20",
+        "--set",
+        "debug=toy",
+        "--out",
+        str(out),
+    )
+    assert "on / off" in text and "one log call of the metric line" in text
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["job"] == "default" and row["metrics_kb"] > 0

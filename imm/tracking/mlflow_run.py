@@ -374,7 +374,17 @@ class Tracker:
 
     def flush(self) -> bool:
         """Wait up to flush_timeout seconds for the store to take what was logged so far; whether it did."""
-        return self.writer is None or self.writer.flush(self.flush_timeout)
+        if self.writer is None or self.writer.flush(min(0.5, self.flush_timeout)):
+            return True
+        if self.flush_timeout > 0.5:  # a pause at the end of the run, said
+            log.info(
+                "waiting up to %.0f s (tracking.flush_timeout) for the MLflow store %s to take the run's last %d"
+                " records",
+                self.flush_timeout,
+                self.writer.uri,
+                self.writer.waiting,
+            )
+        return self.writer.flush(self.flush_timeout - 0.5)
 
     def end(self, status: str = "FINISHED", log_file=None, note: str | None = None, *, wait: bool = True) -> bool:
         """Stop the system metrics, upload log_file (launch.log), put `note` (why it stopped) above the run's
