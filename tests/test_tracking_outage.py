@@ -263,6 +263,55 @@ def test_a_server_that_never_returns_ends_the_training_normally_and_sync_complet
     ]
 
 
+def test_a_crash_while_the_server_is_away_resumes_into_the_same_run_while_it_is_still_away(tmp_path, server, reference):
+    """The server goes away at step 50 and the training crashes at step 120: a checkpoint of step 120, the end
+    (FAILED) waits in the journal. The same command, while the server is still away, resumes into the same MLflow
+    run (its records journaled), and ends normally; once the server is back, `sync` leaves the run FINISHED with
+    the uninterrupted run's history (the second attempt logs model/parameters at its first step too)."""
+    run_dir = tmp_path / "run"
+    go = tmp_path / "go"
+    common = [*RUN, f"tracking.uri={server.uri}", "tracking.flush_timeout=2", f"hydra.run.dir={run_dir}"]
+    training = Training(tmp_path, *common, fault=f"pause_at:50:{go};raise_at:120", env=SHORT_RETRIES)
+    training.wait_for(lambda: Path(f"{go}.waiting").exists(), "step 50")
+    server.stop()
+    go.touch()
+    assert training.wait() == 1, training.stderr[-4000:]
+    assert "RuntimeError: injected fault in training step 120" in training.stderr
+    saved = run_dir / "checkpoints" / "step-00000120.pt"
+    assert saved.is_file() and rundir.read_status(run_dir)["status"] == "FAILED"
+    journal = Journal(run_dir / JOURNAL)
+    assert [r["status"] for r, _ in journal.records(journal.sent()) if r["op"] == "end"] == ["FAILED"]
+
+    again = launch(tmp_path, *common, env=one_thread_env(SHORT_RETRIES))
+    assert again.returncode == 0, again.stderr[-4000:]
+    original = (run_dir / "mlflow_run_id").read_text().strip()
+    assert f"resumed from {saved} at step 120" in again.stderr
+    assert (
+        f"the MLflow store {server.uri} does not answer; this run goes on into its MLflow run {original}, whose"
+        f" records wait in {journal.path} until the store takes them"
+    ) in again.stderr
+    assert "INCOMPLETE" in again.stderr and rundir.read_status(run_dir)["status"] == "FINISHED"
+    assert [r["status"] for r, _ in journal.records(journal.sent()) if r["op"] in ("end", "status")] == [
+        "FAILED",
+        "RUNNING",
+        "FINISHED",
+    ]
+
+    server.start()
+    out = launch(tmp_path, "--config-name", "sync", f"run={run_dir}", env=one_thread_env())
+    assert out.returncode == 0, out.stderr[-3000:]
+    (said,) = synced(out)
+    assert said.startswith(f"MLflow run {original} in {server.uri}: ") and said.endswith("the run is FINISHED")
+    client = server.client()
+    (run,) = client.search_runs([client.get_experiment_by_name("imm").experiment_id])
+    assert run.info.run_id == original and "resumed_from_step_120" in run.data.tags
+    found = histories(client, original)
+    assert found.pop("model/parameters") == [(0, reference["model/parameters"][0][1])] * 1 + [
+        (120, reference["model/parameters"][0][1])
+    ]
+    assert_same_history(found, {k: v for k, v in reference.items() if k != "model/parameters"})
+
+
 def test_an_exception_in_the_loop_checkpoints_the_last_completed_step_and_the_same_command_resumes_exactly(
     tmp_path,
 ):

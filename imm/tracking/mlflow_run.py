@@ -208,7 +208,7 @@ class Tracker:
 
     def __init__(self, client=None, run_id: str | None = None, *, end_at_exit: bool = True, writer=None):
         self.client, self.run_id, self.writer = client, run_id, writer
-        self.monitor, self.ended, self.flush_timeout = None, False, FLUSH_TIMEOUT_S
+        self.monitor, self.ended, self.flush_timeout, self.offline = None, False, FLUSH_TIMEOUT_S, False
         if client is not None and end_at_exit:  # never RUNNING after this process exits, whatever way it exits
             atexit.register(self._end_at_exit)
 
@@ -234,7 +234,15 @@ class Tracker:
         or an experiment or run deleted in the UI, is TrackingError (one sentence), before any run exists.
         end_at_exit=False: the caller ends it (a sweep's parent run, which the last of its sweeper processes ends).
         journal: the journal file of a training run (writes go through the background writer; what an earlier
-        attempt's writer could not send is sent first); flush_timeout: how long end() waits for the store."""
+        attempt's writer could not send is sent first); flush_timeout: how long end() waits for the store. A run
+        whose journal names run_id in this store reopens it even while the store does not answer (offline)."""
+        if journal is not None and offline_resumable(uri, journal, run_id):
+            client = client_for(uri)  # no request yet: the writer's first one waits in the journal
+            tracker = cls(client, run_id, end_at_exit=end_at_exit, writer=Writer(client, run_id, Journal(journal), uri))
+            tracker.flush_timeout, tracker.offline = flush_timeout, True
+            tracker._send({"op": "status", "status": "RUNNING"})
+            tracker.set_tags(tags)
+            return tracker
         try:
             client = client_for(uri)
             exp = client.get_experiment_by_name(experiment)
@@ -367,7 +375,7 @@ class Tracker:
             for record, _ in self.writer.journal.records():
                 if record["op"] == "metrics" and any(k.startswith("system/") for k in record["metrics"]):
                     steps.append(record["step"])
-        if len(steps) == 1:
+        if len(steps) == 1 and not self.offline:
             with contextlib.suppress(Exception):
                 steps += [m.step for m in self.client.get_metric_history(self.run_id, SYSTEM_KEY)]
         return max(steps) + 1
@@ -418,6 +426,22 @@ class Tracker:
                 self.client.set_terminated(self.run_id, status="FAILED")
         except Exception:  # noqa: BLE001  the store may be gone at exit; nothing left to do
             pass
+
+
+def offline_resumable(uri: str, journal, run_id: str | None) -> bool:
+    """Whether a training may go on although its HTTP store does not answer: the run directory's journal belongs
+    to run_id in that very store (an earlier attempt created the run there), so its records can wait in the
+    journal until the store answers. A new run, or another store, still needs the store now."""
+    if run_id is None or not uri.startswith(("http://", "https://")):
+        return False
+    head = Journal(journal).head()
+    if head is None or head.get("run_id") != run_id or head.get("uri") != uri:
+        return False
+    try:
+        check_reachable(uri)
+    except TrackingError:
+        return True
+    return False
 
 
 def _journal_for(path, run, head: dict, tags: dict) -> Journal:

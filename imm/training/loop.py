@@ -24,11 +24,12 @@ from imm import factory, runs
 from imm.data import ResumableBatches
 from imm.data import digest as data_digest
 from imm.diskspace import replacing, skipped
+from imm.errors import TrackingError
 from imm.evaluation.evaluator import Evaluator
 from imm.metrics import lower_is_better, primary_metrics
 from imm.nets import count_parameters
 from imm.tracking.journal import JOURNAL
-from imm.tracking.mlflow_run import Tracker, check_store, flatten, note_tag, source_tags
+from imm.tracking.mlflow_run import Tracker, check_store, flatten, note_tag, offline_resumable, source_tags
 from imm.training import checkpoint, diskwatch, distributed
 from imm.training.attempt import Attempt
 from imm.training.progress import Progress, run_description
@@ -178,8 +179,25 @@ def _set_up(cfg, run_dir: Path, env, tracking_uri: str | None) -> torch.device:
         written = [checkpoint.CKPT_DIR, "figures"] + [checkpoint.SNAPSHOT_DIR] * bool(cfg.train.snapshot_every)
         runs.check_writable(run_dir, *written)
     if env.is_main and cfg.tracking.enabled:
-        check_store(tracking_uri)
+        _check_store(run_dir, tracking_uri)
     return device
+
+
+def _check_store(run_dir: Path, uri: str) -> None:
+    """The tracking store can be used (imm.tracking.mlflow_run.check_store), or it is an HTTP store that does not
+    answer now and this run directory already logs to its run there: the run goes on, its records journaled."""
+    try:
+        check_store(uri)
+    except TrackingError:
+        if not offline_resumable(uri, run_dir / JOURNAL, run_id := _read_run_id(run_dir)):
+            raise
+        log.warning(
+            "the MLflow store %s does not answer; this run goes on into its MLflow run %s, whose records wait in %s"
+            " until the store takes them",
+            uri,
+            run_id,
+            run_dir / JOURNAL,
+        )
 
 
 def _autocast(precision: str, device: torch.device):
