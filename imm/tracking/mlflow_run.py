@@ -10,6 +10,11 @@ loop ends it, and a process that exits without ending it (an exception before th
 try/finally) ends it FAILED at exit. Only SIGKILL leaves it RUNNING, until a relaunch resumes it.
 A resumed training run reopens its own MLflow run. Params are logged once, at creation; values that may
 change when a run is resumed go to tags.
+
+A training's writes (Tracker.open(..., journal=...)) go through a queue to a background writer that journals
+them in the run directory before sending them (imm.tracking.writer, imm.tracking.journal): the loop never waits
+on the store, a store that goes away stops nothing and loses nothing (its end status waits in the journal too),
+and `python launch.py --config-name sync run=DIR` (imm.tracking.sync) completes a record the store did not take.
 """
 
 from __future__ import annotations

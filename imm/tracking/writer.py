@@ -53,6 +53,8 @@ logging.getLogger("urllib3.connectionpool").addFilter(_QuietRetries())
 
 
 class Writer:
+    """The queue, the journal thread and the sender thread of one MLflow run (see the module docstring)."""
+
     def __init__(self, client, run_id: str, journal: Journal, uri: str, *, retry_every: float = RETRY_S):
         self.client, self.run_id, self.journal, self.uri = client, run_id, journal, uri
         self.retry_every = retry_every
