@@ -33,6 +33,7 @@ def run(script, *args, timeout=600):
         "sweep_table.py",
         "methods_table.py",
         "augment_resampling.py",
+        "tracking_cost.py",
     ],
 )
 def test_help(script):
@@ -284,3 +285,27 @@ def test_methods_table_gives_each_seed_and_the_mean_per_method(tmp_path):
     assert set(r["means"]) == {"checkerboard | fm | pushforward", "checkerboard | ict | pushforward"}
     assert len(r["runs"]) == 4 and all(run["wall_min"] is not None and run["status"] == "FINISHED" for run in r["runs"])
     assert all(v["1"] > 0 and v["2"] > 0 for v in r["means"].values())
+
+
+def test_tracking_cost(tmp_path):
+    out = tmp_path / "t.json"
+    text = run(
+        "tracking_cost.py",
+        "--jobs",
+        "default",
+        "--repeats",
+        "1",
+        "--steps",
+        "20",
+        "--log-every",
+        "5",
+        "--calls",
+        "20",
+        "--set",
+        "debug=toy",
+        "--out",
+        str(out),
+    )
+    assert "on / off" in text and "one log call of the metric line" in text
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["job"] == "default" and row["metrics_kb"] > 0

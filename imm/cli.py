@@ -1,8 +1,9 @@
 """What launch.py runs inside Hydra: the command the config names, from one table.
 
 `python launch.py` trains; `--config-name sample|evaluate|encode|import` runs that command on a checkpoint, a
-dataset or a released official checkpoint; `dry_run=true` checks a training launch and trains nothing. Each runs as
-one Hydra job (imm.launch.job.run: run name, exit status, the one-sentence errors).
+dataset or a released official checkpoint, `--config-name sync` completes a training's MLflow record from its run
+directory's journal; `dry_run=true` checks a training launch and trains nothing. Each runs as one Hydra job
+(imm.launch.job.run: run name, exit status, the one-sentence errors).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from hydra.core.hydra_config import HydraConfig
 
 from imm.launch import dry_run, job
-from imm.tasks import encode, evaluate, importer, sample
+from imm.tasks import encode, evaluate, importer, sample, sync
 from imm.training.loop import train
 
 
@@ -33,6 +34,7 @@ COMMANDS = {
     "evaluate": lambda cfg, launch: evaluate.run(cfg),
     "encode": lambda cfg, launch: encode.run(cfg),
     "import": lambda cfg, launch: importer.run(cfg),
+    "sync": lambda cfg, launch: sync.run(cfg),
 }
 
 

@@ -259,6 +259,8 @@ class TrackingConfig:
     system_metrics: bool = True  # system/* metrics (CPU, memory, disk, network; GPU with nvidia-ml-py)
     system_metrics_every: float = ranged(10.0, "> 0")  # seconds between system metric samples
     log_weights: bool = False  # the final EMA snapshot as an artifact (weights/)
+    # seconds the end of a run waits for the store to take the rest of its record (the journal keeps what it did not)
+    flush_timeout: float = ranged(30.0, ">= 0")
 
 
 @dataclass
@@ -397,6 +399,20 @@ class EvaluateConfig:
 
 
 @dataclass
+class SyncTrackingConfig:
+    # null: the store the run logged to (its journal says which); another store: the run is copied there
+    uri: Optional[str] = None
+
+
+@dataclass
+class SyncConfig:
+    """`--config-name sync`: a training run's MLflow record completed from the journal in its run directory."""
+
+    run: str = MISSING  # the training's run directory (it holds mlflow_journal.jsonl)
+    tracking: SyncTrackingConfig = field(default_factory=SyncTrackingConfig)
+
+
+@dataclass
 class EncodeConfig:
     """`--config-name encode`: the images of `data` (any image dataset option, as in training) as VAE latents."""
 
@@ -473,3 +489,4 @@ def register(choices=None) -> None:
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="encode_schema", node=EncodeConfig)
     cs.store(name="import_schema", node=ImportConfig)
+    cs.store(name="sync_schema", node=SyncConfig)

@@ -10,6 +10,11 @@ loop ends it, and a process that exits without ending it (an exception before th
 try/finally) ends it FAILED at exit. Only SIGKILL leaves it RUNNING, until a relaunch resumes it.
 A resumed training run reopens its own MLflow run. Params are logged once, at creation; values that may
 change when a run is resumed go to tags.
+
+A training's writes (Tracker.open(..., journal=...)) go through a queue to a background writer that journals
+them in the run directory before sending them (imm.tracking.writer, imm.tracking.journal): the loop never waits
+on the store, a store that goes away stops nothing and loses nothing (its end status waits in the journal too),
+and `python launch.py --config-name sync run=DIR` (imm.tracking.sync) completes a record the store did not take.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import json
 import logging
 import os
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -31,6 +35,8 @@ from omegaconf import OmegaConf
 from imm.diskspace import DiskFullError, disk_errno, not_disk_full, skipped
 from imm.errors import TrackingError, error_line
 from imm.runs import file_lock, unwritable
+from imm.tracking.journal import KIND, Journal, apply, now_ms
+from imm.tracking.writer import SystemMetrics, Writer
 
 PARAM_LIMIT = 6000  # MLflow's max param value length
 log = logging.getLogger("imm.tracking")
@@ -41,6 +47,8 @@ for _name in ("mlflow.store.db.utils", "mlflow.system_metrics.system_metrics_mon
 # A store or artifact write that finds the disk full, the quota used up or a read-only file system: one line,
 # and the run goes on (its checkpoints hold what a resume needs; a full disk there stops it, see diskspace).
 NOT_LOGGED = "MLflow {} not logged"
+FLUSH_TIMEOUT_S = 30.0  # how long a training's end waits for the store to take the rest of its record
+SYSTEM_KEY = "system/cpu_utilization_percentage"  # a system metric every machine has (its steps: the sampler's)
 
 
 def default_uri(launch_dir) -> str:
@@ -196,10 +204,16 @@ def note_tag(text: str) -> dict[str, str]:
 
 
 class Tracker:
-    """Logs one training run. `Tracker.disabled()` does nothing (other ranks, tracking.enabled=false)."""
+    """Logs one MLflow run. `Tracker.disabled()` does nothing (other ranks, tracking.enabled=false).
 
-    def __init__(self, client=None, run_id: str | None = None, *, end_at_exit: bool = True):
-        self.client, self.run_id, self.monitor = client, run_id, None
+    With a journal (a training run: `Tracker.open(..., journal=<run dir>/mlflow_journal.jsonl)`) every write is a
+    record handed to a background writer (imm.tracking.writer) and returns at once: the caller never waits on
+    the store nor gets its errors, and what the store cannot take waits in the journal. Without one (a sweep's
+    parent run, `sample`, `evaluate`) each write goes to the store at once; a full disk there is one line."""
+
+    def __init__(self, client=None, run_id: str | None = None, *, end_at_exit: bool = True, writer=None):
+        self.client, self.run_id, self.writer = client, run_id, writer
+        self.monitor, self.ended, self.flush_timeout, self.offline = None, False, FLUSH_TIMEOUT_S, False
         if client is not None and end_at_exit:  # never RUNNING after this process exits, whatever way it exits
             atexit.register(self._end_at_exit)
 
@@ -218,10 +232,22 @@ class Tracker:
         tags: dict[str, str],
         run_id: str | None = None,
         end_at_exit: bool = True,
+        journal=None,
+        flush_timeout: float = FLUSH_TIMEOUT_S,
     ) -> "Tracker":
         """Create a run (logging params once) or, with run_id, reopen that run as RUNNING. A store that fails,
         or an experiment or run deleted in the UI, is TrackingError (one sentence), before any run exists.
-        end_at_exit=False: the caller ends it (a sweep's parent run, which the last of its sweeper processes ends)."""
+        end_at_exit=False: the caller ends it (a sweep's parent run, which the last of its sweeper processes ends).
+        journal: the journal file of a training run (writes go through the background writer; what an earlier
+        attempt's writer could not send is sent first); flush_timeout: how long end() waits for the store. A run
+        whose journal names run_id in this store reopens it even while the store does not answer (offline)."""
+        if journal is not None and offline_resumable(uri, journal, run_id):
+            client = client_for(uri)  # no request yet: the writer's first one waits in the journal
+            tracker = cls(client, run_id, end_at_exit=end_at_exit, writer=Writer(client, run_id, Journal(journal), uri))
+            tracker.flush_timeout, tracker.offline = flush_timeout, True
+            tracker._send({"op": "status", "status": "RUNNING"})
+            tracker.set_tags(tags)
+            return tracker
         try:
             client = client_for(uri)
             exp = client.get_experiment_by_name(experiment)
@@ -231,76 +257,81 @@ class Tracker:
                     f" it (mlflow experiments restore --experiment-id {exp.experiment_id}) or set another"
                     " tracking.experiment."
                 )
-            if run_id is not None and (found := _run_or_none(client, run_id, uri)) is not None:
-                if found.info.lifecycle_stage == "deleted":
+            run = None
+            if run_id is not None and (run := _run_or_none(client, run_id, uri)) is not None:
+                if run.info.lifecycle_stage == "deleted":
                     raise TrackingError(
                         f"the MLflow run {run_id} this run logs to was deleted in {uri}; restore it (mlflow runs"
                         f" restore --run-id {run_id}) or start a new run of this experiment with fresh=true."
                     )
-                client.update_run(run_id, status="RUNNING")
-                tracker = cls(client, run_id, end_at_exit=end_at_exit)
-                tracker.set_tags(tags)
-                return tracker
-            exp_id = exp.experiment_id if exp else _create_experiment(client, experiment, uri)
-            run = client.create_run(exp_id, run_name=run_name, tags=tags)
+                if journal is None:
+                    client.update_run(run_id, status="RUNNING")
+            else:
+                exp_id = exp.experiment_id if exp else _create_experiment(client, experiment, uri)
+                run = client.create_run(exp_id, run_name=run_name, tags=tags)
         except TrackingError:
             raise
         except Exception as e:  # noqa: BLE001  MLflow's, SQLAlchemy's and the OS's errors of a store
             if (code := disk_errno(e)) is not None and sqlite_path(uri) is not None:
                 raise DiskFullError(sqlite_path(uri), code) from None
             raise unusable(uri, e) from None
-        tracker = cls(client, run.info.run_id, end_at_exit=end_at_exit)
-        tracker.log_params(params)
+        reopened = run.info.run_id == run_id
+        writer = None
+        if journal is not None:
+            head = {"run_id": run.info.run_id, "uri": uri, "experiment": experiment, "run_name": run_name}
+            writer = Writer(client, run.info.run_id, _journal_for(journal, run, head, tags), uri)
+        tracker = cls(client, run.info.run_id, end_at_exit=end_at_exit, writer=writer)
+        tracker.flush_timeout = flush_timeout
+        if reopened:
+            if writer is not None:  # after what the journal holds from before (an earlier attempt's end, say)
+                tracker._send({"op": "status", "status": "RUNNING"})
+            tracker.set_tags(tags)
+        else:
+            tracker.log_params(params)
         return tracker
 
     @property
     def enabled(self) -> bool:
         return self.client is not None
 
-    def log_params(self, params: dict[str, str]) -> None:
-        from mlflow.entities import Param
+    @property
+    def journal(self) -> Path | None:
+        return self.writer.journal.path if self.writer is not None else None
 
-        items = [Param(k, v) for k, v in params.items()]
-        with skipped(NOT_LOGGED.format("params")):
-            for i in range(0, len(items), 100) if self.enabled else ():  # MLflow's batch limit
-                self.client.log_batch(self.run_id, params=items[i : i + 100])
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if not self.enabled or not metrics:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
-        with skipped(NOT_LOGGED.format("metrics")):
-            for i in range(0, len(batch), 1000):
-                self.client.log_batch(self.run_id, metrics=batch[i : i + 1000])
-
-    def set_tags(self, tags: dict[str, str]) -> None:
-        if self.enabled:
-            with skipped(NOT_LOGGED.format("tags")):
-                for k, v in tags.items():
-                    self.client.set_tag(self.run_id, k, str(v))
-
-    def log_artifact(self, path, artifact_path: str | None = None) -> None:
-        if self.enabled:
-            with skipped(NOT_LOGGED.format("artifacts")):
-                self.client.log_artifact(self.run_id, str(path), artifact_path)
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        if self.enabled:
-            with skipped(NOT_LOGGED.format("artifacts")):
-                self.client.log_text(self.run_id, text, artifact_file)
-
-    def log_figure(self, figure, artifact_file: str) -> None:
-        """A matplotlib figure or a PIL/numpy image, as a PNG artifact."""
+    def _send(self, record: dict) -> None:
+        """To the writer (a training run), else to the store now (a full disk there: one line)."""
         if not self.enabled:
             return
-        with skipped(NOT_LOGGED.format("artifacts")):
-            if hasattr(figure, "savefig"):
-                self.client.log_figure(self.run_id, figure, artifact_file)
-            else:
-                self.client.log_image(self.run_id, figure, artifact_file)
+        if self.writer is not None:
+            self.writer.submit(record)
+            return
+        with skipped(NOT_LOGGED.format(KIND[record["op"]])):
+            apply(self.client, self.run_id, [record])
+
+    def log_params(self, params: dict[str, str]) -> None:
+        self._send({"op": "params", "params": {k: str(v) for k, v in params.items()}})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if metrics:
+            self._send(
+                {
+                    "op": "metrics",
+                    "step": int(step),
+                    "time": now_ms(),
+                    "metrics": {k: float(v) for k, v in metrics.items()},
+                }
+            )
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if tags:
+            self._send({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
+
+    def log_artifact(self, path, artifact_path: str | None = None) -> None:
+        """The file at `path` (a training's: it must stay in the run directory until the store took it)."""
+        self._send({"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path})
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._send({"op": "text", "text": text, "file": artifact_file})
 
     def log_dataset(self, *, name: str, digest: str, source: str, shape, rows: int, num_classes: int) -> None:
         """The training data as the run's input (MLflow's Datasets column): name, digest, source, and the
@@ -309,9 +340,7 @@ class Tracker:
             return
         import numpy as np
         from mlflow.data.schema import TensorDatasetSchema
-        from mlflow.entities import Dataset, DatasetInput, InputTag
         from mlflow.types.schema import Schema, TensorSpec
-        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
         labels = Schema([TensorSpec(np.dtype("int64"), (-1,), "label")]) if num_classes else None
         schema = TensorDatasetSchema(Schema([TensorSpec(np.dtype("float32"), (-1, *shape), "x")]), labels)
@@ -320,56 +349,133 @@ class Tracker:
             ("local", {"uri": str(local.resolve())}) if local.exists() else ("code", {"tags": {"data": source}})
         )
         profile = {"num_rows": rows, "sample_shape": list(shape), "num_classes": num_classes}
-        dataset = Dataset(name, digest, kind, json.dumps(where), json.dumps(schema.to_dict()), json.dumps(profile))
-        with skipped(NOT_LOGGED.format("dataset")):
-            self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, "train")])])
+        self._send(
+            {
+                "op": "dataset",
+                "name": name,
+                "digest": digest,
+                "source_type": kind,
+                "source": json.dumps(where),
+                "schema": json.dumps(schema.to_dict()),
+                "profile": json.dumps(profile),
+                "context": "train",
+            }
+        )
 
     def start_system_metrics(self, uri: str, every: float, *, resume: bool) -> None:
         """CPU, memory, disk and network (psutil), and GPU (nvidia-ml-py, on CUDA machines) every `every`
-        seconds as system/* metrics, from a thread, until end()."""
+        seconds as system/* metrics, from a thread that only samples (they are written as any metric), until
+        end(). A resumed run continues their step count."""
         if not self.enabled:
             return
         try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            self.monitor = SystemMetrics(self.log_metrics, every, self._next_system_step() if resume else 0)
         except ImportError as e:  # psutil missing: the run goes on without them
             logging.getLogger("imm.train").warning("no system metrics (%s); pip install psutil", e)
-            return
-        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # its start/stop lines
-        self.monitor = SystemMetricsMonitor(
-            self.run_id, sampling_interval=every, resume_logging=resume, tracking_uri=uri
-        )
-        self.monitor.start()
 
-    def end(self, status: str = "FINISHED", log_file=None, note: str | None = None) -> None:
+    def _next_system_step(self) -> int:
+        """One past the last system/* step: from the journal, or (a run logged before it had one) the store."""
+        steps = [-1]
+        if self.writer is not None:
+            for record, _ in self.writer.journal.records():
+                if record["op"] == "metrics" and any(k.startswith("system/") for k in record["metrics"]):
+                    steps.append(record["step"])
+        if len(steps) == 1 and not self.offline:
+            with contextlib.suppress(Exception):
+                steps += [m.step for m in self.client.get_metric_history(self.run_id, SYSTEM_KEY)]
+        return max(steps) + 1
+
+    def flush(self) -> bool:
+        """Wait up to flush_timeout seconds for the store to take what was logged so far; whether it did."""
+        if self.writer is None or self.writer.flush(min(0.5, self.flush_timeout)):
+            return True
+        if self.flush_timeout > 0.5:  # a pause at the end of the run, said
+            log.info(
+                "waiting up to %.0f s (tracking.flush_timeout) for the MLflow store %s to take the run's last %d"
+                " records",
+                self.flush_timeout,
+                self.writer.uri,
+                self.writer.waiting,
+            )
+        return self.writer.flush(self.flush_timeout - 0.5)
+
+    def end(self, status: str = "FINISHED", log_file=None, note: str | None = None, *, wait: bool = True) -> bool:
         """Stop the system metrics, upload log_file (launch.log), put `note` (why it stopped) above the run's
-        description and end the run with `status`."""
-        if not self.enabled:
-            return
+        description and end the run with `status`. With a journal: wait (up to flush_timeout seconds; wait=False:
+        not at all) for the store to take all of it; returns whether it did (the journal keeps the rest)."""
+        if not self.enabled or self.ended:
+            return True
+        self.ended = True
+        atexit.unregister(self._end_at_exit)
         if self.monitor is not None:
             self.monitor.finish()
-            # MLflow's monitor drops the samples of its last, unfinished interval: log them (a run shorter than
-            # one interval has only these)
-            with contextlib.suppress(Exception):
-                if metrics := self.monitor.aggregate_metrics():
-                    self.monitor.publish_metrics(metrics)
-                    self.monitor.mlflow_logger.flush()
             self.monitor = None
         if log_file is not None and Path(log_file).is_file():
             self.log_artifact(log_file)
         if note:
-            with skipped(NOT_LOGGED.format("note")):
-                old = self.client.get_run(self.run_id).data.tags.get("mlflow.note.content")
-                self.set_tags(note_tag(f"{note}\n\n{old}" if old else note))
-        atexit.unregister(self._end_at_exit)
+            self._send({"op": "note", "note": note})
+        record = {"op": "end", "status": status, "time": now_ms()}
+        if self.writer is not None:
+            self._send(record)
+            return self.writer.close(self.flush_timeout if wait else 0.0)
         with skipped(f"the MLflow run {self.run_id} stays RUNNING until the same command runs again"):
-            self.client.set_terminated(self.run_id, status=status)
+            apply(self.client, self.run_id, [record])
+        return True
 
     def _end_at_exit(self) -> None:
+        if self.writer is not None:  # an exception before the training's own end: FAILED, journaled if need be
+            self.end("FAILED")
+            return
         try:  # only a run still RUNNING (one ended by end() is not)
             if self.client.get_run(self.run_id).info.status == "RUNNING":
                 self.client.set_terminated(self.run_id, status="FAILED")
         except Exception:  # noqa: BLE001  the store may be gone at exit; nothing left to do
             pass
+
+
+def offline_resumable(uri: str, journal, run_id: str | None) -> bool:
+    """Whether a training may go on although its HTTP store does not answer: the run directory's journal belongs
+    to run_id in that very store (an earlier attempt created the run there), so its records can wait in the
+    journal until the store answers. A new run, or another store, still needs the store now."""
+    if run_id is None or not uri.startswith(("http://", "https://")):
+        return False
+    head = Journal(journal).head()
+    if head is None or head.get("run_id") != run_id or head.get("uri") != uri:
+        return False
+    try:
+        check_reachable(uri)
+    except TrackingError:
+        return True
+    return False
+
+
+def _journal_for(path, run, head: dict, tags: dict) -> Journal:
+    """The journal of `run` at `path`: the existing one if it is this run's (a resume), else a new one beginning
+    with the run's record; one of another MLflow run (tracking.uri changed since) is moved aside, said with the
+    command that sends what it still holds."""
+    journal = Journal(path)
+    old = journal.head()
+    if old is not None and old.get("run_id") != run.info.run_id:
+        unsent, moved = journal.unsent(), journal.rotate(old.get("run_id", "unknown"))
+        if unsent:
+            log.warning(
+                "%s holds %d records the MLflow store %s did not take, of the earlier MLflow run %s; it is kept as"
+                " %s, and `python launch.py --config-name sync run=%s` sends them",
+                path,
+                unsent,
+                old.get("uri"),
+                old.get("run_id"),
+                moved,
+                Path(path).parent,
+            )
+        old = None
+    if old is None:
+        record = {"op": "run", **head, "tags": tags, "start_time": run.info.start_time, "time": now_ms()}
+        try:
+            journal.mark_sent(journal.append(record))
+        except OSError as e:  # a full disk: the writer says so at its first record
+            log.debug("journal head not written: %s", e)
+    return journal
 
 
 def _run_or_none(client, run_id: str, uri: str):

@@ -24,10 +24,12 @@ from imm import factory, runs
 from imm.data import ResumableBatches
 from imm.data import digest as data_digest
 from imm.diskspace import replacing, skipped
+from imm.errors import TrackingError
 from imm.evaluation.evaluator import Evaluator
 from imm.metrics import lower_is_better, primary_metrics
 from imm.nets import count_parameters
-from imm.tracking.mlflow_run import Tracker, check_store, flatten, note_tag, source_tags
+from imm.tracking.journal import JOURNAL
+from imm.tracking.mlflow_run import Tracker, check_store, flatten, note_tag, offline_resumable, source_tags
 from imm.training import checkpoint, diskwatch, distributed
 from imm.training.attempt import Attempt
 from imm.training.progress import Progress, run_description, stretched_lr
@@ -47,7 +49,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     its MLflow description and source."""
     run_dir, env = Path(run_dir), distributed.detect()
     device = _set_up(cfg, run_dir, env, tracking_uri)
-    with Attempt(run_dir, env, steps=cfg.train.steps, run_name=run_name, tracking_uri=tracking_uri) as attempt:
+    with Attempt(run_dir, env, cfg, run_name=run_name, tracking_uri=tracking_uri) as attempt:
         if attempt.finished():
             return attempt.skip(cfg)
 
@@ -83,8 +85,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
         stop = StopFlag()  # before the MLflow run exists: a signal from here on ends it KILLED, never RUNNING
         if env.is_main and cfg.tracking.enabled:
             tags = {**_run_tags(run_dir, device, env, ckpt_path, step), **(extra_tags or {}), **resumed_tags}
-            run_id = _read_run_id(run_dir) or (saved or {}).get("mlflow_run_id")  # a requeue before its 1st ckpt
-            attempt.tracker = _open_tracker(cfg, run_dir, tracking_uri, run_name, run_id, tags, bundle, net, command)
+            attempt.tracker = _open_tracker(cfg, run_dir, tracking_uri, run_name, saved, tags, bundle, net, command)
         tracker, summary = attempt.tracker, attempt.summary
         _log_start(cfg, env, run_dir, net, tracker, tracking_uri, step)
         extras = _checkpoint_extras(cfg, bundle, tracker)
@@ -92,12 +93,13 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
         snapshot = functools.partial(_snapshot_for_best, cfg, state, run_dir, env, extras)
 
         # -- the loop ------------------------------------------------------------------------------------------
-        progress = Progress(cfg, env, tracker, step, device, ema)
-        attempt.lr_note = stretched_lr(cfg, cfg.train.steps, cfg.train.steps, 2 * cfg.train.steps)
-        attempt.begin(step, resumed=saved is not None, closing=(stop.restore, progress.close))
+        progress, mark = Progress(cfg, env, tracker, step, device, ema), {}
+        rescue = functools.partial(_rescue, state, device, run_dir, env, cfg, extras, mark)  # any error: a checkpoint
+        attempt.begin(step, resumed=saved is not None, closing=(stop.restore, progress.close), rescue=rescue)
         generator = torch.Generator(device)
         autocast = _autocast(cfg.train.precision, device)
         while step < cfg.train.steps:
+            mark.update(step=step, data=batches.state_dict(), rng=checkpoint.rng_state(device))  # for _rescue
             x, labels = (None if v is None else v.to(device, non_blocking=True) for v in next(batches))
             generator.manual_seed(_step_seed(cfg.train.seed, step))
             for group in optimizer.param_groups:
@@ -182,8 +184,25 @@ def _set_up(cfg, run_dir: Path, env, tracking_uri: str | None) -> torch.device:
         written = [checkpoint.CKPT_DIR, "figures"] + [checkpoint.SNAPSHOT_DIR] * bool(cfg.train.snapshot_every)
         runs.check_writable(run_dir, *written)
     if env.is_main and cfg.tracking.enabled:
-        check_store(tracking_uri)
+        _check_store(run_dir, tracking_uri)
     return device
+
+
+def _check_store(run_dir: Path, uri: str) -> None:
+    """The tracking store can be used (imm.tracking.mlflow_run.check_store), or it is an HTTP store that does not
+    answer now and this run directory already logs to its run there: the run goes on, its records journaled."""
+    try:
+        check_store(uri)
+    except TrackingError:
+        if not offline_resumable(uri, run_dir / JOURNAL, run_id := _read_run_id(run_dir)):
+            raise
+        log.warning(
+            "the MLflow store %s does not answer; this run goes on into its MLflow run %s, whose records wait in %s"
+            " until the store takes them",
+            uri,
+            run_id,
+            run_dir / JOURNAL,
+        )
 
 
 def _autocast(precision: str, device: torch.device):
@@ -327,13 +346,22 @@ def _run_tags(run_dir: Path, device, env, ckpt_path, step: int) -> dict[str, str
     return tags if ckpt_path is None else {**tags, f"resumed_from_step_{step}": str(ckpt_path)}
 
 
-def _open_tracker(cfg, run_dir: Path, uri: str, run_name: str, run_id, tags: dict, bundle, net, command) -> Tracker:
-    """Create the MLflow run (or reopen run_id) with `tags`, the source and the description of `command`, record
-    its id in the run directory, and start its system metrics."""
+def _open_tracker(cfg, run_dir: Path, uri: str, run_name: str, saved, tags: dict, bundle, net, command) -> Tracker:
+    """Create the MLflow run (or reopen the run directory's, or a requeued job's checkpoint's before its first save)
+    with `tags`, the source and the description of `command`, its records journaled in the run directory (the
+    loop never waits on the store: imm.tracking.writer); record its id there and start its system metrics."""
     command = list(command or sys.argv)
     tags = {**source_tags(command[0]), **note_tag(run_description(cfg, bundle, net, command)), **tags}
+    run_id = _read_run_id(run_dir) or (saved or {}).get("mlflow_run_id")
     tracker = Tracker.open(
-        uri, cfg.tracking.experiment, run_name=run_name, run_id=run_id, params=flatten(cfg), tags=tags
+        uri,
+        cfg.tracking.experiment,
+        run_name=run_name,
+        run_id=run_id,
+        params=flatten(cfg),
+        tags=tags,
+        journal=run_dir / JOURNAL,
+        flush_timeout=cfg.tracking.flush_timeout,
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     with replacing(run_dir / RUN_ID_FILE) as tmp:  # a full disk: the id a relaunch reopens stays
@@ -384,6 +412,20 @@ def _save(state: checkpoint.CheckpointIO, device, run_dir: Path, env, cfg, step:
         path = checkpoint.save(state.state_dict(device, step=step, **extras), run_dir, step, cfg.train.keep_last)
         log.info("checkpoint %s", path)
     distributed.barrier(env)
+
+
+def _rescue(state: checkpoint.CheckpointIO, device, run_dir: Path, env, cfg, extras: dict, mark: dict, step: int):
+    """After an exception ended the loop: the training state of `step`, the last completed step, unless a
+    checkpoint of it exists (main process; no rank waits: the others may be gone). An error inside the next step
+    leaves the state as that step found it but for the batch it took and its dropout draws: those are put back
+    from `mark` (what the step saw when it began), so the same command resumes exactly there."""
+    if not env.is_main or ((newest := checkpoint.resolve(None, run_dir)) and newest.name == f"step-{step:08d}.pt"):
+        return
+    values = state.state_dict(device, step=step, **extras)
+    if mark.get("step") == step:
+        values.update(data=mark["data"], rng=mark["rng"])
+    path = checkpoint.save(values, run_dir, step, cfg.train.keep_last)
+    log.info("checkpoint %s (the last completed step before the error)", path)
 
 
 def _snapshot(state: checkpoint.CheckpointIO, run_dir: Path, env, step: int, extras: dict) -> None:

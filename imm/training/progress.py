@@ -197,9 +197,11 @@ def summary_text(
     resume: str | None,
     lr_note: str | None = None,
     links: tuple[str, str] | None = None,
+    incomplete: tuple | None = None,
 ) -> str:
     """The end-of-run summary, one block of lines (logged as one record, so it reads as a table); `links`: the run's
-    page and its experiment's runs table in the MLflow UI (imm.tracking.mlflow_run.ui_links)."""
+    page and its experiment's runs table in the MLflow UI (imm.tracking.mlflow_run.ui_links); `incomplete`:
+    (records, journal, command) when the MLflow store did not take the whole record."""
     head = f"run {status}: step {start_step} -> {step} of {steps} in {duration(seconds)}"
     if "final/loss" in summary:
         head += f", last train/loss {summary['final/loss']:.4g}"
@@ -215,6 +217,15 @@ def summary_text(
         where.append(("figures", str((run_dir / "figures").resolve())))
     if uri:
         where += mlflow_lines(uri, run_id, links)
+    if uri and incomplete:
+        records, journal, command = incomplete
+        where.append(
+            (
+                "MLflow record",
+                f"INCOMPLETE: the store did not take {records} records, which wait in {journal}; complete the run"
+                f" with: {command} (add tracking.uri=... to copy it into another store)",
+            )
+        )
     if resume:
         where.append(("train on" if status == "FINISHED" else "resume", resume))
         if status == "FINISHED" and lr_note:

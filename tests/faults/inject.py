@@ -14,6 +14,10 @@ Faults (steps count the training steps of this process, 0-based; these tests use
   signal_after_open:SIG the process sends itself SIG (e.g. SIGTERM) right after the MLflow run is
                         created, before the first training step
   raise_after_open      an exception right after the MLflow run is created, before the first step
+  raise_at:K            a RuntimeError inside training step K (0-based; after the network's forward pass,
+                        so the step took its batch and its dropout draws): an error that ends the loop
+  pause_at:K:FILE       training step K waits until FILE exists, after writing FILE.waiting (so a test can
+                        act at a known step: stop the tracking server, start it again)
   kill_in_encode:K      `--config-name encode` sends itself SIGKILL while it commits its K-th shard of this
                         process: the shard's files are written, the manifest does not list them yet
   signal_in_data:SIG    the process sends itself SIG (e.g. SIGINT, a Ctrl-C) while the training data load,
@@ -32,6 +36,7 @@ import os
 import runpy
 import signal
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,7 +78,7 @@ def kill_in_save(n: str) -> None:
 
 
 _calls = itertools.count()
-_nan_loss, _nan_grad = [], []
+_nan_loss, _nan_grad, _raise_at, _pause_at = [], [], [], []
 
 
 def _patch_objective() -> None:
@@ -95,7 +100,12 @@ def _patch_objective() -> None:
             hooked["net"] = net
             net.out.weight.register_hook(grad_hook)  # the MLP's output layer
         hooked["on"] = any(f(step) for f in _nan_grad)
+        for at, path in _pause_at:
+            if step == at:
+                _wait_for(Path(path))
         loss, diag = real_call(self, net, x, labels, **kwargs)
+        if step in _raise_at:
+            raise RuntimeError(f"injected fault in training step {step}")
         if any(f(step) for f in _nan_loss):
             loss = loss * float("nan")
             diag = {**diag, "mmd": torch.full_like(diag["mmd"], float("nan"))}
@@ -113,6 +123,26 @@ def nan_loss(spec: str) -> None:
 def nan_grad(spec: str) -> None:
     _nan_grad.append(_steps(spec))
     _patch_objective()
+
+
+def raise_at(k: str) -> None:
+    _raise_at.append(int(k))
+    _patch_objective()
+
+
+def pause_at(spec: str) -> None:
+    k, _, path = spec.partition(":")
+    _pause_at.append((int(k), path))
+    _patch_objective()
+
+
+def _wait_for(path: Path, timeout: float = 600.0) -> None:
+    Path(f"{path}.waiting").touch()
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"pause_at: {path} did not appear within {timeout:.0f} s")
+        time.sleep(0.05)
 
 
 def _after_open(action) -> None:
@@ -198,6 +228,8 @@ FAULTS = {
         nan_grad,
         signal_after_open,
         raise_after_open,
+        raise_at,
+        pause_at,
         signal_in_data,
         sigint_in_import,
         kill_in_encode,
