@@ -166,12 +166,12 @@ class RunDirCheck(Callback):
     no work leaves it as it was (Found)."""
 
     def on_run_start(self, config, **kwargs) -> None:
-        run_dir = Path(config.hydra.run.dir).resolve()
+        run_dir = Path(config.hydra.run.dir)  # as configured (relative to the launch directory): the messages' path
         with exit_on_user_error():
             check_writable(run_dir)
             check_free(run_dir)  # Hydra writes its config files there next, with no check of its own
-            check_not_held(run_dir)
-        _FOUND[run_dir] = Found(run_dir, config.hydra.runtime.cwd)
+            check_not_held(run_dir.resolve())
+        _FOUND[run_dir.resolve()] = Found(run_dir, config.hydra.runtime.cwd)
 
 
 class Found:
