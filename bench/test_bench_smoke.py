@@ -229,25 +229,29 @@ def test_accumulation(tmp_path):
     assert "| 4 | 4 |" in text and "| 4 | 4 |" in out.with_suffix(".md").read_text()
 
 
-def test_sweep_table_averages_seeds_and_adds_the_evaluate_runs(tmp_path):
-    """A real 4-job sweep (kernel.kappa x train.seed, debug=toy), one run evaluated again with the restart sampler."""
+def launch_in(tmp_path, *args) -> str:
+    """`python launch.py args...` in tmp_path on one thread, logging to the SQLite store there (its URI)."""
     env = {"PATH": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(BENCH.parent)}
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH.parent / "launch.py"), *args, f"tracking.uri={uri}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return uri
 
-    def launch(*args):
-        proc = subprocess.run(
-            [sys.executable, str(BENCH.parent / "launch.py"), *args, f"tracking.uri={uri}"],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            cwd=tmp_path,
-            env=env,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
 
+def test_sweep_table_averages_seeds_and_adds_the_evaluate_runs(tmp_path):
+    """A real 4-job sweep (kernel.kappa x train.seed, debug=toy), one run evaluated again with the restart sampler."""
     tiny = ["debug=toy", "train.steps=10", "eval.steps=[1,2]"]
-    launch("-m", *tiny, "kernel.kappa=0,1", "train.seed=0,1", f"hydra.sweep.dir={tmp_path}/sweep")
-    launch("--config-name", "evaluate", f"ckpt={tmp_path}/sweep/0", "eval.sampler=restart", "eval.steps=[1,2]")
+    uri = launch_in(tmp_path, "-m", *tiny, "kernel.kappa=0,1", "train.seed=0,1", f"hydra.sweep.dir={tmp_path}/sweep")
+    launch_in(
+        tmp_path, "--config-name", "evaluate", f"ckpt={tmp_path}/sweep/0", "eval.sampler=restart", "eval.steps=[1,2]"
+    )
     out = tmp_path / "t.json"
     text = run("sweep_table.py", str(tmp_path / "sweep"), "--tracking-uri", uri, "--steps", "1", "2", "--out", str(out))
     assert "| kernel.kappa | sampling | seeds | ED/floor 1 | ED/floor 2 |" in text
@@ -259,24 +263,8 @@ def test_sweep_table_averages_seeds_and_adds_the_evaluate_runs(tmp_path):
 
 def test_methods_table_gives_each_seed_and_the_mean_per_method(tmp_path):
     """A real 4-job sweep (loss=fm,ict x train.seed=0,1, debug=toy) read back per method, with each run's wall time."""
-    env = {"PATH": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(BENCH.parent)}
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = ["-m", "debug=toy", "train.steps=5", "eval.steps=[1,2]", "loss=fm,ict", "train.seed=0,1"]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH.parent / "launch.py"),
-            *args,
-            f"tracking.uri={uri}",
-            f"hydra.sweep.dir={tmp_path}/s",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    uri = launch_in(tmp_path, *args, f"hydra.sweep.dir={tmp_path}/s")
     out = tmp_path / "t.json"
     text = run("methods_table.py", str(tmp_path / "s"), "--tracking-uri", uri, "--steps", "1", "2", "--out", str(out))
     assert "| data | method | sampling | seeds | 1 step | 2 steps | NFE | wall min |" in text
