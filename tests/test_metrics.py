@@ -117,6 +117,21 @@ def test_point_metrics_and_noise_floor():
     assert bad["recall"] < floor["recall"] - 0.3
 
 
+def test_point_metrics_are_the_same_to_the_last_bit_whatever_the_thread_count():
+    # the trainer changes its torch thread count with the idle cores (imm/training/threads.py), so an
+    # evaluation must not depend on it; 5000 points make blocks that torch splits among threads
+    samples, heldout = _gaussian(5000, seed=14, scale=1.1), _gaussian(5000, seed=15)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            results.append((point_metrics(samples, heldout), energy_distance(heldout, heldout[:2500])))
+    finally:
+        torch.set_num_threads(before)
+    assert results[0] == results[1]
+
+
 def test_input_validation():
     with pytest.raises(ValueError, match="dimension mismatch"):
         energy_distance(np.zeros((5, 2)), np.zeros((5, 3)))
