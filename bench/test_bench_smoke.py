@@ -213,10 +213,20 @@ def test_threads(tmp_path):
     tiny = ["--set", "arch.width=32", "--set", "arch.depth=1", "--set", "train.batch_size=64"]
     text = run("threads.py", "--repeats", "1", "--steps", "20", "--log-every", "10", *tiny, "--out", str(out))
     rows = json.loads(out.read_text())["rows"]
-    assert [r["case"] for r in rows] == ["old (torch default)", "new (platform default)"]
-    assert rows[1]["threads"] == 1 and rows[1]["threads_from"] == "arch=mlp"
+    assert [r["case"][:13] for r in rows] == ["torch default", "one thread", "platform's ch"]
+    assert rows[2]["threads_from"].startswith("arch=mlp")
     assert all(r["alone"] > 0 and r["competitor"] > 0 for r in rows)
-    assert "target:" in text and "| new (platform default) |" in out.with_suffix(".md").read_text()
+    assert "target:" in text and "| platform's choice |" in out.with_suffix(".md").read_text()
+
+
+def test_threads_whole_job(tmp_path):
+    out = tmp_path / "threads_job.json"
+    tiny = ["--set", "debug=toy", "--set", "train.steps=20", "--set", "train.threads=null"]
+    text = run("threads.py", "--job", "--repeats", "1", *tiny, "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["case"] for r in rows] == ["one thread", "platform's choice"]
+    assert all(r["alone"] > 0 and r["competitor"] > 0 for r in rows)
+    assert "the whole default job alone within 150 s" in text
 
 
 def test_accumulation(tmp_path):

@@ -198,7 +198,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # CHOICES["train.precision"]; all but fp32 on CUDA only
     compile: bool = False
-    # torch CPU threads; null: chosen (imm/training/threads.py torch_threads)
+    # torch CPU threads; null: chosen (imm/training/threads.py torch_threads: a lone MLP follows the idle cores)
     threads: Optional[int] = ranged(None, ">= 1", "null: chosen for the machine")
     log_every: int = ranged(100, ">= 1")
     ckpt_every: int = ranged(1000, ">= 1")

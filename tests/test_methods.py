@@ -9,11 +9,11 @@ import time
 
 import pytest
 import torch
-from helpers import compose_cfg
+from helpers import assert_identical, compose_cfg
 from mlflow.tracking import MlflowClient
 from test_accumulation import TINY as ACC_TINY
 from test_accumulation import assert_same_weights, final_model, torchrun
-from test_reliability import Started, assert_identical, launch, ok, run_dirs
+from test_reliability import Started, launch, ok, run_dirs
 
 from imm import factory
 from imm.errors import ConfigError

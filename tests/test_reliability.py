@@ -149,25 +149,6 @@ def tensors(obj, path=""):
             yield from tensors(v, f"{path}[{i}]")
 
 
-def assert_identical(a, b, path="", skip=()):
-    """Equal nested states: tensors bit for bit (torch.equal, same dtype), everything else with ==."""
-    if path.lstrip(".") in skip:
-        return
-    assert type(a) is type(b), (path, type(a), type(b))
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f"{path} differs"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), (path, set(a) ^ set(b))
-        for k in a:
-            assert_identical(a[k], b[k], f"{path}.{k}", skip)
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{path}[{i}]", skip)
-    else:
-        assert a == b, (path, a, b)
-
-
 # -- 1. exact resume after kill -9 ---------------------------------------------------------------
 def test_kill_9_then_relaunch_resumes_bit_exactly(tmp_path):
     """SIGKILL at a random step after the first checkpoint, relaunch the same command: the final
@@ -208,7 +189,7 @@ def test_kill_9_then_relaunch_resumes_bit_exactly(tmp_path):
     final_cut = checkpoint.load(cut / "checkpoints" / "step-00000800.pt")
     # Only the MLflow run differs: the two trainings are two MLflow runs.
     assert final_ref["mlflow_run_id"] != final_cut["mlflow_run_id"]
-    assert_identical(final_ref, final_cut, skip={"mlflow_run_id"})
+    helpers.assert_identical(final_ref, final_cut, skip={"mlflow_run_id"})
     for key in ("model", "ema", "target_ema", "optimizer", "rng"):
         assert any(True for _ in tensors(final_ref[key])), key  # each compared part holds tensors
 

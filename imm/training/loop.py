@@ -34,7 +34,7 @@ from imm.training import checkpoint, diskwatch, distributed
 from imm.training.attempt import Attempt
 from imm.training.progress import Progress, run_description, stretched_lr
 from imm.training.signals import StopFlag
-from imm.training.threads import torch_threads
+from imm.training.threads import IdleCores, torch_threads
 from imm.validation import check_precision, check_same_run, check_steps_reached, load_data, validate
 
 log = logging.getLogger("imm.train")
@@ -48,7 +48,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
     `command` (argv, the script first; default sys.argv) is the command that reproduces this run, for
     its MLflow description and source."""
     run_dir, env = Path(run_dir), distributed.detect()
-    device = _set_up(cfg, run_dir, env, tracking_uri)
+    device, follow_idle_cores = _set_up(cfg, run_dir, env, tracking_uri)
     with Attempt(run_dir, env, cfg, run_name=run_name, tracking_uri=tracking_uri) as attempt:
         if attempt.finished():
             return attempt.skip(cfg)
@@ -99,6 +99,7 @@ def train(cfg, run_dir, *, tracking_uri: str | None = None, run_name: str = "", 
         generator = torch.Generator(device)
         autocast = _autocast(cfg.train.precision, device)
         while step < cfg.train.steps:
+            follow_idle_cores()  # a lone point-net training takes the cores nobody else uses (imm/training/threads.py)
             mark.update(step=step, data=batches.state_dict(), rng=checkpoint.rng_state(device))  # for _rescue
             x, labels = (None if v is None else v.to(device, non_blocking=True) for v in next(batches))
             generator.manual_seed(_step_seed(cfg.train.seed, step))
@@ -167,9 +168,10 @@ def _restore(cfg, state: checkpoint.CheckpointIO, saved: dict, ckpt_path, device
     return saved["step"]
 
 
-def _set_up(cfg, run_dir: Path, env, tracking_uri: str | None) -> torch.device:
+def _set_up(cfg, run_dir: Path, env, tracking_uri: str | None):
     """The launch's checks that need no data (config, device, precision, run directory, tracking store), then
-    this process's device, numerics and threads."""
+    this process's device, numerics and threads; the device and what the loop calls each step to follow the idle
+    cores (nothing unless the thread count follows them)."""
     if not env.is_main:  # one process owns the logs, files and MLflow
         logging.getLogger("imm").setLevel(logging.WARNING)
     validate(cfg, env.world_size)
@@ -177,15 +179,15 @@ def _set_up(cfg, run_dir: Path, env, tracking_uri: str | None) -> torch.device:
         checkpoint.resolve(cfg.init, key="init", snapshots=True)
     device = factory.device(cfg.train.device, local_rank=env.local_rank)
     _configure_precision(cfg.train.precision, device)
-    n_threads, threads_from = torch_threads(cfg.train.threads, cfg.arch.name)
-    torch.set_num_threads(n_threads)
-    log.info("torch threads: %d (%s)", n_threads, threads_from)
+    threads = torch_threads(cfg.train.threads, cfg.arch.name)
+    torch.set_num_threads(threads.count)
+    log.info("torch threads: %d (%s)", threads.count, threads.source)
     if env.is_main:  # fails now, not at the first save (after train.ckpt_every steps)
         written = [checkpoint.CKPT_DIR, "figures"] + [checkpoint.SNAPSHOT_DIR] * bool(cfg.train.snapshot_every)
         runs.check_writable(run_dir, *written)
     if env.is_main and cfg.tracking.enabled:
         _check_store(run_dir, tracking_uri)
-    return device
+    return device, IdleCores().follow if threads.follow else lambda: None
 
 
 def _check_store(run_dir: Path, uri: str) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 
 from imm.launch import register
@@ -16,6 +17,7 @@ from imm.launch import register
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
 LAUNCH = ROOT / "launch.py"
+TESTS = ROOT / "tests"
 
 register()
 
@@ -34,7 +36,9 @@ def compose_task(name: str, *overrides: str):
 def one_thread_env(extra: dict | None = None) -> dict:
     """The environment for a subprocess on the 2 shared cores: one BLAS/OpenMP thread."""
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "IMM_FAULT")}
-    return {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(extra or {})}
+    # tests/ importable, as in pytest: eval.feature_net=toynets:TinyRandomFeatures
+    path = os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p)
+    return {**env, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": path, **(extra or {})}
 
 
 def launch(cwd, *args, env: dict | None = None, timeout: float = 600, check: bool = False, script=LAUNCH, prefix=()):
@@ -63,3 +67,22 @@ def start(cwd, *args, env: dict | None = None) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def assert_identical(a, b, path="", skip=()):
+    """Equal nested states: tensors bit for bit (torch.equal, same dtype), everything else with ==."""
+    if path.lstrip(".") in skip:
+        return
+    assert type(a) is type(b), (path, type(a), type(b))
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f"{path} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), (path, set(a) ^ set(b))
+        for k in a:
+            assert_identical(a[k], b[k], f"{path}.{k}", skip)
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{path}[{i}]", skip)
+    else:
+        assert a == b, (path, a, b)
