@@ -384,7 +384,8 @@ class EvaluateOptions(EvalOptions):
     n_samples: Optional[int] = ranged(None, ">= 2", f"FID's covariance needs 2; point data: >= {MIN_POINTS}")
     fid: bool = True  # images: FID (false: only the classifier metric of digits and MNIST, and the figure)
     allow_download: bool = True  # false: never download the Inception weights
-    feature_net: str = "inception"  # inception | tiny_random (a small fixed-seed conv net: FOR TESTS ONLY)
+    # inception, or module:Class: another feature network (an importable nn.Module; its numbers are not FID)
+    feature_net: str = "inception"
 
 
 @dataclass

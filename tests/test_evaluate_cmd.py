@@ -1,6 +1,6 @@
 """`launch.py --config-name evaluate`: point metrics and FID of real (tiny) checkpoints, logged to their runs.
 
-The FID path runs end to end with `eval.feature_net=tiny_random` (a small fixed-seed conv net
+The FID path runs end to end with `eval.feature_net=toynets:TinyRandomFeatures` (a small fixed-seed conv net
 standing in for Inception-v3, which cannot be downloaded here); the missing-weights error is
 checked at the command level with an empty TORCH_HOME and downloads disabled.
 """
@@ -12,11 +12,12 @@ import torch
 from conftest import DIGITS
 from helpers import compose_cfg, compose_task, launch, one_thread_env
 from mlflow.tracking import MlflowClient
+from toynets import TinyRandomFeatures
 
 from imm import factory
 from imm.config import EvalConfig
 from imm.errors import ConfigError
-from imm.evaluation.evaluator import Evaluator, TinyRandomFeatures, count_tag, fid_metric, metric_name, ratio_family
+from imm.evaluation.evaluator import Evaluator, count_tag, fid_metric, metric_name, ratio_family
 from imm.evaluation.fid import FIDEvaluator
 from imm.tasks import evaluate as evaluate_task
 from imm.validation import sampling_plan
@@ -119,7 +120,7 @@ def test_fid_command_end_to_end_logs_into_the_checkpoint_run(digits, tmp_path):
         "--config-name",
         "evaluate",
         f"ckpt={digits.ckpt}",
-        "eval.feature_net=tiny_random",
+        "eval.feature_net=toynets:TinyRandomFeatures",
         "eval.n_samples=40",
         "eval.batch_size=16",
         "eval.steps=[1,2]",
@@ -128,7 +129,7 @@ def test_fid_command_end_to_end_logs_into_the_checkpoint_run(digits, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "fid40 w=1.5" in proc.stdout and "2 steps" in proc.stdout
-    assert len(list(cache.glob("digits-*-tiny_random.pt"))) == 1
+    assert len(list(cache.glob("digits-*-toynets-TinyRandomFeatures.pt"))) == 1
     run = MlflowClient(tracking_uri=digits.uri).get_run(digits.run_id)
     names = {f"evaluate/fid40_{n}step{w}" for n in (1, 2) for w in ("", "_w1.5")}
     names |= {f"evaluate/{m}_{n}step{w}" for m in ("fd_ratio40", "accuracy") for n in (1, 2) for w in ("", "_w1.5")}
@@ -141,7 +142,7 @@ def test_fid_command_end_to_end_logs_into_the_checkpoint_run(digits, tmp_path):
 
 def test_fid_reference_statistics_come_from_the_cache_the_second_time(digits, tmp_path, caplog):
     common = (
-        "eval.feature_net=tiny_random",
+        "eval.feature_net=toynets:TinyRandomFeatures",
         "eval.n_samples=16",
         "eval.steps=[1]",
         f"eval.fid_cache={tmp_path}/c",
@@ -163,7 +164,12 @@ def test_training_evaluator_adds_fid_when_eval_fid_is_true(digits, tmp_path):
     torch.manual_seed(0)
     net = factory.net(cfg, bundle.shape, bundle.num_classes)
     ev = Evaluator.from_config(
-        cfg, bundle, factory.parameterization(cfg), fid_n_samples=24, feature_net="tiny_random", fid_cache=tmp_path
+        cfg,
+        bundle,
+        factory.parameterization(cfg),
+        fid_n_samples=24,
+        feature_net="toynets:TinyRandomFeatures",
+        fid_cache=tmp_path,
     )
     results, figs, samples = ev(net)
     assert (
@@ -207,6 +213,21 @@ def test_missing_inception_weights_exit_2_with_the_message(digits, tmp_path):
     assert "eval.inception_weights=/path/to/weights-inception-2015-12-05-6726825d.pth." in out
     after = client.get_run(digits.run_id).data
     assert (after.metrics, after.tags) == (before.metrics, before.tags)  # nothing evaluated, nothing logged
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("tiny_random", "is inception or module:Class"),
+        ("no_such_module:Net", "module no_such_module cannot be imported"),
+        ("toynets:NoSuchNet", "toynets has no nn.Module class NoSuchNet"),
+        ("toynets:torch", "toynets has no nn.Module class torch"),  # a module, not a class
+    ],
+)
+def test_a_feature_net_that_cannot_be_had_is_one_sentence_before_any_work(digits, tmp_path, value, said):
+    with pytest.raises(ConfigError, match=said):
+        evaluate(digits, tmp_path, f"eval.feature_net={value}", "eval.n_samples=16")
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_missing_inception_weights_file(digits, tmp_path):

@@ -17,13 +17,14 @@ import torch
 from helpers import ROOT, compose_cfg, compose_task, launch, one_thread_env
 from helpers.latents import CLASSES, class_folder, tiny_vae
 from helpers.tmpfs import remount, tmpfs
+from toynets import TinyRandomFeatures
 
 from imm.data import SIGMA_DATA, DataError, build_dataset
 from imm.data import latents as latents_mod
 from imm.data import vae as vae_mod
 from imm.data.images import ImageFolder
 from imm.errors import ConfigError
-from imm.evaluation.evaluator import Evaluator, TinyRandomFeatures
+from imm.evaluation.evaluator import Evaluator
 from imm.evaluation.fid import FIDEvaluator, to_uint8
 from imm.tasks import encode
 
@@ -280,7 +281,7 @@ def test_evaluator_decodes_for_the_figure_and_measures_fid_against_the_encoded_i
         n_samples=4,
         fid=True,
         fid_n_samples=10,
-        feature_net="tiny_random",
+        feature_net="toynets:TinyRandomFeatures",
         fid_cache=tmp_path,
         guidance=1.5,
     )
@@ -310,7 +311,12 @@ def test_moved_source_images_are_refused_before_any_fid_work(world, tmp_path):
     bundle = factory.dataset(cfg)
     with pytest.raises(DataError, match="are not in .*gone any more; set data.source_root to where they are now"):
         Evaluator.from_config(
-            cfg, bundle, factory.parameterization(cfg), fid=True, feature_net="tiny_random", fid_cache=tmp_path
+            cfg,
+            bundle,
+            factory.parameterization(cfg),
+            fid=True,
+            feature_net="toynets:TinyRandomFeatures",
+            fid_cache=tmp_path,
         )
 
 
@@ -431,7 +437,7 @@ def test_encode_train_sample_and_evaluate_end_to_end(tmp_path):
         "--config-name",
         "evaluate",
         "ckpt=run",
-        "eval.feature_net=tiny_random",
+        "eval.feature_net=toynets:TinyRandomFeatures",
         "eval.n_samples=10",
         "eval.steps=[1,2]",
         f"eval.fid_cache={tmp_path / 'fid'}",

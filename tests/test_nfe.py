@@ -71,7 +71,7 @@ def test_sample_and_evaluate_log_the_nfe(digits, tmp_path):
         "evaluate",
         f"ckpt={digits.ckpt}",
         f"out={tmp_path / 'e'}",
-        "eval.feature_net=tiny_random",
+        "eval.feature_net=toynets:TinyRandomFeatures",
         "eval.n_samples=8",
         "eval.steps=[1,4]",
         "eval.guidance=[1.0,1.5]",

@@ -136,7 +136,7 @@ def test_evaluate_against_a_reference_statistics_file(imported, tmp_path):
     says which reference it used."""
     root, runs = imported
     rng = np.random.default_rng(0)
-    feats = rng.normal(size=(100, 32))  # tiny_random's 32 features
+    feats = rng.normal(size=(100, 32))  # TinyRandomFeatures' 32 features
     np.savez(tmp_path / "ref.npz", mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
     out = tmp_path / "ev"
     proc = launch(
@@ -146,7 +146,7 @@ def test_evaluate_against_a_reference_statistics_file(imported, tmp_path):
         f"ckpt={runs['songunet'][0]}",
         f"out={out}",
         "eval.fid_ref=ref.npz",
-        "eval.feature_net=tiny_random",
+        "eval.feature_net=toynets:TinyRandomFeatures",
         "eval.n_samples=16",
         "eval.steps=[1,2]",
         NO_TRACKING,
@@ -164,7 +164,7 @@ def test_evaluate_against_a_reference_statistics_file(imported, tmp_path):
         f"ckpt={runs['songunet'][0]}",
         f"out={out}2",
         "eval.fid_ref=bad.npz",
-        "eval.feature_net=tiny_random",
+        "eval.feature_net=toynets:TinyRandomFeatures",
         "eval.n_samples=16",
         NO_TRACKING,
     )
@@ -219,7 +219,11 @@ def test_a_latent_space_import_records_the_official_codec(tmp_path):
     assert snap["latents"]["vae"] == "stabilityai/sd-vae-ft-ema" and snap["latents"]["vae_sha256"] is None
     assert snap["latents"]["mean"] == [0.1] and snap["latents"]["std"] == [2.0] and snap["latents"]["scale"] == 0.5
     ev = compose_task(
-        "evaluate", f"ckpt={tmp_path / 'run'}", f"out={tmp_path / 'ev'}", "eval.feature_net=tiny_random", NO_TRACKING
+        "evaluate",
+        f"ckpt={tmp_path / 'run'}",
+        f"out={tmp_path / 'ev'}",
+        "eval.feature_net=toynets:TinyRandomFeatures",
+        NO_TRACKING,
     )
     with pytest.raises(ConfigError, match="records no images its latents came from .* set eval.fid_ref"):
         evaluate.run(ev)

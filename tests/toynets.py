@@ -37,3 +37,29 @@ class CountingNet(nn.Module):
     def forward(self, x, noise_t, noise_s, labels=None):
         self.calls.append(x.shape[0])
         return self.inner(x, noise_t, noise_s, labels)
+
+
+class TinyRandomFeatures(nn.Module):
+    """A two-layer conv net with fixed random weights (seed 0) that stands in for Inception-v3 so the FID code
+    path runs offline in seconds (`eval.feature_net=toynets:TinyRandomFeatures`); its "FID" is not FID.
+
+    Input uint8 [N, 3, H, W] (any H, W), output 32 features.
+    """
+
+    num_features = 32
+
+    def __init__(self):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            self.body = nn.Sequential(
+                nn.Conv2d(3, 16, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(16, self.num_features, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.AdaptiveAvgPool2d(1),
+                nn.Flatten(),
+            )
+
+    def forward(self, x):
+        return self.body(x.float() / 127.5 - 1)

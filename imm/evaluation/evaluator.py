@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import logging
 import math
 import os
@@ -33,7 +34,6 @@ from imm.validation import Sampling, sampling_plan
 
 log = logging.getLogger("imm.evaluation")
 
-FEATURE_NETS = ("inception", "tiny_random")
 LABEL_MODES = ("cycle", "uncond")
 _DEFAULT = EvalConfig()  # the option defaults live in the schema (imm.config.SamplingOptions)
 
@@ -89,7 +89,8 @@ def fid_dataset_key(bundle, root: str | None = None) -> str:
 def fid_cache_file(cache_dir, dataset_key: str, feature_net: str) -> Path:
     slug = re.sub(r"[^A-Za-z0-9.=-]+", "-", dataset_key.split("|root=")[0]).strip("-")
     digest = hashlib.sha1(dataset_key.encode()).hexdigest()[:8]
-    return Path(cache_dir).expanduser() / f"{slug}-{digest}-{feature_net}.pt"
+    net = re.sub(r"[^A-Za-z0-9.=-]+", "-", feature_net)  # module:Class -> module-Class
+    return Path(cache_dir).expanduser() / f"{slug}-{digest}-{net}.pt"
 
 
 def has_classifier_metric(bundle) -> bool:
@@ -97,30 +98,23 @@ def has_classifier_metric(bundle) -> bool:
     return bundle.kind == "images" and bundle.heldout is not None and bundle.num_classes > 0
 
 
-class TinyRandomFeatures(nn.Module):
-    """FOR TESTS ONLY: a two-layer conv net with fixed random weights (seed 0) that stands in for
-    Inception-v3 so the FID code path runs offline in seconds. Its "FID" is not comparable with FID.
-
-    Input uint8 [N, 3, H, W] (any H, W), output 32 features.
-    """
-
-    num_features = 32
-
-    def __init__(self):
-        super().__init__()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            self.body = nn.Sequential(
-                nn.Conv2d(3, 16, 3, stride=2, padding=1),
-                nn.ReLU(),
-                nn.Conv2d(16, self.num_features, 3, stride=2, padding=1),
-                nn.ReLU(),
-                nn.AdaptiveAvgPool2d(1),
-                nn.Flatten(),
-            )
-
-    def forward(self, x):
-        return self.body(x.float() / 127.5 - 1)
+def feature_network(name: str) -> type[nn.Module] | None:
+    """The network class whose features FID compares: None for "inception" (imm.evaluation.fid loads Inception-v3),
+    or the class that "module:Class" names: an importable nn.Module whose instance takes uint8 images [N, 3, H, W]
+    to features [N, F] (another feature network; its numbers are then not FID). One sentence when it cannot be had."""
+    if name == "inception":
+        return None
+    module, _, attr = name.partition(":")
+    hint = "eval.feature_net is inception or module:Class (an importable nn.Module)"
+    if not module or not attr:
+        raise ConfigError(f"eval.feature_net={name}: {hint}.")
+    try:
+        found = getattr(importlib.import_module(module), attr, None)
+    except ImportError as e:
+        raise ConfigError(f"eval.feature_net={name}: module {module} cannot be imported ({e}); {hint}.") from None
+    if not (isinstance(found, type) and issubclass(found, nn.Module)):
+        raise ConfigError(f"eval.feature_net={name}: {module} has no nn.Module class {attr}; {hint}.")
+    return found
 
 
 FLOOR_DRAWS = 8
@@ -130,7 +124,7 @@ FLOOR_DRAWS = 8
 class FIDSettings:
     """What an Evaluator's FID measures: n_samples images per step count and guidance scale (guidances; None:
     the plan's scale), against the reference statistics cached in the folder `cache`, in the features of
-    `feature_net` (inception, or tiny_random for tests); dataset_key names the reference set."""
+    `feature_net` (inception, or module:Class: feature_network); dataset_key names the reference set."""
 
     n_samples: int = 5000
     guidances: list | None = None
@@ -171,7 +165,7 @@ class Evaluator:
     (FIDSettings), FID is computed on fid.n_samples images streamed in batches (noise drawn from the plan's
     seed, so every step count and guidance scale decodes the same noise) for each step count and each scale
     in fid.guidances (default: the plan's), against the training set's statistics, cached in the folder
-    fid.cache. fid.feature_net: "inception" (the FID network) or "tiny_random" (tests only). The Inception
+    fid.cache. fid.feature_net: "inception" (the FID network) or "module:Class" (feature_network). The Inception
     weights are resolved at construction: a missing file fails here, before anything is sampled. Labelled
     images with a held-out split get the classifier metric when `classifier_cache` names its cache folder.
 
@@ -253,14 +247,12 @@ class Evaluator:
         """The FID of fid.n_samples images per step count and scale, against the training images' statistics."""
         if self.bundle.kind != "images":
             raise ValueError(f"FID is defined for images, not for {self.bundle.kind} data ({self.bundle.name})")
-        if fid.feature_net not in FEATURE_NETS:
-            raise ValueError(f"unknown FID feature net {fid.feature_net!r}; choose one of {', '.join(FEATURE_NETS)}")
         self.fid_n_samples = int(fid.n_samples)
         self.fid_guidances = [float(w) for w in (fid.guidances if fid.guidances is not None else [self.guidance])]
         self.fid_key = fid.dataset_key or fid_dataset_key(self.bundle)
         cache = None if fid.cache is None or fid.reference else fid_cache_file(fid.cache, self.fid_key, fid.feature_net)
         evaluator = FIDEvaluator(
-            feature_net=TinyRandomFeatures() if fid.feature_net == "tiny_random" else None,
+            feature_net=net() if (net := feature_network(fid.feature_net)) else None,
             inception_weights=fid.inception_weights,
             reference_cache=cache,
             device=self.device,

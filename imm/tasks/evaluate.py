@@ -32,7 +32,7 @@ from imm.core.sampling import GRIDS, SAMPLERS
 from imm.diskspace import replacing, writing
 from imm.errors import ConfigError
 from imm.evaluation import figures
-from imm.evaluation.evaluator import FEATURE_NETS, Evaluator, has_classifier_metric
+from imm.evaluation.evaluator import Evaluator, feature_network, has_classifier_metric
 from imm.evaluation.fid import MissingInceptionWeights, resolve_inception_weights
 from imm.metrics import metric_parts
 from imm.ranges import check_values
@@ -84,9 +84,9 @@ def _validate(cfg) -> None:
             ("weights", cfg.weights, WEIGHTS),
             ("eval.sampler", ev.sampler, SAMPLERS),
             ("eval.grid", ev.grid, GRIDS),
-            ("eval.feature_net", ev.feature_net, FEATURE_NETS),
         ]
     )
+    feature_network(ev.feature_net)  # a module:Class that cannot be imported: one sentence now
 
 
 def _guidances(cfg, restored) -> list[float]:
