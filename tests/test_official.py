@@ -54,17 +54,17 @@ def generator():
     return dict(np.load(DATA / "generator.npz"))
 
 
-def found(name: str, **overrides) -> convert.Found:
+def found(name: str, **overrides) -> convert.Converted:
     return convert.convert(reader.read(FILES[name]), overrides=overrides)
 
 
-def our_net(f: convert.Found) -> torch.nn.Module:
+def our_net(f: convert.Converted) -> torch.nn.Module:
     net = f.build("cpu")
     net.load_state_dict(f.weights)
     return net.eval().requires_grad_(False)
 
 
-def our_samples(f: convert.Found, net, noise, labels, case: str, numerics: str = "official") -> torch.Tensor:
+def our_samples(f: convert.Converted, net, noise, labels, case: str, numerics: str = "official") -> torch.Tensor:
     m = f.method
     param = parameterization.get(
         m["schedule.param"],

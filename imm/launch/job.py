@@ -48,7 +48,7 @@ log = logging.getLogger("imm")
 # name, so a run extended or evaluated differently keeps the name it was created with
 NOT_IN_RUN_NAME = (*RESUMABLE_KEYS, "+sweep", "sweep")
 HYDRA_SUBDIR = ".hydra"  # conf/config.yaml's hydra.output_subdir
-_FOUND: dict[Path, Found] = {}  # run directory -> what it held when this process's launch began (RunDirCheck)
+_BEFORE: dict[Path, DirBefore] = {}  # run directory -> what it held when this process's launch began (RunDirCheck)
 
 
 def run_name_from_overrides(overrides, experiment: str | None) -> str:
@@ -105,7 +105,7 @@ def run(cfg, command):
     try:
         return _run(cfg, command, hc)
     except BaseException:
-        if (found := _FOUND.pop(Path(hc.runtime.output_dir).resolve(), None)) is not None:
+        if (found := _BEFORE.pop(Path(hc.runtime.output_dir).resolve(), None)) is not None:
             found.put_back()  # a launch that did no work leaves the directory as it found it
         raise
 
@@ -163,7 +163,7 @@ class RunDirCheck(Callback):
     """Hydra callback: a run directory that cannot be written, or that a live process holds, is one sentence and
     exit status 2 before Hydra writes anything there (Hydra's own mkdir would end in a traceback; its config
     files would overwrite the live run's). What the directory held is noted, so that a launch that then does
-    no work leaves it as it was (Found)."""
+    no work leaves it as it was (DirBefore)."""
 
     def on_run_start(self, config, **kwargs) -> None:
         run_dir = Path(config.hydra.run.dir)  # as configured (relative to the launch directory): the messages' path
@@ -171,10 +171,10 @@ class RunDirCheck(Callback):
             check_writable(run_dir)
             check_free(run_dir)  # Hydra writes its config files there next, with no check of its own
             check_not_held(run_dir.resolve())
-        _FOUND[run_dir.resolve()] = Found(run_dir, config.hydra.runtime.cwd)
+        _BEFORE[run_dir.resolve()] = DirBefore(run_dir, config.hydra.runtime.cwd)
 
 
-class Found:
+class DirBefore:
     """A run directory as a launch found it, before Hydra wrote its config files (.hydra/) and its log there.
     `put_back` after a launch that did no work (refused, failed or interrupted before it wrote anything of its
     own): a directory the launch made goes, with the empty folders above it up to the launch directory; one

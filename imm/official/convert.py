@@ -61,7 +61,7 @@ METHOD_KEYS = {
 
 
 @dataclass
-class Found:
+class Converted:
     """An official network in our terms: `arch` (our arch node: name and fields), the sample shape (C, H, W), the
     number of classes, `method` (config key -> value: schedule.*, loss.T, loss.eps), our net's weights, the
     official settings as the file records them and where each value came from (`sources`)."""
@@ -108,7 +108,7 @@ def network(ckpt: Checkpoint, entry: str = "ema"):
     return precond
 
 
-def convert(ckpt: Checkpoint, entry: str = "ema", overrides: dict | None = None) -> Found:
+def convert(ckpt: Checkpoint, entry: str = "ema", overrides: dict | None = None) -> Converted:
     """What the official network under `entry` is, in our terms; `overrides`: import keys (METHOD_KEYS, num_heads,
     time_features, num_classes) that replace what the file says. A network we cannot hold: CheckpointError."""
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
@@ -198,7 +198,7 @@ def _shape(tensors: dict, key: str, path) -> tuple:
 
 
 # -- DiT ---------------------------------------------------------------------------------------------------
-def _dit(path, model, tensors: dict, label_dim: int, num_heads) -> Found:
+def _dit(path, model, tensors: dict, label_dim: int, num_heads) -> Converted:
     mods = submodules(model)
     hidden, channels, p, p2 = _shape(tensors, "x_embedder.proj.weight", path)
     depth = len(submodules(mods.get("blocks")))
@@ -289,7 +289,7 @@ def _dit(path, model, tensors: dict, label_dim: int, num_heads) -> Found:
             )
     if dropout:
         notes.append(f"dropout {dropout:g} (the official DiT drops in its MLP only; ours also after attention)")
-    return Found(
+    return Converted(
         network_class="",
         arch=arch,
         shape=(channels, resolution, resolution),
@@ -304,7 +304,7 @@ def _dit(path, model, tensors: dict, label_dim: int, num_heads) -> Found:
 LEVEL_KEY = re.compile(r"^(\d+)x(\d+)_(.+)$")
 
 
-def _songunet(path, model, tensors: dict, label_dim: int) -> Found:
+def _songunet(path, model, tensors: dict, label_dim: int) -> Converted:
     mods = submodules(model)
     enc, dec = submodules(mods.get("enc")), submodules(mods.get("dec"))
     if not enc or not dec:
@@ -381,7 +381,7 @@ def _songunet(path, model, tensors: dict, label_dim: int) -> Found:
         dropout=dropout,
         time_features="float64",
     )
-    return Found(
+    return Converted(
         network_class="",
         arch=arch,
         shape=(channels, res0, res0),
@@ -392,7 +392,7 @@ def _songunet(path, model, tensors: dict, label_dim: int) -> Found:
     )
 
 
-def _check_fits(path, found: Found) -> None:
+def _check_fits(path, found: Converted) -> None:
     """Our network of the found sizes has exactly these tensors and shapes; else the first that differs."""
     try:
         ours = found.build().state_dict()

@@ -69,7 +69,7 @@ def _validate(cfg) -> None:
         raise ConfigError(f"out={cfg.out} {what}; give a new directory for the imported run (or remove it).")
 
 
-def _data_option(found: convert.Found, cfg) -> str:
+def _data_option(found: convert.Converted, cfg) -> str:
     if cfg.dataset:
         return cfg.dataset
     channels, side, _ = found.shape
@@ -78,7 +78,7 @@ def _data_option(found: convert.Found, cfg) -> str:
     return "cifar10" if (channels, side) == (3, 32) else "folder"
 
 
-def run_overrides(found: convert.Found, cfg) -> list[str]:
+def run_overrides(found: convert.Converted, cfg) -> list[str]:
     """The overrides of conf/config.yaml that give the run's training config: the preset, our arch and schedule
     keys as found, arch.time_features and schedule.numerics, then the import's own `overrides`."""
     arch, method = found.arch, found.method
