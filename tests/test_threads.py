@@ -5,6 +5,7 @@ the same numbers whatever its thread count), and the local launcher running no m
 
 import datetime as dt
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -105,12 +106,20 @@ def test_parallel_jobs_divides_the_cores_by_the_cpus_a_local_job_takes():
     assert parallel_jobs(OmegaConf.create({"_target_": slurm, "cpus_per_task": 8})) is None
 
 
-def test_a_training_logs_the_thread_count_it_chose(tmp_path):
+def test_a_training_and_a_sample_of_it_log_the_thread_count_they_chose(tmp_path):
     env = {k: v for k, v in helpers.one_thread_env().items() if k not in THREAD_VARS}
+    run = tmp_path / "run"
     proc = helpers.launch(
-        tmp_path, "debug=toy", "train.steps=5", "train.threads=null", "tracking.enabled=false", env=env, check=True
-    )
-    assert "torch threads: 1 (arch=mlp" in proc.stderr  # ", following the idle cores of N" where N > 1
+        tmp_path, "debug=toy", "train.steps=5", "train.threads=null", "tracking.enabled=false",
+        f"hydra.run.dir={run}", env=env, check=True,
+    )  # fmt: skip
+    assert "torch threads: 1 (arch=mlp" in proc.stderr  # ", the idle cores of N" where N > 1: it starts at 1
+    # sample and evaluate take the rule too: the idle cores measured once (at least 1), or OMP_NUM_THREADS
+    sample = ["--config-name", "sample", f"ckpt={run}", "n=100", "steps=1", "tracking.enabled=false"]
+    proc = helpers.launch(tmp_path, *sample, f"out={tmp_path / 's1'}", env=env, check=True)
+    assert re.search(r"torch threads: [1-9]\d* \(arch=mlp", proc.stderr), proc.stderr[-2000:]
+    proc = helpers.launch(tmp_path, *sample, f"out={tmp_path / 's2'}", env={**env, "OMP_NUM_THREADS": "1"}, check=True)
+    assert "torch threads: 1 (OMP_NUM_THREADS)" in proc.stderr
 
 
 TWO_CORES = set(sorted(os.sched_getaffinity(0))[:2])

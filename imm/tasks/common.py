@@ -5,6 +5,7 @@ directory and the MLflow run). Each command's module holds only its command.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -23,7 +24,10 @@ from imm.evaluation.evaluator import LABEL_MODES
 from imm.factory import loss_T
 from imm.tracking.mlflow_run import Tracker, check_store, default_uri, flatten, sqlite_path, ui_links
 from imm.training import checkpoint
+from imm.training.threads import IdleCores, torch_threads
 from imm.validation import POINT_DATA, Sampling, not_allowed, sampling_plan
+
+log = logging.getLogger("imm.task")
 
 WEIGHTS = ("ema", "online")
 
@@ -113,6 +117,7 @@ def restore(ckpt, *, weights: str = "ema", device: str = "auto", data=None) -> R
         if data is not None and data.get(key):
             OmegaConf.update(cfg, f"data.{key}", data.get(key), force_add=True)
     shape, nc = tuple(int(d) for d in state["shape"]), int(state["num_classes"])
+    _take_threads(cfg.arch.name)
     net = factory.net(cfg, shape, nc)
     if weights == "ema":
         prefix = "ema_model."
@@ -153,6 +158,16 @@ def restore(ckpt, *, weights: str = "ema", device: str = "auto", data=None) -> R
         weights=weights,
         device=dev,
     )
+
+
+def _take_threads(arch: str) -> None:
+    """torch threads by the training's rule (imm.training.threads.torch_threads): a point net takes the cores other
+    processes leave idle, measured now over half a second (a second thread beside a busy process made a point
+    evaluation 13x slower), an image net its cores; OMP_NUM_THREADS decides where it is set."""
+    threads = torch_threads(None, arch)
+    count = IdleCores().settle() if threads.follow else threads.count
+    torch.set_num_threads(count)
+    log.info("torch threads: %d (%s)", count, threads.source)
 
 
 def sample_count(n, bundle: DataBundle, *, images: int) -> int:

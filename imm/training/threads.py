@@ -60,7 +60,7 @@ def torch_threads(requested: int | None, arch: str) -> Threads:
         launched = LAUNCHED & set(os.environ) or _ddp_processes() > 1
         if launched or cores() == 1 or not os.access(PROC_STAT, os.R_OK):
             return Threads(1, f"arch={arch}", False)
-        return Threads(1, f"arch={arch}, following the idle cores of {cores()}", True)
+        return Threads(1, f"arch={arch}, the idle cores of {cores()}", True)
     if os.environ.get("SLURM_CPUS_PER_TASK", "").isdigit():
         return Threads(int(os.environ["SLURM_CPUS_PER_TASK"]), "SLURM_CPUS_PER_TASK", False)
     local_cpus = _local_job_cpus()
@@ -109,17 +109,24 @@ class IdleCores:
         own = os.times()
         return time.monotonic(), busy / self.tick, own.user + own.system
 
-    def follow(self) -> None:
-        if time.monotonic() - self.last[0] < WINDOW_S:
+    def settle(self, seconds: float = 0.5) -> int:
+        """For a command with no steps to follow (sample, evaluate): wait `seconds`, take the idle cores measured
+        over them and keep that count; returns it."""
+        time.sleep(seconds)
+        self.follow(now=True)
+        return torch.get_num_threads()
+
+    def follow(self, now: bool = False) -> None:
+        if not now and time.monotonic() - self.last[0] < WINDOW_S:
             return
-        now = self._sample()
-        wall, busy, own = (a - b for a, b in zip(now, self.last))
-        self.last = now
+        sample = self._sample()
+        wall, busy, own = (a - b for a, b in zip(sample, self.last))
+        self.last = sample
         others = max(0.0, busy - own) / wall
         before, after = torch.get_num_threads(), threads_for(len(self.cpus) - others, self.limit)
         if after != before:
             torch.set_num_threads(after)
-            quiet = now[0] - self.logged_at < QUIET_S
+            quiet = sample[0] - self.logged_at < QUIET_S
             log.log(
                 logging.DEBUG if quiet else logging.INFO,
                 "torch threads %d -> %d: other processes used %.1f of the %d cores",
@@ -128,7 +135,7 @@ class IdleCores:
                 others,
                 len(self.cpus),
             )
-            self.logged_at = self.logged_at if quiet else now[0]
+            self.logged_at = self.logged_at if quiet else sample[0]
 
 
 def _local_job_cpus() -> int | None:
