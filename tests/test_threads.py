@@ -56,17 +56,8 @@ def test_a_lone_mlp_training_starts_at_one_thread_and_follows_the_idle_cores(bar
 
 
 def test_a_core_counts_when_three_quarters_of_it_are_idle():
-    assert [threads_for(idle, limit=4) for idle in (0.0, 0.74, 0.75, 1.33, 1.74, 1.8, 2.0, 3.9, 7.0)] == [
-        1,
-        1,
-        1,
-        1,
-        1,
-        2,
-        2,
-        4,
-        4,
-    ]
+    idle = (0.0, 0.74, 0.75, 1.33, 1.74, 1.8, 2.0, 3.9, 7.0)
+    assert [threads_for(i, limit=4) for i in idle] == [1, 1, 1, 1, 1, 2, 2, 4, 4]
     assert threads_for(2.0, limit=1) == 1
 
 
@@ -199,7 +190,7 @@ def test_the_training_and_its_evaluation_are_the_same_with_one_or_two_threads(tm
             check=True,
         )
         assert f"torch threads: {threads} (train.threads)" in proc.stderr
-        saved.append(torch.load(run / "checkpoints" / "step-00000040.pt", map_location="cpu", weights_only=False))
+        saved.append(torch.load(run / "checkpoints" / "step-00000040.pt", map_location="cpu", weights_only=True))
         out = proc.stderr.splitlines()  # the evaluation's log line and the summary's table of metrics
         finals.append(
             [line.split(" - ", 1)[1] for line in out if "eval @" in line] + [s for s in out if " step" in s[:9]]
