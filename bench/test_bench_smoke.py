@@ -211,7 +211,8 @@ def test_few_step_quality_through_the_loop(tmp_path):
 def test_threads(tmp_path):
     out = tmp_path / "threads.json"
     tiny = ["--set", "arch.width=32", "--set", "arch.depth=1", "--set", "train.batch_size=64"]
-    text = run("threads.py", "--repeats", "1", "--steps", "20", "--log-every", "10", *tiny, "--out", str(out))
+    args = ["--repeats", "1", "--steps", "20", "--log-every", "10", "--torch-default", *tiny, "--out", str(out)]
+    text = run("threads.py", *args)
     rows = json.loads(out.read_text())["rows"]
     assert [r["case"][:13] for r in rows] == ["torch default", "one thread", "platform's ch"]
     assert rows[2]["threads_from"].startswith("arch=mlp")
@@ -226,7 +227,7 @@ def test_threads_whole_job(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["case"] for r in rows] == ["one thread", "platform's choice"]
     assert all(r["alone"] > 0 and r["competitor"] > 0 for r in rows)
-    assert "the whole default job alone within 150 s" in text
+    assert "the whole default job alone within 150 s" in text and "beside the competitor" in text
 
 
 def test_accumulation(tmp_path):

@@ -13,11 +13,13 @@ job as a new user does (its two evaluations, MLflow tracking into a fresh store 
 times the whole command. The cases alternate within every round (each case alone, then beside the
 competitor), so a neighbour's load hits all alike. The competitor is a one-thread torch matmul loop
 (--competitor matmul) or a pure Python loop (--competitor python), started before the training and killed
-after it. The torch-default case is left out of --job: beside the competitor it collapses (0.3x) and would
-take most of the benchmark's time.
+after it. The torch-default case runs only with --torch-default (never with --job): beside the competitor it
+collapses (0.30x on an AMD EPYC, 0.02x on an Intel Xeon: 2000 steps would take half an hour).
 
-Targets (issue 14, item 6; issue 26, item 11): with the competitor, the platform's choice at least 0.7x of
-alone; alone, the whole default job within 150 s on an idle 2-core machine.
+Targets (issue 14, item 6; issue 26, item 11): beside the competitor, the platform's choice at least 0.9x of one
+thread's speed (no collapse: it gives the core back); alone, the whole default job within 150 s on an idle 2-core
+machine. (Issue 14's "beside / alone >= 0.7" held while the platform's choice was one thread; a choice that takes
+the idle core alone cannot reach it, as two cores alone against one beside is at most about 0.67.)
 Writes bench/results/threads.json (threads_job.json with --job) and the table beside it as .md (--out to change).
 """
 
@@ -36,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-TARGET = 0.7  # with the competitor / alone, the platform's choice
+TARGET = 0.9  # beside the competitor, the platform's choice / one thread (it gives the idle core back)
 JOB_TARGET_S = 150.0  # the whole default job alone, the platform's choice
 COMPETITORS = {
     "matmul": "import torch\ntorch.set_num_threads(1)\na = torch.randn(256, 256)\nwhile True:\n    a @ a",
@@ -52,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="rounds; each runs every case once")
     p.add_argument("--steps", type=int, default=2000, help="training steps per run (not with --job)")
     p.add_argument("--job", action="store_true", help="time the whole default job (python launch.py) instead")
+    p.add_argument(
+        "--torch-default", action="store_true", help="also torch's default thread count (beside the competitor: long)"
+    )
     p.add_argument("--log-every", type=int, default=100, help="steps between the trainer's samples/s lines")
     p.add_argument("--competitor", default="matmul", choices=sorted(COMPETITORS), help="the busy neighbour")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every training")
@@ -128,7 +133,7 @@ def main(argv=None):
         "one thread": ["train.threads=1"],
         "platform's choice": [],
     }
-    if args.job:
+    if args.job or not args.torch_default:
         del cases[f"torch default ({torch_default} threads)"]
     info = C.machine_info(C.resolve_device("cpu"))
     info["torch_default_threads"] = torch_default
@@ -145,6 +150,12 @@ def main(argv=None):
                     results[name][where].append(res)
                     changes = " ".join(res["thread_changes"]) or "none"
                     C.log(f"  round {r + 1}/{args.repeats}: {name}, {where}: {res[measure]:.1f} (threads: {changes})")
+    report(args, info, results)
+
+
+def report(args, info: dict, results: dict) -> None:
+    """The table and the targets from the runs' results (also: `report` on a saved JSON's args, info and runs)."""
+    measure = "seconds" if args.job else "samples_per_s"
     rows = []
     for name, res in results.items():
         alone = C.median([x[measure] for x in res["alone"]])
@@ -173,14 +184,26 @@ def main(argv=None):
             ("speed beside the competitor / alone", "ratio", ".2f"),
         ],
     )
-    new = rows[-1]
+    one, new = (next(r for r in rows if r["case"] == c) for c in ("one thread", "platform's choice"))
+    speed = (lambda r, k: 1 / r[k]) if args.job else (lambda r, k: r[k])
+    beside = speed(new, "competitor") / speed(one, "competitor")
+    targets = [
+        (
+            f"beside the competitor, the platform's choice >= {TARGET}x of one thread's speed: {beside:.2f}",
+            beside >= TARGET,
+        )
+    ]
     if args.job:
-        met = new["alone"] <= JOB_TARGET_S
-        summary = f"target: the whole default job alone within {JOB_TARGET_S:.0f} s: {new['alone']:.1f} s"
-    else:
-        met = new["ratio"] >= TARGET
-        summary = f"target: the platform's choice with the competitor >= {TARGET}x of alone: {new['ratio']:.2f}"
-    summary += " (met)" if met else " (NOT met)"
+        targets.append(
+            (
+                f"the whole default job alone within {JOB_TARGET_S:.0f} s: {new['alone']:.1f} s",
+                new["alone"] <= JOB_TARGET_S,
+            )
+        )
+    summary = "\n".join(f"target: {t} ({'met' if ok else 'NOT met'})" for t, ok in targets)
+    summary += (
+        f"\nalone, the platform's choice is {speed(new, 'alone') / speed(one, 'alone'):.2f}x as fast as one thread"
+    )
     what = "the whole default job" if args.job else f"{args.steps} steps per run"
     header = f"{C.describe(info)}\n\n`{info['command']}` ({args.repeats} rounds, {what})\n\n"
     print(text)
