@@ -114,14 +114,15 @@ class Progress:
     def _show(self, step: int, m: dict) -> None:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{m['train/loss']:.4g}", sps=f"{m['train/samples_per_s']:.0f}")
+        rate = m["train/samples_per_s"]
         log.info(
-            "step %d/%d loss %.5g grad %.3g lr %.3g %.0f samples/s",
+            "step %d/%d loss %.5g grad %.3g lr %.3g %s samples/s",
             step,
             self.cfg.train.steps,
             m["train/loss"],
             m["train/grad_norm"],
             m["train/lr"],
-            m["train/samples_per_s"],
+            f"{rate:.0f}" if rate >= 100 else f"{rate:.2f}",  # a slow step's rate to 0.1%, not to the unit
             extra={SHOWN_BY_BAR: self.bar is not None},
         )
 
