@@ -17,7 +17,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from imm.training.threads import Threads, cores, parallel_jobs, threads_for, torch_threads
+from imm.training.threads import Threads, busy_seconds, cores, parallel_jobs, threads_for, torch_threads
 
 THREAD_VARS = ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK", "SLURM_JOB_ID", "LOCAL_WORLD_SIZE", "SUBMITIT_EXECUTOR")
 
@@ -119,14 +119,9 @@ TWO_CORES = set(sorted(os.sched_getaffinity(0))[:2])
 def _busy_cores(seconds: float = 2.0) -> float:
     """How many of TWO_CORES other processes kept busy over `seconds` (this one sleeps meanwhile)."""
 
-    def busy():
-        with open("/proc/stat") as f:
-            rows = [line.split() for line in f if line.split()[0] in {f"cpu{i}" for i in TWO_CORES}]
-        return sum(sum(map(int, r[1:9])) - int(r[4]) - int(r[5]) for r in rows) / os.sysconf("SC_CLK_TCK")
-
-    before = busy()
+    before = busy_seconds(TWO_CORES)
     time.sleep(seconds)
-    return (busy() - before) / seconds
+    return (busy_seconds(TWO_CORES) - before) / seconds
 
 
 def _wait_for(proc, text: str, timeout: float) -> list[str]:

@@ -82,6 +82,17 @@ def threads_for(idle: float, limit: int) -> int:
     return max(1, min(limit, math.floor(idle + 0.25)))
 
 
+def busy_seconds(cpus) -> float:
+    """The seconds the cpus numbered `cpus` have been busy since boot, all processes together (/proc/stat)."""
+    busy, wanted = 0, {f"cpu{i}" for i in cpus}
+    with open(PROC_STAT) as f:
+        for line in f:
+            name, *fields = line.split()
+            if name in wanted:  # user nice system idle iowait irq softirq steal ...: idle and iowait are idle
+                busy += sum(int(v) for v in fields[:8]) - int(fields[3]) - int(fields[4])
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 class IdleCores:
     """Sets torch's thread count to the cores of this process's affinity that other processes leave idle.
 
@@ -93,21 +104,13 @@ class IdleCores:
     def __init__(self, limit: int = POINT_NET_MAX):
         self.cpus = sorted(os.sched_getaffinity(0))
         self.limit = min(limit, len(self.cpus))
-        self.tick = os.sysconf("SC_CLK_TCK")
         self.logged_at = -math.inf
         self.last = self._sample()
 
     def _sample(self) -> tuple[float, float, float]:
         """(wall s, busy s of this process's cpus, this process's CPU s)."""
-        busy = 0
-        with open(PROC_STAT) as f:
-            wanted = {f"cpu{i}" for i in self.cpus}
-            for line in f:
-                name, *fields = line.split()
-                if name in wanted:  # user nice system idle iowait irq softirq steal ...: idle and iowait are idle
-                    busy += sum(int(v) for v in fields[:8]) - int(fields[3]) - int(fields[4])
         own = os.times()
-        return time.monotonic(), busy / self.tick, own.user + own.system
+        return time.monotonic(), busy_seconds(self.cpus), own.user + own.system
 
     def settle(self, seconds: float = 0.5) -> int:
         """For a command with no steps to follow (sample, evaluate): wait `seconds`, take the idle cores measured
